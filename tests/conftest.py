@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests never touch the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 2-layer LLaMA (hidden 32, vocabulary 128), seeded."""
+    from gradlens.data import build_llama
+
+    return build_llama("tiny", seed=0)
