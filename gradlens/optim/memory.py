@@ -1,0 +1,76 @@
+"""Optimizer-memory accounting: SCALE vs Adam, from a model's roles or from a live optimizer.
+
+The SCALE paper's claim ("35-45% of Adam") counts weights + optimizer state only, both in the
+same precision (bf16), no gradients or activations:
+
+    Adam  = P + 2P                      (first and second moment of every parameter)
+    SCALE = P + |output| + 2 |vector|   (lm_head EMA buffer; AdamW moments of 1-D tensors)
+
+where P counts every trainable parameter once (a tied embedding is one tensor).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import Optimizer
+
+from gradlens.roles import Role, discover_layers
+
+__all__ = [
+    "optimizer_state_bytes",
+    "optimizer_state_numel",
+    "role_numels",
+    "weights_plus_state_ratio",
+]
+
+
+def role_numels(model: nn.Module, output: str | None = None) -> dict[str, int]:
+    """Trainable elements per role (``embedding``, ``output``, ``hidden``, ``vector``).
+
+    Works on ``meta``-device models (only shapes are read). Tied tensors count once.
+    """
+    counts = {r.value: 0 for r in Role}
+    for info in discover_layers(model, output=output, warn=False):
+        counts[info.role.value] += info.numel
+    return counts
+
+
+def optimizer_state_bytes(
+    numels: dict[str, int], optimizer: str = "scale", bytes_per_element: int = 2
+) -> int:
+    """Optimizer-state bytes implied by the per-role counts of :func:`role_numels`.
+
+    ``adam``: ``2 P``; ``scale``: ``|output| + 2 |vector|`` (the published recipe: momentum
+    on the output layer only, AdamW on 1-D tensors, no state on the other matrices).
+    """
+    if optimizer == "adam":
+        elements = 2 * sum(numels.values())
+    elif optimizer == "scale":
+        elements = numels["output"] + 2 * numels["vector"]
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'scale', got {optimizer!r}")
+    return elements * bytes_per_element
+
+
+def weights_plus_state_ratio(numels: dict[str, int]) -> float:
+    """``(P + |output| + 2|vector|) / 3P``: SCALE's weights + state as a fraction of Adam's."""
+    total = sum(numels.values())
+    return (total + optimizer_state_bytes(numels, "scale", 1)) / (
+        total + optimizer_state_bytes(numels, "adam", 1)
+    )
+
+
+def optimizer_state_numel(optimizer: Optimizer, include_step: bool = False) -> int:
+    """Elements held in ``optimizer.state`` (after at least one step: state is lazy).
+
+    Step counters (0-d ``step`` tensors) are left out unless ``include_step``.
+    """
+    total = 0
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key == "step" and not include_step:
+                continue
+            numel = getattr(value, "numel", None)
+            if callable(numel):
+                total += numel()
+    return total
