@@ -1,1 +1,37 @@
-"""gradlens.sinks."""
+"""gradlens.sinks: where the collector's records go.
+
+- :class:`~gradlens.sinks.table.TableSink`: ``run.json``, the long table (csv, jsonl, parquet)
+  and ``spikes.jsonl``, kill-safe;
+- :class:`~gradlens.sinks.tensorboard.TensorBoardSink`: scalars, histograms, spike text and the
+  custom-scalar dashboards (imported on first use: it loads TensorBoard);
+- :class:`~gradlens.sinks.memory.MemorySink`: lists and a DataFrame, for tests and notebooks;
+- :class:`~gradlens.sinks.base.Sink` (the interface) and :class:`~gradlens.sinks.base.MultiSink`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradlens.sinks.base import Histogram, LogdirError, MultiSink, Sink, StatRow, layer_group
+from gradlens.sinks.memory import MemorySink
+from gradlens.sinks.table import TableSink
+
+__all__ = [
+    "Histogram",
+    "LogdirError",
+    "MemorySink",
+    "MultiSink",
+    "Sink",
+    "StatRow",
+    "TableSink",
+    "TensorBoardSink",
+    "layer_group",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TensorBoardSink":
+        from gradlens.sinks.tensorboard import TensorBoardSink
+
+        return TensorBoardSink
+    raise AttributeError(f"module 'gradlens.sinks' has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""What the lens collects: presets and their stated cost.
+
+=========  ==================================================================  =====================
+preset     statistics                                                          cost
+=========  ==================================================================  =====================
+minimal    grad_norm/rms/max_abs, non-finite counts, spike detectors            one pass over grads
+standard   + column-norm spread (both axes), two-batch variance, noise scale,   + one pass over grads
+           per-element variance, per-unit noise-to-signal (when a step has     per micro-batch on
+           >= 2 micro-batches or >= 2 ranks)                                   logged steps; no
+                                                                               memory beyond O(units)
+full       + per-example variance (Linear, Conv1D, Embedding, output layer),    per-example Gram
+           temporal variance buffers (EMA, within ``temporal_budget_bytes``),  matrices; temporal
+           log-binned column-norm histograms                                   buffers
+=========  ==================================================================  =====================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gradlens.stats.spikes import SpikeConfig
+
+PRESETS = ("minimal", "standard", "full")
+
+
+@dataclass
+class LensConfig:
+    """Settings of a :class:`~gradlens.GradLens`; ``LensConfig.from_preset`` fills the flags.
+
+    Attributes:
+        preset: ``minimal``, ``standard`` or ``full``.
+        log_every: record (and flush) the statistics every this many optimizer steps; the norm,
+            non-finite and spike detectors run at every step and their events are never lost.
+        columns: column-norm spread on 2-D gradients.
+        microbatch: two-batch variance from micro-batches / data-parallel ranks.
+        per_example: per-example variance from layer inputs and output gradients.
+        temporal: temporal variance across steps (EMA buffers).
+        histograms: log-binned histograms of the per-unit RMS vector.
+        temporal_beta: EMA factor of the temporal buffers.
+        temporal_budget_bytes: memory the temporal buffers may use; layers beyond it are
+            tracked through a count sketch of ``sketch_dim`` entries. ``None``: 1x the
+            parameter bytes of the tracked matrices.
+        sketch_dim: size of the count sketch used past the budget.
+        noise_ema: EMA factor of the two-batch numerator and denominator.
+        histogram_bins: bins of the log-binned histograms.
+        loss_reduction: ``mean`` (the loss is averaged over examples and divided by the number
+            of micro-batches, as HF and most loops do) or ``sum``. Only the absolute scale of
+            the variance estimators depends on it; the noise scales do not.
+        spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
+            layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
+    """
+
+    preset: str = "standard"
+    log_every: int = 1
+    columns: bool = True
+    microbatch: bool = True
+    per_example: bool = False
+    temporal: bool = False
+    histograms: bool = False
+    temporal_beta: float = 0.9
+    temporal_budget_bytes: int | None = None
+    sketch_dim: int = 4096
+    noise_ema: float = 0.9
+    histogram_bins: int = 32
+    loss_reduction: str = "mean"
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+
+    @classmethod
+    def from_preset(cls, preset: str = "standard", **overrides: object) -> LensConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+        flags = {
+            "minimal": dict(columns=False, microbatch=False),
+            "standard": {},
+            "full": dict(per_example=True, temporal=True, histograms=True),
+        }[preset]
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown lens option(s) {sorted(unknown)}")
+        cfg = cls(preset=preset, **{**flags, **overrides})  # type: ignore[arg-type]
+        cfg.validate()
+        return cfg
+
+    def stat_names(self) -> list[str]:
+        """Names of the statistics this configuration can write (schema.STATS order)."""
+        from gradlens.schema import STATS
+
+        families = {"norms", "spikes", "global"}
+        names = []
+        for name, info in STATS.items():
+            if info.family in families or (info.family == "columns" and self.columns):
+                names.append(name)
+            elif info.family == "variance":
+                est = name
+                if (est.startswith("pe_") and self.per_example) or (
+                    est.startswith("temporal_") and self.temporal
+                ) or (not est.startswith(("pe_", "temporal_")) and self.microbatch):
+                    names.append(name)
+        return names
+
+    def validate(self) -> None:
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, got {self.log_every!r}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        for name in ("temporal_beta", "noise_ema"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.sketch_dim < 1:
+            raise ValueError(f"sketch_dim must be >= 1, got {self.sketch_dim!r}")
+        if self.histogram_bins < 2:
+            raise ValueError(f"histogram_bins must be >= 2, got {self.histogram_bins!r}")
+        if not isinstance(self.spikes, SpikeConfig):
+            raise ValueError("spikes must be a gradlens.stats.SpikeConfig")

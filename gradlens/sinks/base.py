@@ -1,0 +1,298 @@
+"""The sink interface: where the collector's host-side records go.
+
+The collector calls a sink in this order::
+
+    open(meta)                      once, with the run metadata (see below)
+    write_stats(rows)               \\
+    write_histograms(hists)          | zero or more times per flush, then
+    write_events(events)            /
+    flush()                         once per flush: everything written so far must be durable
+    close()                         once or more (idempotent); flushes first
+
+Everything handed to a sink is plain Python data already on the host (no tensors): one
+device-to-host transfer per flush happens in the collector, never in a sink.
+
+``meta`` is a JSON-able dict: ``name``, ``model``, ``optimizer``, ``preset``,
+``gradlens_version``, ... and ``layers``, a list of ``{name, role, layout, shape, numel, group}``
+where ``group`` (see :func:`layer_group`) is the dashboard group of the layer. A sink may be used
+without ``open`` (tests, notebooks): it then behaves as if opened with ``{}``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from gradlens.schema import GLOBAL, SpikeEvent
+
+__all__ = [
+    "Histogram",
+    "LogdirError",
+    "MultiSink",
+    "Sink",
+    "StatRow",
+    "ensure_writable_dir",
+    "layer_group",
+]
+
+StatRow = tuple[int, str, str, str, float]
+"""One row of the long table, in ``schema.STAT_COLUMNS`` order: step, layer, role, stat, value."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A histogram already binned on device, in one of two layouts told apart by length:
+
+    - ``len(edges) == len(counts) + 1``: bin edges, ``counts[i]`` values fell in
+      ``[edges[i], edges[i + 1])``;
+    - ``len(edges) == len(counts)``: TensorBoard's right limits (``bucket_limits``),
+      ``counts[i]`` values fell in ``(edges[i - 1], edges[i]]`` and ``counts[0]`` at or below
+      ``edges[0]`` (an underflow bucket, as :func:`gradlens.stats.columns.log_histogram` gives).
+
+    Attributes:
+        step: optimizer step.
+        layer: parameter name (or ``"global"``).
+        stat: what was binned (``unit_rms_hist``: the per-output-unit gradient RMS).
+        edges: increasing bin edges or right limits (see above).
+        counts: counts (floats, as they come off the device).
+        moments: optional exact ``[min, max, num, sum, sum_squares]`` of the binned values
+            (:func:`gradlens.stats.columns.histogram_moments`); without them TensorBoard gets
+            the outer edges and bin-center estimates.
+    """
+
+    step: int
+    layer: str
+    stat: str
+    edges: Sequence[float]
+    counts: Sequence[float]
+    moments: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.edges) - len(self.counts) not in (0, 1):
+            raise ValueError(
+                f"Histogram {self.stat}/{self.layer} at step {self.step}: {len(self.edges)} "
+                f"edges for {len(self.counts)} counts; pass n + 1 bin edges or n right limits "
+                "for n counts"
+            )
+        if self.moments is not None and len(self.moments) != 5:
+            raise ValueError(
+                f"Histogram {self.stat}/{self.layer}: moments must be [min, max, num, sum, "
+                f"sum_squares], got {len(self.moments)} numbers"
+            )
+
+    @property
+    def bucket_limits(self) -> list[float]:
+        """Right limit of each count (TensorBoard's ``bucket_limits``)."""
+        edges = [float(e) for e in self.edges]
+        return edges[1:] if len(edges) == len(self.counts) + 1 else edges
+
+
+class LogdirError(OSError):
+    """The log directory cannot be created or written to."""
+
+
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its parents) and prove it is writable by creating a file in it.
+
+    ``os.access`` is not enough (it says yes to root on a read-only mount), so a probe file is
+    created and removed. Raises :class:`LogdirError` with a message that says what to do.
+    """
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LogdirError(
+            f"log directory {str(p)!r} exists and is not a directory; pass a directory path"
+        ) from None
+    except OSError as err:
+        raise LogdirError(
+            f"cannot create the log directory {str(p)!r}: {err.strerror or err}; pass a path "
+            "you can write to (logdir=...)"
+        ) from err
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gradlens-probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise LogdirError(
+            f"the log directory {str(p)!r} is not writable: {err.strerror or err}; fix its "
+            "permissions or pass another logdir"
+        ) from err
+    return p
+
+
+# Components of a parameter name that say where the parameter sits (lower-cased, compared
+# with the dot-separated parts of the name).
+_ATTENTION_NAMES = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "qkv", "query", "key", "value",
+    "c_attn", "query_key_value", "out_proj", "wq", "wk", "wv",
+})
+_MLP_NAMES = frozenset({
+    "gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2",
+    "w3", "fc_in", "fc_out", "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts",
+    "densereludense", "dense_relu_dense",
+})
+
+
+def _is_norm(part: str) -> bool:
+    return "norm" in part or part.startswith("ln")
+
+
+def _block_kind(part: str) -> str | None:
+    if "attn" in part or "attention" in part or part in _ATTENTION_NAMES:
+        return "attention"
+    if any(h in part for h in ("mlp", "ffn", "feed_forward", "feedforward")) or part in _MLP_NAMES:
+        return "mlp"
+    return None
+
+
+def layer_group(name: str, role: str) -> str:
+    """Dashboard group of a parameter: one of ``schema.LAYER_GROUPS``.
+
+    ``embedding`` and ``output`` come from the role. Otherwise the name decides:
+
+    - a 1-D parameter (role ``vector``) of a module named like a norm (``input_layernorm``,
+      ``post_attention_layernorm``, ``ln_1``, ``norm``) is ``norms``;
+    - else the outermost name component that looks like an attention block (``self_attn``,
+      ``attention``, ``q_proj``, ``c_attn``) or an MLP block (``mlp``, ``feed_forward``,
+      ``up_proj``, ``fc1``, ``experts``) decides: ``attention`` or ``mlp`` (GPT-2's ``c_proj``
+      follows its parent ``attn``/``mlp``; biases follow their module);
+    - anything else, and the run-level ``global`` pseudo-layer, is ``other``.
+    """
+    if role == "embedding":
+        return "embedding"
+    if role == "output":
+        return "output"
+    if role == GLOBAL or name == GLOBAL:
+        return "other"
+    parts = name.lower().split(".")
+    modules = parts[:-1] or parts
+    if role == "vector" and any(_is_norm(p) for p in modules):
+        return "norms"
+    for part in modules:
+        kind = _block_kind(part)
+        if kind is not None:
+            return kind
+    return "other"
+
+
+class Sink(ABC):
+    """Where records go. Subclasses implement :meth:`write_stats` and :meth:`write_events`,
+    and override the others as needed (calling ``super()`` in :meth:`open` and :meth:`close`).
+
+    A sink is a context manager; :meth:`close` may be called any number of times. Writing to a
+    closed sink raises ``RuntimeError``.
+    """
+
+    meta: dict[str, Any]
+    _opened: bool = False
+    _closed: bool = False
+
+    def open(self, meta: Mapping[str, Any]) -> None:
+        """Receive the run metadata; called once, before any write."""
+        self._check_not_closed()
+        self.meta = dict(meta)
+        self._opened = True
+
+    @abstractmethod
+    def write_stats(self, rows: Sequence[StatRow]) -> None:
+        """Append rows ``(step, layer, role, stat, value)``; ``value`` may be NaN or +-inf."""
+
+    def write_histograms(self, hists: Sequence[Histogram]) -> None:  # noqa: B027
+        """Record histograms; the default ignores them (tables have no place for them)."""
+
+    @abstractmethod
+    def write_events(self, events: Sequence[SpikeEvent]) -> None:
+        """Record spike events."""
+
+    def flush(self) -> None:  # noqa: B027
+        """Make everything written so far durable (a killed run keeps it)."""
+
+    def close(self) -> None:
+        """Flush and release resources. Idempotent."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def opened(self) -> bool:
+        return self._opened
+
+    def _check_not_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed; create a new sink")
+
+    def _ensure_open(self) -> None:
+        """Open with empty metadata when a write comes before :meth:`open`."""
+        self._check_not_closed()
+        if not self._opened:
+            self.open({})
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class MultiSink(Sink):
+    """Fan every call out to several sinks, in order.
+
+    ``close`` closes every sink even when one fails, then re-raises the first error.
+    """
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.meta = {}
+
+    def open(self, meta: Mapping[str, Any]) -> None:
+        super().open(meta)
+        for s in self.sinks:
+            s.open(meta)
+
+    def write_stats(self, rows: Sequence[StatRow]) -> None:
+        self._check_not_closed()
+        for s in self.sinks:
+            s.write_stats(rows)
+
+    def write_histograms(self, hists: Sequence[Histogram]) -> None:
+        self._check_not_closed()
+        for s in self.sinks:
+            s.write_histograms(hists)
+
+    def write_events(self, events: Sequence[SpikeEvent]) -> None:
+        self._check_not_closed()
+        for s in self.sinks:
+            s.write_events(events)
+
+    def flush(self) -> None:
+        self._check_not_closed()
+        for s in self.sinks:
+            s.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        first: BaseException | None = None
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
+

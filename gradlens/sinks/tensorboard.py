@@ -1,0 +1,217 @@
+"""The TensorBoard sink: scalars, raw histograms, spike events and the dashboard layout.
+
+What it writes (tags from :mod:`gradlens.schema`):
+
+- every row as a scalar ``tb_tag(stat, layer)``: ``gradlens/<stat>/<layer>``, or
+  ``gradlens/global/<stat>`` for run-level rows;
+- per-group aggregates ``gradlens/by_group/<stat>/<group>/{mean,min,max}`` over the finite
+  values of the layers of each dashboard group at each step (the margin charts read them);
+- histograms with ``add_histogram_raw`` under ``tb_tag(hist.stat, hist.layer)``;
+- spike events twice: as text under ``gradlens/spikes`` (one markdown line per event, one text
+  entry per step), and as scalars ``gradlens/spikes/<kind>`` (the largest score of that kind at
+  the step), because TensorBoard down-samples scalars and text but a spike stays visible as a
+  scalar peak;
+- at :meth:`~TensorBoardSink.open`, the custom-scalars layout built by
+  :func:`gradlens.sinks.dashboards.build_layout` from the packaged templates and the run's
+  layers.
+
+Scalars of one step go out as one event holding many values (much faster than one
+``add_scalar`` call per value). TensorBoard stores scalars as float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gradlens.schema import (
+    GLOBAL,
+    SPIKES_TEXT_TAG,
+    SpikeEvent,
+    tb_group_tag,
+    tb_spike_tag,
+    tb_tag,
+)
+from gradlens.sinks.base import Histogram, Sink, StatRow, ensure_writable_dir, layer_group
+
+__all__ = ["TensorBoardSink", "spike_markdown"]
+
+
+def spike_markdown(event: SpikeEvent) -> str:
+    """One markdown line describing a spike event."""
+    where = "the run" if event.layer == GLOBAL else f"`{event.layer}`"
+    line = (f"- step {event.step}: **{event.kind}** in {where}: value {event.value:.4g}, "
+            f"score {event.score:.4g}")
+    if event.layers:
+        line += " (top layers: " + ", ".join(f"`{n}`" for n in event.layers) + ")"
+    return line
+
+
+class TensorBoardSink(Sink):
+    """Write the lens's records as TensorBoard events in ``logdir``.
+
+    Args:
+        logdir: the run directory; created if needed (a non-writable one raises
+            :class:`~gradlens.sinks.base.LogdirError` here).
+        group_aggregates: write the per-group mean/min/max scalars (the margin charts need them).
+        dashboards: install the custom-scalars layout at :meth:`open`.
+        templates: dashboard templates (default: the packaged ones,
+            :func:`gradlens.sinks.dashboards.load_templates`).
+        max_queue, flush_secs: passed to ``SummaryWriter``.
+    """
+
+    def __init__(
+        self,
+        logdir: str | os.PathLike[str],
+        *,
+        group_aggregates: bool = True,
+        dashboards: bool = True,
+        templates: Sequence[Any] | None = None,
+        max_queue: int = 1000,
+        flush_secs: int = 30,
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = ensure_writable_dir(logdir)
+        self.meta = {}
+        self.group_aggregates = group_aggregates
+        self.dashboards = dashboards
+        self.templates = templates
+        self.layout: Any = None
+        self._groups: dict[str, str] = {}
+        self.writer = SummaryWriter(log_dir=str(self.logdir), max_queue=max_queue,
+                                    flush_secs=flush_secs)
+
+    def open(self, meta: Mapping[str, Any]) -> None:
+        """Remember each layer's group and install the dashboard layout."""
+        super().open(meta)
+        layers = list(self.meta.get("layers") or [])
+        self._groups = {
+            str(la["name"]): str(la.get("group") or layer_group(la["name"], la.get("role", "")))
+            for la in layers
+        }
+        if self.dashboards:
+            from gradlens.sinks.dashboards import build_layout, layout_summary
+
+            stats = self.meta.get("stats")
+            self.layout = build_layout(layers, self.templates,
+                                       stats=set(stats) if stats is not None else None)
+            self._file_writer().add_summary(layout_summary(self.layout))
+
+    def _file_writer(self) -> Any:
+        # SummaryWriter's event-file writer: add_summary takes a Summary with many values.
+        return self.writer._get_file_writer()
+
+    def _group(self, layer: str, role: str) -> str:
+        group = self._groups.get(layer)
+        if group is None:
+            group = self._groups[layer] = layer_group(layer, role)
+        return group
+
+    def write_stats(self, rows: Sequence[StatRow]) -> None:
+        """Scalars per row, plus the per-group aggregates; one event per step."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._ensure_open()
+        by_step: dict[int, list[Any]] = defaultdict(list)
+        groups: dict[tuple[int, str, str], list[float]] = defaultdict(list)
+        for step, layer, role, stat, value in rows:
+            step, value = int(step), float(value)
+            by_step[step].append(Summary.Value(tag=tb_tag(stat, layer), simple_value=value))
+            if self.group_aggregates and layer != GLOBAL and math.isfinite(value):
+                groups[(step, stat, self._group(layer, role))].append(value)
+        for (step, stat, group), values in groups.items():
+            for agg, v in (("mean", math.fsum(values) / len(values)), ("min", min(values)),
+                           ("max", max(values))):
+                by_step[step].append(Summary.Value(tag=tb_group_tag(stat, group, agg),
+                                                   simple_value=v))
+        fw = self._file_writer()
+        for step in sorted(by_step):
+            fw.add_summary(Summary(value=by_step[step]), step)
+
+    def write_histograms(self, hists: Sequence[Histogram]) -> None:
+        """Raw histograms. ``min``/``max``/``num``/``sum``/``sum_squares`` come from
+        ``hist.moments`` when given; otherwise the outer edges and bin-center estimates (the
+        raw values never leave the device)."""
+        self._ensure_open()
+        for h in hists:
+            limits = h.bucket_limits
+            counts = [float(c) for c in h.counts]
+            num = sum(counts)
+            if not counts or num <= 0 or not all(math.isfinite(x) for x in limits):
+                continue  # nothing TensorBoard can draw
+            if len(h.edges) == len(counts) + 1:
+                lo = float(h.edges[0])
+                lefts = [lo, *limits[:-1]]
+            else:  # right limits: the first bucket is an underflow bucket ending at limits[0]
+                lo = limits[0]
+                lefts = [limits[0], *limits[:-1]]
+            centers = [(a + b) / 2 for a, b in zip(lefts, limits, strict=True)]
+            mn, mx = lo, limits[-1]
+            total = sum(c * x for c, x in zip(counts, centers, strict=True))
+            total_sq = sum(c * x * x for c, x in zip(counts, centers, strict=True))
+            if h.moments is not None and all(math.isfinite(float(m)) for m in h.moments):
+                mn, mx, num, total, total_sq = (float(m) for m in h.moments)
+            self.writer.add_histogram_raw(
+                tb_tag(h.stat, h.layer),
+                min=mn,
+                max=mx,
+                num=num,
+                sum=total,
+                sum_squares=total_sq,
+                bucket_limits=limits,
+                bucket_counts=counts,
+                global_step=int(h.step),
+            )
+
+    def write_events(self, events: Sequence[SpikeEvent]) -> None:
+        """A markdown text entry per step, and the largest score per (step, kind) as a
+        scalar."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._ensure_open()
+        lines: dict[int, list[str]] = defaultdict(list)
+        best: dict[tuple[int, str], float] = {}
+        for e in events:
+            step = int(e.step)
+            lines[step].append(spike_markdown(e))
+            score = float(e.score)
+            old = best.get((step, e.kind))
+            if old is None or (math.isfinite(score) and (not math.isfinite(old) or score > old)):
+                best[(step, e.kind)] = score
+        fw = self._file_writer()
+        for step in sorted(lines):
+            values = [_text_value(SPIKES_TEXT_TAG, "\n".join(lines[step]))]
+            values += [Summary.Value(tag=tb_spike_tag(kind), simple_value=score)
+                       for (s, kind), score in best.items() if s == step]
+            fw.add_summary(Summary(value=values), step)
+
+    def flush(self) -> None:
+        """Flush the event file."""
+        self._check_not_closed()
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file. Idempotent."""
+        if self._closed:
+            return
+        super().close()
+        self.writer.close()
+
+
+def _text_value(tag: str, text: str) -> Any:
+    """A text-plugin summary value under exactly ``tag`` (``SummaryWriter.add_text`` appends
+    ``/text_summary`` to the tag)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.text.plugin_data_pb2 import TextPluginData
+
+    smd = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(
+        plugin_name="text", content=TextPluginData(version=0).SerializeToString()))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[text.encode("utf-8")],
+                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+    return Summary.Value(tag=tag, metadata=smd, tensor=tensor)

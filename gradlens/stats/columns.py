@@ -1,0 +1,276 @@
+"""Column-norm spread: per-output-unit RMS of a gradient matrix and how unequal it is.
+
+methods.md section 5. For a 2-D gradient ``G`` viewed as ``(units, fan)`` with
+:func:`gradlens.roles.output_units_view` (one row per output unit: a row of a Linear weight, a
+column of a GPT-2 ``Conv1D``, a feature of the embedding), the per-unit RMS
+
+    r_i = sqrt( mean_j G_ij**2 )                      (SCALE's normalization axis)
+
+is the scale SCALE divides out; the other axis gives the per-fan RMS ``c_j = sqrt(mean_i
+G_ij**2)``. :func:`spread` summarizes such a vector by its coefficient of variation, max/min
+ratio, p99/p50 ratio and Gini coefficient; :func:`log_histogram` bins it on log-spaced edges
+computed on device. SCALE's update ``G / r`` has spread exactly 0 on its axis (cv 0, ratios
+1, Gini 0): a self-check.
+
+Conventions shared by every function here:
+
+- pure, no host synchronization, static output shapes; results in float32 (float64 for
+  float64 inputs) on the input's device;
+- non-finite gradient entries are excluded: sums skip them and means divide by the number of
+  finite entries of the unit; a unit with no finite entry has RMS NaN, and NaN entries of a
+  vector handed to :func:`spread` / :func:`log_histogram` are ignored;
+- scale: every RMS here is proportional to the gradient, so the loss reduction, the ``1/K`` of
+  gradient accumulation and an un-removed AMP loss scale multiply ``r`` (not the spread, which
+  is scale-free; the histogram's edges move with it). See :mod:`gradlens.stats.norms`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from gradlens.roles import output_units_view
+from gradlens.stats.norms import accumulation_dtype, finite_copy
+
+__all__ = [
+    "HISTOGRAM_MOMENT_FIELDS",
+    "SPREAD_FIELDS",
+    "fan_rms",
+    "fan_sq_norms",
+    "histogram_moments",
+    "log_histogram",
+    "sorted_quantile",
+    "spread",
+    "spread_batched",
+    "unit_rms",
+    "unit_sq_norms",
+]
+
+#: Order of the entries returned by :func:`spread` (schema names ``unit_rms_<field>``).
+SPREAD_FIELDS = ("cv", "max_min", "p99_p50", "gini")
+#: Order of the entries returned by :func:`histogram_moments`.
+HISTOGRAM_MOMENT_FIELDS = ("min", "max", "num", "sum", "sum_squares")
+
+
+def _units(g: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout not in ("linear", "conv1d", "embedding", "other"):
+        raise ValueError(
+            f"unknown layout {layout!r}; use 'linear', 'conv1d', 'embedding' or 'other' "
+            "(1-D 'vector' parameters have no units)"
+        )
+    return output_units_view(g, layout)
+
+
+def unit_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-output-unit squared L2 norms ``sum_j G_ij**2`` over finite entries, shape ``(units,)``.
+
+    Summing it gives :func:`gradlens.stats.norms.finite_sq_norm` of ``g``. Additive over
+    micro-batches only for the *sum* of gradients, not for their squares (use it on each
+    micro-batch gradient for the two-batch estimator's small-batch term).
+    """
+    u = _units(finite_copy(g), layout)
+    return u.square().sum(dim=1)
+
+
+def fan_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-fan (other axis) squared norms ``sum_i G_ij**2`` over finite entries, ``(fan,)``."""
+    u = _units(finite_copy(g), layout)
+    return u.square().sum(dim=0)
+
+
+def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
+    acc = accumulation_dtype(g.dtype)
+    z = _units(g * 0, layout)  # 0 where finite, NaN where not
+    return (z.shape[dim] - torch.count_nonzero(z, dim=dim)).to(acc)
+
+
+def unit_rms(g: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-output-unit RMS ``r_i = sqrt(mean_j G_ij**2)``, shape ``(units,)`` (SCALE's axis).
+
+    Equal to ``sqrt(mean(G**2, dim=norm_dim))`` when every entry is finite (``norm_dim`` = 1
+    for ``linear``/``other``, 0 for ``conv1d``/``embedding``); otherwise the mean runs over
+    the unit's finite entries (NaN for a unit with none). SCALE clamps ``r`` at 1e-8 before
+    dividing; this function does not clamp.
+
+    Reference: SCALE (Glentis et al., arXiv 2506.16659), authors' code; methods.md section 1.
+    """
+    sq = unit_sq_norms(g, layout)
+    return (sq / _finite_counts(g, layout, dim=1)).sqrt()
+
+
+def fan_rms(g: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-fan RMS ``c_j = sqrt(mean_i G_ij**2)`` across output units, shape ``(fan,)``.
+
+    The axis SCALE does *not* normalize: for a ``linear`` weight one value per input feature,
+    for the embedding one per vocabulary row. Same non-finite rule as :func:`unit_rms`.
+    """
+    sq = fan_sq_norms(g, layout)
+    return (sq / _finite_counts(g, layout, dim=0)).sqrt()
+
+
+def sorted_quantile(xs: torch.Tensor, n: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile ``q`` of the first ``n`` entries of ascending-sorted rows ``xs`` (``(..., N)``).
+
+    Linear interpolation between order statistics at position ``q * (n - 1)``, numpy's default
+    (``method="linear"``); ``n`` is a tensor (``(...)``) so that a data-dependent number of
+    valid entries (the rest sorted to the end) keeps static shapes. NaN where ``n == 0``.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q must be in [0, 1], got {q!r}")
+    last = (n - 1).clamp_min(0)
+    pos = q * last
+    lo = pos.floor()
+    frac = (pos - lo).unsqueeze(-1)
+    lo_i = lo.long().unsqueeze(-1)
+    hi_i = torch.minimum(lo_i + 1, last.long().unsqueeze(-1))
+    a = xs.gather(-1, lo_i)
+    b = xs.gather(-1, hi_i)
+    # b is at most the (n-1)-th order statistic, so finite whenever a is
+    val = torch.where(frac > 0, a + frac * (b - a), a).squeeze(-1)
+    return torch.where(n > 0, val, torch.full_like(val, math.nan))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den with 0/0 (and any equal pair) defined as 1."""
+    return torch.where(num == den, torch.ones_like(num), num / den)
+
+
+def _spread_rows(x: torch.Tensor) -> torch.Tensor:
+    """Spread of each row of ``x`` (``(L, N)``, non-finite = absent) -> ``(L, 4)``."""
+    acc = accumulation_dtype(x.dtype)
+    x = x.to(acc)
+    finite = torch.isfinite(x)
+    n = finite.sum(dim=-1).to(acc)
+    x0 = torch.where(finite, x, torch.zeros((), dtype=acc, device=x.device))
+    total = x0.sum(dim=-1)
+    mean = total / n
+    dev = torch.where(finite, x - mean.unsqueeze(-1), torch.zeros((), dtype=acc, device=x.device))
+    std = (dev.square().sum(dim=-1) / n).sqrt()
+    cv = torch.where(std == 0, torch.zeros_like(std), std / mean)
+
+    xs, _ = torch.sort(torch.where(finite, x, torch.full((), math.inf, dtype=acc,
+                                                         device=x.device)), dim=-1)
+    lo = xs[..., 0]
+    hi = xs.gather(-1, (n - 1).clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    max_min = _ratio(hi, lo)
+    p50 = sorted_quantile(xs, n, 0.5)
+    p99 = sorted_quantile(xs, n, 0.99)
+    p99_p50 = _ratio(p99, p50)
+
+    # Gini over the n valid entries, ascending: sum_i (2i - n - 1) x_(i) / (n * sum x), i=1..n
+    i = torch.arange(1, x.shape[-1] + 1, dtype=acc, device=x.device)
+    valid = i <= n.unsqueeze(-1)
+    w = torch.where(valid, 2 * i - n.unsqueeze(-1) - 1, torch.zeros((), dtype=acc,
+                                                                      device=x.device))
+    xs0 = torch.where(valid, xs, torch.zeros((), dtype=acc, device=x.device))
+    num = (w * xs0).sum(dim=-1)
+    gini = torch.where(total == 0, torch.zeros_like(total), num / (n * total))
+
+    out = torch.stack([cv, max_min, p99_p50, gini], dim=-1)
+    return torch.where((n > 0).unsqueeze(-1), out, torch.full_like(out, math.nan))
+
+
+def spread(r: torch.Tensor) -> torch.Tensor:
+    """Spread of a non-negative vector (per-unit RMS): ``(4,)`` tensor ``[cv, max_min, p99_p50,
+    gini]`` (:data:`SPREAD_FIELDS`; schema ``unit_rms_*`` / ``fan_rms_*``).
+
+    Over the finite entries x_1..x_n of ``r`` (NaN/Inf entries are ignored):
+
+    - ``cv = std(x) / mean(x)``, population std (``ddof=0``);
+    - ``max_min = max(x) / min(x)``;
+    - ``p99_p50 = quantile(x, 0.99) / quantile(x, 0.5)``, numpy's linear interpolation;
+    - ``gini = sum_i sum_j |x_i - x_j| / (2 n**2 mean(x))``, computed from the sorted values as
+      ``sum_i (2i - n - 1) x_(i) / (n sum x)`` (0 = all equal, (n-1)/n = one non-zero entry).
+
+    Zeros: a ratio whose terms are equal is 1, including 0/0 (all-zero vector: ``max_min =
+    p99_p50 = 1``); a zero denominator under a positive numerator gives ``inf`` (a dead unit
+    makes ``max_min`` infinite: that is information, not an error). ``cv`` and ``gini`` of an
+    all-zero vector are 0. No finite entry at all: four NaNs.
+
+    Cost: one sort of the vector (units are at most a vocabulary: cheap).
+    """
+    return _spread_rows(r.reshape(1, -1))[0]
+
+
+def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`spread` of several vectors (any lengths) in one padded sort: ``(L, 4)``.
+
+    Vectors are padded with NaN (ignored) to the longest length; row ``k`` equals
+    ``spread(rs[k])``. Useful to summarize every layer of a model with one kernel sequence.
+    """
+    if len(rs) == 0:
+        raise ValueError("spread_batched needs at least one vector")
+    acc = torch.float64 if any(r.dtype == torch.float64 for r in rs) else torch.float32
+    rows = [r.reshape(-1).to(acc) for r in rs]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=math.nan)
+    return _spread_rows(padded)
+
+
+def log_histogram(r: torch.Tensor, bins: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram of ``r`` on log-spaced edges computed on device: ``(edges, counts)``.
+
+    ``edges`` has ``bins + 1`` entries, log-spaced from the smallest positive finite value
+    ``lo`` to the largest finite value ``hi`` (``edges[0] == lo`` and ``edges[-1] == hi``
+    exactly). ``counts`` has ``bins + 1`` entries (accumulation dtype, exact below 2**24):
+
+    - ``counts[0]``: the underflow bucket, entries ``<= 0`` (zeros: dead units);
+    - ``counts[j]``, ``j = 1..bins``: entries in ``[edges[j-1], edges[j])``, the last bucket
+      closed (``hi`` lands in it), as ``numpy.histogram`` does;
+    - NaN/Inf entries are not counted anywhere.
+
+    ``len(edges) == len(counts)``, so they are directly TensorBoard's raw-histogram
+    ``bucket_limits`` (right edges) and ``bucket_counts``: the underflow bucket's right limit
+    is ``lo``. :func:`histogram_moments` gives the ``min/max/num/sum/sum_squares`` it also
+    wants. When ``r`` has a single distinct positive value, the edges span ``[lo, lo * e]``;
+    with no positive value they span ``[1, e]`` and only the underflow bucket counts.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins!r}")
+    acc = accumulation_dtype(r.dtype)
+    x = r.reshape(-1).to(acc)
+    dev = x.device
+    finite = torch.isfinite(x)
+    pos = finite & (x > 0)
+    inf = torch.full((), math.inf, dtype=acc, device=dev)
+    one = torch.ones((), dtype=acc, device=dev)
+    lo = torch.where(pos, x, inf).amin() if x.numel() else inf
+    hi = torch.where(pos, x, -inf).amax() if x.numel() else -inf
+    has_pos = torch.isfinite(lo)
+    lo = torch.where(has_pos, lo, one)
+    hi = torch.where(has_pos, hi, one)
+    log_lo, log_hi = lo.log(), hi.log()
+    span = torch.where(log_hi > log_lo, log_hi - log_lo, one)
+    t = torch.linspace(0.0, 1.0, bins + 1, dtype=acc, device=dev)
+    inner = torch.exp(log_lo + span * t[1:-1])
+    last = torch.where(hi > lo, hi, torch.exp(log_lo + span))
+    edges = torch.cat([lo.reshape(1), inner, last.reshape(1)])
+    edges = torch.cummax(edges, dim=0).values  # monotone even under exp rounding
+    edges = torch.cat([edges[:-1], torch.maximum(edges[-1], last).reshape(1)])
+    idx = torch.bucketize(x, edges[1:-1], right=True) + 1  # 1..bins for positive entries
+    idx = torch.where(pos, idx, torch.zeros_like(idx))  # non-positive -> underflow bucket 0
+    idx = torch.where(finite, idx, torch.full_like(idx, bins + 1))  # non-finite -> dropped
+    counts = torch.zeros(bins + 2, dtype=acc, device=dev)
+    counts.index_add_(0, idx, torch.ones_like(x))
+    return edges, counts[: bins + 1]
+
+
+def histogram_moments(r: torch.Tensor) -> torch.Tensor:
+    """``(5,)`` tensor ``[min, max, num, sum, sum_squares]`` over the finite entries of ``r``.
+
+    What TensorBoard's raw histogram wants besides the buckets; min/max are NaN when no entry
+    is finite.
+    """
+    acc = accumulation_dtype(r.dtype)
+    x = r.reshape(-1).to(acc)
+    finite = torch.isfinite(x)
+    inf = torch.full((), math.inf, dtype=acc, device=x.device)
+    num = finite.sum().to(acc)
+    x0 = torch.where(finite, x, torch.zeros((), dtype=acc, device=x.device))
+    mn = torch.where(finite, x, inf).amin() if x.numel() else inf
+    mx = torch.where(finite, x, -inf).amax() if x.numel() else -inf
+    nan = torch.full((), math.nan, dtype=acc, device=x.device)
+    mn = torch.where(num > 0, mn, nan)
+    mx = torch.where(num > 0, mx, nan)
+    return torch.stack([mn, mx, num, x0.sum(), x0.square().sum()])

@@ -1,0 +1,156 @@
+"""Per-unit RMS, spread, Gini and log histograms against float64 numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradlens import stats as S
+from tests.stats._reference import gini, np64, rms_rows, spread, units
+
+SHAPES = {"linear": (12, 7), "conv1d": (7, 12), "embedding": (30, 5), "other": (6, 2, 3)}
+
+
+def heavy(shape, seed, dtype=torch.float32, n_bad=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(2 * torch.randn(shape[0], 1, generator=g, dtype=torch.float64))
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale.reshape(
+        (shape[0],) + (1,) * (len(shape) - 1))
+    flat = t.view(-1)
+    for j in range(n_bad):
+        flat[(7 * j + 3) % flat.numel()] = (math.nan, math.inf, -math.inf)[j % 3]
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("layout", list(SHAPES))
+@pytest.mark.parametrize("n_bad", [0, 4])
+def test_unit_and_fan_rms(layout, n_bad):
+    g = heavy(SHAPES[layout], seed=3, n_bad=n_bad)
+    m = units(np64(g), layout)
+    np.testing.assert_allclose(np64(S.unit_rms(g, layout)), rms_rows(m), rtol=1e-5)
+    np.testing.assert_allclose(np64(S.fan_rms(g, layout)), rms_rows(m.T), rtol=1e-5)
+    fin = np.where(np.isfinite(m), m, 0.0)
+    np.testing.assert_allclose(np64(S.unit_sq_norms(g, layout)), (fin**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np64(S.fan_sq_norms(g, layout)), (fin**2).sum(0), rtol=1e-5)
+    if n_bad == 0:  # the documented identity with SCALE's axis
+        norm_dim = {"linear": 1, "conv1d": 0, "embedding": 0}.get(layout)
+        if norm_dim is not None:
+            np.testing.assert_allclose(np64(S.unit_rms(g, layout)),
+                                       np64(g.square().mean(dim=norm_dim).sqrt()), rtol=1e-6)
+
+
+def test_unit_rms_rejects_vectors_and_unknown_layouts():
+    with pytest.raises(ValueError, match="layout"):
+        S.unit_rms(torch.ones(3, 3), "vector")
+    with pytest.raises(ValueError):
+        S.unit_rms(torch.ones(3), "linear")
+
+
+def test_unit_rms_bf16_accumulates_in_float32():
+    g = heavy((9, 64), seed=4, dtype=torch.bfloat16)
+    r = S.unit_rms(g, "linear")
+    assert r.dtype == torch.float32
+    np.testing.assert_allclose(np64(r), rms_rows(np64(g)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spread_matches_numpy(seed):
+    r = S.unit_rms(heavy((101, 9), seed=seed), "linear")
+    got = S.spread(r)
+    assert got.shape == (4,)
+    np.testing.assert_allclose(np64(got), spread(np64(r)), rtol=2e-5)
+
+
+def test_spread_float64_tight():
+    x = torch.rand(57, dtype=torch.float64) ** 3
+    np.testing.assert_allclose(np64(S.spread(x)), spread(np64(x)), rtol=1e-12)
+
+
+def test_spread_edge_cases():
+    nan4 = np.full(4, np.nan)
+    np.testing.assert_array_equal(np64(S.spread(torch.zeros(6))), [0, 1, 1, 0])
+    np.testing.assert_array_equal(np64(S.spread(torch.full((5,), 2.5))), [0, 1, 1, 0])
+    one_dead = S.spread(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert np64(one_dead)[1] == np.inf
+    np.testing.assert_allclose(np64(one_dead), spread(np.array([0.0, 1, 2, 3])))
+    # NaN / Inf entries are ignored
+    x = torch.tensor([1.0, math.nan, 4.0, math.inf, 2.0])
+    np.testing.assert_allclose(np64(S.spread(x)), spread(np.array([1.0, 4.0, 2.0])), rtol=1e-6)
+    np.testing.assert_array_equal(np64(S.spread(torch.full((3,), math.nan))), nan4)
+    # a single value
+    np.testing.assert_array_equal(np64(S.spread(torch.tensor([3.0]))), [0, 1, 1, 0])
+    # one non-zero among n: Gini (n-1)/n
+    x = torch.zeros(10)
+    x[3] = 5.0
+    assert float(S.spread(x)[3]) == pytest.approx(0.9)
+    assert gini(np64(x)) == pytest.approx(0.9)
+
+
+def test_spread_batched_equals_individual():
+    rs = [torch.rand(n) + 0.1 for n in (3, 17, 1, 40)]
+    rs[1][4] = math.nan
+    batched = S.spread_batched(rs)
+    assert batched.shape == (4, 4)
+    for k, r in enumerate(rs):
+        np.testing.assert_allclose(np64(batched[k]), np64(S.spread(r)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "embedding"])
+def test_scale_normalized_gradient_has_no_spread(layout):
+    g = heavy(SHAPES[layout], seed=5, dtype=torch.float64)
+    r = S.unit_rms(g, layout)
+    shape = (-1, 1) if layout == "linear" else (1, -1)
+    normalized = g / r.reshape(shape)
+    np.testing.assert_allclose(np64(S.spread(S.unit_rms(normalized, layout))), [0, 1, 1, 0],
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("bins", [1, 5, 32])
+def test_log_histogram_counts(bins):
+    g = torch.Generator().manual_seed(bins)
+    x = torch.exp(3 * torch.randn(500, generator=g))
+    x[:7] = 0.0
+    x[7] = math.nan
+    x[8] = math.inf
+    edges, counts = S.log_histogram(x, bins=bins)
+    assert edges.shape == (bins + 1,) and counts.shape == (bins + 1,)
+    xe = np64(x)
+    fin = xe[np.isfinite(xe)]
+    pos = fin[fin > 0]
+    e = np64(edges)
+    assert e[0] == pos.min() and e[-1] == pos.max()
+    np.testing.assert_allclose(np.diff(np.log(e)), np.log(pos.max() / pos.min()) / bins,
+                               rtol=1e-4)
+    ref, _ = np.histogram(pos, bins=e)
+    np.testing.assert_array_equal(np64(counts), np.concatenate([[7], ref]))
+    assert float(counts.sum()) == fin.size
+
+
+def test_log_histogram_degenerate():
+    edges, counts = S.log_histogram(torch.zeros(4), bins=3)
+    np.testing.assert_array_equal(np64(counts), [4, 0, 0, 0])
+    assert bool(torch.all(edges[1:] >= edges[:-1]))
+    edges, counts = S.log_histogram(torch.full((5,), 0.25), bins=4)
+    np.testing.assert_array_equal(np64(counts), [0, 5, 0, 0, 0])
+    assert float(edges[0]) == 0.25 and bool(torch.all(edges[1:] > edges[:-1]))
+    with pytest.raises(ValueError):
+        S.log_histogram(torch.ones(3), bins=0)
+
+
+def test_histogram_moments():
+    x = torch.tensor([0.5, math.nan, 2.0, 0.0, math.inf, 4.0], dtype=torch.float64)
+    np.testing.assert_allclose(np64(S.histogram_moments(x)), [0, 4, 4, 6.5, 0.25 + 4 + 16])
+    assert np.isnan(np64(S.histogram_moments(torch.full((2,), math.nan)))[:2]).all()
+
+
+def test_sorted_quantile_matches_numpy():
+    x = torch.rand(23, dtype=torch.float64)
+    xs, _ = torch.sort(x)
+    n = torch.tensor(23.0, dtype=torch.float64)
+    for q in (0.0, 0.1, 0.5, 0.99, 1.0):
+        assert float(S.sorted_quantile(xs, n, q)) == pytest.approx(np.quantile(np64(x), q))
+    with pytest.raises(ValueError):
+        S.sorted_quantile(xs, n, 1.5)

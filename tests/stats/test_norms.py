@@ -1,0 +1,91 @@
+"""Gradient summaries against float64 numpy, with NaN/Inf entries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradlens import stats as S
+from tests.stats._reference import np64, summary
+
+
+def poisoned(shape, n_bad: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    flat = t.view(-1)
+    idx = torch.randperm(flat.numel(), generator=g)[:n_bad]
+    for j, i in enumerate(idx.tolist()):
+        flat[i] = (math.nan, math.inf, -math.inf)[j % 3]
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_bad", [0, 1, 7])
+def test_grad_summary_matches_numpy(dtype, n_bad):
+    g = poisoned((37, 23), n_bad, seed=n_bad, dtype=dtype)
+    got = S.grad_summary(g)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == (4,)
+    ref = summary(np64(g))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(np64(got), ref, rtol=rtol)
+    # the pieces agree with the summary
+    assert float(S.finite_sq_norm(g)) == pytest.approx(ref[0], rel=rtol)
+    assert float(S.finite_max_abs(g)) == pytest.approx(ref[1], rel=rtol)
+    assert float(S.nonfinite_count(g)) == ref[2]
+
+
+def test_input_untouched_and_edge_cases():
+    g = poisoned((5, 4), 3, seed=1)
+    before = g.clone()
+    S.grad_summary(g)
+    S.grad_summaries([g], foreach=True)
+    assert torch.equal(torch.isnan(g), torch.isnan(before))
+    assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(before))
+    # all non-finite: norm and max 0, count = numel
+    bad = torch.full((3, 3), math.nan)
+    np.testing.assert_array_equal(np64(S.grad_summary(bad)), [0, 0, 9, 9])
+    # empty and 0-d tensors
+    np.testing.assert_array_equal(np64(S.grad_summary(torch.empty(0, 4))), [0, 0, 0, 0])
+    np.testing.assert_allclose(np64(S.grad_summary(torch.tensor(-2.0))), [4, 2, 0, 1])
+    # a non-contiguous view
+    v = poisoned((8, 6), 2, seed=2).t()
+    np.testing.assert_allclose(np64(S.grad_summary(v)), summary(np64(v)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_grad_summaries_batched(foreach):
+    grads = [poisoned(s, k, seed=i) for i, (s, k) in
+             enumerate([((16, 8), 0), ((32,), 2), ((4, 3, 5), 1), ((7, 9), 0)])]
+    out = S.grad_summaries(grads, foreach=foreach)
+    assert out.shape == (4, 4) and out.dtype == torch.float32
+    for k, g in enumerate(grads):
+        np.testing.assert_allclose(np64(out[k]), summary(np64(g)), rtol=1e-5)
+
+
+def test_foreach_and_loop_paths_agree_float64():
+    grads = [poisoned(s, k, seed=10 + i, dtype=torch.float64)
+             for i, (s, k) in enumerate([((20, 10), 3), ((10,), 0), ((3, 50), 1)])]
+    a = S.grad_summaries(grads, foreach=False)
+    b = S.grad_summaries(grads, foreach=True)
+    assert a.dtype == b.dtype == torch.float64
+    np.testing.assert_allclose(np64(a), np64(b), rtol=1e-12, atol=0)
+    # mixed precisions stack in float64
+    mixed = S.grad_summaries([grads[0], grads[1].float()])
+    assert mixed.dtype == torch.float64
+
+
+def test_grad_summaries_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        S.grad_summaries([])
+    with pytest.raises(ValueError, match="one device"):
+        S.grad_summaries([torch.ones(2), torch.ones(2, device="meta")])
+
+
+def test_finite_sum_skips_nonfinite():
+    x = torch.tensor([1.0, math.nan, 2.5, math.inf, -0.5])
+    assert float(S.finite_sum(x)) == 3.0
+    assert float(S.nonfinite_count(x)) == 2.0
