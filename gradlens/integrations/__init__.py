@@ -1,1 +1,1 @@
-"""gradlens.integrations."""
+"""Thin adapters that attach a GradLens to training frameworks (imported lazily)."""

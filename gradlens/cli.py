@@ -1,0 +1,82 @@
+"""``gradlens demo | report | dashboard``: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradlens.demo import run_demo
+
+    run_demo(
+        out_dir=args.out, steps=args.steps, size=args.size, optimizers=args.optimizers,
+        corpus=args.corpus, seed=args.seed, preset=args.preset, progress=not args.quiet,
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradlens.report.build import build_report
+
+    paths = build_report(args.runs, args.out, title=args.title, progress=not args.quiet)
+    print(f"report: {paths.html}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from gradlens.dashboard import start_tensorboard
+
+    proc, url = start_tensorboard(args.run_dir, port=args.port)
+    print(f"TensorBoard is serving {args.run_dir} at {url}  (Ctrl-C to stop)", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small LLaMA with SCALE and AdamW under the lens, "
+                                       "then write the report")
+    demo.add_argument("--out", default="gradlens_demo", help="output directory")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    demo.add_argument("--size", default="demo", help="model size: demo, tiny, small")
+    demo.add_argument("--optimizers", nargs="+", default=["scale", "adamw"],
+                      help="optimizers to run one after the other")
+    demo.add_argument("--corpus", default=None,
+                      help="a text file or directory (default: Shakespeare's plays)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preset", default="standard", choices=["minimal", "standard", "full"])
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="write the layer-wise report of one or more runs")
+    report.add_argument("runs", nargs="+", help="run directories written by the lens")
+    report.add_argument("-o", "--out", required=True, help="output directory")
+    report.add_argument("--title", default=None)
+    report.add_argument("--quiet", action="store_true")
+    report.set_defaults(func=_report)
+
+    dash = sub.add_parser("dashboard", help="serve a run directory with TensorBoard")
+    dash.add_argument("run_dir")
+    dash.add_argument("--port", type=int, default=None)
+    dash.set_defaults(func=_dashboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gradlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""``transformers.Trainer`` callback: attach a GradLens with one line.
+
+    trainer = Trainer(model, args, ..., callbacks=[GradLensCallback(preset="standard")])
+
+What the lens sees: ``on_pre_optimizer_step`` runs after ``loss.backward()`` of every
+micro-batch of the step (gradient accumulation included) and **after gradient clipping**
+(``max_grad_norm``), so ``grad_norm`` and every statistic describe the clipped gradient the
+optimizer consumes. The Trainer's own pre-clip total norm arrives with its logs and is recorded
+as ``grad_norm_preclip`` (layer ``global``), so a spike that clipping hid stays visible.
+Statistics follow the Trainer's ``logging_steps`` and go to ``<output_dir>/gradlens`` unless
+``logdir`` is given; only the main process writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - transformers is a core dependency
+    raise ImportError("GradLensCallback needs transformers: pip install 'gradlens[hf]'") from err
+
+from gradlens.core.lens import GradLens
+
+
+class GradLensCallback(TrainerCallback):
+    """Create the lens at ``on_train_begin``, finalize each step at ``on_pre_optimizer_step``.
+
+    Args:
+        logdir: run directory (default ``<output_dir>/gradlens``).
+        preset: lens preset; ``log_every`` defaults to the Trainer's ``logging_steps``.
+        **lens_kwargs: any other :class:`~gradlens.GradLens` argument.
+    """
+
+    def __init__(self, logdir: str | Path | None = None, preset: str = "standard",
+                 **lens_kwargs: Any) -> None:
+        self.logdir = logdir
+        self.preset = preset
+        self.lens_kwargs = lens_kwargs
+        self.lens: GradLens | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        logdir = self.logdir or Path(args.output_dir) / "gradlens"
+        log_every = self.lens_kwargs.pop("log_every", None) or max(int(args.logging_steps), 1)
+        self.lens = GradLens(
+            model, logdir=logdir, preset=self.preset, log_every=log_every,
+            meta={"framework": "transformers.Trainer", "max_grad_norm": args.max_grad_norm,
+                  "gradient_accumulation_steps": args.gradient_accumulation_steps},
+            **self.lens_kwargs,
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.lens is not None:
+            self.lens.step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.lens is None or not logs:
+            return
+        scalars = {}
+        if "grad_norm" in logs:
+            scalars["grad_norm_preclip"] = float(logs["grad_norm"])
+        if "loss" in logs:
+            scalars["loss"] = float(logs["loss"])
+        if scalars:
+            self.lens.log_scalars(scalars, step=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.lens is not None:
+            self.lens.close()
