@@ -1,0 +1,865 @@
+"""Statistical verdicts on the long table: the questions the report answers, with their numbers.
+
+Everything here takes DataFrames in the schema of :mod:`gradlens.schema` (columns ``step, layer,
+role, stat, value``, optionally ``run``; spike events ``step, layer, kind, value, score,
+layers``) and never a live training process. Nothing is random beyond a seeded bootstrap, so the
+same input always gives the same verdicts.
+
+Three questions:
+
+1. :func:`output_highest_verdict`: for one variance estimator, is the output layer's value the
+   highest of all layers? Per step, the output layer is compared with the largest of all other
+   layers. Numbers: fraction of steps where it ranks first, its median rank, a Wilcoxon
+   signed-rank test of ``d_t = log(output_t / max_other_t)`` across steps, and effect sizes
+   (median ``d``, matched-pairs rank-biserial correlation).
+2. :func:`column_spread_verdict`: how spread are the per-unit RMS values of the gradient (the
+   ``columns`` family, ``unit_rms_*`` on SCALE's axis and ``fan_rms_*`` on the other), per role?
+   Median and bootstrap CI per role; Kruskal-Wallis test across roles.
+3. :func:`instability_verdict`: spikes, non-finite gradient entries and skipped steps.
+
+Caveat common to every test across steps: consecutive training steps are not independent
+(EMA-smoothed estimators such as ``noise_scale`` even less so), so a p-value that treats steps as
+independent is optimistic. The verdicts report the lag-1 autocorrelation next to the p-value, and
+the bootstrap resamples blocks of consecutive steps (circular block bootstrap) for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
+
+__all__ = [
+    "ANSWERS",
+    "SPREAD_STATS",
+    "Verdict",
+    "bootstrap_indices",
+    "column_spread_verdict",
+    "compute_verdicts",
+    "instability_verdict",
+    "layer_order",
+    "layer_ranking",
+    "layer_roles",
+    "missing_reason",
+    "output_highest_verdict",
+    "role_spread_table",
+    "select_run",
+    "short_labels",
+    "short_layer_name",
+    "spike_layers",
+    "verdicts_table",
+    "wide_table",
+]
+
+ANSWERS = ("yes", "no", "cannot tell", "not computable")
+SPREAD_STATS = tuple(s.name for s in STATS.values() if s.family == "columns")
+_ROLE_ORDER = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
+_MAX_CHUNK = 4_000_000  # elements per bootstrap chunk (bounds memory on long runs)
+
+
+@dataclass
+class Verdict:
+    """The answer to one question about one run.
+
+    Attributes:
+        question: the question, in words.
+        answer: ``"yes"``, ``"no"``, ``"cannot tell"`` or ``"not computable"``.
+        numbers: the numbers behind the answer (JSON-serializable scalars).
+        reason: one or two sentences saying why, with the key numbers.
+        kind: ``"output_highest"``, ``"column_spread"`` or ``"instability"``.
+        stat: the statistic the verdict is about (``None`` for instability).
+        run: the run label, when known.
+    """
+
+    question: str
+    answer: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    kind: str = ""
+    stat: str | None = None
+    run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+        self.numbers = {str(k): _plain(v) for k, v in self.numbers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``numbers`` kept as a dict)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- table helpers
+
+
+def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
+    """The rows of one run. Without ``run``, ``df`` must hold a single run (or no ``run`` column)."""
+    if df is None:
+        raise ValueError("expected a DataFrame, got None")
+    if "run" not in df.columns:
+        if run is not None:
+            raise ValueError(f"run={run!r} given, but the table has no 'run' column")
+        return df
+    runs = list(pd.unique(df["run"]))
+    if run is None:
+        if len(runs) > 1:
+            raise ValueError(f"the table holds {len(runs)} runs {runs}; pass run=<one of them>")
+        return df
+    if run not in runs:
+        raise ValueError(f"run {run!r} not in the table; it holds {runs}")
+    return df[df["run"] == run]
+
+
+def layer_roles(df: pd.DataFrame) -> dict[str, str]:
+    """``{layer: role}`` from the long table (first role seen per layer)."""
+    if df.empty:
+        return {}
+    first = df.drop_duplicates("layer")
+    return dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+
+
+def _block_index(name: str) -> float:
+    m = re.search(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)", name)
+    return float(m.group(1)) if m else math.inf
+
+
+_ATTN = {"self_attn", "attn", "attention"}
+_MLP = {"mlp", "feed_forward", "ffn"}
+_LEAF_RANK = {n: i for i, n in enumerate((
+    "q_proj", "query", "k_proj", "key", "v_proj", "value", "c_attn", "query_key_value",
+    "qkv_proj", "o_proj", "out_proj", "gate_proj", "gate_up_proj", "up_proj", "c_fc",
+    "down_proj", "c_proj", "input_layernorm", "ln_1", "post_attention_layernorm", "ln_2",
+))}
+
+
+def layer_order(
+    df: pd.DataFrame | None = None,
+    meta: Mapping[str, Any] | None = None,
+    layers: Iterable[str] | None = None,
+) -> list[str]:
+    """Layers in model order, ``global`` excluded.
+
+    The order of ``meta["layers"]`` (run.json, written in ``named_parameters`` order) wins; layers
+    it does not list follow, sorted by (embedding first, block index, output last), then within
+    a block attention before MLP before the rest, projections in their usual order (q, k, v, o;
+    gate, up, down), ties kept in order of first appearance.
+    """
+    if layers is None:
+        layers = [] if df is None or df.empty else pd.unique(df["layer"].astype(str))
+    present = [str(x) for x in layers if str(x) != GLOBAL]
+    seen = set(present)
+    roles = layer_roles(df) if df is not None and not df.empty else {}
+    ordered: list[str] = []
+    if meta and isinstance(meta.get("layers"), Sequence):
+        for d in meta["layers"]:
+            name = d.get("name") if isinstance(d, Mapping) else None
+            if name in seen and name not in ordered:
+                ordered.append(name)
+            if isinstance(d, Mapping):
+                roles.setdefault(str(name), str(d.get("role", "")))
+    rest = [x for x in present if x not in set(ordered)]
+
+    def key(item: tuple[int, str]) -> tuple[int, float, int, int, int]:
+        pos, name = item
+        role = roles.get(name) or {"embed": "embedding", "pos_embed": "embedding",
+                                   "lm_head": "output"}.get(short_layer_name(name), "")
+        group = 0 if role == "embedding" else 2 if role == "output" else 1
+        parts = name.split(".")
+        part = 0 if any(p in _ATTN for p in parts) else 1 if any(p in _MLP for p in parts) else 2
+        leaf = min((_LEAF_RANK[p] for p in parts if p in _LEAF_RANK), default=99)
+        return group, _block_index(name), part, leaf, pos
+
+    rest = [name for _, name in sorted(enumerate(rest), key=key)]
+    return ordered + rest
+
+
+_PREFIXES = ("_orig_mod.", "module.", "base_model.model.", "model.", "transformer.",
+             "gpt_neox.", "decoder.")
+_SEGMENTS = {
+    "self_attn": "attn", "attention": "attn", "attn": "attn",
+    "feed_forward": "mlp", "ffn": "mlp", "mlp": "mlp",
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+    "query": "q", "key": "k", "value": "v",
+    "c_attn": "qkv", "query_key_value": "qkv", "qkv_proj": "qkv", "Wqkv": "qkv",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "gate_up_proj": "gate_up",
+    "input_layernorm": "ln_in", "post_attention_layernorm": "ln_post",
+    "embed_tokens": "embed", "wte": "embed", "tok_embeddings": "embed",
+    "word_embeddings": "embed", "embed_in": "embed", "wpe": "pos_embed",
+    "embed_out": "lm_head",
+}
+
+
+def short_layer_name(name: str) -> str:
+    """A short label: ``model.layers.0.self_attn.q_proj.weight`` -> ``L0.attn.q``.
+
+    ``model.embed_tokens.weight`` -> ``embed``, ``lm_head.weight`` -> ``lm_head``; a ``.bias``
+    becomes ``.b``. Unknown names are only stripped of common prefixes and ``.weight``.
+    """
+    s = str(name)
+    if s == GLOBAL:
+        return s
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if s.startswith(p) and len(s) > len(p):
+                s, changed = s[len(p):], True
+    bias = s.endswith(".bias")
+    if s.endswith(".weight"):
+        s = s[: -len(".weight")]
+    elif bias:
+        s = s[: -len(".bias")]
+    s = re.sub(r"^(?:layers|layer|h|blocks|block)\.(\d+)\.", r"L\1.", s)
+    parts = [_SEGMENTS.get(p, p) for p in s.split(".")]
+    if parts[:1] == ["embeddings"] and len(parts) > 1:
+        parts = parts[1:]
+    s = ".".join(parts)
+    return s + ".b" if bias else s
+
+
+def short_labels(names: Iterable[str]) -> dict[str, str]:
+    """``{name: short label}``; names whose short labels collide keep their full name."""
+    names = [str(n) for n in names]
+    short = {n: short_layer_name(n) for n in names}
+    counts = Counter(short.values())
+    return {n: (s if counts[s] == 1 else n) for n, s in short.items()}
+
+
+def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:
+    """The step x layer matrix of one statistic (non-finite values as NaN, last row wins); layers
+    without any finite value are dropped."""
+    sub = df[(df["stat"] == stat) & (df["layer"] != GLOBAL)]
+    if sub.empty:
+        return pd.DataFrame()
+    sub = sub.drop_duplicates(["step", "layer"], keep="last")
+    wide = sub.pivot(index="step", columns="layer", values="value").astype(float).sort_index()
+    wide = wide.where(np.isfinite(wide))
+    return wide.loc[:, wide.notna().any()]  # layers that never have a value are not compared
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_indices(n: int, n_boot: int, seed: int = 0, block: int | str | None = "auto"
+                      ) -> np.ndarray:
+    """``(n_boot, n)`` step indices for a circular block bootstrap.
+
+    Each replicate strings together blocks of ``block`` consecutive steps (wrapping around) that
+    start at uniform random positions, so short-range autocorrelation survives resampling.
+    ``block="auto"`` uses ``ceil(n ** (1/3))``, the usual rate for block length; ``1`` or ``None``
+    is the plain i.i.d. bootstrap. Seeded: the same arguments give the same indices.
+    """
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    if block in (None, "auto"):
+        b = 1 if block is None else max(1, math.ceil(n ** (1 / 3)))
+    else:
+        b = int(block)
+        if b < 1:
+            raise ValueError(f"block must be >= 1 or 'auto', got {block!r}")
+    b = min(b, n)
+    rng = np.random.default_rng(seed)
+    k = math.ceil(n / b)
+    starts = rng.integers(0, n, size=(n_boot, k))
+    idx = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, k * b)[:, :n]
+    return idx % n
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each step appears in each replicate: ``(n_boot, n)``."""
+    c = np.zeros((idx.shape[0], n))
+    np.add.at(c, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.ravel()), 1.0)
+    return c
+
+
+def _boot_means(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-column NaN-aware means of ``x`` (steps x layers) under bootstrap step counts."""
+    ok = np.isfinite(x)
+    x0 = np.where(ok, x, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (counts @ x0) / (counts @ ok.astype(float))
+
+
+def _boot_medians(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of all finite entries of ``x`` (steps x layers) per bootstrap replicate.
+
+    A replicate repeats step ``s`` ``counts[b, s]`` times; its median is the weighted median of
+    the pooled values (lower median), found from one sort of the values and a cumulative sum.
+    """
+    steps, cols = np.nonzero(np.isfinite(x))
+    vals = x[steps, cols]
+    if vals.size == 0:
+        return np.full(counts.shape[0], np.nan)
+    order = np.argsort(vals, kind="stable")
+    vals, steps = vals[order], steps[order]
+    out = np.empty(counts.shape[0])
+    chunk = max(1, _MAX_CHUNK // vals.size)
+    for lo in range(0, counts.shape[0], chunk):
+        w = counts[lo:lo + chunk][:, steps]
+        cw = np.cumsum(w, axis=1)
+        half = cw[:, -1:] / 2.0
+        pos = np.argmax(cw >= half, axis=1)
+        out[lo:lo + chunk] = vals[pos]
+    return out
+
+
+def layer_ranking(
+    df: pd.DataFrame,
+    stat: str,
+    *,
+    run: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    block: int | str | None = "auto",
+) -> pd.DataFrame:
+    """Layers ranked by their mean of ``stat`` over steps, with bootstrap confidence intervals.
+
+    The steps are resampled (circular block bootstrap, the same resample for every layer so the
+    comparison stays paired); ``ci_low``/``ci_high`` are percentile bounds of the resampled means
+    and ``p_first`` is the fraction of replicates in which the layer has the largest mean.
+
+    Returns columns ``layer, label, role, mean, ci_low, ci_high, n_steps, rank, p_first``, sorted
+    by ``mean`` (largest first); empty when the statistic is absent.
+    """
+    cols = ["layer", "label", "role", "mean", "ci_low", "ci_high", "n_steps", "rank", "p_first"]
+    one = select_run(df, run)
+    wide = wide_table(one, stat)
+    if wide.empty or wide.notna().sum().sum() == 0:
+        return pd.DataFrame(columns=cols)
+    wide = wide.loc[:, wide.notna().any()]
+    wide = wide[layer_order(one, meta, wide.columns)]
+    x = wide.to_numpy()
+    counts = _counts(bootstrap_indices(x.shape[0], n_boot, seed, block), x.shape[0])
+    means = np.vstack([_boot_means(x, counts[lo:lo + 256]) for lo in range(0, n_boot, 256)])
+    alpha = (1.0 - ci) / 2.0
+    lo_q = np.nanquantile(means, alpha, axis=0)
+    hi_q = np.nanquantile(means, 1.0 - alpha, axis=0)
+    filled = np.where(np.isfinite(means), means, -np.inf)
+    p_first = np.bincount(np.argmax(filled, axis=1), minlength=x.shape[1]) / n_boot
+    roles = layer_roles(one)
+    labels = short_labels(wide.columns)
+    out = pd.DataFrame({
+        "layer": wide.columns,
+        "label": [labels[c] for c in wide.columns],
+        "role": [roles.get(c, "") for c in wide.columns],
+        "mean": np.nanmean(x, axis=0),
+        "ci_low": lo_q,
+        "ci_high": hi_q,
+        "n_steps": np.isfinite(x).sum(axis=0),
+        "p_first": p_first,
+    })
+    out = out.sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+    out.insert(7, "rank", np.arange(1, len(out) + 1))
+    return out[cols]
+
+
+# --------------------------------------------------------------------------- question 1
+
+
+_FAMILY_NEEDS = {
+    "twobatch": "no micro-batches, so no two-batch variance: {est} needs >= 2 micro-batches per "
+                "step (gradient accumulation) or >= 2 data-parallel ranks, under the standard "
+                "or full preset",
+    "per_example": "no per-example variance: {est} needs the `full` preset (per-example norms "
+                   "from layer inputs and output gradients)",
+    "temporal": "no temporal variance: {est} needs the `full` preset's temporal buffers (EMA "
+                "of the gradient across steps)",
+}
+
+
+def _estimator_family(est: str) -> str:
+    if est.startswith("pe_"):
+        return "per_example"
+    if est.startswith("temporal_"):
+        return "temporal"
+    return "twobatch"
+
+
+def missing_reason(estimator: str, df: pd.DataFrame | None = None,
+                   meta: Mapping[str, Any] | None = None) -> str:
+    """Why a variance estimator has no rows: the condition that produces its family.
+
+    Two-batch estimators (``twobatch_*``, ``noise_scale``, ``var_per_element``, ``unit_nsr_*``)
+    need >= 2 micro-batches or >= 2 data-parallel ranks; ``pe_*`` needs the ``full`` preset;
+    ``temporal_*`` needs the ``full`` preset's temporal buffers. What the run's metadata and
+    ``microbatches`` rows say is appended.
+    """
+    family = _estimator_family(estimator)
+    text = _FAMILY_NEEDS[family].format(est=estimator)
+    preset = str(meta.get("preset")) if meta and meta.get("preset") else None
+    world = meta.get("world_size") if meta else None
+    mb_max: int | None = None
+    if df is not None and not df.empty:
+        mb = pd.to_numeric(df.loc[(df["stat"] == "microbatches") & (df["layer"] == GLOBAL),
+                                  "value"], errors="coerce").dropna()
+        mb_max = int(mb.max()) if not mb.empty else None
+    ctx = []
+    if preset:
+        ctx.append(f"preset {preset!r}")
+    if family == "twobatch":
+        if isinstance(world, (int, float)):
+            ctx.append(f"world size {int(world)}")
+        if mb_max:  # 0: the preset does not count micro-batches
+            ctx.append(f"at most {mb_max} micro-batch(es) per step")
+    ctx_text = f" (this run: {', '.join(ctx)})" if ctx else ""
+    condition_met = (
+        (family == "twobatch" and ((mb_max or 0) >= 2 or (isinstance(world, (int, float))
+                                                          and world >= 2)))
+        or (family != "twobatch" and preset == "full")
+    )
+    if condition_met:
+        return (f"no {estimator} rows, although the run met the condition for them{ctx_text}: "
+                "the statistic was not selected, or the layers it covers were excluded")
+    return text + ctx_text
+
+
+def _lag1(d: np.ndarray) -> float:
+    if d.size < 3 or np.std(d[:-1]) == 0 or np.std(d[1:]) == 0:
+        return math.nan
+    return float(np.corrcoef(d[:-1], d[1:])[0, 1])
+
+
+def _rank_biserial(d: np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation ``(W+ - W-) / (W+ + W-)``, zeros dropped."""
+    d = d[d != 0]
+    if d.size == 0:
+        return math.nan
+    r = sps.rankdata(np.abs(d))
+    return float((r[d > 0].sum() - r[d < 0].sum()) / r.sum())
+
+
+def output_highest_verdict(
+    df: pd.DataFrame,
+    estimator: str,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    run: str | None = None,
+    alpha: float = 0.05,
+    min_steps: int = 5,
+) -> Verdict:
+    """Is the output layer's ``estimator`` the highest of all layers?
+
+    Per step ``t`` with a finite output value and at least one other finite layer:
+
+    - ``rank_t`` = 1 + number of other layers with a value >= the output's (ties count against
+      the output); the output *ranks first* when ``rank_t == 1``;
+    - ``d_t = log(output_t / max_other_t)`` where both are positive (two-batch estimates can be
+      negative at a single step; such steps count for the rank but not for the test).
+
+    Numbers: ``fraction_first``, ``median_rank``, a Wilcoxon signed-rank test of ``d_t`` against
+    0 (``p_value``: one-sided, H1 "the output exceeds every other layer"; ``p_less`` the other
+    side; ``p_two_sided``), the median ``d`` and its ratio ``exp(median d)``, the matched-pairs
+    rank-biserial correlation (+1: output above the rest at every step), the steps used, the
+    layer most often largest among the others (``runner_up``) and the lag-1 autocorrelation of
+    ``d`` (p-values assume independent steps; large autocorrelation makes them optimistic).
+
+    Answer: ``yes`` when the output ranks first at more than half of the steps and
+    ``p_value < alpha``;
+    ``no`` when it ranks first at < half and ``p_less < alpha``; ``cannot tell`` otherwise;
+    ``not computable`` when the estimator, the output layer or enough steps (``min_steps``) are
+    missing. Raw (not size-fair) estimators are flagged: they grow with the tensor size.
+    """
+    one = select_run(df, run)
+    info = STATS.get(estimator)
+    size_fair = bool(info.size_fair) if info else False
+    fair = "size-fair" if size_fair else "raw, not size-fair"
+    question = f"Is the output layer's {estimator} ({fair}) the highest of all layers?"
+    base: dict[str, Any] = {"estimator": estimator, "size_fair": size_fair}
+    mk = dict(kind="output_highest", stat=estimator, run=run)
+    raw_note = ("" if size_fair else " Raw estimator: it grows with the number of entries, so "
+                "it favours big tensors such as lm_head; prefer the size-fair estimators.")
+
+    wide = wide_table(one, estimator)
+    if wide.empty or wide.notna().sum().sum() == 0:
+        return Verdict(question, "not computable", base, missing_reason(estimator, one, meta), **mk)
+    roles = layer_roles(one)
+    outs = [c for c in wide.columns if roles.get(c) == "output"]
+    others = [c for c in wide.columns if roles.get(c) != "output"]
+    if not outs:
+        return Verdict(question, "not computable", base,
+                       f"no layer with role 'output' has {estimator} rows (output layer not "
+                       "tracked, or its role overridden)", **mk)
+    if not others:
+        return Verdict(question, "not computable", base,
+                       f"only the output layer has {estimator} rows: nothing to compare", **mk)
+    out = wide[outs].max(axis=1)
+    oth = wide[others]
+    max_other = oth.max(axis=1)
+    valid = out.notna() & max_other.notna()
+    n = int(valid.sum())
+    base.update(output_layer=outs[0] if len(outs) == 1 else ",".join(outs),
+                n_layers=len(wide.columns), n_steps=n)
+    if n < min_steps:
+        return Verdict(question, "not computable", base,
+                       f"only {n} step(s) with {estimator} for the output and another layer; "
+                       f"need >= {min_steps}", **mk)
+    steps = wide.index[valid]
+    o, m = out[valid].to_numpy(), max_other[valid].to_numpy()
+    ov = oth.loc[valid].to_numpy()
+    rank = 1 + (ov >= o[:, None]).sum(axis=1)
+    first = rank == 1
+    runner = oth.loc[valid].idxmax(axis=1).value_counts()
+    pos = (o > 0) & (m > 0)
+    d = np.log(o[pos] / m[pos])
+    base.update(
+        first_step=int(steps.min()), last_step=int(steps.max()),
+        steps_first=int(first.sum()), fraction_first=float(first.mean()),
+        median_rank=float(np.median(rank)), runner_up=str(runner.index[0]),
+        n_test_steps=int(d.size),
+    )
+    if meta and isinstance(meta.get("layers"), Sequence):
+        numel = {x.get("name"): x.get("numel") for x in meta["layers"] if isinstance(x, Mapping)}
+        tot = sum(v for k, v in numel.items() if k in wide.columns and isinstance(v, (int, float)))
+        on = sum(numel.get(c) or 0 for c in outs)
+        if tot and on:
+            base["output_numel_share"] = on / tot
+    labels = short_labels(wide.columns)
+    where = f"steps {base['first_step']}..{base['last_step']} (n={n})"
+    head = (f"{labels[outs[0]]} ranks first at {first.sum()}/{n} steps "
+            f"({100 * first.mean():.0f}%), median rank {np.median(rank):g} of {len(wide.columns)}")
+
+    if d.size < min_steps or not np.any(d != 0):
+        base.update(p_value=math.nan, p_less=math.nan, p_two_sided=math.nan)
+        return Verdict(question, "cannot tell", base,
+                       f"{head}; only {d.size} step(s) with positive values for the log-ratio "
+                       f"test (need >= {min_steps}), over {where}.{raw_note}", **mk)
+    p_g = float(sps.wilcoxon(d, alternative="greater").pvalue)
+    p_l = float(sps.wilcoxon(d, alternative="less").pvalue)
+    res = sps.wilcoxon(d)
+    med = float(np.median(d))
+    ac = _lag1(d)
+    base.update(
+        median_log_ratio=med, median_ratio=math.exp(med), rank_biserial=_rank_biserial(d),
+        wilcoxon_W=float(res.statistic), p_value=p_g, p_less=p_l, p_two_sided=float(res.pvalue),
+        lag1_autocorr=ac,
+    )
+    frac = float(first.mean())
+    if frac > 0.5 and p_g < alpha:
+        answer = "yes"
+    elif frac < 0.5 and p_l < alpha:
+        answer = "no"
+    else:
+        answer = "cannot tell"
+    reason = (f"{head}; output / largest other (most often {labels[str(runner.index[0])]}): "
+              f"median x{_fmt(math.exp(med))}, rank-biserial {_fmt(base['rank_biserial'], 2)}; "
+              f"Wilcoxon signed-rank on log ratio: one-sided p = {_fmt_p(p_g)} "
+              f"(output higher), p = {_fmt_p(p_l)} (output lower), over {where}.")
+    if math.isfinite(ac) and ac > 0.5:
+        reason += f" Steps are autocorrelated (lag-1 r = {ac:.2f}): p-values are optimistic."
+    return Verdict(question, answer, base, reason + raw_note, **mk)
+
+
+# --------------------------------------------------------------------------- question 2
+
+
+def role_spread_table(
+    df: pd.DataFrame,
+    stat: str,
+    *,
+    run: str | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    block: int | str | None = "auto",
+) -> pd.DataFrame:
+    """Per role: median of ``stat`` over every (layer, step) value, with a bootstrap CI.
+
+    The CI resamples steps (circular block bootstrap, seeded) and takes the median of the pooled
+    values of the role's layers at the resampled steps; percentile bounds.
+    Columns ``role, median, ci_low, ci_high, n_layers, n_values`` (roles in the order embedding,
+    hidden, vector, output).
+    """
+    cols = ["role", "median", "ci_low", "ci_high", "n_layers", "n_values"]
+    one = select_run(df, run)
+    wide = wide_table(one, stat)
+    if wide.empty:
+        return pd.DataFrame(columns=cols)
+    wide = wide.loc[:, wide.notna().any()]
+    roles = layer_roles(one)
+    counts = _counts(bootstrap_indices(len(wide), n_boot, seed, block), len(wide))
+    a = (1.0 - ci) / 2.0
+    rows = []
+    for role in sorted({roles.get(c, "") for c in wide.columns},
+                       key=lambda r: (_ROLE_ORDER.get(r, 9), r)):
+        x = wide[[c for c in wide.columns if roles.get(c, "") == role]].to_numpy()
+        vals = x[np.isfinite(x)]
+        if vals.size == 0:
+            continue
+        meds = _boot_medians(x, counts)
+        rows.append(dict(role=role, median=float(np.median(vals)),
+                         ci_low=float(np.nanquantile(meds, a)),
+                         ci_high=float(np.nanquantile(meds, 1 - a)),
+                         n_layers=int(x.shape[1]), n_values=int(vals.size)))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _per_layer_medians(one: pd.DataFrame, stat: str) -> dict[str, list[float]]:
+    """Kruskal-Wallis samples: each layer's median over steps, grouped by role."""
+    wide = wide_table(one, stat)
+    roles = layer_roles(one)
+    groups: dict[str, list[float]] = {}
+    for c in wide.columns:
+        med = wide[c].median()
+        if np.isfinite(med):
+            groups.setdefault(roles.get(c, ""), []).append(float(med))
+    return dict(sorted(groups.items(), key=lambda kv: (_ROLE_ORDER.get(kv[0], 9), kv[0])))
+
+
+def column_spread_verdict(
+    df: pd.DataFrame,
+    stat: str = "unit_rms_cv",
+    *,
+    run: str | None = None,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_layers: int = 5,
+) -> Verdict:
+    """How spread are the per-unit gradient RMS values, per role, and do roles differ?
+
+    ``stat`` is one of the ``columns`` family: ``unit_rms_*`` summarizes the vector of per-unit
+    RMS values along SCALE's normalization axis (one per output row of a Linear, one per feature
+    of the embedding), ``fan_rms_*`` the other axis; ``cv`` = std/mean, ``max_min``, ``p99_p50``,
+    ``gini``. Per role: median and bootstrap CI (:func:`role_spread_table`). Across roles: a
+    Kruskal-Wallis H test whose samples are the layers (each layer's median over steps), so
+    steps of one layer are not counted as independent observations; effect size
+    epsilon^2 = H / (n - 1).
+
+    Answer: ``yes`` (roles differ) when p < ``alpha``; ``no`` when p >= ``alpha`` and every role
+    has >= ``min_layers`` layers; ``cannot tell`` when a role has too few layers for a negative
+    answer or fewer than two roles have values; ``not computable`` when the statistic is absent.
+    """
+    one = select_run(df, run)
+    question = f"How spread are column norms per role ({stat}), and do roles differ?"
+    mk = dict(kind="column_spread", stat=stat, run=run)
+    table = role_spread_table(one, stat, n_boot=n_boot, seed=seed)
+    if table.empty:
+        return Verdict(question, "not computable", {"stat": stat},
+                       f"no {stat} rows: column-norm spread needs the standard or full preset "
+                       "(and 2-D gradients)", **mk)
+    numbers: dict[str, Any] = {"stat": stat}
+    for r in table.itertuples(index=False):
+        numbers.update({f"{r.role}.median": r.median, f"{r.role}.ci_low": r.ci_low,
+                        f"{r.role}.ci_high": r.ci_high, f"{r.role}.n_layers": r.n_layers})
+    desc = "; ".join(f"{r.role} {_fmt(r.median)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]"
+                     for r in table.itertuples(index=False))
+    top = table.sort_values("median", ascending=False).iloc[0]
+    summary = f"median (95% CI) per role: {desc}; most spread: {top['role']}"
+    groups = _per_layer_medians(one, stat)
+    if len(groups) < 2:
+        return Verdict(question, "cannot tell", numbers,
+                       f"{summary}; only one role has values, nothing to compare", **mk)
+    samples = list(groups.values())
+    n = sum(len(s) for s in samples)
+    try:
+        h, p = sps.kruskal(*samples)
+    except ValueError:  # every value identical
+        h, p = math.nan, math.nan
+    h, p = float(h), float(p)
+    numbers.update(kruskal_H=h, p_value=p, n_layers=n, n_roles=len(samples),
+                   epsilon_sq=h / (n - 1) if n > 1 and math.isfinite(h) else math.nan)
+    smallest = min(groups, key=lambda k: len(groups[k]))
+    test = f"Kruskal-Wallis across roles (layers as samples) H = {_fmt(h)}, p = {_fmt_p(p)}"
+    if math.isfinite(p) and p < alpha:
+        answer = "yes"
+    elif math.isfinite(p) and min(len(s) for s in samples) >= min_layers:
+        answer = "no"
+    else:
+        answer = "cannot tell"
+        test += (f"; too few layers in role {smallest!r} ({len(groups[smallest])}) to rule a "
+                 "difference out")
+    return Verdict(question, answer, numbers, f"{summary}. {test}.", **mk)
+
+
+# --------------------------------------------------------------------------- question 3
+
+
+def spike_layers(value: Any) -> list[str]:
+    """The ``layers`` field of a spike row as a list (list, tuple, JSON or comma-separated)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v) for v in value]
+    s = str(value).strip()
+    if not s:
+        return []
+    if s.startswith("["):
+        try:
+            return [str(v) for v in json.loads(s)]
+        except ValueError:
+            pass
+    return [p.strip() for p in re.split(r"[;,]", s) if p.strip()]
+
+
+def instability_verdict(
+    spikes: pd.DataFrame | None,
+    df: pd.DataFrame | None = None,
+    *,
+    run: str | None = None,
+    top: int = 5,
+) -> Verdict:
+    """Was training unstable? Spike events, non-finite gradient entries, skipped steps.
+
+    Numbers: ``n_spikes``, ``n_spike_steps``, ``first_step``/``last_step`` of the events, counts
+    per ``kind``, ``max_score``, the layers most often implicated (a per-layer event counts its
+    layer; a global event counts each layer it was attributed to), the total of
+    ``nonfinite_count`` rows and the steps with any, and ``skipped_step`` rows equal to 1.
+    Answer ``yes`` if anything was found, ``no`` ("no instability found") otherwise, ``not
+    computable`` without a spike log and without the rows to check.
+    """
+    question = "Was training unstable (spikes, non-finite gradients, skipped steps)?"
+    mk = dict(kind="instability", stat=None, run=run)
+    sp = select_run(spikes, run) if spikes is not None else None
+    one = select_run(df, run) if df is not None else None
+    numbers: dict[str, Any] = {}
+    parts: list[str] = []
+    found = False
+    if sp is not None and not sp.empty:
+        found = True
+        kinds = sp["kind"].astype(str).value_counts()
+        attributed: Counter[str] = Counter()
+        n_global = 0
+        for row in sp.itertuples(index=False):
+            if str(row.layer) == GLOBAL:
+                n_global += 1
+                attributed.update(spike_layers(getattr(row, "layers", None)))
+            else:
+                attributed[str(row.layer)] += 1
+        scores = pd.to_numeric(sp["score"], errors="coerce") if "score" in sp else pd.Series()
+        most = attributed.most_common(top)
+        labels = short_labels([k for k, _ in most])
+        numbers.update(
+            n_spikes=len(sp), n_spike_steps=int(sp["step"].nunique()),
+            first_step=int(sp["step"].min()), last_step=int(sp["step"].max()),
+            n_global=n_global,
+            kinds="; ".join(f"{k}:{v}" for k, v in kinds.items()),
+            top_layers="; ".join(f"{k}:{v}" for k, v in most),
+            max_score=float(scores.max()) if scores.notna().any() else math.nan,
+        )
+        for k, v in kinds.items():
+            numbers[f"kind.{k}"] = int(v)
+        parts.append(
+            f"{len(sp)} spike event(s) at {sp['step'].nunique()} step(s), first at step "
+            f"{numbers['first_step']}; kinds: {', '.join(f'{k} {v}' for k, v in kinds.items())}"
+            + (f"; most implicated: {', '.join(f'{labels[k]} ({v})' for k, v in most)}"
+               if most else ""))
+    elif sp is not None:
+        numbers.update(n_spikes=0)
+    have_rows = False
+    if one is not None and not one.empty:
+        nf = one[one["stat"] == "nonfinite_count"]
+        if not nf.empty:
+            have_rows = True
+            v = pd.to_numeric(nf["value"], errors="coerce").fillna(0)
+            numbers.update(nonfinite_total=float(v.sum()),
+                           nonfinite_steps=int(nf.loc[v > 0, "step"].nunique()))
+            if v.sum() > 0:
+                found = True
+                first_nf = int(nf.loc[v > 0, "step"].min())
+                parts.append(f"{int(v.sum())} non-finite gradient entries at "
+                             f"{numbers['nonfinite_steps']} step(s), first at step {first_nf}")
+        sk = one[(one["stat"] == "skipped_step") & (one["layer"] == GLOBAL)]
+        if not sk.empty:
+            have_rows = True
+            n_sk = int((pd.to_numeric(sk["value"], errors="coerce") >= 1).sum())
+            numbers["skipped_steps"] = n_sk
+            if n_sk:
+                found = True
+                parts.append(f"{n_sk} step(s) skipped by the AMP grad scaler")
+    if sp is None and not have_rows:
+        return Verdict(question, "not computable", numbers,
+                       "no spike log (spikes.jsonl) and no nonfinite_count/skipped_step rows",
+                       **mk)
+    if found:
+        return Verdict(question, "yes", numbers, "; ".join(parts) + ".", **mk)
+    span = ""
+    if one is not None and not one.empty:
+        span = f" over steps {int(one['step'].min())}..{int(one['step'].max())}"
+    return Verdict(question, "no", numbers,
+                   f"no instability found: no spike events, no non-finite gradient entries, "
+                   f"no skipped steps{span}.", **mk)
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+def compute_verdicts(
+    df: pd.DataFrame,
+    spikes: pd.DataFrame | None = None,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    run: str | None = None,
+    estimators: Sequence[str] | None = None,
+    spread_stats: Sequence[str] | None = None,
+    alpha: float = 0.05,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_steps: int = 5,
+) -> list[Verdict]:
+    """Every verdict for one run, in report order.
+
+    One :func:`output_highest_verdict` per variance estimator of the schema (absent ones answer
+    ``not computable`` with the reason), one :func:`column_spread_verdict` per column statistic
+    present (a single ``not computable`` when none is), and the :func:`instability_verdict`.
+    """
+    one = select_run(df, run)
+    label = run
+    if label is None and "run" in one.columns and not one.empty:
+        label = str(one["run"].iloc[0])
+    out = [output_highest_verdict(one, est, meta=meta, alpha=alpha, min_steps=min_steps)
+           for est in (estimators or VARIANCE_ESTIMATORS)]
+    present = set(one["stat"].unique()) if not one.empty else set()
+    stats = [s for s in (spread_stats or SPREAD_STATS) if s in present]
+    if stats:
+        out += [column_spread_verdict(one, s, alpha=alpha, n_boot=n_boot, seed=seed)
+                for s in stats]
+    else:
+        out.append(column_spread_verdict(one, (spread_stats or SPREAD_STATS)[0]))
+    sp = select_run(spikes, run) if spikes is not None else None
+    out.append(instability_verdict(sp, one))
+    for v in out:
+        v.run = label
+    return out
+
+
+def verdicts_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
+    """One row per verdict: ``run, kind, stat, question, answer, reason, numbers`` (JSON)."""
+    rows = [dict(run=v.run, kind=v.kind, stat=v.stat, question=v.question, answer=v.answer,
+                 reason=v.reason, numbers=json.dumps(v.numbers, sort_keys=False))
+            for v in verdicts]
+    return pd.DataFrame(rows, columns=["run", "kind", "stat", "question", "answer", "reason",
+                                       "numbers"])
