@@ -18,13 +18,30 @@ Scaling conventions (``loss_reduction``): with ``mean`` (default) the loss of a 
 its mean over examples divided by the number K of micro-batches, so a hook sees ``h_k = G_k/K``
 and the small-batch gradient is ``K h_k``; with ``sum`` it is ``h_k / B``. The noise scales do
 not depend on this choice; the raw traces do.
+
+Data parallelism (DDP, FSDP2; details in :mod:`gradlens.core.distributed`). Create the lens
+after wrapping the model (a DDP wrapper is unwrapped; FSDP2 shards in place), on every rank.
+A hook sees the rank-local micro-batch gradient before the all-reduce / reduce-scatter, and
+``p.grad`` at the step is the mean over ranks (DDP: whole; FSDP2: this rank's shard of it).
+With W ranks of K micro-batches of B examples, the small batch is one rank's micro-batch
+(``B_small = B``, gradient ``K h_k`` under ``mean``, ``h_k / B`` under ``sum``) and the big one
+the global step (``B_big = K W B``, gradient ``p.grad``, or ``p.grad / (K B)`` under ``sum``,
+since DDP divides the summed gradients by W): so a multi-rank run has noise scales without
+gradient accumulation, and ``_scale_factors`` holds under DDP's averaging. Ranks must have
+equal micro-batch sizes. Everything rank-local (micro-batch and per-example sums, the loss,
+FSDP2's partial norms and per-unit vectors) is reduced with ONE all-reduce per flush; the
+detectors of the steps in between run after it, in step order. So ``flush()`` and ``close()``
+are collective under torch.distributed (every rank calls them; the training loop does), and
+``state_dict()`` holds the detectors up to the last flush. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +49,10 @@ import torch
 from torch import nn
 
 from gradlens import stats as S
+from gradlens.core import distributed as D
 from gradlens.core.config import LensConfig
 from gradlens.core.selection import select_layers
-from gradlens.roles import LayerInfo, Role, discover_layers, output_units_view
+from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL, SpikeEvent
 from gradlens.sinks.base import Histogram, Sink
 
@@ -87,7 +105,12 @@ class GradLens:
         **options: Any,
     ) -> None:
         self.config = LensConfig.from_preset(preset, log_every=log_every, **options)
+        model = D.unwrap_model(model)  # DDP: the inner module, same names as one process
         self.model = model
+        self._world = D.world_size()
+        self._deferred: list[_StepRecord] = []  # steps awaiting the reduction (distributed)
+        self._unsharded: dict[int, Any] = {}  # FSDP2: id -> weakref of hooked unsharded params
+        self._temporal_off = False  # warned that sharded gradients turn temporal stats off
         self.optimizer = optimizer
         self.scaler = scaler
         infos = discover_layers(model, overrides=overrides, output=output)
@@ -110,7 +133,6 @@ class GradLens:
         self._temporal: dict[int, dict[str, Any]] = {}
         self._reset_step_accumulators()
         self._install_hooks()
-        self._world = _world_size()
         self._open_sinks(name, meta)
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,7 +140,9 @@ class GradLens:
     def __enter__(self) -> GradLens:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and self._world > 1:
+            self._deferred.clear()  # no collective while one rank unwinds: it could hang
         self.close()
 
     def close(self) -> None:
@@ -184,7 +208,7 @@ class GradLens:
     # ------------------------------------------------------------------ setup
 
     def _make_default_sinks(self, table_format: str, tensorboard: bool) -> None:
-        if not _is_writer_rank():
+        if not D.is_writer_rank():
             self.sinks = []  # under torch.distributed only rank 0 writes
             return
         if self.logdir is not None:
@@ -242,13 +266,45 @@ class GradLens:
                                                                   with_kwargs=True))
         if cfg.microbatch:
             for k, info in enumerate(self.layers):
-                self._handles.append(info.param.register_hook(self._micro_hook(k)))
+                if not D.is_dtensor(info.param):  # FSDP2 shards: see _install_unsharded_hooks
+                    self._handles.append(info.param.register_hook(self._micro_hook(k)))
+            self._install_unsharded_hooks()
         if cfg.per_example:
             self._install_per_example_hooks()
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_step))
         if self.scaler is not None:
             self._wrap_scaler(self.scaler)
+
+    def _install_unsharded_hooks(self) -> None:
+        """FSDP2: a hook on a sharded (``DTensor``) parameter never fires, because forward and
+        backward use an unsharded ``nn.Parameter`` that FSDP2 creates once and reuses. A
+        forward pre-hook of the owning module (it runs after FSDP2's unshard) finds that
+        parameter under the same attribute and hooks it once: the hook then sees the
+        rank-local micro-batch gradient before the reduce-scatter, as under DDP."""
+        by_module: dict[str, list[tuple[int, str]]] = {}
+        for k, info in enumerate(self.layers):
+            if D.is_dtensor(info.param) and not info.aliases:
+                leaf = info.name[len(info.module_name) + 1:] if info.module_name else info.name
+                by_module.setdefault(info.module_name, []).append((k, leaf))
+        modules = dict(self.model.named_modules())
+        for module_name, items in by_module.items():
+            module = modules.get(module_name)
+            if module is None:
+                continue
+
+            def pre_hook(mod: nn.Module, args: tuple, items=items) -> None:
+                for k, leaf in items:
+                    p = getattr(mod, leaf, None)
+                    if not torch.is_tensor(p) or D.is_dtensor(p) or not p.requires_grad:
+                        continue  # still sharded (lens created before fully_shard?)
+                    ref = self._unsharded.get(id(p))
+                    if ref is not None and ref() is p:
+                        continue
+                    self._unsharded[id(p)] = weakref.ref(p)
+                    self._handles.append(p.register_hook(self._micro_hook(k)))
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
 
     def _install_per_example_hooks(self) -> None:
         owners: dict[int, tuple[nn.Module, int]] = {}
@@ -359,52 +415,157 @@ class GradLens:
             return
         ref = next(g for g in grads if g is not None)
         if self._device is None:
-            self._device = ref.device
+            self._device = D.local_tensor(ref).device
             self._dtype = S.accumulation_dtype(ref.dtype)
         self.step_count += 1
         step = self.step_count
         logging = step % self.config.log_every == 0
         micro = max(self._micro_seen)
         g_list = [g.detach() if g is not None else self._const("zero") for g in grads]
+        # FSDP2: local shards (partial sums below) and how each relates to the global gradient
+        g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self._world)
 
         summary = S.grad_summaries(g_list)  # (L, 3): finite sq norm, max |g|, non-finite count
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
-        if not all(present):  # absent layers: NaN, so no detector or average sees them
-            sq = torch.where(self._present_mask(present), sq, self._const("nan_vec"))
-        norms = sq.sqrt()
-        global_norm = torch.nansum(sq).sqrt().reshape(1)
-        all_norms = torch.cat([norms, global_norm])
-        z, flags, ratio = self._update_detectors("grad", all_norms)
-        loss_z = loss_flag = None
-        loss = None
-        if self._loss is not None:
-            loss = self._loss
-            loss_z, loss_flag, _ = self._update_detectors("loss", loss.reshape(1))
-
-        per_step: dict[str, torch.Tensor] = {
-            "grad_norm": all_norms,
-            "nonfinite_count": torch.cat([nonfinite, nonfinite.sum().reshape(1)]),
-            "grad_norm_z": z,
-            "flags": flags.float(),
-        }
-        if loss is not None:
-            per_step["loss"] = loss.reshape(1)
-            per_step["loss_z"] = loss_z
-            per_step["loss_flag"] = loss_flag.float()
-        if self.config.temporal:
+        if shards is not None:  # what this rank adds to the sums (see gradlens.core.distributed)
+            mask = self._contrib_mask(shards)
+            sq = torch.where(mask, sq, 0.0)
+            nonfinite = torch.where(mask, nonfinite, 0.0)
+        self._deferred.append(_StepRecord(step, skipped, present, micro, logging, sq, max_abs,
+                                          nonfinite, self._loss, shards is not None))
+        if self.config.temporal and shards is None:
             self._update_temporal(g_list, present)
-
-        if logging:
-            rows = self._logged_stats(g_list, present, sq, norms, max_abs, ratio)
-            per_step.update(rows)
-        self._pending.append((step, "skipped" if skipped else "step",
-                              (per_step, present, micro, logging)))
-        if skipped:
-            self._pending.append((step, "event", SpikeEvent(step, GLOBAL, "skipped_step",
-                                                            1.0, 1.0)))
+        elif self.config.temporal and not self._temporal_off:
+            self._temporal_off = True
+            warnings.warn(
+                "gradlens: temporal variance is off for sharded (FSDP2) gradients: its G/r "
+                "buffers would need the per-unit RMS reduced across shards at every step (one "
+                "collective per step), against the lens's one collective per flush",
+                RuntimeWarning, stacklevel=2)
+        if logging or self._world == 1:
+            self._complete(g_list if logging else None, shards)
         self._reset_step_accumulators()
         if logging:
             self.flush()
+
+    def _complete(self, g_list: list[torch.Tensor] | None = None,
+                  shards: list[D.Sharding] | None = None) -> None:
+        """Statistics and detectors of the deferred steps, in step order, after ONE reduction
+        of everything rank-local (none with a single process). ``g_list``: the gradients of the
+        last deferred step when it is a logged one."""
+        records, self._deferred = self._deferred, []
+        if not records:
+            return
+        world = self._world
+        pack = D.Pack(world, D.rank())
+        for j, rec in enumerate(records):
+            if rec.sharded:
+                pack.sum(f"sq{j}", rec.sq)
+                pack.sum(f"nonfinite{j}", rec.nonfinite)
+            if rec.loss is not None and world > 1:
+                pack.sum(f"loss{j}", rec.loss)
+        if g_list is not None:
+            self._pack_logged(pack, g_list, shards, records[-1])
+        red = pack.reduce()  # the one collective under torch.distributed
+        for j, rec in enumerate(records):
+            sq = red.get(f"sq{j}", rec.sq)
+            nonfinite = red.get(f"nonfinite{j}", rec.nonfinite)
+            loss = red[f"loss{j}"] / world if f"loss{j}" in red and world > 1 else rec.loss
+            if not all(rec.present):  # absent layers: NaN, so no detector or average sees them
+                sq = torch.where(self._present_mask(rec.present), sq, self._const("nan_vec"))
+            norms = sq.sqrt()
+            global_norm = torch.nansum(sq).sqrt().reshape(1)
+            all_norms = torch.cat([norms, global_norm])
+            z, flags, ratio = self._update_detectors("grad", all_norms)
+            per_step: dict[str, torch.Tensor] = {
+                "grad_norm": all_norms,
+                "nonfinite_count": torch.cat([nonfinite, nonfinite.sum().reshape(1)]),
+                "grad_norm_z": z,
+                "flags": flags.float(),
+            }
+            if loss is not None:
+                loss_z, loss_flag, _ = self._update_detectors("loss", loss.reshape(1))
+                per_step["loss"] = loss.reshape(1)
+                per_step["loss_z"] = loss_z
+                per_step["loss_flag"] = loss_flag.float()
+            if g_list is not None and j == len(records) - 1:
+                max_abs = red.get("max_abs", rec.max_abs)
+                per_step.update(self._logged_stats(g_list, rec.present, sq, norms, max_abs,
+                                                   ratio, red, shards))
+            self._pending.append((rec.step, "skipped" if rec.skipped else "step",
+                                  (per_step, rec.present, rec.micro, rec.logging)))
+            if rec.skipped:
+                self._pending.append((rec.step, "event", SpikeEvent(rec.step, GLOBAL,
+                                                                    "skipped_step", 1.0, 1.0)))
+
+    def _pack_logged(self, pack: D.Pack, g_list: list[torch.Tensor],
+                     shards: list[D.Sharding] | None, rec: _StepRecord) -> None:
+        """Add a logged step's rank-local inputs to ``pack``: with FSDP2 shards, the max-abs
+        values, per-unit and per-fan vectors and SPAM counts of the sharded layers; under any
+        torch.distributed run, the micro-batch and per-example sums (each rank's own data)."""
+        cfg = self.config
+        world = self._world
+        if shards is not None:
+            pack.max("max_abs", rec.max_abs)
+            for k, info in enumerate(self.layers):
+                s = shards[k]
+                if not (self._matrix[k] and rec.present[k] and s.sharded):
+                    continue
+                if cfg.columns or cfg.histograms or cfg.microbatch:
+                    pack.sum(f"unit{k}", D.place(S.unit_sq_norms(g_list[k], info.layout),
+                                                 s.units, s.contributes))
+                if cfg.columns:
+                    pack.sum(f"fan{k}", D.place(S.fan_sq_norms(g_list[k], info.layout),
+                                                s.fan, s.contributes))
+                    pack.sum(f"fan_count{k}", D.place(D.fan_finite_counts(g_list[k],
+                                                                          info.layout),
+                                                      s.fan, s.contributes))
+            spam = self._spam_counts(g_list, rec.present, shards)
+            if spam is not None:
+                pack.sum("spam_hits", spam[0])
+                pack.sum("spam_ok", spam[1])
+        if world == 1:
+            return
+        if cfg.microbatch:
+            zero = self._const("zero")
+            pack.sum("mb_sq", torch.stack([v if v is not None else zero for v in self._mb_sq]))
+            pack.sum("mb_ranks", self._const_flags(tuple(v is not None for v in self._mb_sq)))
+            for k, info in enumerate(self.layers):
+                if self._matrix[k]:
+                    v = self._mb_unit[k]
+                    if v is None:
+                        v = torch.zeros(D.unit_count(info.param.shape, info.layout),
+                                        device=self._device, dtype=self._dtype)
+                    pack.sum(f"mb_unit{k}", v)
+        if cfg.per_example:
+            pack.sum("pe_sq", torch.stack([self._pe_scaled(k) for k in range(len(self.layers))]))
+
+    def _pe_scaled(self, k: int) -> torch.Tensor:
+        """This rank's per-example squared norms of layer k, summed and rescaled to per-example
+        loss gradients (``alpha**2``, see :meth:`_per_example_stats`); 0 when none."""
+        n, v = self._pe_count[k], self._pe_sq[k]
+        if v is None or n == 0:
+            return self._const("zero")
+        alpha = self._pe_alpha(n)
+        return v * alpha * alpha
+
+    def _pe_alpha(self, n: int) -> float:
+        micro = max(max(self._micro_seen), 1)
+        return float(micro * (n // micro)) if self.config.loss_reduction == "mean" else 1.0
+
+    def _contrib_mask(self, shards: list[D.Sharding]) -> torch.Tensor:
+        flags = tuple(s.contributes for s in shards)
+        key = "contrib:" + "".join("1" if f else "0" for f in flags)
+        if key not in self._consts:
+            self._consts[key] = self._const_flags(flags).bool()
+        return self._consts[key]
+
+    def _const_flags(self, flags: tuple[bool, ...]) -> torch.Tensor:
+        """A device vector of 0/1 (accumulation dtype), made once per pattern."""
+        key = "flags:" + "".join("1" if f else "0" for f in flags)
+        if key not in self._consts:
+            self._consts[key] = torch.tensor(flags, device=self._device, dtype=self._dtype)
+        return self._consts[key]
 
     def _const(self, key: str) -> torch.Tensor:
         """Device constants, made once (creating them from Python data each step would be a
@@ -441,7 +602,13 @@ class GradLens:
         ratio, st[f"{key}_max"] = S.max_ratio_update(x, st[f"{key}_max"])
         return z, flags, ratio
 
-    def _logged_stats(self, g_list, present, sq, norms, max_abs, ratio) -> dict[str, torch.Tensor]:
+    def _logged_stats(self, g_list, present, sq, norms, max_abs, ratio,
+                      red: Mapping[str, torch.Tensor] | None = None,
+                      shards: list[D.Sharding] | None = None) -> dict[str, torch.Tensor]:
+        """Statistics of a logged step. ``red``: the reduced rank-local inputs
+        (:meth:`_pack_logged`); under FSDP2 ``g_list`` holds local shards, and every quantity
+        of a sharded layer comes from ``red``, never from its shard."""
+        red = red or {}
         cfg = self.config
         L = len(self.layers)
         numel = self._const("numel")
@@ -455,12 +622,13 @@ class GradLens:
         if cfg.columns or cfg.histograms or cfg.microbatch:
             for k, info in enumerate(self.layers):
                 if self._matrix[k] and present[k]:
-                    unit_sq_big[k] = S.unit_sq_norms(g_list[k], info.layout)
+                    unit_sq_big[k] = red[f"unit{k}"] if f"unit{k}" in red else \
+                        S.unit_sq_norms(g_list[k], info.layout)
         if cfg.columns:
             matrices = [k for k in range(L) if unit_sq_big[k] is not None]
             if matrices:
                 unit_r = [self._unit_rms(k, g_list, unit_sq_big) for k in matrices]
-                fan_r = [S.fan_rms(g_list[k], self.layers[k].layout) for k in matrices]
+                fan_r = [self._fan_rms(k, g_list, red) for k in matrices]
                 spreads = S.spread_batched(unit_r + fan_r)  # (2M, 4)
                 index = self._const_index(tuple(matrices))
                 for j, s in enumerate(S.SPREAD_FIELDS):
@@ -468,14 +636,17 @@ class GradLens:
                                        ("fan", spreads[len(matrices):, j])):
                         out[f"{axis}_rms_{s}"] = nan.index_copy(0, index, rows)
         if cfg.microbatch:
-            out.update(self._microbatch_stats(sq, unit_sq_big, present, numel))
+            out.update(self._microbatch_stats(sq, unit_sq_big, present, numel, red))
         if cfg.per_example:
-            out.update(self._per_example_stats(sq, present, numel))
-        if cfg.temporal:
+            out.update(self._per_example_stats(sq, present, numel, red))
+        if cfg.temporal and shards is None:
             out.update(self._temporal_stats(numel))
         if cfg.histograms:
             self._histograms(unit_sq_big, g_list)
-        spam = self._spam_fraction(g_list, present)
+        if "spam_hits" in red:
+            spam = red["spam_hits"] / red["spam_ok"]
+        else:
+            spam = self._spam_fraction(g_list, present) if shards is None else None
         if spam is not None:
             out["spam_fraction"] = spam
         return out
@@ -490,7 +661,10 @@ class GradLens:
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         return None if scale is None else scale.detach().float().reshape(())
 
-    def _microbatch_stats(self, sq, unit_sq_big, present, numel) -> dict[str, torch.Tensor]:
+    def _microbatch_stats(self, sq, unit_sq_big, present, numel,
+                          red: Mapping[str, torch.Tensor] | None = None
+                          ) -> dict[str, torch.Tensor]:
+        red = red or {}
         micro = max(self._micro_seen) if self._micro_seen else 0
         ranks = self._world
         if micro * ranks < 2 or all(v is None for v in self._mb_sq):
@@ -500,11 +674,15 @@ class GradLens:
         dev = self._device
         L = len(self.layers)
         nan = self._const("nan")
-        mb = torch.stack([v if v is not None else nan for v in self._mb_sq])
+        has = None
+        if "mb_sq" in red:  # torch.distributed: the mean over ranks of each rank's sum
+            has = red["mb_ranks"] > 0  # a rank without the layer adds a zero gradient
+            mb = torch.where(has, red["mb_sq"] / ranks, nan)
+        else:
+            mb = torch.stack([v if v is not None else nan for v in self._mb_sq])
         inv_scale = self._amp_unscale()
         if inv_scale is not None:
             mb = mb / inv_scale**2
-        mb = _all_reduce_mean(mb)
         small_sq = mb * a * a / micro  # mean over micro-batches of |G_s|^2
         big_sq = sq * b * b
         b_small, b_big = float(batch), float(batch * micro * ranks)
@@ -526,13 +704,14 @@ class GradLens:
         med, mean = [], []
         for k in range(L):
             unit_small = self._mb_unit[k]
+            if f"mb_unit{k}" in red and has is not None:
+                unit_small = torch.where(has[k], red[f"mb_unit{k}"] / ranks, nan)
             if unit_small is None or unit_sq_big[k] is None:
                 med.append(nan)
                 mean.append(nan)
                 continue
             if inv_scale is not None:
                 unit_small = unit_small / inv_scale**2
-            unit_small = _all_reduce_mean(unit_small)
             m, mu = S.unit_noise_to_signal(unit_small * a * a / micro, unit_sq_big[k] * b * b,
                                            b_small, b_big)
             med.append(m)
@@ -541,7 +720,12 @@ class GradLens:
         out["unit_nsr_mean"] = torch.stack(mean)
         return out
 
-    def _per_example_stats(self, sq, present, numel) -> dict[str, torch.Tensor]:
+    def _per_example_stats(self, sq, present, numel,
+                           red: Mapping[str, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+        """Within-batch trace over the step's examples; under torch.distributed the examples
+        of every rank (``red["pe_sq"]``: the ranks' rescaled sums; equal counts assumed)."""
+        red = red or {}
         if not any(c > 0 for c in self._pe_count):
             return {}
         nan = self._const("nan")
@@ -549,7 +733,7 @@ class GradLens:
         trace, signal = [], []
         for k in range(len(self.layers)):
             n = self._pe_count[k]
-            if n < 2 or self._pe_sq[k] is None or not present[k]:
+            if n * self._world < 2 or self._pe_sq[k] is None or not present[k]:
                 trace.append(nan)
                 signal.append(nan)
                 continue
@@ -557,6 +741,8 @@ class GradLens:
             alpha, beta = (float(micro * batch), 1.0) if self.config.loss_reduction == "mean" \
                 else (1.0, 1.0 / (micro * batch))
             mean_sq = self._pe_sq[k] * alpha * alpha / n
+            if "pe_sq" in red:
+                mean_sq = red["pe_sq"][k] / (n * self._world)
             big = sq[k] * beta * beta
             t = S.within_batch_trace(mean_sq, big, n * self._world)
             trace.append(t)
@@ -610,7 +796,7 @@ class GradLens:
                 continue
             v, mean_sq, v_norm = S.temporal_readout(st)
             var.append(v)
-            ns.append(v / mean_sq)
+            ns.append(torch.where(mean_sq > 0, v / mean_sq, nan))  # no signal: no ratio
             normed.append(v_norm / self._numel[k])
         var_t = torch.stack(var)
         return {
@@ -621,9 +807,17 @@ class GradLens:
         }
 
     def _unit_rms(self, k: int, g_list, unit_sq_big) -> torch.Tensor:
-        """Per-unit RMS from the per-unit squared norms already computed this step."""
-        fan = output_units_view(g_list[k], self.layers[k].layout).shape[1]
+        """Per-unit RMS from the per-unit squared norms already computed this step (the fan
+        size comes from the parameter's global shape: ``g_list[k]`` may be a shard)."""
+        fan = self._numel[k] // unit_sq_big[k].numel()
         return (unit_sq_big[k] / fan).sqrt()
+
+    def _fan_rms(self, k: int, g_list, red: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-fan RMS over finite entries; a sharded layer's from its reduced sums and
+        counts (``sqrt(sum / count)``, NaN where no entry is finite, as ``S.fan_rms``)."""
+        if f"fan{k}" in red:
+            return (red[f"fan{k}"] / red[f"fan_count{k}"]).sqrt()
+        return S.fan_rms(g_list[k], self.layers[k].layout)
 
     def _const_index(self, ks: tuple[int, ...]) -> torch.Tensor:
         key = "index:" + ",".join(map(str, ks))
@@ -656,13 +850,45 @@ class GradLens:
             values.append(S.spam_fraction(g_list[k], v, self.config.spikes.spam_theta))
         return torch.stack(values) if found else None
 
+    def _spam_counts(self, g_list, present,
+                     shards: list[D.Sharding]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """FSDP2: this rank's ``(hits, ok)`` counts of :meth:`_spam_fraction` per layer (local
+        shards of the gradient and of ``exp_avg_sq``), to be summed over ranks."""
+        if self.optimizer is None:
+            return None
+        state = self.optimizer.state
+        zero = self._const("zero")
+        hits, oks = [], []
+        found = False
+        for k, info in enumerate(self.layers):
+            v = state.get(info.param, {}).get("exp_avg_sq") if present[k] else None
+            v = D.local_tensor(v) if torch.is_tensor(v) else None
+            if v is None or v.shape != g_list[k].shape or not shards[k].contributes:
+                hits.append(zero)
+                oks.append(zero)
+                found = found or v is not None
+                continue
+            found = True
+            h, ok = D.spam_counts(g_list[k], v, self.config.spikes.spam_theta)
+            hits.append(h.to(self._dtype))
+            oks.append(ok.to(self._dtype))
+        return (torch.stack(hits), torch.stack(oks)) if found else None
+
     # ------------------------------------------------------------------ flush (host side)
 
     def flush(self) -> None:
-        """Move pending statistics to the host in ONE transfer and hand them to the sinks."""
+        """Move pending statistics to the host in ONE transfer and hand them to the sinks.
+
+        Under torch.distributed this first completes the steps since the last logged one
+        (ONE all-reduce): call it on every rank. Ranks other than 0 transfer nothing.
+        """
+        if self._deferred:
+            self._complete()
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        if not self.sinks:
+            return  # a rank that writes nothing needs no transfer
         tensors: list[torch.Tensor] = []
         for _, kind, payload in pending:
             if kind in ("step", "skipped"):
@@ -726,7 +952,8 @@ class GradLens:
                         rows.append((step, names[k], roles[k], key, vals[k]))
                 if len(vals) == L + 1:
                     rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
-            rows.append((step, GLOBAL, GLOBAL, "microbatches", float(micro)))
+            if micro:  # counted by the micro-batch hooks (not installed by "minimal")
+                rows.append((step, GLOBAL, GLOBAL, "microbatches", float(micro)))
             if kind == "skipped":
                 rows.append((step, GLOBAL, GLOBAL, "skipped_step", 1.0))
         return rows, events, hists
@@ -753,22 +980,20 @@ class GradLens:
         return out
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+@dataclass
+class _StepRecord:
+    """One finalized step, kept on device until its statistics are completed: at once with a
+    single process, after the next reduction under torch.distributed. ``sq``, ``max_abs``
+    and ``nonfinite`` are this rank's contributions when ``sharded`` (FSDP2 partial sums),
+    else the global values; ``loss`` is rank-local."""
 
-
-def _is_writer_rank() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+    step: int
+    skipped: bool
+    present: list[bool]
+    micro: int
+    logging: bool
+    sq: torch.Tensor
+    max_abs: torch.Tensor
+    nonfinite: torch.Tensor
+    loss: torch.Tensor | None
+    sharded: bool

@@ -71,6 +71,12 @@ class SCALE(Optimizer):
         - Global gradient clipping is a no-op on the stateless matrices (one common factor),
           but it reweights the output-layer EMA and AdamW's moments.
         - A parameter whose ``grad`` is None is skipped and its state is left untouched.
+        - Sharded parameters (FSDP2 ``fully_shard``, ``DTensor``): the update runs on each
+          rank's local shard; only the per-unit RMS communicates, and only where the
+          normalization axis is the sharded one (the embedding's ``norm_dim=0`` under FSDP2's
+          dim-0 sharding: one all-reduce of ``d`` floats per step and group; Linear weights,
+          normalized over the local dim 1, communicate nothing). See
+          :mod:`gradlens.optim.functional`. Every rank must step (it is a collective then).
 
     Args:
         params: parameters or param-group dicts (or ``(name, tensor)`` pairs).

@@ -1,0 +1,319 @@
+"""What runs inside the 2-process gloo group of ``tests/distributed``, and the single-process
+runs on the same global batches that the tests compare it with.
+
+Every rank gets ``PER_RANK`` rows of each global micro-batch of ``WORLD * PER_RANK`` rows; the
+LLaMA loss is a token mean over equal-length rows, so the mean of the ranks' losses is the loss
+of the global micro-batch and DDP's / FSDP2's averaged gradient is its gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+PER_RANK = 2
+SEQ = 12
+VOCAB = 128
+LR = 1e-2
+
+
+def global_batches(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (WORLD * PER_RANK, SEQ), generator=g) for _ in range(n)]
+
+
+def rank_rows(ids: torch.Tensor, rank: int) -> torch.Tensor:
+    return ids[rank * PER_RANK:(rank + 1) * PER_RANK]
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    from gradlens.data import build_llama
+
+    return build_llama("tiny", seed=seed).to(dtype)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    from gradlens.optim import SCALE, scale_param_groups
+
+    return SCALE(scale_param_groups(model, lr=LR, lr_1d=LR))
+
+
+def rows_of(lens: Any) -> dict[tuple[int, str, str], float]:
+    lens.flush()
+    return {(int(s), layer, stat): float(v) for s, layer, _, stat, v in lens.memory.rows}
+
+
+def histograms_of(lens: Any) -> dict[tuple[int, str], tuple[list[float], list[float]]]:
+    return {(h.step, h.layer): (list(h.edges), list(h.counts)) for h in lens.memory.histograms}
+
+
+class CollectiveCounter:
+    """Counts ``torch.distributed.all_reduce`` calls by the file that made them."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        original = dist.all_reduce
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(Path(sys._getframe(1).f_code.co_filename).name)
+            return original(*args, **kwargs)
+
+        dist.all_reduce = counted
+        try:
+            yield
+        finally:
+            dist.all_reduce = original
+
+    def take(self) -> dict[str, int]:
+        out = {"lens": self.calls.count("distributed.py"),
+               "scale": self.calls.count("functional.py")}
+        self.calls = []
+        return out
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def reference_run(batches: list[torch.Tensor], *, micro: int, steps: int, log_every: int,
+                  preset: str, dtype: torch.dtype = torch.float64,
+                  **options: Any) -> dict[str, Any]:
+    """The run a distributed one must reproduce: one process, the global micro-batches, plus
+    the exact per-(rank, micro-batch) and per-example gradients of every step."""
+    from gradlens import GradLens
+
+    model = make_model(dtype)
+    shadow = make_model(dtype)  # the exact gradients, away from the lens's hooks
+    opt = make_optimizer(model)
+    lens = GradLens(model, opt, preset=preset, log_every=log_every, noise_ema=0.0, **options)
+    names = [i.name for i in lens.layers]
+    params = dict(shadow.named_parameters())
+    small: list[list[dict[str, torch.Tensor]]] = []
+    per_example: list[list[dict[str, torch.Tensor]]] = []
+    for s in range(steps):
+        shadow.load_state_dict(model.state_dict())
+        step_small, step_pe = [], []
+        for k in range(micro):
+            ids = batches[s * micro + k]
+            for r in range(WORLD):  # each rank's micro-batch mean gradient
+                x = rank_rows(ids, r)
+                grads = torch.autograd.grad(shadow(input_ids=x, labels=x).loss,
+                                            [params[n] for n in names])
+                step_small.append(dict(zip(names, grads, strict=True)))
+            for b in range(ids.shape[0]):  # each example's own-loss gradient
+                x = ids[b:b + 1]
+                grads = torch.autograd.grad(shadow(input_ids=x, labels=x).loss,
+                                            [params[n] for n in names])
+                step_pe.append(dict(zip(names, grads, strict=True)))
+        small.append(step_small)
+        per_example.append(step_pe)
+        for k in range(micro):
+            ids = batches[s * micro + k]
+            loss = model(input_ids=ids, labels=ids).loss / micro
+            loss.backward()
+            lens.observe_loss(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = {"rows": rows_of(lens), "hists": histograms_of(lens), "small": small,
+           "per_example": per_example,
+           "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+           "layers": [(i.name, i.layout, i.numel) for i in lens.layers]}
+    lens.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- the 2-rank group
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, lens: Any, rank: int,
+           batches: list[torch.Tensor], micro: int, steps: int,
+           sync: Callable[[int], Any], counter: CollectiveCounter) -> list[dict[str, int]]:
+    counts = []
+    for s in range(steps):
+        for k in range(micro):
+            x = rank_rows(batches[s * micro + k], rank)
+            with sync(k):
+                loss = model(input_ids=x, labels=x).loss / micro
+                loss.backward()
+            lens.observe_loss(loss)
+        with counter():
+            opt.step()  # the lens finalizes in the step pre-hook
+        counts.append(counter.take())
+        opt.zero_grad(set_to_none=True)
+    return counts
+
+
+def ddp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: str,
+                 seed: int, **options: Any) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradlens import GradLens
+
+    model = DDP(make_model())
+    opt = make_optimizer(model.module)
+    lens = GradLens(model, opt, preset=preset, log_every=log_every, noise_ema=0.0, **options)
+    seen: list[torch.Tensor] = []  # what a parameter hook sees, next to DDP's reducer
+    q = model.module.model.layers[0].self_attn.q_proj.weight
+    handle = q.register_hook(lambda g: seen.append(g.detach().clone()))
+
+    def sync(k: int) -> Any:
+        return model.no_sync() if k < micro - 1 else contextlib.nullcontext()
+
+    counts = _train(model, opt, lens, rank, global_batches(steps * micro, seed), micro, steps,
+                    sync, CollectiveCounter())
+    handle.remove()
+    out = {"rows": rows_of(lens) if rank == 0 else None,
+           "hists": histograms_of(lens) if rank == 0 else None, "counts": counts,
+           "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+           "hook_seen": seen}
+    lens.close()
+    return out
+
+
+def fsdp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: str,
+                  seed: int, **options: Any) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    from gradlens import GradLens
+
+    model = make_model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = make_optimizer(model)
+    lens = GradLens(model, opt, preset=preset, log_every=log_every, noise_ema=0.0, **options)
+
+    def sync(k: int) -> Any:
+        model.set_requires_gradient_sync(k == micro - 1)
+        return contextlib.nullcontext()
+
+    counts = _train(model, opt, lens, rank, global_batches(steps * micro, seed), micro, steps,
+                    sync, CollectiveCounter())
+    placements = {n: str(tuple(p.placements)) for n, p in model.named_parameters()}
+    params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}  # collective
+    out = {"rows": rows_of(lens) if rank == 0 else None,
+           "hists": histograms_of(lens) if rank == 0 else None, "counts": counts,
+           "params": params, "placements": placements}
+    lens.close()
+    return out
+
+
+def bf16_scenario(rank: int) -> dict[str, Any]:
+    """bf16 gradients under DDP: the lens accumulates in float32."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradlens import GradLens
+
+    model = DDP(make_model(torch.bfloat16))
+    lens = GradLens(model, preset="standard")
+    x = rank_rows(global_batches(1, 5)[0], rank)
+    model(input_ids=x, labels=x).loss.backward()
+    lens.step()
+    exact = {n: float(p.grad.float().norm()) for n, p in model.module.named_parameters()}
+    low = {n: float(p.grad.norm()) for n, p in model.module.named_parameters()}
+    out = {"rows": rows_of(lens) if rank == 0 else None, "exact": exact, "bf16": low}
+    lens.close()
+    return out
+
+
+def kernel_checks(rank: int) -> dict[str, float]:
+    """SCALE's RMS on DTensors (both axes, uneven shards, ndim 3) against whole tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gradlens.optim.functional import _rms_for, scale_update, unit_rms
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(3)
+    errors: dict[str, float] = {}
+    cases = [((7, 5), 0, 0), ((7, 5), 0, 1), ((6, 5), 1, 1), ((6, 5), 1, 0), ((3, 4, 5), 0, 0),
+             ((3, 4, 5), 2, 1), ((1, 6), 0, 0)]  # (shape, shard dim, norm_dim); 1 row: empty
+    for shape, dim, norm_dim in cases:
+        full = torch.randn(shape, generator=g, dtype=torch.float64)
+        dt = distribute_tensor(full, mesh, [Shard(dim)])
+        want = distribute_tensor(full / _rms_for(full, norm_dim), mesh, [Shard(dim)]).to_local()
+        if len(shape) == 2:
+            got = dt.to_local() / unit_rms(dt, norm_dim)
+        else:
+            got = dt.to_local() / _rms_for(dt.to_local(), norm_dim, dt)
+        errors[f"rms{shape}/shard{dim}/norm{norm_dim}"] = float((got - want).abs().max()) \
+            if got.numel() else 0.0
+    # the lens's placement of shards: uneven and empty shards, both axes, one Pack
+    from gradlens import stats as S
+    from gradlens.core import distributed as D
+
+    pack = D.Pack(WORLD, rank)
+    wanted = {}
+    cases2 = [((7, 5), 0, "linear"), ((7, 5), 1, "linear"), ((9, 4), 0, "embedding"),
+              ((1, 3), 0, "linear"), ((6,), 0, "vector")]
+    for j, (shape, dim, layout) in enumerate(cases2):
+        full = torch.randn(shape, generator=g, dtype=torch.float64)
+        if layout == "embedding":
+            full[3, 1] = float("nan")  # excluded from sums, counted out of its fan's count
+        dt = distribute_tensor(full, mesh, [Shard(dim)])
+        (local,), (s,) = D.localize([dt], [layout], WORLD)
+        summary = S.grad_summaries([local])[0]
+        pack.sum(f"sq{j}", summary[0])
+        pack.max(f"max{j}", summary[1])
+        wanted[f"sq{j}"] = S.finite_sq_norm(full)
+        wanted[f"max{j}"] = S.finite_max_abs(full)
+        if layout != "vector":
+            pack.sum(f"unit{j}", D.place(S.unit_sq_norms(local, layout), s.units))
+            pack.sum(f"fan{j}", D.place(S.fan_sq_norms(local, layout), s.fan))
+            pack.sum(f"cnt{j}", D.place(D.fan_finite_counts(local, layout), s.fan))
+            wanted[f"unit{j}"] = S.unit_sq_norms(full, layout)
+            wanted[f"fan{j}"] = S.fan_sq_norms(full, layout)
+            wanted[f"cnt{j}"] = D.fan_finite_counts(full, layout)
+    red = pack.reduce()
+    for key, want in wanted.items():
+        errors[f"lens/{key}"] = float((red[key] - want).abs().max())
+    # the kernel itself: loop and foreach paths on DTensors equal the whole-tensor update
+    for foreach in (False, True):
+        ps = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((8, 4), (5, 6))]
+        gs = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+        ms = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+        dps = [distribute_tensor(p, mesh, [Shard(0)]) for p in ps]
+        dgs = [distribute_tensor(x, mesh, [Shard(0)]) for x in gs]
+        dms = [distribute_tensor(m, mesh, [Shard(0)]) for m in ms]
+        for norm_dim in (0, 1):
+            kw = dict(lr=0.1, weight_decay=0.01, momentum=0.5, norm_dim=norm_dim, foreach=foreach)
+            scale_update(ps, gs, ms, **kw)
+            scale_update(dps, dgs, dms, **kw)
+        errors[f"scale_update/foreach={foreach}"] = max(
+            float((d.full_tensor() - p).abs().max()) for d, p in zip(dps, ps, strict=True))
+    return errors
+
+
+def run(rank: int, port: int, outdir: str) -> None:
+    """Entry point of each spawned rank: every scenario in one process group."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {
+            "kernels": kernel_checks(rank),
+            # no accumulation: each rank's gradient is the small batch
+            "ddp": ddp_scenario(rank, micro=1, steps=2, log_every=1, preset="standard", seed=1),
+            # no_sync() accumulation, a non-logged step in between, per-example and temporal
+            "ddp_accum": ddp_scenario(rank, micro=2, steps=2, log_every=2, preset="full",
+                                      seed=2),
+            "fsdp": fsdp_scenario(rank, micro=2, steps=2, log_every=2, preset="full", seed=3,
+                                  temporal=False),
+            "bf16": bf16_scenario(rank),
+        }
+        if rank == 0:
+            torch.save(results, Path(outdir) / "results.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,253 @@
+"""torch.distributed: a 2-rank gloo group (DDP, FSDP2) must log what one process logs on the
+same global batch, with ONE lens collective per flush; SCALE must take the same steps.
+
+All scenarios run in one spawned group (``_workers.run``, ~10 s); the tests compare its
+results with single-process runs and exact computations made here.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gradlens.roles import output_units_view
+from tests.distributed import _workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+TWO_BATCH = {"twobatch_trace", "twobatch_signal", "noise_scale", "var_per_element",
+             "unit_nsr_median", "unit_nsr_mean"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Spawned:
+    """WORLD processes running ``fn(rank, *args)``, started without waiting."""
+
+    def __init__(self, fn: Any, args: tuple) -> None:
+        self.ctx = mp.start_processes(fn, args=args, nprocs=W.WORLD, join=False,
+                                      start_method="spawn")
+
+    def join(self, timeout: float = 180.0) -> None:
+        """Wait for every rank (a failure re-raises its traceback); stop them on a timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in self.ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"distributed workers did not finish within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Any]:
+    """The 2-rank results and the single-process references (computed while the ranks run)."""
+    out = tmp_path_factory.mktemp("dist")
+    group = Spawned(W.run, (free_port(), str(out)))
+    torch.set_num_threads(1)
+    references = {
+        "ddp": W.reference_run(W.global_batches(2, 1), micro=1, steps=2, log_every=1,
+                               preset="standard"),
+        "ddp_accum": W.reference_run(W.global_batches(4, 2), micro=2, steps=2, log_every=2,
+                                     preset="full"),
+        "fsdp": W.reference_run(W.global_batches(4, 3), micro=2, steps=2, log_every=2,
+                                preset="full", temporal=False),
+    }
+    group.join()
+    results = torch.load(Path(out) / "results.pt", weights_only=False)
+    return {"results": results, "references": references}
+
+
+@pytest.fixture(scope="module")
+def results(runs) -> dict[str, Any]:
+    return runs["results"]
+
+
+@pytest.fixture(scope="module")
+def references(runs) -> dict[str, Any]:
+    return runs["references"]
+
+
+def assert_same_rows(got: dict, want: dict, skip: set[str] = frozenset(), rel: float = 1e-6,
+                     ) -> None:
+    """Equal rows (values go to the host as float32: a few ulps of float32 apart)."""
+    keys = {k for k in want if k[2] not in skip}
+    assert keys <= set(got), sorted(keys - set(got))[:10]
+    bad = []
+    for k in sorted(keys):
+        a, b = got[k], want[k]
+        if math.isnan(b):
+            if not math.isnan(a):
+                bad.append((k, a, b))
+        elif a != pytest.approx(b, rel=rel, abs=1e-12):
+            bad.append((k, a, b))
+    assert not bad, bad[:10]
+
+
+def exact_two_batch(ref: dict, step: int, micro: int) -> dict[str, dict[str, float]]:
+    """McCandlish's estimator from the exact per-(rank, micro-batch) gradients of ``step``."""
+    b_small, b_big = W.PER_RANK, W.PER_RANK * W.WORLD * micro
+    out: dict[str, dict[str, float]] = {}
+    for name, layout, _ in ref["layers"]:
+        gs = [m[name].double() for m in ref["small"][step - 1]]
+        big = torch.stack(gs).mean(0)
+        small_sq = float(np.mean([float((g**2).sum()) for g in gs]))
+        big_sq = float((big**2).sum())
+        row = {"twobatch_trace": (small_sq - big_sq) / (1 / b_small - 1 / b_big),
+               "twobatch_signal": (b_big * big_sq - b_small * small_sq) / (b_big - b_small)}
+        if layout != "vector":
+            u_small = np.mean([output_units_view(g, layout).pow(2).sum(1).numpy() for g in gs],
+                              axis=0)
+            u_big = output_units_view(big, layout).pow(2).sum(1).numpy()
+            trace = (u_small - u_big) / (1 / b_small - 1 / b_big)
+            signal = (b_big * u_big - b_small * u_small) / (b_big - b_small)
+            ok = signal > 0
+            row["unit_nsr_median"] = float(np.median(trace[ok] / signal[ok])) if ok.any() \
+                else math.nan
+        out[name] = row
+    return out
+
+
+def exact_per_example(ref: dict, step: int) -> dict[str, float]:
+    out = {}
+    for name, _, _ in ref["layers"]:
+        gs = torch.stack([e[name].double() for e in ref["per_example"][step - 1]])
+        n = gs.shape[0]
+        out[name] = n / (n - 1) * (float((gs**2).sum() / n) - float((gs.mean(0) ** 2).sum()))
+    return out
+
+
+def check_two_batch(rows: dict, ref: dict, step: int, micro: int) -> None:
+    exact = exact_two_batch(ref, step, micro)
+    for name, row in exact.items():
+        for stat, want in row.items():
+            got = rows[(step, name, stat)]
+            if math.isnan(want):
+                assert math.isnan(got), (name, stat)
+            else:
+                assert got == pytest.approx(want, rel=1e-6, abs=1e-12), (name, stat)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_scale_rms_on_dtensors_matches_whole_tensors(results):
+    errors = results["kernels"]
+    assert len(errors) > 20 and all(v < 1e-12 for v in errors.values()), errors  # NaN fails
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_ddp_statistics_equal_one_process(results, references):
+    got, want = results["ddp"], references["ddp"]
+    assert_same_rows(got["rows"], want["rows"], skip=TWO_BATCH)
+    assert (1, "global", "loss") in got["rows"]  # the mean of the ranks' losses
+    assert {"unit_rms_cv", "fan_rms_gini", "grad_max_abs"} <= {k[2] for k in got["rows"]}
+
+
+def test_ddp_ranks_give_noise_scale_without_accumulation(results, references):
+    rows = results["ddp"]["rows"]
+    for step in (1, 2):
+        check_two_batch(rows, references["ddp"], step, micro=1)
+
+
+def test_ddp_accumulation_no_sync_two_batch_and_per_example(results, references):
+    got, ref = results["ddp_accum"], references["ddp_accum"]
+    assert_same_rows(got["rows"], ref["rows"], skip=TWO_BATCH)
+    check_two_batch(got["rows"], ref, step=2, micro=2)
+    layouts = {name: layout for name, layout, _ in ref["layers"]}
+    checked = 0
+    for name, want in exact_per_example(ref, 2).items():
+        got_pe = got["rows"][(2, name, "pe_trace")]
+        if layouts[name] == "vector":  # no per-example norms for 1-D tensors
+            assert math.isnan(got_pe)
+            continue
+        assert got_pe == pytest.approx(want, rel=1e-6), name
+        checked += 1
+    assert checked >= 15
+    assert any(k[2] == "temporal_var" for k in got["rows"])
+    assert set(got["hists"]) == set(ref["hists"])
+
+
+def test_ddp_parameter_hook_sees_the_local_micro_batch_gradient(results, references):
+    """A tensor hook runs before DDP's reducer, in no_sync() and in the syncing backward."""
+    seen = results["ddp_accum"]["hook_seen"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    small = references["ddp_accum"]["small"]
+    # rank 0's micro-batches of step 1 (k = 0 in no_sync, k = 1 synced); the loss is / micro
+    want = [small[0][0][name] / 2, small[0][W.WORLD][name] / 2]
+    for got, ref in zip(seen[:2], want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(seen[0], seen[1])
+
+
+def test_ddp_scale_steps_equal_one_process(results, references):
+    for scenario in ("ddp", "ddp_accum"):
+        got, want = results[scenario]["params"], references[scenario]["params"]
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_ddp_one_lens_collective_per_flush(results):
+    assert results["ddp"]["counts"] == [{"lens": 1, "scale": 0}] * 2
+    # log_every=2: nothing on step 1 (its loss and detectors wait), one on the flush step
+    assert results["ddp_accum"]["counts"] == [{"lens": 0, "scale": 0}, {"lens": 1, "scale": 0}]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def test_fsdp_statistics_equal_one_process(results, references):
+    got, want = results["fsdp"], references["fsdp"]
+    assert all("Shard(dim=0)" in p for p in got["placements"].values())
+    assert_same_rows(got["rows"], want["rows"], skip=TWO_BATCH)
+    stats = {k[2] for k in got["rows"]}
+    assert {"grad_norm", "grad_max_abs", "unit_rms_cv", "fan_rms_p99_p50", "pe_trace",
+            "spam_fraction", "grad_norm_ratio_max"} <= stats
+    assert set(got["hists"]) == set(want["hists"])
+    for key, (edges, counts) in want["hists"].items():
+        np.testing.assert_allclose(got["hists"][key][0], edges, rtol=1e-6)
+        assert got["hists"][key][1] == counts
+
+
+def test_fsdp_two_batch_from_unsharded_hooks(results, references):
+    check_two_batch(results["fsdp"]["rows"], references["fsdp"], step=2, micro=2)
+
+
+def test_fsdp_scale_steps_equal_one_process_including_sharded_embedding_axis(results,
+                                                                               references):
+    got, want = results["fsdp"]["params"], references["fsdp"]["params"]
+    for name, p in want.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fsdp_collectives(results):
+    # lens: deferred on step 1, one all_reduce on the logged step; SCALE: one per step, for
+    # the embedding (its dim-0 normalization axis is FSDP2's sharded one)
+    assert results["fsdp"]["counts"] == [{"lens": 0, "scale": 1}, {"lens": 1, "scale": 1}]
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_bf16_gradients_accumulate_in_float32(results):
+    out = results["bf16"]
+    rows = out["rows"]
+    for name, exact in out["exact"].items():
+        assert rows[(1, name, "grad_norm")] == pytest.approx(exact, rel=1e-6), name
+    assert all(math.isfinite(v) for k, v in rows.items() if k[2] == "twobatch_trace")
