@@ -10,7 +10,8 @@ standard   + column-norm spread (both axes), two-batch variance, noise scale,   
                                                                                memory beyond O(units)
 full       + per-example variance (Linear, Conv1D, Embedding, output layer),    per-example Gram
            temporal variance buffers (EMA, within ``temporal_budget_bytes``),  matrices; temporal
-           log-binned column-norm histograms                                   buffers
+           log-binned column-norm histograms, SPAM element fraction            buffers; a pass
+                                                                               over g and Adam's v
 =========  ==================================================================  =====================
 """
 
@@ -36,6 +37,8 @@ class LensConfig:
         per_example: per-example variance from layer inputs and output gradients.
         temporal: temporal variance across steps (EMA buffers).
         histograms: log-binned histograms of the per-unit RMS vector.
+        spam: SPAM's element fraction ``mean(g^2 > theta v)`` against the optimizer's Adam
+            second moment (when it has one): a full pass over the gradient and ``v``.
         temporal_beta: EMA factor of the temporal buffers.
         temporal_budget_bytes: memory the temporal buffers may use; layers beyond it are
             tracked through a count sketch of ``sketch_dim`` entries. ``None``: 1x the
@@ -57,6 +60,7 @@ class LensConfig:
     per_example: bool = False
     temporal: bool = False
     histograms: bool = False
+    spam: bool = False
     temporal_beta: float = 0.9
     temporal_budget_bytes: int | None = None
     sketch_dim: int = 4096
@@ -72,7 +76,7 @@ class LensConfig:
         flags = {
             "minimal": dict(columns=False, microbatch=False),
             "standard": {},
-            "full": dict(per_example=True, temporal=True, histograms=True),
+            "full": dict(per_example=True, temporal=True, histograms=True, spam=True),
         }[preset]
         unknown = set(overrides) - set(cls.__dataclass_fields__)
         if unknown:

@@ -360,11 +360,9 @@ class GradLens:
     def _micro_hook(self, k: int):
         layout = self.layers[k].layout
 
-        def hook(grad: torch.Tensor) -> None:
-            self._micro_seen[k] += 1
-            if not self._logging_step():
-                return
-            g = grad.detach()
+        param = self.layers[k].param
+
+        def accumulate(g: torch.Tensor) -> None:
             if layout == "vector":
                 sq = S.finite_sq_norm(g)
                 unit = None
@@ -374,6 +372,21 @@ class GradLens:
             self._mb_sq[k] = sq if self._mb_sq[k] is None else self._mb_sq[k] + sq
             if unit is not None:
                 self._mb_unit[k] = unit if self._mb_unit[k] is None else self._mb_unit[k] + unit
+
+        def hook(grad: torch.Tensor) -> None:
+            self._micro_seen[k] += 1
+            if not self._logging_step():
+                return
+            if self._world == 1:
+                # One process: a single micro-batch gives no two-batch estimate, so the first
+                # one costs nothing. At the second, p.grad still holds exactly the first (this
+                # hook runs before autograd accumulates into p.grad; grads are zeroed between
+                # steps), and it is measured then.
+                if self._micro_seen[k] == 1:
+                    return
+                if self._micro_seen[k] == 2 and param.grad is not None:
+                    accumulate(param.grad.detach())
+            accumulate(grad.detach())
 
         return hook
 
@@ -520,7 +533,7 @@ class GradLens:
                     pack.sum(f"fan_count{k}", D.place(D.fan_finite_counts(g_list[k],
                                                                           info.layout),
                                                       s.fan, s.contributes))
-            spam = self._spam_counts(g_list, rec.present, shards)
+            spam = self._spam_counts(g_list, rec.present, shards) if cfg.spam else None
             if spam is not None:
                 pack.sum("spam_hits", spam[0])
                 pack.sum("spam_ok", spam[1])
@@ -646,7 +659,8 @@ class GradLens:
         if "spam_hits" in red:
             spam = red["spam_hits"] / red["spam_ok"]
         else:
-            spam = self._spam_fraction(g_list, present) if shards is None else None
+            spam = self._spam_fraction(g_list, present) \
+                if shards is None and cfg.spam else None
         if spam is not None:
             out["spam_fraction"] = spam
         return out
