@@ -1,0 +1,67 @@
+"""make_optimizer / OPTIMIZERS: every name builds on a tiny LLaMA and takes a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradlens.data import build_llama
+from gradlens.optim import OPTIMIZERS, make_optimizer
+
+NAMES = ["adamw", "scale", "colnorm_sgd", "colnorm_sgd_momentum_all", "sgd_output_momentum",
+         "swan", "stable_spam", "muon"]
+
+
+def backward_random_batch(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_registry_lists_every_name_with_a_description_and_lr() -> None:
+    assert list(OPTIMIZERS) == NAMES
+    for name, spec in OPTIMIZERS.items():
+        assert spec.name == name and spec.description and spec.note
+        assert spec.lr > 0 and isinstance(spec.published, bool)
+    assert OPTIMIZERS["scale"].published and OPTIMIZERS["scale"].lr == 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_name_builds_and_one_step_changes_every_parameter(name: str) -> None:
+    if name == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon")
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer(name, model)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert {g["lr"] for g in opt.param_groups} >= {OPTIMIZERS[name].lr}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backward_random_batch(model)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        assert not torch.equal(p.detach(), before[n]), f"{name}: {n} did not move"
+
+
+def test_lr_and_options_are_passed_on() -> None:
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer("scale", model, lr=5e-4, lr_1d=1e-2, foreach=False)
+    assert {g["lr"] for g in opt.param_groups} == {5e-4}
+    assert {g["foreach"] for g in opt.param_groups} == {False}
+    assert next(g for g in opt.param_groups if g["role"] == "vector")["lr_1d"] == 1e-2
+    opt = make_optimizer("swan", model, lr=2e-3, adam_lr=1e-4, ns_steps=4)
+    assert {(g["role"], g["lr"]) for g in opt.param_groups} == {
+        ("hidden", 2e-3), ("embedding", 1e-4), ("vector", 1e-4), ("output", 1e-4)}
+    assert {g["ns_steps"] for g in opt.param_groups} == {4}
+    opt = make_optimizer("adamw", model, betas=(0.9, 0.999))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["foreach"]
+    opt = make_optimizer("stable_spam", model, update_interval=500)
+    assert opt.param_groups[0]["update_interval"] == 500
+
+
+def test_unknown_name_lists_the_names() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'") as err:
+        make_optimizer("lion", build_llama("tiny", seed=0))
+    for name in NAMES:
+        assert name in str(err.value)
