@@ -1,4 +1,4 @@
-"""``gradlens demo | report | dashboard``: argument parsing only."""
+"""``gradlens demo | compare | report | dashboard``: argument parsing only."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(
         out_dir=args.out, steps=args.steps, size=args.size, optimizers=args.optimizers,
         corpus=args.corpus, seed=args.seed, preset=args.preset, progress=not args.quiet,
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from gradlens.compare import run_compare
+
+    run_compare(
+        out_dir=args.out, optimizers=args.optimizers, lr_factors=args.lr_factors,
+        steps=args.steps, size=args.size, corpus=args.corpus, seed=args.seed,
+        preset=args.preset, progress=not args.quiet,
     )
     return 0
 
@@ -54,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="standard", choices=["minimal", "standard", "full"])
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    from gradlens.compare import COMPARE_STEPS, DEFAULT_LR_FACTORS, DEFAULT_OPTIMIZERS
+
+    compare = sub.add_parser("compare", help="several optimizers, a small lr sweep each, on the "
+                                             "same model and data; table, curves, report")
+    compare.add_argument("--out", default="gradlens_compare", help="output directory "
+                         "(finished runs in it are not redone)")
+    compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS))
+    compare.add_argument("--lr-factors", nargs="+", type=float, default=list(DEFAULT_LR_FACTORS),
+                         help="multipliers of each optimizer's default lr")
+    compare.add_argument("--steps", type=int, default=COMPARE_STEPS)
+    compare.add_argument("--size", default="demo")
+    compare.add_argument("--corpus", default=None)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--preset", default="standard", choices=["minimal", "standard", "full"])
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="write the layer-wise report of one or more runs")
     report.add_argument("runs", nargs="+", help="run directories written by the lens")

@@ -1,0 +1,210 @@
+"""``gradlens compare``: several optimizers on the same model and data, each under the lens.
+
+For every optimizer a small learning-rate sweep (the registry's default lr times a few
+factors) runs on the same initialization, tokenizer and batches. Finished runs are not redone
+(each run directory keeps its ``result.json``), so an interrupted comparison resumes. Outputs
+in ``out_dir``:
+
+    runs/<optimizer>-lr<lr>/   the lens's run directory + result.json, one per sweep point
+    comparison.csv / .md       best eval loss and perplexity per optimizer, tokens,
+                               optimizer-state bytes, weights + state relative to AdamW,
+                               step time relative to AdamW (measured in the same process)
+    loss_curves.png            training loss of each optimizer's best run
+    report/                    the lens report across the best runs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradlens.experiment import RunConfig, run_experiment, save_result
+
+DEFAULT_OPTIMIZERS = ("adamw", "scale", "colnorm_sgd", "colnorm_sgd_momentum_all",
+                      "sgd_output_momentum", "swan", "stable_spam")
+"""Muon is left out by default: torch's Muon runs its iterations in bf16, which is ~400x
+slower than AdamW on a CPU; add it with ``--optimizers ... muon`` on a GPU."""
+DEFAULT_LR_FACTORS = (0.5, 1.0, 2.0)
+COMPARE_STEPS = 100
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.2e}".replace("+", "")
+
+
+def sweep_points(optimizers: Sequence[str], lr_factors: Sequence[float],
+                 lrs: dict[str, float] | None = None) -> list[tuple[str, float]]:
+    """``(optimizer, lr)`` pairs: each optimizer's base lr (``lrs`` or the registry default)
+    times every factor."""
+    from gradlens.optim.registry import OPTIMIZERS
+
+    points = []
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
+        base = (lrs or {}).get(name, OPTIMIZERS[name].lr)
+        points.extend((name, base * f) for f in lr_factors)
+    return points
+
+
+def run_compare(
+    out_dir: str | Path = "gradlens_compare",
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+    lr_factors: Sequence[float] = DEFAULT_LR_FACTORS,
+    steps: int = COMPARE_STEPS,
+    size: str = "demo",
+    corpus: str | None = None,
+    seed: int = 0,
+    preset: str = "standard",
+    progress: bool = True,
+    lrs: dict[str, float] | None = None,
+    **config: Any,
+) -> list[dict[str, Any]]:
+    """Run the sweep (skipping finished runs), then write the table, curves and report.
+
+    Returns the comparison rows (one per optimizer, at its best lr).
+    """
+    from gradlens import GradLens
+    from gradlens.data.batches import prepare_data
+
+    if "adamw" not in optimizers:
+        raise ValueError("the comparison is relative to AdamW: include 'adamw' in optimizers")
+    out = Path(out_dir)
+    config.setdefault("batch_size", 8)
+    config.setdefault("grad_accum", 2)
+    points = sweep_points(optimizers, lr_factors, lrs)
+    cfg = RunConfig(size=size, optimizers=tuple(optimizers), steps=steps, corpus=corpus,
+                    seed=seed, out_dir=str(out), **config)
+    data = None
+    session = f"{os.getpid()}-{time.time():.0f}"
+    every = max(1, min(5, steps // 20))  # enough logged steps for the report's verdicts
+    for i, (name, lr) in enumerate(points, start=1):
+        run_dir = out / "runs" / f"{name}-lr{_lr_tag(lr)}"
+        if (run_dir / "result.json").is_file():
+            if progress:
+                print(f"[{i}/{len(points)}] {run_dir.name}: done already, skipped", flush=True)
+            continue
+        if data is None:
+            data = prepare_data(cfg.corpus, cfg.tokenizer_vocab_size(), cfg.cache_dir,
+                                cfg.eval_fraction)
+        if progress:
+            print(f"[{i}/{len(points)}] {run_dir.name}", flush=True)
+        cfg.lrs = {name: lr}
+
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished run (no result.json) starts over
+
+        def lens_factory(model, optimizer, run_dir=run_dir, name=name):
+            return GradLens(model, optimizer, logdir=run_dir, preset=preset, log_every=every,
+                            name=run_dir.name, meta={"optimizer_name": name})
+
+        _, result = run_experiment(cfg, name, data, lens_factory=lens_factory,
+                                   progress=progress)
+        result.info.update(session=session, lr=lr, optimizer_name=name)
+        save_result(result, run_dir / "result.json")
+    rows = comparison_rows(out)
+    write_outputs(out, rows, progress=progress)
+    return rows
+
+
+def _load_results(out: Path) -> list[dict[str, Any]]:
+    results = []
+    for path in sorted((out / "runs").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        r["run_dir"] = str(path.parent)
+        results.append(r)
+    if not results:
+        raise ValueError(f"{out} holds no finished runs (runs/*/result.json)")
+    return results
+
+
+def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per optimizer at its best lr (lowest finite eval loss), relative to AdamW."""
+    results = _load_results(Path(out_dir))
+    best: dict[str, dict[str, Any]] = {}
+    for r in results:
+        name = r["info"].get("optimizer_name") or r["info"]["optimizer"].get("name")
+        loss = r.get("eval_loss")
+        loss = math.inf if loss is None or not math.isfinite(loss) else loss
+        r["_loss"] = loss
+        r["_name"] = name
+        if name not in best or loss < best[name]["_loss"]:
+            best[name] = r
+    if "adamw" not in best:
+        raise ValueError("no finished AdamW run to compare with")
+    ref = best["adamw"]
+    params = ref["info"]["parameters"]
+    rows = []
+    for name, r in best.items():
+        weights = 4 * r["info"]["parameters"]
+        same_process = r["info"].get("session") == ref["info"].get("session")
+        step = r.get("mean_step_s") or r.get("first_step_s")
+        ref_step = ref.get("mean_step_s") or ref.get("first_step_s")
+        rows.append({
+            "optimizer": name,
+            "best_lr": r["info"].get("lr"),
+            "best_eval_loss": r["eval_loss"],
+            "eval_ppl": r.get("eval_ppl"),
+            "tokens": r["tokens_seen"],
+            "optimizer_state_bytes": r["optimizer_state_bytes"],
+            "weights_plus_state_vs_adamw": (weights + r["optimizer_state_bytes"])
+            / (4 * params + ref["optimizer_state_bytes"]),
+            "step_time_vs_adamw": step / ref_step if step and ref_step else math.nan,
+            "step_time_same_process": same_process,
+            "loss_vs_adamw": r["eval_loss"] / ref["eval_loss"] - 1.0
+            if r["eval_loss"] is not None and ref["eval_loss"] else math.nan,
+            "run_dir": r["run_dir"],
+            "losses": r["losses"],
+        })
+    rows.sort(key=lambda row: (row["optimizer"] != "adamw", row["best_eval_loss"] or math.inf))
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], progress: bool = True) -> None:
+    """comparison.csv / .md, loss_curves.png and the lens report of the best runs."""
+    import pandas as pd
+
+    from gradlens.report.build import build_report
+
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "losses"} for r in rows])
+    table.to_csv(out / "comparison.csv", index=False)
+    cols = ["optimizer", "best_lr", "best_eval_loss", "eval_ppl", "loss_vs_adamw", "tokens",
+            "optimizer_state_bytes", "weights_plus_state_vs_adamw", "step_time_vs_adamw"]
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        md.append("| " + " | ".join(cells) + " |")
+    (out / "comparison.md").write_text("\n".join(md) + "\n")
+    _loss_curves(rows, out / "loss_curves.png")
+    build_report([r["run_dir"] for r in rows], out / "report", title="gradlens compare",
+                 progress=progress)
+    if progress:
+        print("\n" + "\n".join(md))
+        print(f"\nreport: {out / 'report' / 'report.html'}")
+
+
+def _loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"],
+                label=f"{r['optimizer']} (lr {r['best_lr']:.1e})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("best run of each optimizer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

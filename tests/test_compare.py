@@ -1,0 +1,62 @@
+"""gradlens compare: sweep, table relative to AdamW, resumability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradlens.compare import comparison_rows, run_compare, sweep_points
+
+
+@pytest.fixture
+def corpus_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADLENS_CACHE", str(tmp_path / "cache"))
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "mind"]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words, 600)) for _ in range(4)))
+    return path
+
+
+def test_sweep_points_scale_the_registry_lr():
+    from gradlens.optim.registry import OPTIMIZERS
+
+    pts = sweep_points(["adamw", "scale"], [0.5, 2.0])
+    assert pts == [("adamw", 0.5 * OPTIMIZERS["adamw"].lr), ("adamw", 2.0 * OPTIMIZERS["adamw"].lr),
+                   ("scale", 0.5 * OPTIMIZERS["scale"].lr), ("scale", 2.0 * OPTIMIZERS["scale"].lr)]
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        sweep_points(["adam"], [1.0])
+
+
+def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
+    out = tmp_path / "cmp"
+    kw = dict(optimizers=("adamw", "scale"), lr_factors=(1.0, 2.0), steps=3, size="tiny",
+              corpus=str(corpus_file), preset="minimal", progress=True, seq_len=16,
+              batch_size=2, grad_accum=1, eval_batches=1, vocab_size=300,
+              model_overrides={"vocab_size": 300})
+    rows = run_compare(out, **kw)
+    assert [r["optimizer"] for r in rows][0] == "adamw"
+    by = {r["optimizer"]: r for r in rows}
+    assert by["adamw"]["weights_plus_state_vs_adamw"] == 1.0
+    assert by["adamw"]["step_time_vs_adamw"] == 1.0
+    params = None
+    import json
+
+    for r in rows:
+        res = json.loads((tmp_path / r["run_dir"] / "result.json").read_text())
+        params = res["info"]["parameters"]
+        r["_state"] = res["optimizer_state_bytes"]
+    expected = (4 * params + by["scale"]["_state"]) / (4 * params + by["adamw"]["_state"])
+    assert by["scale"]["weights_plus_state_vs_adamw"] == pytest.approx(expected)
+    assert by["adamw"]["_state"] == 2 * 4 * params  # AdamW: two fp32 moments
+    assert by["scale"]["tokens"] == 3 * 2 * 16
+    for name in ("comparison.csv", "comparison.md", "loss_curves.png", "report/report.html"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "runs").glob("*/result.json"))) == 4
+    mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/result.json")}
+    capsys.readouterr()
+    rows2 = run_compare(out, **kw)  # resumes: nothing is redone
+    assert "done already, skipped" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    assert [r["best_eval_loss"] for r in rows2] == [r["best_eval_loss"] for r in rows]
+    assert comparison_rows(out)[0]["optimizer"] == "adamw"
