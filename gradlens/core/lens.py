@@ -632,11 +632,18 @@ class GradLens:
             "grad_norm_ratio_max": ratio[:L],
         }
         unit_sq_big: list[torch.Tensor | None] = [None] * L
+        self._fan_sq: dict[int, torch.Tensor] = {}
         if cfg.columns or cfg.histograms or cfg.microbatch:
             for k, info in enumerate(self.layers):
-                if self._matrix[k] and present[k]:
-                    unit_sq_big[k] = red[f"unit{k}"] if f"unit{k}" in red else \
-                        S.unit_sq_norms(g_list[k], info.layout)
+                if not (self._matrix[k] and present[k]):
+                    continue
+                if f"unit{k}" in red:
+                    unit_sq_big[k] = red[f"unit{k}"]
+                elif cfg.columns:  # both axes from one squared copy
+                    unit_sq_big[k], self._fan_sq[k] = S.unit_fan_sq_norms(g_list[k],
+                                                                         info.layout)
+                else:
+                    unit_sq_big[k] = S.unit_sq_norms(g_list[k], info.layout)
         if cfg.columns:
             matrices = [k for k in range(L) if unit_sq_big[k] is not None]
             if matrices:
@@ -827,10 +834,13 @@ class GradLens:
         return (unit_sq_big[k] / fan).sqrt()
 
     def _fan_rms(self, k: int, g_list, red: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Per-fan RMS over finite entries; a sharded layer's from its reduced sums and
-        counts (``sqrt(sum / count)``, NaN where no entry is finite, as ``S.fan_rms``)."""
+        """Per-fan RMS; a sharded layer's from its reduced sums and counts (``sqrt(sum /
+        count)`` over finite entries); in one process from this step's squared copy."""
         if f"fan{k}" in red:
             return (red[f"fan{k}"] / red[f"fan_count{k}"]).sqrt()
+        if k in self._fan_sq:  # non-finite entries count as zeros (the layer's count says so)
+            fan = self._fan_sq[k]
+            return (fan / (self._numel[k] // fan.numel())).sqrt()
         return S.fan_rms(g_list[k], self.layers[k].layout)
 
     def _const_index(self, ks: tuple[int, ...]) -> torch.Tensor:

@@ -7,13 +7,19 @@ authors' public code where it differs from the paper's prose.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from gradlens.optim._base import (
+    AdamWLists,
+    GroupwiseOptimizer,
+    params_with_grad,
+    uses_adamw,
+    validate_adamw_split,
+)
 from gradlens.optim.functional import adamw_update, scale_update
 
 __all__ = ["ALGORITHMS", "SCALE"]
@@ -21,8 +27,13 @@ __all__ = ["ALGORITHMS", "SCALE"]
 ALGORITHMS = ("auto", "scale", "adamw")
 """``auto``: ``scale`` for ndim >= 2, ``adamw`` for ndim <= 1."""
 
+_SPARSE_ERROR = (
+    "SCALE does not support sparse gradients (its RMS reduces over whole rows or columns); "
+    "build the embedding with sparse=False"
+)
 
-class SCALE(Optimizer):
+
+class SCALE(GroupwiseOptimizer):
     r"""Normalized-gradient descent for matrices, last-layer momentum, AdamW for 1-D tensors.
 
     Matrices (``algorithm="scale"``; weight ``W``, gradient ``G``, layout ``(out, in)``)::
@@ -131,60 +142,18 @@ class SCALE(Optimizer):
         param_group["lr_peak"] = merged["lr_peak"]
         param_group["lr_1d"] = merged["lr_1d"]
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["algorithm"] == "scale":
-            for p in group["params"]:
-                if p.ndim < 2:
-                    self.param_groups.pop()
-                    raise ValueError(
-                        f"algorithm='scale' needs matrices, got a {p.ndim}-D tensor of shape "
-                        f"{tuple(p.shape)}; use algorithm='auto' or 'adamw' for 1-D tensors"
-                    )
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step over every parameter that has a gradient.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
+        self._require_matrices("scale")
 
     def _step_group(self, group: dict[str, Any]) -> None:
         mats: list[Tensor] = []
         mat_grads: list[Tensor] = []
         bufs: list[Tensor] = []
-        vecs: list[Tensor] = []
-        vec_grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
+        vectors = AdamWLists()
         momentum = group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "SCALE does not support sparse gradients (its RMS reduces over whole rows or "
-                    "columns); build the embedding with sparse=False"
-                )
+        for p in params_with_grad(group, _SPARSE_ERROR):
             state = self.state[p]
-            if _uses_adamw(group["algorithm"], p):
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                vecs.append(p)
-                vec_grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+            if uses_adamw(group["algorithm"], p):
+                vectors.add(p, state)
             else:
                 if momentum > 0:
                     if "momentum_buffer" not in state:
@@ -205,14 +174,10 @@ class SCALE(Optimizer):
         lr_1d = group["lr_1d"] * lr / peak if peak > 0 else group["lr_1d"]
         beta1, beta2 = group["betas"]
         adamw_update(
-            vecs, vec_grads, exp_avgs, exp_avg_sqs, steps, lr=lr_1d,
+            *vectors.lists(), lr=lr_1d,
             weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
             foreach=foreach,
         )
-
-
-def _uses_adamw(algorithm: str, p: Tensor) -> bool:
-    return algorithm == "adamw" or (algorithm == "auto" and p.ndim < 2)
 
 
 def _validate(group: dict[str, Any]) -> None:
@@ -226,19 +191,7 @@ def _validate(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid peak learning rate: lr_peak={lr_peak} (must be >= 0)")
     if not 0.0 <= group["momentum"] < 1.0:
         raise ValueError(f"Invalid momentum: momentum={group['momentum']} (must be in [0, 1))")
-    if not group["weight_decay"] >= 0:
-        raise ValueError(
-            f"Invalid weight_decay: weight_decay={group['weight_decay']} (must be >= 0)"
-        )
-    betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: betas={betas} (need two values in [0, 1))")
-    if not group["eps"] > 0:
-        raise ValueError(f"Invalid eps: eps={group['eps']} (must be > 0)")
-    if group["algorithm"] not in ALGORITHMS:
-        raise ValueError(
-            f"Invalid algorithm: algorithm={group['algorithm']!r} (choose one of {ALGORITHMS})"
-        )
+    validate_adamw_split(group, ALGORITHMS)
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"Invalid foreach: foreach={group['foreach']!r} (True, False or None)")
     norm_dim = group["norm_dim"]

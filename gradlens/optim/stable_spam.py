@@ -64,13 +64,14 @@ Pitfalls:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from gradlens.optim._base import GroupwiseOptimizer, init_adamw_state, params_with_grad
 
 __all__ = ["StableSPAM", "stable_spam_update", "warmup_factor"]
 
@@ -223,7 +224,7 @@ def _foreach_path(
     torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
 
 
-class StableSPAM(Optimizer):
+class StableSPAM(GroupwiseOptimizer):
     r"""Stable-SPAM (arXiv 2502.17055): AdaClip, AdaGN, momentum reset with warm-up, AdamW.
 
     The per-tensor rule, the state and the choices made where the paper and the public code
@@ -281,40 +282,24 @@ class StableSPAM(Optimizer):
         _validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step over every parameter that has a gradient.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [], [])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("StableSPAM does not support sparse gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    _init_state(state, p)
-                for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                          state["max_ema"], state["norm_ema"],
-                                          state["norm_sq_ema"], state["step"]), strict=True):
-                    lst.append(x)
-            beta1, beta2 = group["betas"]
-            stable_spam_update(
-                *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], gamma1=group["gamma1"],
-                gamma2=group["gamma2"], gamma3=group["gamma3"],
-                update_interval=group["update_interval"], warmup_steps=group["warmup_steps"],
-                foreach=group["foreach"] is not False,
-            )
-        return loss
+    def _step_group(self, group: dict[str, Any]) -> None:
+        lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [], [], [])
+        for p in params_with_grad(group, "StableSPAM does not support sparse gradients"):
+            state = self.state[p]
+            if "step" not in state:
+                _init_state(state, p)
+            for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                      state["max_ema"], state["norm_ema"],
+                                      state["norm_sq_ema"], state["step"]), strict=True):
+                lst.append(x)
+        beta1, beta2 = group["betas"]
+        stable_spam_update(
+            *lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], gamma1=group["gamma1"],
+            gamma2=group["gamma2"], gamma3=group["gamma3"],
+            update_interval=group["update_interval"], warmup_steps=group["warmup_steps"],
+            foreach=group["foreach"] is not False,
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, keeping the scalar EMAs in fp32 or wider.
@@ -342,9 +327,7 @@ def _stat_dtype(p: Tensor) -> torch.dtype:
 
 
 def _init_state(state: dict[str, Any], p: Tensor) -> None:
-    state["step"] = torch.tensor(0.0)
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    init_adamw_state(state, p)
     for key in _SCALARS:
         state[key] = torch.zeros((), dtype=_stat_dtype(p), device=p.device)
 

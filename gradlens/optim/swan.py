@@ -7,13 +7,18 @@ Training", arXiv 2412.13148. The matrix rule and its numerics are documented in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
+from gradlens.optim._base import (
+    AdamWLists,
+    GroupwiseOptimizer,
+    params_with_grad,
+    uses_adamw,
+    validate_adamw_split,
+)
 from gradlens.optim.functional import adamw_update
 from gradlens.optim.swan_functional import NORM_EPS, NS_STEPS, swan_update
 from gradlens.roles import Role, discover_layers
@@ -23,8 +28,10 @@ __all__ = ["SWAN", "SWAN_ALGORITHMS", "swan_param_groups"]
 SWAN_ALGORITHMS = ("auto", "swan", "adamw")
 """``auto``: ``swan`` for ndim >= 2, ``adamw`` for ndim <= 1."""
 
+_SPARSE_ERROR = "SWAN does not support sparse gradients; build the embedding with sparse=False"
 
-class SWAN(Optimizer):
+
+class SWAN(GroupwiseOptimizer):
     r"""SWAN on hidden matrices (no state), Adam(W) on the embedding, output layer and 1-D tensors.
 
     Hidden matrices (``algorithm="swan"``; gradient ``G`` viewed as ``(m, n) = (size0, -1)``)::
@@ -106,59 +113,15 @@ class SWAN(Optimizer):
         """Add a group; missing options come from the constructor, then are validated."""
         _validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["algorithm"] == "swan":
-            for p in group["params"]:
-                if p.ndim < 2:
-                    self.param_groups.pop()
-                    raise ValueError(
-                        f"algorithm='swan' needs matrices, got a {p.ndim}-D tensor of shape "
-                        f"{tuple(p.shape)}; use algorithm='auto' or 'adamw' for 1-D tensors"
-                    )
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One optimizer step over every parameter that has a gradient.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
-        return loss
+        self._require_matrices("swan")
 
     def _step_group(self, group: dict[str, Any]) -> None:
         mats: list[Tensor] = []
         mat_grads: list[Tensor] = []
-        vecs: list[Tensor] = []
-        vec_grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    "SWAN does not support sparse gradients; build the embedding with sparse=False"
-                )
-            if group["algorithm"] == "adamw" or (group["algorithm"] == "auto" and p.ndim < 2):
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                vecs.append(p)
-                vec_grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+        vectors = AdamWLists()
+        for p in params_with_grad(group, _SPARSE_ERROR):
+            if uses_adamw(group["algorithm"], p):
+                vectors.add(p, self.state[p])  # matrices get no state entry at all
             else:
                 mats.append(p)
                 mat_grads.append(p.grad)
@@ -170,7 +133,7 @@ class SWAN(Optimizer):
         )
         beta1, beta2 = group["betas"]
         adamw_update(
-            vecs, vec_grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"],
+            *vectors.lists(), lr=group["lr"],
             weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
             foreach=foreach,
         )
@@ -226,20 +189,7 @@ def _validate(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter of ``group``."""
     if not group["lr"] >= 0:
         raise ValueError(f"Invalid learning rate: lr={group['lr']} (must be >= 0)")
-    if not group["weight_decay"] >= 0:
-        raise ValueError(
-            f"Invalid weight_decay: weight_decay={group['weight_decay']} (must be >= 0)"
-        )
-    betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: betas={betas} (need two values in [0, 1))")
-    if not group["eps"] > 0:
-        raise ValueError(f"Invalid eps: eps={group['eps']} (must be > 0)")
-    if group["algorithm"] not in SWAN_ALGORITHMS:
-        raise ValueError(
-            f"Invalid algorithm: algorithm={group['algorithm']!r} "
-            f"(choose one of {SWAN_ALGORITHMS})"
-        )
+    validate_adamw_split(group, SWAN_ALGORITHMS)
     norm_dim = group["norm_dim"]
     if norm_dim is not None and (isinstance(norm_dim, bool) or norm_dim not in (0, 1)):
         raise ValueError(f"Invalid norm_dim: norm_dim={norm_dim!r} (must be 0, 1 or None)")

@@ -16,6 +16,7 @@ from gradlens.stats.columns import (
     sorted_quantile,
     spread,
     spread_batched,
+    unit_fan_sq_norms,
     unit_rms,
     unit_sq_norms,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "two_batch_unit_estimates",
     "unit_noise_to_signal",
     "unit_noise_to_signal_ratios",
+    "unit_fan_sq_norms",
     "unit_rms",
     "unit_sq_norms",
     "within_batch_trace",
