@@ -4,7 +4,7 @@ Every function here is a pure tensor -> tensor map: it reads a gradient, never w
 tensors on the gradient's device, and never synchronizes with the host (no ``.item()``, no
 python ``if`` on tensor data, no data-dependent shapes). Results accumulate in ``float32``
 (``float64`` when the input is ``float64``), whatever the gradient's dtype (``bf16``/``fp16``
-gradients are upcast chunk-free, one copy).
+gradients are upcast in the one copy the masking makes anyway).
 
 Non-finite entries (NaN, +-Inf) are **excluded** from the norm and the maximum (they contribute
 0) and **counted** separately, so one NaN never poisons a running average.
@@ -24,16 +24,19 @@ Scaling pitfalls (apply to every statistic computed from ``p.grad``):
 - **Clipping.** ``clip_grad_norm_`` rescales ``p.grad`` in place; a norm read in a step
   pre-hook is the *clipped* norm.
 
-Speed (measured on 2 CPU cores, a 5.3M-entry list shaped like the ``small`` LLaMA's
-gradients, best of 30): ``torch.dot`` + ``torch.aminmax`` without any masking takes ~1.2 ms;
-the exact masked summary here (``nan_to_num`` copy, ``dot``, ``aminmax``, non-finite count
-through ``count_nonzero(g * 0)``) ~4.7 ms; the same with ``torch.where(torch.isfinite(g), g,
-0)`` or an ``isfinite(...).sum()`` count 11-35 ms; ``torch._foreach_norm`` (order 2 and inf)
-~27 ms even *without* masking (the CPU foreach kernels are slow loops). ``g * 0`` is 0 for a
-finite entry and NaN for a non-finite one, so ``count_nonzero(g * 0)`` counts non-finite
-entries with one cheap elementwise op. On CUDA the foreach path (one multi-tensor launch per
-reduction instead of one per tensor) is used by default; both paths agree to float64 rounding
-(tested).
+Speed (2 shared CPU cores, a 5.3M-entry list shaped like the ``small`` LLaMA's gradients,
+best of 40; the machine was busy, so treat these as ratios): ``torch.dot`` + ``torch.aminmax``
+with no masking and no count, ~1.9 ms; the exact summary here (``nan_to_num`` copy, ``dot``,
+``aminmax``, non-finite count through ``count_nonzero(g * 0)``), ~6.5 ms, of which the count is
+about half (the masking copy alone brings it to ~3.6 ms); the ``torch.where(torch.isfinite(g),
+g, 0)`` variant with a boolean-sum count, ~16 ms; ``torch._foreach_norm`` at orders 2 and
+inf, even without masking, ~10 ms (the CPU foreach kernels are per-tensor loops). Temporary
+allocations (page faults) dominate on CPU; chunking the work into cache-sized pieces did not
+help reliably. ``g * 0`` is 0 for a finite entry and NaN for a non-finite one, so counting
+its non-zeros takes one elementwise op. On CUDA, where temporaries come from the caching
+allocator and launches are the cost, the foreach path (one multi-tensor launch per reduction)
+is the default; both paths agree to float64 rounding (tested on CPU; the CUDA path is not
+exercised by this repository's tests).
 """
 
 from __future__ import annotations

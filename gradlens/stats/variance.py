@@ -159,7 +159,8 @@ def per_example_sq_norms_linear(
     Li et al. 2022's "ghost clipping"). ``method="gram"`` uses the right side (cost ~``T**2
     (in + out)``), ``"direct"`` forms ``D_b^T A_b`` chunk by chunk (~``T in out``), ``"auto"``
     picks the cheaper from the shapes (:func:`choose_per_example_method`). No per-example
-    gradient is ever held whole unless it fits ``max_chunk_elems``.
+    gradient is ever held whole unless it fits ``max_chunk_elems``. With one token per example
+    (``(B, in)`` inputs) every method reduces to the closed form ``||a_b||**2 ||d_b||**2``.
 
     Args:
         a: inputs, ``(B, T, in)``, ``(B, in)`` or ``(B, ..., in)`` (middle dims are tokens).
@@ -694,6 +695,10 @@ def temporal_readout(
     Sketched states replace ``||E_w g||**2`` by ``||S E_w g||**2``: unbiased, with standard
     deviation at most ``sqrt(2/k) ||E_w g||**2`` (see :func:`sketch_apply`), so the error of
     ``var`` is about ``sqrt(2/k) / temporal_noise_scale`` relative to ``var``.
+
+    Precision: ``var`` is a difference of two accumulated squares; in float32 its absolute
+    error is about ``1e-7 ||E_w g||**2`` (harmless unless the temporal noise scale is below
+    ~1e-5; use a float64 state for such cases).
 
     Scale: ``var`` scales with the square of the gradient (loss reduction, ``1/K`` accumulation
     factors, AMP scale); ``var_normalized`` does not (``G / r`` has unit RMS per unit).

@@ -66,33 +66,36 @@ def spread(r: np.ndarray) -> np.ndarray:
     ])
 
 
-def ema_zscore(xs: list[list[float]], alpha: float, threshold: float, warmup: int,
-               min_std: float, clip: bool):
-    """Scalar python loop of the z-score detector, one series per column."""
+def forecast_zscore(xs: list[list[float]], threshold: float, alpha: float, level_alpha: float,
+                    trend: float, warmup: int, min_std: float, clip: bool):
+    """Scalar python loop of the detector (Holt level + slope, residual z-score), per column."""
     L = len(xs[0])
-    mean = [0.0] * L
-    var = [0.0] * L
-    count = [0] * L
+    level, slope, var, count = [0.0] * L, [0.0] * L, [0.0] * L, [0] * L
     zs, flags = [], []
     for row in xs:
         zr, fr = [], []
         for i, x in enumerate(row):
-            s = max(np.sqrt(max(var[i], 0.0)), min_std)
-            armed = count[i] >= warmup
             if not np.isfinite(x):
                 zr.append(np.nan)
                 fr.append(False)
                 continue
-            z = (x - mean[i]) / s
-            zr.append(z if armed else np.nan)
-            fr.append(bool(armed and z > threshold))
-            v = x
-            if clip and armed:
-                v = min(max(v, mean[i] - threshold * s), mean[i] + threshold * s)
-            w = max(1.0 / (count[i] + 1), 1 - alpha)
-            delta = v - mean[i]
-            mean[i] += w * delta
-            var[i] = (1 - w) * (var[i] + w * delta * delta)
+            s = max(np.sqrt(max(var[i], 0.0)), min_std) + (1e-12 if min_std == 0 else 0.0)
+            pred = level[i] + slope[i]
+            r = x - pred
+            armed = count[i] >= warmup
+            zr.append(r / s if armed else np.nan)
+            fr.append(bool(armed and r / s > threshold))
+            if count[i] == 0:
+                level[i], slope[i], var[i] = x, 0.0, 0.0
+            else:
+                if clip and armed:
+                    r = min(max(r, -threshold * s), threshold * s)
+                wv = max(1.0 / count[i], 1 - alpha)
+                wl = max(1.0 / (count[i] + 1), 1 - level_alpha)
+                var[i] = (1 - wv) * var[i] + wv * r * r
+                new_level = pred + wl * r
+                slope[i] += trend * ((new_level - level[i]) - slope[i])
+                level[i] = new_level
             count[i] += 1
         zs.append(zr)
         flags.append(fr)

@@ -35,6 +35,9 @@ def test_unit_and_fan_rms(layout, n_bad):
     fin = np.where(np.isfinite(m), m, 0.0)
     np.testing.assert_allclose(np64(S.unit_sq_norms(g, layout)), (fin**2).sum(1), rtol=1e-5)
     np.testing.assert_allclose(np64(S.fan_sq_norms(g, layout)), (fin**2).sum(0), rtol=1e-5)
+    both = S.unit_fan_sq_norms(g, layout)
+    np.testing.assert_allclose(np64(both[0]), (fin**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np64(both[1]), (fin**2).sum(0), rtol=1e-5)
     if n_bad == 0:  # the documented identity with SCALE's axis
         norm_dim = {"linear": 1, "conv1d": 0, "embedding": 0}.get(layout)
         if norm_dim is not None:
