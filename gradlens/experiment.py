@@ -86,43 +86,38 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-@register_optimizer("adamw")
-def _adamw(model: nn.Module, lr: float, *, betas: tuple[float, float] = (0.9, 0.95),
-           eps: float = 1e-8, weight_decay: float = 0.0, foreach: bool = True,
-           **kw: Any) -> tuple[Optimizer, dict[str, Any]]:
-    """``torch.optim.AdamW`` on every trainable parameter.
+def _from_registry(name: str) -> OptimizerFactory:
+    """A factory over :func:`gradlens.optim.registry.make_optimizer` (one registry of
+    optimizers for the whole package); SCALE and its variants get ``lr_1d = 20 * lr`` unless
+    given, the ratio of the paper's 60M-350M runs (1e-3 / 2e-2)."""
 
-    Defaults for short small-LLaMA runs: ``betas=(0.9, 0.95)`` (the LLaMA recipe; a shorter
-    second-moment memory than 0.999 is more stable over a few hundred steps), ``eps=1e-8``,
-    ``weight_decay=0`` (as SCALE's published runs, so a comparison isolates the update rule).
-    """
-    opt = torch.optim.AdamW(_trainable(model), lr=lr, betas=betas, eps=eps,
-                            weight_decay=weight_decay, foreach=foreach, **kw)
-    info = dict(name="adamw", lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay,
-                foreach=foreach, **kw)
-    return opt, info
+    def factory(model: nn.Module, lr: float, **kw: Any) -> tuple[Optimizer, dict[str, Any]]:
+        from gradlens.optim.registry import make_optimizer as build
+
+        if name in _SCALE_FAMILY:
+            kw.setdefault("lr_1d", 20.0 * lr)
+        opt = build(name, model, lr, **kw)
+        info: dict[str, Any] = dict(name=name, lr=lr)
+        defaults = getattr(opt, "defaults", {}) or {}
+        for k, v in {**defaults, **kw}.items():
+            if k not in info and isinstance(v, (int, float, str, bool, tuple, type(None))):
+                info[k] = list(v) if isinstance(v, tuple) else v
+        return opt, info
+
+    return factory
 
 
-@register_optimizer("scale")
-def _scale(model: nn.Module, lr: float, *, lr_1d: float | None = None,
-           **kw: Any) -> tuple[Optimizer, dict[str, Any]]:
-    """:class:`gradlens.optim.SCALE` with :func:`gradlens.optim.scale_param_groups`.
+_SCALE_FAMILY = ("scale", "colnorm_sgd", "colnorm_sgd_momentum_all", "sgd_output_momentum")
 
-    ``lr_1d`` (peak AdamW lr of the 1-D tensors) defaults to ``20 * lr``, the ratio of the
-    paper's 60M-350M runs (1e-3 / 2e-2). Other keywords go to ``scale_param_groups``
-    (``momentum``, ``momentum_roles``, ``normalize``, ``weight_decay``, ``overrides``).
-    """
-    from gradlens.optim import SCALE, scale_param_groups
 
-    lr_1d = 20.0 * lr if lr_1d is None else lr_1d
-    groups = scale_param_groups(model, lr=lr, lr_1d=lr_1d, **kw)
-    opt = SCALE(groups, lr=lr)
-    info: dict[str, Any] = dict(name="scale", lr=lr, lr_1d=lr_1d,
-                                groups=[{"role": str(g.get("role")), "params": len(g["params"])}
-                                        for g in groups])
-    info.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()
-                 if isinstance(v, (int, float, str, bool, tuple, type(None)))})
-    return opt, info
+def _register_field() -> None:
+    from gradlens.optim.registry import OPTIMIZERS as FIELD
+
+    for name in FIELD:
+        register_optimizer(name)(_from_registry(name))
+
+
+_register_field()
 
 
 @register_optimizer("sgd")
@@ -133,6 +128,17 @@ def _sgd(model: nn.Module, lr: float, *, momentum: float = 0.9, nesterov: bool =
                           weight_decay=weight_decay, foreach=True, **kw)
     return opt, dict(name="sgd", lr=lr, momentum=momentum, nesterov=nesterov,
                      weight_decay=weight_decay, **kw)
+
+
+def _default_lr(key: str) -> float:
+    """The demo-tuned lr of :data:`DEFAULT_LRS`, else the optimizer registry's default."""
+    from gradlens.optim.registry import OPTIMIZERS as FIELD
+
+    if key in DEFAULT_LRS:
+        return DEFAULT_LRS[key]
+    if key in FIELD:
+        return FIELD[key].lr
+    raise ValueError(f"optimizer {key!r} has no default learning rate; pass lr=")
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
@@ -152,9 +158,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if lr is None:
-        if key not in DEFAULT_LRS:
-            raise ValueError(f"optimizer {name!r} has no default learning rate; pass lr=")
-        lr = DEFAULT_LRS[key]
+        lr = _default_lr(key)
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got lr={lr}")
     return OPTIMIZERS[key](model, lr, **kw)
@@ -575,9 +579,7 @@ class RunConfig:
         key = name.lower()
         if key in self.lrs:
             return float(self.lrs[key])
-        if key not in DEFAULT_LRS:
-            raise ValueError(f"no learning rate for optimizer {name!r}: set RunConfig.lrs")
-        return DEFAULT_LRS[key]
+        return _default_lr(key)
 
     def tokenizer_vocab_size(self) -> int:
         """``vocab_size`` or the model's."""

@@ -60,3 +60,23 @@ def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert [r["best_eval_loss"] for r in rows2] == [r["best_eval_loss"] for r in rows]
     assert comparison_rows(out)[0]["optimizer"] == "adamw"
+
+
+def test_training_loop_builds_every_optimizer_of_the_registry(tiny_llama):
+    import torch
+
+    from gradlens.experiment import make_optimizer
+    from gradlens.optim.registry import OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        opt, info = make_optimizer(name, tiny_llama)
+        assert info["name"] == name and info["lr"] == pytest.approx(
+            {"adamw": 5e-3, "scale": 3e-3}.get(name, OPTIMIZERS[name].lr))
+        if name in ("scale", "colnorm_sgd"):
+            assert info["lr_1d"] == pytest.approx(20 * info["lr"])
+        before = tiny_llama.lm_head.weight.detach().clone()
+        ids = torch.randint(0, 128, (2, 8))
+        tiny_llama(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(before, tiny_llama.lm_head.weight), name
