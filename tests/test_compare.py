@@ -35,7 +35,7 @@ def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
               batch_size=2, grad_accum=1, eval_batches=1, vocab_size=300,
               model_overrides={"vocab_size": 300})
     rows = run_compare(out, **kw)
-    assert [r["optimizer"] for r in rows][0] == "adamw"
+    assert next(r["optimizer"] for r in rows) == "adamw"
     by = {r["optimizer"]: r for r in rows}
     assert by["adamw"]["weights_plus_state_vs_adamw"] == 1.0
     assert by["adamw"]["step_time_vs_adamw"] == 1.0
