@@ -438,7 +438,7 @@ class GradLens:
         # FSDP2: local shards (partial sums below) and how each relates to the global gradient
         g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self._world)
 
-        summary = S.grad_summaries(g_list)  # (L, 3): finite sq norm, max |g|, non-finite count
+        summary = S.grad_summaries(g_list)  # (L, 4): finite sq norm, max |g|, non-finite count, numel
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
         if shards is not None:  # what this rank adds to the sums (see gradlens.core.distributed)
             mask = self._contrib_mask(shards)
