@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,16 +42,13 @@ def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
     by = {r["optimizer"]: r for r in rows}
     assert by["adamw"]["weights_plus_state_vs_adamw"] == 1.0
     assert by["adamw"]["step_time_vs_adamw"] == 1.0
-    params = None
-    import json
-
-    for r in rows:
-        res = json.loads((tmp_path / r["run_dir"] / "result.json").read_text())
-        params = res["info"]["parameters"]
-        r["_state"] = res["optimizer_state_bytes"]
-    expected = (4 * params + by["scale"]["_state"]) / (4 * params + by["adamw"]["_state"])
+    results = {r["optimizer"]: json.loads((Path(r["run_dir"]) / "result.json").read_text())
+               for r in rows}
+    params = results["adamw"]["info"]["parameters"]
+    state = {name: res["optimizer_state_bytes"] for name, res in results.items()}
+    expected = (4 * params + state["scale"]) / (4 * params + state["adamw"])
     assert by["scale"]["weights_plus_state_vs_adamw"] == pytest.approx(expected)
-    assert by["adamw"]["_state"] == 2 * 4 * params  # AdamW: two fp32 moments
+    assert state["adamw"] == 2 * 4 * params  # AdamW: two fp32 moments
     assert by["scale"]["tokens"] == 3 * 2 * 16
     for name in ("comparison.csv", "comparison.md", "loss_curves.png", "report/report.html"):
         assert (out / name).is_file(), name

@@ -80,6 +80,7 @@ class GradLens:
         scaler: a ``torch.amp.GradScaler``: micro-batch statistics are unscaled with its scale,
             and a step it skips (inf/NaN) becomes a ``skipped_step`` event.
         name: run name stored in run.json (default: the logdir's name).
+        meta: extra JSON-able entries for run.json (framework, run config, ...).
         **options: any :class:`~gradlens.core.config.LensConfig` field.
     """
 

@@ -11,18 +11,12 @@ from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import ChainedOptimizer, muon_adamw, optimizer_state_numel
+from tests.optim._helpers import backward_random_batch
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
                                 reason="this torch has no torch.optim.Muon")
 
 LR, ADAMW_LR, WD = 2e-2, 3e-3, 0.1
-
-
-def backward_random_batch(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
 
 
 def separate_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:

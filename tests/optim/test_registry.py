@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import OPTIMIZERS, make_optimizer
+from tests.optim._helpers import backward_random_batch
 
 NAMES = ["adamw", "scale", "colnorm_sgd", "colnorm_sgd_momentum_all", "sgd_output_momentum",
          "swan", "stable_spam", "muon"]
-
-
-def backward_random_batch(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
 
 
 def test_registry_lists_every_name_with_a_description_and_lr() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import SCALE, adamw_update, scale_param_groups, scale_update, unit_rms
+from tests.optim._helpers import backward_random_batch
 from tests.optim._reference import RefParam, reference_step
 
 LR, LR_1D, WD = 1e-2, 2e-2, 0.1
@@ -45,13 +46,6 @@ def reference_params(model: nn.Module) -> dict[str, RefParam]:
         else:
             ref[name] = RefParam(w, "scale", axis=1)
     return ref
-
-
-def backward_random_batch(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -15,6 +15,7 @@ from torch import nn
 from gradlens.data import build_llama
 from gradlens.optim import StableSPAM, stable_spam_update
 from gradlens.optim.stable_spam import warmup_factor
+from tests.optim._helpers import backward_random_batch
 
 LR, WD, EPS = 1e-2, 0.1, 1e-8
 B1, B2, G1, G2, G3 = 0.9, 0.999, 0.7, 0.9, 0.999
@@ -162,13 +163,6 @@ def test_zero_gradient_stays_finite() -> None:
     opt.step()
     assert torch.equal(w.detach(), torch.ones(3, 4))
     assert all(torch.isfinite(x).all() for x in opt.state[w].values())
-
-
-def backward_random_batch(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
 
 
 def test_state_dict_round_trip_is_bit_identical() -> None:

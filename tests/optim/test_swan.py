@@ -19,6 +19,7 @@ from torch import nn
 from gradlens.data import build_llama
 from gradlens.optim import SWAN, grad_norm, grad_whitening, swan_param_groups, swan_update
 from gradlens.optim.swan_functional import NS_STEPS
+from tests.optim._helpers import backward_random_batch
 from tests.optim._reference import RefParam, adamw_step
 
 LR, ADAM_LR, WD = 1e-2, 3e-3, 0.1
@@ -144,13 +145,6 @@ def test_swan_update_paths_agree_float64(norm_dim: int | None, rms_scale: bool) 
 
 
 # ---------------------------------------------------------------- optimizer
-
-def backward_random_batch(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
-
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_matches_numpy_reference_on_llama(foreach: bool) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import SCALE, VARIANTS, scale_variant_groups
+from tests.optim._helpers import backward_random_batch
 from tests.optim._reference import RefParam, reference_step
 
 LR, LR_1D, WD = 1e-2, 2e-2, 0.05
@@ -50,13 +50,6 @@ def test_group_options(variant: str) -> None:
         assert g["norm_dim"] == (expected_axis[role] if normalize else None), role
         assert g["momentum"] == (0.9 if role in momentum_roles else 0.0), role
     assert by_role["vector"]["algorithm"] == "adamw" and by_role["vector"]["lr_1d"] == LR_1D
-
-
-def backward_random_batch(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
 
 
 @pytest.mark.parametrize("variant", list(RULES))
