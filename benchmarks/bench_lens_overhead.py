@@ -1,16 +1,21 @@
 """Step-time overhead and extra memory of the lens on a small LLaMA.
 
 Trains ``build_llama("small")`` (hidden 256, 4 layers, vocabulary 4096) on random tokens,
-batch 16 x 128, with AdamW, and times steps without the lens and with each preset, the
-configurations interleaved round by round so that machine noise hits all of them alike.
-Prints median step times and their ratios to the bare step, and the memory the lens keeps.
+batch 16 x 128, with AdamW, without the lens and with each preset. Every configuration has
+its own copy of the model, optimizer and lens, and the configurations take turns one step at
+a time (in a random order each round), so that the machine's drifts in speed hit all of them alike;
+each round gives one ratio per configuration to the bare step of the same round, and the
+median of those paired ratios is the figure (medians of the raw times are shown beside it).
+Prints the memory the lens keeps between steps, too.
 
-    python benchmarks/bench_lens_overhead.py [--rounds 6] [--steps 3]
+    python benchmarks/bench_lens_overhead.py [--rounds 12] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import statistics
 import time
 
@@ -21,6 +26,7 @@ from gradlens.data import build_llama
 
 CONFIGS = [
     ("bare", None, 1),
+    ("bare (a second copy)", None, 1),  # its ratio is the noise floor of the measurement
     ("minimal", "minimal", 1),
     ("standard", "standard", 1),
     ("standard, log_every=10", "standard", 10),
@@ -47,15 +53,36 @@ def lens_bytes(lens: GradLens) -> int:
             for v in obj:
                 visit(v)
 
-    for attr in ("_state", "_consts", "_temporal", "_mb_sq", "_mb_unit", "_pe_sq"):
+    for attr in ("_state", "_consts", "_temporal", "_mb_sq", "_mb_unit", "_pe_sq", "_grams"):
         visit(getattr(lens, attr))
     return total
 
 
+class _Run:
+    """One configuration: its own model copy, AdamW and (optionally) lens."""
+
+    def __init__(self, model: torch.nn.Module, preset: str | None, log_every: int) -> None:
+        self.model = copy.deepcopy(model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.lens = None if preset is None else GradLens(
+            self.model, self.opt, preset=preset, log_every=log_every, sinks=[_NullSink()])
+
+    def step(self, ids: torch.Tensor) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if self.lens is not None:
+            self.lens.observe_loss(loss)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per config per round")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="timed steps per configuration (one per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1,
@@ -65,56 +92,43 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_llama("small")
     vocab = model.config.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     data = torch.randint(0, vocab, (8, args.batch, args.seq))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    runs = {name: _Run(model, preset, every) for name, preset, every in CONFIGS}
+    names = list(runs)
+    for i in range(args.warmup):
+        for run in runs.values():
+            run.step(data[i % len(data)])  # the first step allocates the lens's state
 
-    def step(i: int, lens: GradLens | None) -> tuple[float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        ids = data[i % len(data)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if lens is not None:
-            lens.observe_loss(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, time.process_time() - c0
-
-    for i in range(2):
-        step(i, None)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name, _, _ in CONFIGS}
-    cpu: dict[str, list[float]] = {name: [] for name, _, _ in CONFIGS}
-    memory: dict[str, int] = {}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for name, preset, log_every in CONFIGS:
-            lens = None
-            if preset is not None:
-                lens = GradLens(model, opt, preset=preset, log_every=log_every,
-                                sinks=[_NullSink()])
-                step(0, lens)  # first step allocates the lens's state
-            for s in range(args.steps):
-                wall, used = step(r * args.steps + s, lens)
-                times[name].append(wall)
-                cpu[name].append(used)
-            if lens is not None:
-                memory[name] = lens_bytes(lens)
-                lens.close()
+        order = random.Random(r).sample(names, len(names))  # no fixed predecessor either
+        ids = data[r % len(data)]
+        for name in order:
+            w, c = runs[name].step(ids)
+            wall[name].append(w)
+            cpu[name].append(c)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    base = statistics.median(times["bare"])
-    base_cpu = statistics.median(cpu["bare"])
+    def paired(times: dict[str, list[float]], name: str) -> float:
+        return statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
+
     print(f"\nsmall LLaMA, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps, medians. CPU time (this process only) "
-          "is the robust measure on a shared machine; wall time is shown beside it.")
+          f"{args.rounds} rounds of one step per configuration. Ratios: median over rounds "
+          "of (step / bare step of the same round); CPU time (this process only) is the "
+          "robust measure on a shared machine, wall time is shown beside it.")
     print(f"{'config':26s} {'wall ms':>9s} {'ratio':>7s} {'CPU ms':>9s} {'ratio':>7s} "
           f"{'lens memory':>18s}")
-    for name, _, _ in CONFIGS:
-        med = statistics.median(times[name])
-        med_cpu = statistics.median(cpu[name])
-        mem = memory.get(name, 0)
-        mem_txt = f"{mem / 1e6:.2f} MB ({100 * mem / param_bytes:.2f}%)" if name != "bare" else "-"
-        print(f"{name:26s} {1e3 * med:9.1f} {med / base:7.3f} {1e3 * med_cpu:9.1f} "
-              f"{med_cpu / base_cpu:7.3f} {mem_txt:>18s}")
+    for name in names:
+        lens = runs[name].lens
+        mem_txt = "-"
+        if lens is not None:
+            mem = lens_bytes(lens)
+            mem_txt = f"{mem / 1e6:.2f} MB ({100 * mem / param_bytes:.2f}%)"
+        print(f"{name:26s} {1e3 * statistics.median(wall[name]):9.1f} "
+              f"{paired(wall, name):7.3f} {1e3 * statistics.median(cpu[name]):9.1f} "
+              f"{paired(cpu, name):7.3f} {mem_txt:>18s}")
     print(f"parameter bytes: {param_bytes / 1e6:.1f} MB")
 
 

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--size", default="demo")
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--preset", default="standard", choices=["minimal", "standard", "full"])
+    compare.add_argument("--preset", default="full", choices=["minimal", "standard", "full"],
+                         help="lens preset of every run (default: full, every estimator)")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
 

@@ -1,7 +1,7 @@
 """``gradlens compare``: several optimizers on the same model and data, each under the lens.
 
-For every optimizer a small learning-rate sweep (the registry's default lr times a few
-factors) runs on the same initialization, tokenizer and batches. Finished runs are not redone
+For every optimizer a small learning-rate sweep (its demo-scale default lr,
+:data:`gradlens.experiment.DEFAULT_LRS`, times a few factors) runs on the same initialization, tokenizer and batches. Finished runs are not redone
 (each run directory keeps its ``result.json``), so an interrupted comparison resumes. Outputs
 in ``out_dir``:
 
@@ -11,6 +11,10 @@ in ``out_dir``:
                                step time relative to AdamW (measured in the same process)
     loss_curves.png            training loss of each optimizer's best run
     report/                    the lens report across the best runs
+
+The lens runs the ``full`` preset by default (every variance estimator: the comparison is
+about why the optimizers differ, and on a small model it costs a few percent at the logging
+interval used here).
 """
 
 from __future__ import annotations
@@ -40,15 +44,17 @@ def _lr_tag(lr: float) -> str:
 
 def sweep_points(optimizers: Sequence[str], lr_factors: Sequence[float],
                  lrs: dict[str, float] | None = None) -> list[tuple[str, float]]:
-    """``(optimizer, lr)`` pairs: each optimizer's base lr (``lrs`` or the registry default)
-    times every factor."""
+    """``(optimizer, lr)`` pairs: each optimizer's base lr (``lrs``, else the demo-scale
+    :data:`gradlens.experiment.DEFAULT_LRS`, else the registry's published value) times every
+    factor."""
+    from gradlens.experiment import default_lr
     from gradlens.optim.registry import OPTIMIZERS
 
     points = []
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
-        base = (lrs or {}).get(name, OPTIMIZERS[name].lr)
+        base = (lrs or {}).get(name) or default_lr(name)
         points.extend((name, base * f) for f in lr_factors)
     return points
 
@@ -61,7 +67,7 @@ def run_compare(
     size: str = "demo",
     corpus: str | None = None,
     seed: int = 0,
-    preset: str = "standard",
+    preset: str = "full",
     progress: bool = True,
     lrs: dict[str, float] | None = None,
     **config: Any,

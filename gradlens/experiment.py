@@ -42,6 +42,7 @@ __all__ = [
     "build_model",
     "cosine_lr_factor",
     "cosine_schedule",
+    "default_lr",
     "evaluate",
     "make_optimizer",
     "optimizer_state_bytes",
@@ -58,7 +59,11 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {}
 """Name -> ``factory(model, lr, **kw) -> (optimizer, info)``. Add entries with
 :func:`register_optimizer`; ``info`` is a JSON-able dict of the hyperparameters used."""
 
-DEFAULT_LRS: dict[str, float] = {"adamw": 5e-3, "scale": 3e-3, "sgd": 0.1}
+DEFAULT_LRS: dict[str, float] = {
+    "adamw": 5e-3, "scale": 3e-3, "sgd": 0.1,
+    # the same family, the same centre (gradlens compare sweeps around these)
+    "stable_spam": 5e-3, "colnorm_sgd": 3e-3, "colnorm_sgd_momentum_all": 3e-3, "swan": 3e-3,
+}
 """Peak learning rates for the demo model (the :class:`RunConfig` defaults: 200 steps of
 16 x 128 tokens of Shakespeare, seed 0). Held-out loss after a sweep of the peak lr:
 
@@ -66,7 +71,10 @@ DEFAULT_LRS: dict[str, float] = {"adamw": 5e-3, "scale": 3e-3, "sgd": 0.1}
   1e-2: 5.55 (betas 0.9/0.999 at 5e-3: 5.25);
 - scale (lr_1d = 20 lr): 1e-3: 5.02, **3e-3: 4.99**, 1e-2: 5.23.
 
-sgd's value is a plain guess. Other models and horizons need their own sweep."""
+The others are not tuned here: Stable-SPAM (AdamW underneath) takes AdamW's value; SCALE's
+ablations and SWAN (whose whitened matrix steps have entry RMS ``lr``, as SCALE's normalized
+ones) take SCALE's; ``sgd``'s value is a plain guess; anything else falls back to the optimizer
+registry's published value. Other models and horizons need their own sweep."""
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
@@ -130,7 +138,7 @@ def _sgd(model: nn.Module, lr: float, *, momentum: float = 0.9, nesterov: bool =
                      weight_decay=weight_decay, **kw)
 
 
-def _default_lr(key: str) -> float:
+def default_lr(key: str) -> float:
     """The demo-tuned lr of :data:`DEFAULT_LRS`, else the optimizer registry's default."""
     from gradlens.optim.registry import OPTIMIZERS as FIELD
 
@@ -158,7 +166,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None,
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if lr is None:
-        lr = _default_lr(key)
+        lr = default_lr(key)
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got lr={lr}")
     return OPTIMIZERS[key](model, lr, **kw)
@@ -579,7 +587,7 @@ class RunConfig:
         key = name.lower()
         if key in self.lrs:
             return float(self.lrs[key])
-        return _default_lr(key)
+        return default_lr(key)
 
     def tokenizer_vocab_size(self) -> int:
         """``vocab_size`` or the model's."""

@@ -21,12 +21,17 @@ def corpus_file(tmp_path, monkeypatch):
     return path
 
 
-def test_sweep_points_scale_the_registry_lr():
+def test_sweep_points_scale_the_default_lrs():
+    from gradlens.experiment import DEFAULT_LRS
     from gradlens.optim.registry import OPTIMIZERS
 
-    pts = sweep_points(["adamw", "scale"], [0.5, 2.0])
-    assert pts == [("adamw", 0.5 * OPTIMIZERS["adamw"].lr), ("adamw", 2.0 * OPTIMIZERS["adamw"].lr),
-                   ("scale", 0.5 * OPTIMIZERS["scale"].lr), ("scale", 2.0 * OPTIMIZERS["scale"].lr)]
+    pts = sweep_points(["adamw", "scale", "sgd_output_momentum"], [0.5, 2.0])
+    assert pts == [("adamw", 0.5 * DEFAULT_LRS["adamw"]), ("adamw", 2.0 * DEFAULT_LRS["adamw"]),
+                   ("scale", 0.5 * DEFAULT_LRS["scale"]), ("scale", 2.0 * DEFAULT_LRS["scale"]),
+                   # no demo-scale value: the registry's
+                   ("sgd_output_momentum", 0.5 * OPTIMIZERS["sgd_output_momentum"].lr),
+                   ("sgd_output_momentum", 2.0 * OPTIMIZERS["sgd_output_momentum"].lr)]
+    assert sweep_points(["scale"], [1.0], lrs={"scale": 0.25}) == [("scale", 0.25)]
     with pytest.raises(ValueError, match="unknown optimizer"):
         sweep_points(["adam"], [1.0])
 
@@ -65,13 +70,13 @@ def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
 def test_training_loop_builds_every_optimizer_of_the_registry(tiny_llama):
     import torch
 
-    from gradlens.experiment import make_optimizer
+    from gradlens.experiment import DEFAULT_LRS, make_optimizer
     from gradlens.optim.registry import OPTIMIZERS
 
     for name in OPTIMIZERS:
         opt, info = make_optimizer(name, tiny_llama)
         assert info["name"] == name and info["lr"] == pytest.approx(
-            {"adamw": 5e-3, "scale": 3e-3}.get(name, OPTIMIZERS[name].lr))
+            DEFAULT_LRS.get(name, OPTIMIZERS[name].lr))
         if name in ("scale", "colnorm_sgd"):
             assert info["lr_1d"] == pytest.approx(20 * info["lr"])
         before = tiny_llama.lm_head.weight.detach().clone()

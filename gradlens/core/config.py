@@ -40,9 +40,11 @@ class LensConfig:
         spam: SPAM's element fraction ``mean(g^2 > theta v)`` against the optimizer's Adam
             second moment (when it has one): a full pass over the gradient and ``v``.
         temporal_beta: EMA factor of the temporal buffers.
-        temporal_budget_bytes: memory the temporal buffers may use; layers beyond it are
-            tracked through a count sketch of ``sketch_dim`` entries. ``None``: 1x the
-            parameter bytes of the tracked matrices.
+        temporal_budget_bytes: memory the temporal buffers may use (two float32 buffers per
+            tracked matrix: the EMAs of ``g`` and of SCALE's ``G/r``; output and embedding come
+            first); layers beyond it are tracked through a count sketch of ``sketch_dim``
+            entries, which costs no memory but a hash per gradient entry at every step.
+            ``None``: every tracked matrix exactly (2x their parameter bytes).
         sketch_dim: size of the count sketch used past the budget.
         noise_ema: EMA factor of the two-batch numerator and denominator.
         histogram_bins: bins of the log-binned histograms.

@@ -342,6 +342,7 @@ class GradLens:
         self._mb_unit: list[torch.Tensor | None] = [None] * len(self.layers)
         self._pe_sq: list[torch.Tensor | None] = [None] * len(self.layers)
         self._pe_count = [0] * len(self.layers)
+        self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []  # see _input_gram
         self._batch_size: int | None = None
         self._loss: torch.Tensor | None = None
 
@@ -399,13 +400,15 @@ class GradLens:
                 return
             if not self._logging_step():
                 return
-            a = inputs[0].detach()
+            source = inputs[0]
+            a = source.detach()
 
             def grad_hook(d: torch.Tensor) -> None:
                 if kind == "embedding":
                     sq = S.per_example_sq_norms_embedding(a, d.detach())
                 else:
-                    sq = S.per_example_sq_norms_linear(a, d.detach())
+                    sq = S.per_example_sq_norms_linear(a, d.detach(),
+                                                       a_gram=self._input_gram(source, a, d))
                 total = S.finite_sum(sq)
                 self._pe_sq[k] = total if self._pe_sq[k] is None else self._pe_sq[k] + total
                 self._pe_count[k] += int(sq.shape[0])
@@ -413,6 +416,24 @@ class GradLens:
             output.register_hook(grad_hook)
 
         return forward_hook
+
+    def _input_gram(self, source: torch.Tensor, a: torch.Tensor,
+                    d: torch.Tensor) -> torch.Tensor | None:
+        """The token Gram matrices of a layer input (``S.token_grams``), shared by the layers
+        that read the same tensor (query/key/value, gate/up): computed by the first of them
+        whose own cheaper method is Gram, kept for the next ones. The last two inputs are
+        kept (siblings' gradients arrive close together in backward); none above the
+        per-example kernels' chunk budget."""
+        for src, gram in self._grams:
+            if src is source:
+                return gram
+        B, fin, fout = a.shape[0], a.shape[-1], d.shape[-1]
+        T = a.numel() // max(B * fin, 1)
+        if B * T * T > S.DEFAULT_CHUNK_ELEMS or S.choose_per_example_method(T, fin, fout) != "gram":
+            return None
+        gram = S.token_grams(a)
+        self._grams = [*self._grams[-1:], (source, gram)]
+        return gram
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple,
                            kwargs: dict) -> None:
@@ -781,7 +802,11 @@ class GradLens:
         cfg = self.config
         if cfg.temporal_budget_bytes is not None:
             return cfg.temporal_budget_bytes
-        return sum(i.numel * 4 for i in self.layers if i.layout != "vector")
+        return sum(self._temporal_cost(k) for k in range(len(self.layers)) if self._matrix[k])
+
+    def _temporal_cost(self, k: int) -> int:
+        """Bytes of layer k's exact temporal buffers: EMAs of g and of G/r, float32."""
+        return 2 * self.layers[k].numel * 4
 
     def _update_temporal(self, g_list, present) -> None:
         """EMA of g (exact buffer, or a count sketch past the budget) and of SCALE's normalized
@@ -794,7 +819,7 @@ class GradLens:
             )
             for k in order:
                 info = self.layers[k]
-                cost = 2 * info.numel * 4
+                cost = self._temporal_cost(k)
                 exact = cost <= budget
                 if exact:
                     budget -= cost
@@ -851,13 +876,16 @@ class GradLens:
         return self._consts[key]
 
     def _histograms(self, unit_sq_big, g_list) -> None:
-        for k, info in enumerate(self.layers):
-            if unit_sq_big[k] is None:
-                continue
-            r = self._unit_rms(k, g_list, unit_sq_big)
-            edges, counts = S.log_histogram(r, bins=self.config.histogram_bins)
-            moments = S.histogram_moments(r)
-            self._pending.append((self.step_count, "hist", (info.name, edges, counts, moments)))
+        ks = [k for k in range(len(self.layers)) if unit_sq_big[k] is not None]
+        if not ks:
+            return
+        rs = [self._unit_rms(k, g_list, unit_sq_big) for k in ks]
+        hists = S.log_histograms(rs, bins=self.config.histogram_bins)
+        moments = S.histograms_moments(rs)
+        for j, k in enumerate(ks):
+            edges, counts = hists[j]
+            self._pending.append((self.step_count, "hist",
+                                  (self.layers[k].name, edges, counts, moments[j])))
 
     def _spam_fraction(self, g_list, present) -> torch.Tensor | None:
         if self.optimizer is None:

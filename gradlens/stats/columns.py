@@ -40,7 +40,9 @@ __all__ = [
     "fan_rms",
     "fan_sq_norms",
     "histogram_moments",
+    "histograms_moments",
     "log_histogram",
+    "log_histograms",
     "sorted_quantile",
     "spread",
     "spread_batched",
@@ -203,17 +205,21 @@ def spread(r: torch.Tensor) -> torch.Tensor:
 
 
 def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:func:`spread` of several vectors (any lengths) in one padded sort: ``(L, 4)``.
+    """:func:`spread` of several vectors (any lengths): ``(L, 4)``, row ``k`` equal to
+    ``spread(rs[k])``.
 
-    Vectors are padded with NaN (ignored) to the longest length; row ``k`` equals
-    ``spread(rs[k])``. Useful to summarize every layer of a model with one kernel sequence.
+    Vectors of equal length share one sort (a model has few distinct layer widths), so the
+    cost is that of the entries themselves, not of padding every vector to the longest one
+    (the vocabulary). Useful to summarize every layer of a model with a few kernels.
     """
     if len(rs) == 0:
         raise ValueError("spread_batched needs at least one vector")
     acc = torch.float64 if any(r.dtype == torch.float64 for r in rs) else torch.float32
-    rows = [r.reshape(-1).to(acc) for r in rs]
-    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=math.nan)
-    return _spread_rows(padded)
+    out: list[torch.Tensor | None] = [None] * len(rs)
+    for members, x in _equal_length_groups([r.to(acc) for r in rs]):
+        for k, row in zip(members, _spread_rows(x), strict=True):
+            out[k] = row
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def log_histogram(r: torch.Tensor, bins: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,34 +240,65 @@ def log_histogram(r: torch.Tensor, bins: int = 32) -> tuple[torch.Tensor, torch.
     wants. When ``r`` has a single distinct positive value, the edges span ``[lo, lo * e]``;
     with no positive value they span ``[1, e]`` and only the underflow bucket counts.
     """
+    edges, counts = _log_histogram_rows(r.reshape(1, -1), bins)
+    return edges[0], counts[0]
+
+
+def log_histograms(rs: Sequence[torch.Tensor], bins: int = 32
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`log_histogram` of several vectors, those of equal length binned together (a
+    model has few distinct layer widths): one kernel sequence per length, not per vector."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rs)
+    for members, x in _equal_length_groups(rs):
+        edges, counts = _log_histogram_rows(x, bins)
+        for j, k in enumerate(members):
+            out[k] = (edges[j], counts[j])
+    return out  # type: ignore[return-value]
+
+
+def _equal_length_groups(rs: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """``(indices, stacked rows)`` per distinct length of the flattened vectors ``rs``."""
+    groups: dict[int, list[int]] = {}
+    for k, r in enumerate(rs):
+        groups.setdefault(r.numel(), []).append(k)
+    return [(members, torch.stack([rs[k].reshape(-1) for k in members]))
+            for members in groups.values()]
+
+
+def _log_histogram_rows(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_histogram` of every row of ``x`` (``(G, N)``): ``(G, bins + 1)`` twice."""
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins!r}")
-    acc = accumulation_dtype(r.dtype)
-    x = r.reshape(-1).to(acc)
-    dev = x.device
+    acc = accumulation_dtype(x.dtype)
+    x = x.to(acc)
+    G, dev = x.shape[0], x.device
     finite = torch.isfinite(x)
     pos = finite & (x > 0)
     inf = torch.full((), math.inf, dtype=acc, device=dev)
     one = torch.ones((), dtype=acc, device=dev)
-    lo = torch.where(pos, x, inf).amin() if x.numel() else inf
-    hi = torch.where(pos, x, -inf).amax() if x.numel() else -inf
+    if x.shape[1]:
+        lo = torch.where(pos, x, inf).amin(dim=1)
+        hi = torch.where(pos, x, -inf).amax(dim=1)
+    else:
+        lo, hi = inf.expand(G), (-inf).expand(G)
     has_pos = torch.isfinite(lo)
     lo = torch.where(has_pos, lo, one)
     hi = torch.where(has_pos, hi, one)
     log_lo, log_hi = lo.log(), hi.log()
     span = torch.where(log_hi > log_lo, log_hi - log_lo, one)
     t = torch.linspace(0.0, 1.0, bins + 1, dtype=acc, device=dev)
-    inner = torch.exp(log_lo + span * t[1:-1])
+    inner = torch.exp(log_lo.unsqueeze(1) + span.unsqueeze(1) * t[1:-1])
     last = torch.where(hi > lo, hi, torch.exp(log_lo + span))
-    edges = torch.cat([lo.reshape(1), inner, last.reshape(1)])
-    edges = torch.cummax(edges, dim=0).values  # monotone even under exp rounding
-    edges = torch.cat([edges[:-1], torch.maximum(edges[-1], last).reshape(1)])
-    idx = torch.bucketize(x, edges[1:-1], right=True) + 1  # 1..bins for positive entries
+    edges = torch.cat([lo.unsqueeze(1), inner, last.unsqueeze(1)], dim=1)
+    edges = torch.cummax(edges, dim=1).values  # monotone even under exp rounding
+    edges = torch.cat([edges[:, :-1], torch.maximum(edges[:, -1], last).unsqueeze(1)], dim=1)
+    # 1..bins for positive entries (searchsorted's right=True is bucketize's right=True)
+    idx = torch.searchsorted(edges[:, 1:-1].contiguous(), x, right=True) + 1
     idx = torch.where(pos, idx, torch.zeros_like(idx))  # non-positive -> underflow bucket 0
     idx = torch.where(finite, idx, torch.full_like(idx, bins + 1))  # non-finite -> dropped
-    counts = torch.zeros(bins + 2, dtype=acc, device=dev)
-    counts.index_add_(0, idx, torch.ones_like(x))
-    return edges, counts[: bins + 1]
+    counts = torch.zeros(G, bins + 2, dtype=acc, device=dev)
+    counts.scatter_add_(1, idx, torch.ones_like(x))
+    return edges, counts[:, : bins + 1]
 
 
 def histogram_moments(r: torch.Tensor) -> torch.Tensor:
@@ -270,15 +307,31 @@ def histogram_moments(r: torch.Tensor) -> torch.Tensor:
     What TensorBoard's raw histogram wants besides the buckets; min/max are NaN when no entry
     is finite.
     """
-    acc = accumulation_dtype(r.dtype)
-    x = r.reshape(-1).to(acc)
+    return _histogram_moments_rows(r.reshape(1, -1))[0]
+
+
+def histograms_moments(rs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`histogram_moments` of several vectors, stacked: ``(L, 5)``."""
+    out: list[torch.Tensor | None] = [None] * len(rs)
+    for members, x in _equal_length_groups(rs):
+        for k, row in zip(members, _histogram_moments_rows(x), strict=True):
+            out[k] = row
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _histogram_moments_rows(x: torch.Tensor) -> torch.Tensor:
+    acc = accumulation_dtype(x.dtype)
+    x = x.to(acc)
     finite = torch.isfinite(x)
     inf = torch.full((), math.inf, dtype=acc, device=x.device)
-    num = finite.sum().to(acc)
+    num = finite.sum(dim=1).to(acc)
     x0 = torch.where(finite, x, torch.zeros((), dtype=acc, device=x.device))
-    mn = torch.where(finite, x, inf).amin() if x.numel() else inf
-    mx = torch.where(finite, x, -inf).amax() if x.numel() else -inf
+    if x.shape[1]:
+        mn = torch.where(finite, x, inf).amin(dim=1)
+        mx = torch.where(finite, x, -inf).amax(dim=1)
+    else:
+        mn, mx = inf.expand(x.shape[0]), (-inf).expand(x.shape[0])
     nan = torch.full((), math.nan, dtype=acc, device=x.device)
     mn = torch.where(num > 0, mn, nan)
     mx = torch.where(num > 0, mx, nan)
-    return torch.stack([mn, mx, num, x0.sum(), x0.square().sum()])
+    return torch.stack([mn, mx, num, x0.sum(dim=1), x0.square().sum(dim=1)], dim=1)

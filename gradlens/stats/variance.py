@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from gradlens.stats.columns import sorted_quantile, unit_rms
+from gradlens.stats.columns import sorted_quantile
 from gradlens.stats.norms import accumulation_dtype, finite_copy
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "temporal_readout",
     "temporal_step",
     "temporal_update_",
+    "token_grams",
     "two_batch_estimates",
     "two_batch_unit_estimates",
     "unit_noise_to_signal",
@@ -81,14 +82,30 @@ def _btf(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1]).to(accumulation_dtype(x.dtype))
 
 
-def choose_per_example_method(seq_len: int, fan_in: int, fan_out: int) -> str:
+def choose_per_example_method(seq_len: int, fan_in: int, fan_out: int,
+                               input_gram: bool = False) -> str:
     """``"gram"`` or ``"direct"``, whichever needs fewer multiply-adds for a Linear layer.
 
-    Gram: two ``T x T`` Gram matrices per example, ``~T**2 (in + out)``; direct: the
-    per-example gradient ``D^T A``, ``~T in out``. Gram wins when ``T (in + out) < in out``.
-    Python ints only (shapes): no synchronization.
+    Gram: two ``T x T`` Gram matrices per example, ``~T**2 (in + out)``, or only the output
+    one, ``~T**2 out``, when the inputs' Gram is at hand (``input_gram``: layers reading the
+    same input share it, see :func:`token_grams`); direct: the per-example gradient
+    ``D^T A``, ``~T in out``. Ties go to Gram, whose small products run faster than direct's
+    ``out x in`` per-example gradients. Python ints only (shapes): no synchronization.
     """
-    return "gram" if seq_len * (fan_in + fan_out) < fan_in * fan_out else "direct"
+    gram = seq_len * (fan_out if input_gram else fan_in + fan_out)
+    return "gram" if gram <= fan_in * fan_out else "direct"
+
+
+def token_grams(x: torch.Tensor) -> torch.Tensor:
+    """Per-example Gram matrices of a layer's inputs, ``X_b X_b^T``: ``(B, T, T)``.
+
+    ``x``: ``(B, T, in)``, ``(B, in)`` or ``(B, ..., in)`` (middle dims are tokens), in the
+    accumulation dtype. Layers that read the same input (a block's query/key/value
+    projections, an MLP's gate and up projections) can share it through the ``a_gram``
+    argument of :func:`per_example_sq_norms_linear`.
+    """
+    x3 = _btf(x)
+    return torch.bmm(x3, x3.transpose(1, 2))
 
 
 def _check_method(method: str) -> None:
@@ -103,8 +120,10 @@ def _gram_blocks(T: int, max_elems: int) -> tuple[int, int]:
     return max(1, max_elems // (2 * T)), 1
 
 
-def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor, max_elems: int) -> torch.Tensor:
-    """sum_{t,t'} (A A^T)_{tt'} (D D^T)_{tt'} per example, chunked over examples and rows."""
+def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor, max_elems: int,
+                   a_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_{t,t'} (A A^T)_{tt'} (D D^T)_{tt'} per example, chunked over examples and rows
+    (``a_gram``: ``A A^T`` already computed, read block by block, never written)."""
     B, T, _ = a.shape
     tb, bc = _gram_blocks(T, max_elems)
     out = []
@@ -112,9 +131,12 @@ def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor, max_elems: int) -> torch.Te
         ab, db = a[b0:b0 + bc], d[b0:b0 + bc]
         acc = None
         for t0 in range(0, T, tb):
-            ga = torch.bmm(ab[:, t0:t0 + tb], ab.transpose(1, 2))  # (bc, tb, T)
+            if a_gram is None:
+                ga = torch.bmm(ab[:, t0:t0 + tb], ab.transpose(1, 2))  # (bc, tb, T)
+            else:
+                ga = a_gram[b0:b0 + bc, t0:t0 + tb]
             gd = torch.bmm(db[:, t0:t0 + tb], db.transpose(1, 2))
-            part = ga.mul_(gd).sum(dim=(1, 2))
+            part = gd.mul_(ga).sum(dim=(1, 2))
             acc = part if acc is None else acc + part
         out.append(acc)
     return torch.cat(out)
@@ -146,6 +168,7 @@ def per_example_sq_norms_linear(
     method: str = "auto",
     *,
     max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    a_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example squared Frobenius norms of a Linear (or GPT-2 Conv1D) weight gradient.
 
@@ -167,6 +190,8 @@ def per_example_sq_norms_linear(
         d: output gradients with the same leading dims, ``(..., out)``.
         method: ``"auto"`` | ``"gram"`` | ``"direct"``.
         max_chunk_elems: bound on the temporaries (Gram blocks or gradient slices).
+        a_gram: :func:`token_grams` of ``a``, when already computed for another layer reading
+            the same input; ``"auto"`` then costs the Gram method ``T**2 out`` only.
 
     Returns:
         ``(B,)`` in float32 (float64 for float64 inputs). An example whose inputs or gradients
@@ -188,12 +213,16 @@ def per_example_sq_norms_linear(
     acc = torch.promote_types(accumulation_dtype(a.dtype), accumulation_dtype(d.dtype))
     a3, d3 = _btf(a).to(acc), _btf(d).to(acc)
     T, fin, fout = a3.shape[1], a3.shape[2], d3.shape[2]
+    if a_gram is not None and tuple(a_gram.shape) != (a3.shape[0], T, T):
+        raise ValueError(f"a_gram must be the (B, T, T) = {(a3.shape[0], T, T)} token Gram "
+                         f"matrices of a, got {tuple(a_gram.shape)}")
     if T == 1:  # rank-one per-example gradient: ||a_b||^2 ||d_b||^2
         return a3[:, 0].square().sum(-1) * d3[:, 0].square().sum(-1)
     if method == "auto":
-        method = choose_per_example_method(T, fin, fout)
+        method = choose_per_example_method(T, fin, fout, input_gram=a_gram is not None)
     if method == "gram":
-        return _gram_sq_norms(a3, d3, max_chunk_elems)
+        return _gram_sq_norms(a3, d3, max_chunk_elems,
+                              None if a_gram is None else a_gram.to(acc))
     return _direct_sq_norms(a3, d3, max_chunk_elems)
 
 
@@ -593,28 +622,15 @@ def temporal_init(
     return state
 
 
-def _scale_normalized(g: torch.Tensor, layout: str) -> torch.Tensor:
-    """SCALE's normalized gradient ``G / max(r, 1e-8)`` with ``r`` the per-unit RMS."""
-    r = unit_rms(g, layout).clamp_min(1e-8)
-    r = torch.nan_to_num(r, nan=1.0)
-    c = finite_copy(g)
-    if layout in ("conv1d", "embedding"):
-        return c / r.reshape(1, -1)
-    return (c.reshape(c.shape[0], -1) / r.reshape(-1, 1)).reshape(c.shape)
+def _unit_broadcast(layout: str) -> tuple[int, int]:
+    """Shape that broadcasts a per-unit vector over a gradient viewed as 2-D: units are the
+    rows of ``linear``/``other`` weights and the columns of ``conv1d``/``embedding`` ones."""
+    return (1, -1) if layout in ("conv1d", "embedding") else (-1, 1)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     return flat.dot(flat) if flat.numel() else flat.new_zeros(())
-
-
-def _track_(state: dict[str, Any], key: str, x: torch.Tensor, ok: torch.Tensor,
-            beta: float) -> None:
-    """EMA of ``x`` (or of its sketch) into ``state[key]`` where the 0-d flag ``ok`` holds."""
-    k = state["sketch_dim"]
-    target = x if k is None else sketch_apply(x, k, state["seed"])
-    buf = state[key]
-    buf.lerp_(torch.where(ok, target.reshape(buf.shape), buf), 1.0 - beta)
 
 
 def temporal_update_(
@@ -623,11 +639,16 @@ def temporal_update_(
     """Advance the temporal-variance state with this step's gradient ``g`` (in place).
 
     ``m <- beta m + (1-beta) g`` (or of ``S g``), ``q <- beta q + (1-beta) ||g||**2``, and the
-    same for ``G / r`` when the state tracks it (``layout`` is then required: ``linear``,
-    ``conv1d``, ``embedding``, ``other``). A step whose gradient is not finite (``||g||**2``
-    is NaN/Inf) changes nothing but ``count``: the decision is a device-side ``where`` on a
-    0-d flag, no sync. ``beta`` must stay the same across calls (the bias correction assumes
-    it).
+    same for SCALE's normalized gradient ``G / max(r, 1e-8)`` (``r`` the per-unit RMS) when
+    the state tracks it (``layout`` is then required: ``linear``, ``conv1d``, ``embedding``,
+    ``other``). A step whose gradient is not finite (``||g||**2`` is NaN/Inf) changes nothing
+    but ``count``: its EMA weight is a device-side 0 (``w = (1-beta) [finite]``), no sync.
+    ``beta`` must stay the same across calls (the bias correction assumes it).
+
+    Cost: one finite copy of ``g`` and a few fused passes (``lerp`` with a 0-d weight;
+    ``m_n <- (1-w) m_n + (w/r) G`` as ``mul_`` + ``addcmul_`` with ``w/r`` broadcast per unit;
+    ``||G/r||**2 = sum_i ||G_i||**2 / r_i**2`` from the per-unit norms), no temporary beyond
+    the copy for exact states.
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
@@ -635,20 +656,41 @@ def temporal_update_(
         state["beta"] = float(beta)
     elif state["beta"] != float(beta):
         raise ValueError(f"temporal state was built with beta={state['beta']}, got beta={beta}")
+    normalized = "mean_n" in state
+    if normalized and layout is None:
+        raise ValueError("this temporal state tracks G/r: pass the layer's layout")
     acc = state["mean"].dtype
-    gf = g.to(acc)
-    sq = _sq(gf)
-    ok = torch.isfinite(sq)
-    _track_(state, "mean", gf, ok, beta)
-    state["sq"].lerp_(torch.where(ok, sq, state["sq"]), 1.0 - beta)
-    if "mean_n" in state:
-        if layout is None:
-            raise ValueError("this temporal state tracks G/r: pass the layer's layout")
-        gn = _scale_normalized(gf, layout)
-        _track_(state, "mean_n", gn, ok, beta)
-        sq_n = _sq(gn)
-        state["sq_n"].lerp_(torch.where(ok, sq_n, state["sq_n"]), 1.0 - beta)
-    state["n"].add_(ok.to(acc))
+    finite = torch.isfinite(_sq(g.to(acc)))  # False too when a square overflows
+    ok = finite.to(acc)
+    w = ok * (1.0 - beta)  # 0-d: this step's EMA weight, 0 for a non-finite step
+    zero = torch.zeros((), dtype=acc, device=ok.device)
+    c = finite_copy(g).to(acc)
+    sketch = state["sketch_dim"]
+    if normalized:
+        rows = c.reshape(c.shape[0], -1)
+        by_column = layout in ("conv1d", "embedding")
+        # the fast reduction for each memory order: a fused norm along contiguous rows, a
+        # squared copy summed down the columns
+        unit_sq = rows.square().sum(0) if by_column else \
+            torch.linalg.vector_norm(rows, dim=1).square()
+        fan = rows.shape[0] if by_column else rows.shape[1]
+        sq = unit_sq.sum()
+    else:
+        sq = _sq(c)
+    state["mean"].lerp_(c.reshape(state["mean"].shape) if sketch is None
+                        else sketch_apply(c, sketch, state["seed"]), w)
+    state["sq"].lerp_(torch.where(finite, sq, zero), w)  # 0 * inf would be NaN
+    if normalized:
+        r = (unit_sq / fan).sqrt().clamp_min(1e-8)
+        bshape = _unit_broadcast(layout)
+        if sketch is None:
+            m_n = state["mean_n"].view(rows.shape)
+            m_n.mul_(1.0 - w).addcmul_(rows, (w / r).reshape(bshape))
+        else:
+            state["mean_n"].lerp_(sketch_apply(rows / r.reshape(bshape), sketch, state["seed"]),
+                                  w)
+        state["sq_n"].lerp_(torch.where(finite, (unit_sq / r.square()).sum(), zero), w)
+    state["n"].add_(ok)
     state["count"] += 1
 
 

@@ -12,6 +12,7 @@ import torch
 from gradlens import GradLens
 from gradlens.data import build_llama
 from gradlens.roles import output_units_view
+from tests.stats._reference import scale_normalize, temporal_reference
 
 VOCAB = 128
 
@@ -163,6 +164,41 @@ def test_per_example_variance_matches_brute_force():
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
     assert "model.layers.0.self_attn.q_proj.weight" in names
     assert checked >= 15
+    lens.close()
+
+
+def test_temporal_variance_matches_weighted_reference():
+    """Every tracked matrix exact by default: temporal_var / temporal_var_normalized equal
+    the EMA-weighted variance of the gradients the steps saw (float64 numpy, from the
+    definition)."""
+    model = build_llama("tiny", seed=6)
+    lens = GradLens(model, preset="full", temporal_beta=0.8)
+    seen = train(model, lens, steps=5)
+    df = frame(lens)
+    assert all(st["sketch_dim"] is None for st in lens._temporal.values())
+    for info in lens.layers:
+        if info.layout == "vector":
+            continue
+        gs = [step[info.name].double().numpy() for step in seen]
+        ref, _ = temporal_reference(gs, 0.8, unbiased=True)
+        assert value(df, 5, info.name, "temporal_var") == pytest.approx(ref, rel=2e-4), \
+            info.name
+        ref_n, _ = temporal_reference([scale_normalize(g, info.layout) for g in gs], 0.8,
+                                      unbiased=True)
+        assert value(df, 5, info.name, "temporal_var_normalized") == pytest.approx(
+            ref_n / info.numel, rel=2e-4), info.name
+    lens.close()
+
+
+def test_temporal_budget_keeps_output_exact_and_sketches_the_rest():
+    model = build_llama("tiny", seed=6)
+    out_bytes = 2 * 4 * model.lm_head.weight.numel()
+    lens = GradLens(model, preset="full", temporal_budget_bytes=out_bytes, sketch_dim=64)
+    train(model, lens, steps=2)
+    exact = {lens.layers[k].name for k, st in lens._temporal.items() if st["sketch_dim"] is None}
+    assert exact == {"lm_head.weight"}
+    assert all(st["mean"].shape == (64,) for k, st in lens._temporal.items()
+               if lens.layers[k].name != "lm_head.weight")
     lens.close()
 
 

@@ -100,3 +100,26 @@ def forecast_zscore(xs: list[list[float]], threshold: float, alpha: float, level
         zs.append(zr)
         flags.append(fr)
     return np.array(zs), np.array(flags)
+
+
+def scale_normalize(g: np.ndarray, layout: str) -> np.ndarray:
+    m = g.T if layout == "embedding" else g
+    r = np.maximum(np.sqrt((m**2).mean(1, keepdims=True)), 1e-8)
+    out = m / r
+    return out.T if layout == "embedding" else out
+
+
+def temporal_reference(gs, beta: float, unbiased: bool):
+    """Weighted mean/variance over the finite steps, weights beta^(age)."""
+    gs = [g for g in gs if np.isfinite(g).all()]
+    n = len(gs)
+    w = np.array([beta ** (n - 1 - i) for i in range(n)]) * (1 - beta)
+    w = w / w.sum()
+    m = sum(wi * g for wi, g in zip(w, gs, strict=True))
+    var = sum(wi * ((g - m) ** 2).sum() for wi, g in zip(w, gs, strict=True))
+    msq = (m**2).sum()
+    if unbiased:
+        s2 = (w**2).sum()
+        var = var / (1 - s2)
+        msq = msq - s2 * var
+    return var, msq

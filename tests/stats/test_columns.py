@@ -93,10 +93,11 @@ def test_spread_edge_cases():
 
 
 def test_spread_batched_equals_individual():
-    rs = [torch.rand(n) + 0.1 for n in (3, 17, 1, 40)]
+    rs = [torch.rand(n) + 0.1 for n in (3, 17, 1, 40, 17, 3)]  # equal lengths share a sort
     rs[1][4] = math.nan
+    rs[5][0] = 0.0
     batched = S.spread_batched(rs)
-    assert batched.shape == (4, 4)
+    assert batched.shape == (6, 4)
     for k, r in enumerate(rs):
         np.testing.assert_allclose(np64(batched[k]), np64(S.spread(r)), rtol=1e-6)
 
@@ -157,3 +158,22 @@ def test_sorted_quantile_matches_numpy():
         assert float(S.sorted_quantile(xs, n, q)) == pytest.approx(np.quantile(np64(x), q))
     with pytest.raises(ValueError):
         S.sorted_quantile(xs, n, 1.5)
+
+
+def test_batched_histograms_equal_individual():
+    g = torch.Generator().manual_seed(3)
+    rs = [torch.exp(torch.randn(n, generator=g)) for n in (40, 9, 40, 9, 1)]
+    rs[2][5] = 0.0
+    rs[3][:] = math.nan
+    rs.append(torch.empty(0))
+    hists = S.log_histograms(rs, bins=6)
+    moments = S.histograms_moments(rs)
+    assert len(hists) == len(rs) and moments.shape == (len(rs), 5)
+    for k, r in enumerate(rs):
+        edges, counts = S.log_histogram(r, bins=6)
+        np.testing.assert_array_equal(np64(hists[k][0]), np64(edges))
+        np.testing.assert_array_equal(np64(hists[k][1]), np64(counts))
+        np.testing.assert_array_equal(np64(moments[k]), np64(S.histogram_moments(r)))
+    ref, _ = np.histogram(np64(rs[0]), bins=np64(hists[0][0]))
+    np.testing.assert_array_equal(np64(hists[0][1])[1:], ref)
+    assert float(hists[5][1].sum()) == 0.0 and float(moments[5][2]) == 0.0

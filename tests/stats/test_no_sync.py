@@ -49,6 +49,11 @@ CASES: dict[str, Callable[[Make], object]] = {
     "spread_batched": lambda mk: S.spread_batched([mk(9), mk(3), mk(1)]),
     "log_histogram": lambda mk: S.log_histogram(mk(9), bins=4),
     "histogram_moments": lambda mk: S.histogram_moments(mk(9)),
+    "log_histograms": lambda mk: S.log_histograms([mk(9), mk(4), mk(9)], bins=4),
+    "histograms_moments": lambda mk: S.histograms_moments([mk(9), mk(4)]),
+    "token_grams": lambda mk: S.token_grams(mk(2, 3, 4)),
+    "pe_linear_shared_gram": lambda mk: S.per_example_sq_norms_linear(
+        mk(2, 3, 4), mk(2, 3, 5), a_gram=S.token_grams(mk(2, 3, 4))),
     "pe_linear_gram": lambda mk: S.per_example_sq_norms_linear(mk(2, 3, 4), mk(2, 3, 5),
                                                                "gram", max_chunk_elems=10),
     "pe_linear_direct": lambda mk: S.per_example_sq_norms_linear(mk(2, 3, 4), mk(2, 3, 5),

@@ -33,6 +33,7 @@ def llama_case():
     ids[0, 6] = ids[0, 1]
     modules = {
         "q_proj": model.model.layers[0].self_attn.q_proj,
+        "k_proj": model.model.layers[0].self_attn.k_proj,
         "lm_head": model.lm_head,
         "embed_tokens": model.model.embed_tokens,
     }
@@ -68,6 +69,24 @@ def test_llama_linear_layers(llama_case, name, method, chunk):
     got = S.per_example_sq_norms_linear(a, d, method=method, max_chunk_elems=chunk)
     assert got.shape == (B,) and got.dtype == torch.float64
     np.testing.assert_allclose(np64(got), brute[name], rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_llama_shared_input_gram(llama_case, method, chunk):
+    """k_proj reads q_proj's input: the Gram matrices of that input serve both layers."""
+    captured, brute = llama_case
+    a_q, _ = captured["q_proj"]
+    a_k, d_k = captured["k_proj"]
+    assert torch.equal(a_q, a_k)
+    gram = S.token_grams(a_q)
+    assert gram.shape == (B, T, T)
+    np.testing.assert_allclose(np64(gram), np.einsum("bti,bsi->bts", np64(a_q), np64(a_q)),
+                               rtol=1e-12)
+    got = S.per_example_sq_norms_linear(a_k, d_k, method=method, max_chunk_elems=chunk,
+                                        a_gram=gram)
+    np.testing.assert_allclose(np64(got), brute["k_proj"], rtol=1e-10)
+    assert torch.equal(gram, S.token_grams(a_q))  # read, never written
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -183,6 +202,13 @@ def test_bf16_inputs_accumulate_in_float32():
 def test_method_choice_and_validation():
     assert S.choose_per_example_method(4096, 64, 64) == "direct"
     assert S.choose_per_example_method(16, 512, 32000) == "gram"
+    assert S.choose_per_example_method(128, 256, 256) == "gram"  # a tie goes to Gram
+    assert S.choose_per_example_method(300, 256, 256) == "direct"
+    assert S.choose_per_example_method(300, 256, 256, input_gram=True) == "direct"
+    assert S.choose_per_example_method(200, 256, 256, input_gram=True) == "gram"
+    with pytest.raises(ValueError, match="a_gram"):
+        S.per_example_sq_norms_linear(torch.ones(2, 3, 4), torch.ones(2, 3, 5),
+                                      a_gram=torch.ones(2, 4, 4))
     with pytest.raises(ValueError, match="method"):
         S.per_example_sq_norms_linear(torch.ones(2, 3, 4), torch.ones(2, 3, 5), method="x")
     with pytest.raises(ValueError, match="leading dims"):

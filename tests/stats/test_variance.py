@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gradlens import stats as S
-from tests.stats._reference import np64
+from tests.stats._reference import np64, scale_normalize, temporal_reference
 
 
 def population(n: int, p: int, seed: int) -> np.ndarray:
@@ -220,29 +220,6 @@ def test_ema_ratio_is_ratio_of_emas_not_ema_of_ratios():
 
 
 # ----------------------------------------------------------------------------- temporal
-
-
-def scale_normalize(g: np.ndarray, layout: str) -> np.ndarray:
-    m = g.T if layout == "embedding" else g
-    r = np.maximum(np.sqrt((m**2).mean(1, keepdims=True)), 1e-8)
-    out = m / r
-    return out.T if layout == "embedding" else out
-
-
-def temporal_reference(gs, beta: float, unbiased: bool):
-    """Weighted mean/variance over the finite steps, weights beta^(age)."""
-    gs = [g for g in gs if np.isfinite(g).all()]
-    n = len(gs)
-    w = np.array([beta ** (n - 1 - i) for i in range(n)]) * (1 - beta)
-    w = w / w.sum()
-    m = sum(wi * g for wi, g in zip(w, gs, strict=True))
-    var = sum(wi * ((g - m) ** 2).sum() for wi, g in zip(w, gs, strict=True))
-    msq = (m**2).sum()
-    if unbiased:
-        s2 = (w**2).sum()
-        var = var / (1 - s2)
-        msq = msq - s2 * var
-    return var, msq
 
 
 @pytest.mark.parametrize("layout", ["linear", "embedding"])
