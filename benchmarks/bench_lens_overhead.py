@@ -8,7 +8,7 @@ each round gives one ratio per configuration to the bare step of the same round,
 median of those paired ratios is the figure (medians of the raw times are shown beside it).
 Prints the memory the lens keeps between steps, too.
 
-    python benchmarks/bench_lens_overhead.py [--rounds 12] [--threads 1]
+    python benchmarks/bench_lens_overhead.py [--rounds 12] [--threads 1] [--presets standard]
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: no spinning threads skewing the CPU time)")
+    parser.add_argument("--presets", nargs="+", default=None,
+                        choices=sorted({p for _, p, _ in CONFIGS if p}),
+                        help="time only these presets (and the bare step), for more rounds in "
+                             "the same time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,7 +98,8 @@ def main() -> None:
     vocab = model.config.vocab_size
     data = torch.randint(0, vocab, (8, args.batch, args.seq))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    runs = {name: _Run(model, preset, every) for name, preset, every in CONFIGS}
+    configs = [c for c in CONFIGS if c[1] is None or args.presets is None or c[1] in args.presets]
+    runs = {name: _Run(model, preset, every) for name, preset, every in configs}
     names = list(runs)
     for i in range(args.warmup):
         for run in runs.values():

@@ -406,7 +406,8 @@ def plot_role_spread(
     """Each layer's median ``stat`` over steps, by role: box plots with the layers as dots.
 
     These per-layer medians are the samples of the Kruskal-Wallis test in
-    :func:`gradlens.report.verdicts.column_spread_verdict`. One box per role and run.
+    :func:`gradlens.report.verdicts.column_spread_verdict` (used when every role has several
+    layers; otherwise the verdict compares roles step by step). One box per role and run.
     """
     d = _runs(df)
     d = d[(d["stat"] == stat) & (d["layer"] != GLOBAL)]

@@ -648,20 +648,29 @@ def column_spread_verdict(
     n_boot: int = 1000,
     seed: int = 0,
     min_layers: int = 5,
+    min_steps: int = 5,
 ) -> Verdict:
     """How spread are the per-unit gradient RMS values, per role, and do roles differ?
 
     ``stat`` is one of the ``columns`` family: ``unit_rms_*`` summarizes the vector of per-unit
     RMS values along SCALE's normalization axis (one per output row of a Linear, one per feature
     of the embedding), ``fan_rms_*`` the other axis; ``cv`` = std/mean, ``max_min``, ``p99_p50``,
-    ``gini``. Per role: median and bootstrap CI (:func:`role_spread_table`). Across roles: a
-    Kruskal-Wallis H test whose samples are the layers (each layer's median over steps), so
-    steps of one layer are not counted as independent observations; effect size
-    epsilon^2 = H / (n - 1).
+    ``gini``. Per role: median and bootstrap CI (:func:`role_spread_table`). Across roles:
 
-    Answer: ``yes`` (roles differ) when p < ``alpha``; ``no`` when p >= ``alpha`` and every role
-    has >= ``min_layers`` layers; ``cannot tell`` when a role has too few layers for a negative
-    answer or fewer than two roles have values; ``not computable`` when the statistic is absent.
+    - when every role has >= ``min_layers`` layers, a Kruskal-Wallis H test whose samples are
+      the layers (each layer's median over steps), so steps of one layer are not counted as
+      independent observations; effect size epsilon^2 = H / (n - 1);
+    - otherwise (a language model has one embedding and one output layer: no test with layers
+      as samples can ever reject), a repeated-measures test whose blocks are the steps: each
+      role's value at a step is the median over its layers, compared across roles by a
+      Friedman test (a Wilcoxon signed-rank test for two roles); effect size Kendall's
+      W = chi^2 / (n (k - 1)) (the rank-biserial correlation for two roles). It asks whether
+      *these* layers differ, and its p-value assumes independent steps (the lag-1
+      autocorrelation of the role contrast is reported).
+
+    Answer: ``yes`` (roles differ) when the test's p < ``alpha``; ``no`` otherwise;
+    ``cannot tell`` when fewer than two roles have values or fewer than ``min_steps`` steps
+    have all of them; ``not computable`` when the statistic is absent.
     """
     one = select_run(df, run)
     question = f"How spread are column norms per role ({stat}), and do roles differ?"
@@ -694,15 +703,48 @@ def column_spread_verdict(
                    epsilon_sq=h / (n - 1) if n > 1 and math.isfinite(h) else math.nan)
     smallest = min(groups, key=lambda k: len(groups[k]))
     test = f"Kruskal-Wallis across roles (layers as samples) H = {_fmt(h)}, p = {_fmt_p(p)}"
-    if math.isfinite(p) and p < alpha:
-        answer = "yes"
-    elif math.isfinite(p) and min(len(s) for s in samples) >= min_layers:
-        answer = "no"
+    if min(len(s) for s in samples) >= min_layers:
+        answer = "yes" if math.isfinite(p) and p < alpha else "no"
+        numbers["test"] = "kruskal"
+        return Verdict(question, answer, numbers, f"{summary}. {test}.", **mk)
+    test += f" (only {len(groups[smallest])} layer(s) in role {smallest!r}: not the test used)"
+    per_step = _per_step_role_medians(one, stat, list(groups))
+    if len(per_step) < min_steps:
+        return Verdict(question, "cannot tell", numbers,
+                       f"{summary}. {test}; only {len(per_step)} step(s) with a value for "
+                       f"every role (need >= {min_steps}) for the per-step test.", **mk)
+    x = per_step.to_numpy()
+    n_steps, k = x.shape
+    if k == 2:
+        d = x[:, 0] - x[:, 1]
+        p_s = float(sps.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+        effect, effect_name, stat_txt = _rank_biserial(d), "rank-biserial", "Wilcoxon signed-rank"
     else:
-        answer = "cannot tell"
-        test += (f"; too few layers in role {smallest!r} ({len(groups[smallest])}) to rule a "
-                 "difference out")
-    return Verdict(question, answer, numbers, f"{summary}. {test}.", **mk)
+        chi2, p_s = sps.friedmanchisquare(*x.T)
+        effect = float(chi2) / (n_steps * (k - 1))
+        effect_name, stat_txt = "Kendall's W", f"Friedman chi2 = {_fmt(float(chi2))},"
+    ac = _lag1(x[:, 0] - np.median(x[:, 1:], axis=1))
+    numbers.update(test="friedman" if k > 2 else "wilcoxon", p_steps=float(p_s),
+                   effect=effect, n_steps=n_steps, lag1_autocorr=ac)
+    answer = "yes" if p_s < alpha else "no"
+    reason = (f"{summary}. Per step, each role's median over its layers ({n_steps} steps): "
+              f"{stat_txt} p = {_fmt_p(p_s)}, {effect_name} {_fmt(effect, 2)}. {test}.")
+    if math.isfinite(ac) and ac > 0.5:
+        reason += f" Steps are autocorrelated (lag-1 r = {ac:.2f}): p-values are optimistic."
+    return Verdict(question, answer, numbers, reason, **mk)
+
+
+def _per_step_role_medians(one: pd.DataFrame, stat: str, roles_used: list[str]) -> pd.DataFrame:
+    """Steps x roles: each role's median over its layers at that step (steps where every role
+    has a finite value)."""
+    wide = wide_table(one, stat)
+    roles = layer_roles(one)
+    cols = {}
+    for role in roles_used:
+        members = [c for c in wide.columns if roles.get(c, "") == role]
+        cols[role] = wide[members].median(axis=1, skipna=True)
+    table = pd.DataFrame(cols)
+    return table[np.isfinite(table.to_numpy()).all(axis=1)]
 
 
 # --------------------------------------------------------------------------- question 3

@@ -140,8 +140,17 @@ def test_kruskal_matches_scipy(table):
     expected = sps.kruskal(*groups)
     assert v.numbers["p_value"] == pytest.approx(expected.pvalue)
     assert v.numbers["kruskal_H"] == pytest.approx(expected.statistic)
-    # one embedding and one output layer: too few to rule a difference out
-    assert v.answer == "cannot tell"
+    # one embedding and one output layer: the per-step Friedman test decides, on each role's
+    # median over its layers at every step (levels 3 / 2 / 1 in the synthetic table)
+    sub = table[table["stat"] == "unit_rms_cv"]
+    per_step = sub.groupby(["step", "role"])["value"].median().unstack()
+    ref = sps.friedmanchisquare(*(per_step[r] for r in ("embedding", "hidden", "output")))
+    assert v.numbers["test"] == "friedman" and v.numbers["n_steps"] == 50
+    assert v.numbers["p_steps"] == pytest.approx(ref.pvalue)
+    assert v.numbers["effect"] == pytest.approx(ref.statistic / (50 * 2))
+    assert v.answer == "yes" and "Friedman" in v.reason
+    flat = column_spread_verdict(table, "fan_rms_cv")  # the same level in every role
+    assert flat.numbers["test"] == "friedman" and flat.answer == "no"
     sub = table[table["stat"] == "unit_rms_cv"]
     for role in ("embedding", "hidden", "output"):
         med = float(np.median(sub.loc[sub["role"] == role, "value"]))
@@ -168,6 +177,17 @@ def test_spread_differs_yes_and_same_no():
     assert no.numbers["p_value"] == pytest.approx(
         sps.kruskal(*_per_layer_groups(df, "unit_rms_cv")).pvalue)
     assert no.numbers["p_value"] >= 0.05 and no.answer == "no"
+
+
+def test_spread_two_singleton_roles_use_wilcoxon_over_steps():
+    df = _spread_table(0.5, n_a=1, n_b=1, seed=5)
+    v = column_spread_verdict(df, "unit_rms_cv")
+    wide = df.pivot(index="step", columns="layer", values="value")
+    ref = sps.wilcoxon(wide["hidden0"] - wide["embedding0"])
+    assert v.numbers["test"] == "wilcoxon" and v.answer == "yes"
+    assert v.numbers["p_steps"] == pytest.approx(ref.pvalue)
+    few = column_spread_verdict(df[df["step"] < 3], "unit_rms_cv")
+    assert few.answer == "cannot tell" and "need >= 5" in few.reason
 
 
 def test_spread_is_deterministic(table):
