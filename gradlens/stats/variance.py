@@ -622,12 +622,6 @@ def temporal_init(
     return state
 
 
-def _unit_broadcast(layout: str) -> tuple[int, int]:
-    """Shape that broadcasts a per-unit vector over a gradient viewed as 2-D: units are the
-    rows of ``linear``/``other`` weights and the columns of ``conv1d``/``embedding`` ones."""
-    return (1, -1) if layout in ("conv1d", "embedding") else (-1, 1)
-
-
 def _sq(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     return flat.dot(flat) if flat.numel() else flat.new_zeros(())
@@ -647,8 +641,9 @@ def temporal_update_(
 
     Cost: one finite copy of ``g`` and a few fused passes (``lerp`` with a 0-d weight;
     ``m_n <- (1-w) m_n + (w/r) G`` as ``mul_`` + ``addcmul_`` with ``w/r`` broadcast per unit;
-    ``||G/r||**2 = sum_i ||G_i||**2 / r_i**2`` from the per-unit norms), no temporary beyond
-    the copy for exact states.
+    ``||G/r||**2 = sum_i ||G_i||**2 / r_i**2`` from the per-unit norms). Exact states make no
+    temporary beyond the copy, except a squared copy where units are columns (``conv1d``,
+    ``embedding``: summing squares down columns beats a strided norm).
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
@@ -668,9 +663,7 @@ def temporal_update_(
     sketch = state["sketch_dim"]
     if normalized:
         rows = c.reshape(c.shape[0], -1)
-        by_column = layout in ("conv1d", "embedding")
-        # the fast reduction for each memory order: a fused norm along contiguous rows, a
-        # squared copy summed down the columns
+        by_column = layout in ("conv1d", "embedding")  # units are columns, else rows
         unit_sq = rows.square().sum(0) if by_column else \
             torch.linalg.vector_norm(rows, dim=1).square()
         fan = rows.shape[0] if by_column else rows.shape[1]
@@ -682,7 +675,7 @@ def temporal_update_(
     state["sq"].lerp_(torch.where(finite, sq, zero), w)  # 0 * inf would be NaN
     if normalized:
         r = (unit_sq / fan).sqrt().clamp_min(1e-8)
-        bshape = _unit_broadcast(layout)
+        bshape = (1, -1) if by_column else (-1, 1)  # broadcasts a per-unit vector
         if sketch is None:
             m_n = state["mean_n"].view(rows.shape)
             m_n.mul_(1.0 - w).addcmul_(rows, (w / r).reshape(bshape))
