@@ -10,7 +10,9 @@ standard   + column-norm spread (both axes), two-batch variance, noise scale,   
                                                                                memory beyond O(units)
 full       + per-example variance (Linear, Conv1D, Embedding, output layer),    per-example Gram
            temporal variance buffers (EMA, within ``temporal_budget_bytes``),  matrices; temporal
-           log-binned column-norm histograms, SPAM element fraction            buffers; a pass
+           log-binned column-norm histograms, SPAM element fraction            buffers (2x the
+                                                                               matrices' bytes by
+                                                                               default); a pass
                                                                                over g and Adam's v
 =========  ==================================================================  =====================
 """
