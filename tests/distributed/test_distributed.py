@@ -251,3 +251,20 @@ def test_bf16_gradients_accumulate_in_float32(results):
     for name, exact in out["exact"].items():
         assert rows[(1, name, "grad_norm")] == pytest.approx(exact, rel=1e-6), name
     assert all(math.isfinite(v) for k, v in rows.items() if k[2] == "twobatch_trace")
+
+
+@pytest.mark.parametrize("scenario", ["ddp_accum", "fsdp"])
+def test_rows_equal_golden(results, scenario):
+    """The 2-rank runs' rows against the saved golden files (``tests/golden``); set
+    ``GRADLENS_WRITE_GOLDEN=1`` to rewrite them after an intended change."""
+    import json
+    import os
+
+    from tests.golden.test_golden import assert_close
+
+    path = Path(__file__).parents[1] / "golden" / f"dist_{scenario}.json"
+    got = {f"{s}|{layer}|{stat}": v for (s, layer, stat), v in results[scenario]["rows"].items()}
+    if os.environ.get("GRADLENS_WRITE_GOLDEN") == "1":
+        path.write_text(json.dumps({k: (v if math.isfinite(v) else repr(v))
+                                    for k, v in got.items()}, indent=0, sort_keys=True))
+    assert_close(got, json.loads(path.read_text()), f"{scenario} rows")
