@@ -34,7 +34,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 STAT_COLUMNS = ("step", "layer", "role", "stat", "value")
-SPIKE_FIELDS = ("step", "layer", "kind", "value", "score", "layers")
+SPIKE_FIELDS = ("step", "layer", "kind", "value", "score", "layers", "family", "reason")
 GLOBAL = "global"
 
 RUN_META_FILE = "run.json"
@@ -110,7 +110,8 @@ _STATS = [
     # global rows
     StatInfo("loss", "global", "training loss handed to the lens"),
     StatInfo("loss_z", "global", "z-score of the loss against its EMA mean/variance"),
-    StatInfo("grad_norm_preclip", "global", "total norm before clipping, as a trainer reports it"),
+    StatInfo("grad_norm_preclip", "norms", "||g||_2 at the end of the last backward, before "
+             "clipping or any other edit, unscaled (per layer and global)"),
     StatInfo("microbatches", "global", "micro-batches (backward passes) in the step"),
     StatInfo("skipped_step", "global", "1 when AMP's GradScaler skipped the step (inf/NaN)"),
 ]
@@ -118,7 +119,8 @@ _STATS = [
 STATS: dict[str, StatInfo] = {s.name: s for s in _STATS}
 VARIANCE_ESTIMATORS = tuple(s.name for s in _STATS if s.estimator)
 
-SPIKE_KINDS = ("grad_norm", "grad_norm_global", "loss", "nonfinite", "spam", "skipped_step")
+SPIKE_KINDS = ("grad_norm", "grad_norm_global", "loss", "nonfinite", "spam", "skipped_step",
+               "validity")
 
 # Dashboard groups of layers (run.json's layers[].group): where a layer sits in a transformer.
 LAYER_GROUPS = ("embedding", "attention", "mlp", "norms", "output", "other")
@@ -142,7 +144,9 @@ class SpikeEvent:
 
     ``layer`` is a parameter name or ``"global"``; ``score`` is the detector's value (z-score,
     element fraction, count); ``layers`` lists the layers a global event is attributed to, the
-    top ones by their own score.
+    top ones by their own score. A ``validity`` event (value and score NaN) says that the
+    statistic ``family`` wrote NaN for ``layer`` from this step on, and why (``reason``); it is
+    recorded once per (family, reason).
     """
 
     step: int
@@ -151,6 +155,8 @@ class SpikeEvent:
     value: float
     score: float
     layers: tuple[str, ...] = field(default_factory=tuple)
+    family: str = ""
+    reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -50,9 +50,15 @@ class LensConfig:
         sketch_dim: size of the count sketch used past the budget.
         noise_ema: EMA factor of the two-batch numerator and denominator.
         histogram_bins: bins of the log-binned histograms.
-        loss_reduction: ``mean`` (the loss is averaged over examples and divided by the number
-            of micro-batches, as HF and most loops do) or ``sum``. Only the absolute scale of
-            the variance estimators depends on it; the noise scales do not.
+        loss_reduction: ``mean`` (each micro-batch's loss is averaged over its examples and
+            divided by the number of micro-batches, as most loops do), ``global_mean`` (summed
+            over the micro-batch and divided by the step's total number of examples, as HF's
+            Trainer does with ``num_items_in_batch``) or ``sum``. With equal micro-batches only
+            the absolute scale of the variance estimators depends on it; with unequal ones the
+            estimators need the right convention.
+        batch_size: examples per micro-batch, when the inputs' shapes do not tell (``None``:
+            read from the tracked layers' inputs).
+        batch_dim: the batch dimension of the layers' inputs (1 for sequence-first models).
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
     """
@@ -71,6 +77,8 @@ class LensConfig:
     noise_ema: float = 0.9
     histogram_bins: int = 32
     loss_reduction: str = "mean"
+    batch_size: int | None = None
+    batch_dim: int = 0
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
 
     @classmethod
@@ -109,8 +117,14 @@ class LensConfig:
     def validate(self) -> None:
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {self.log_every!r}")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.loss_reduction not in ("mean", "global_mean", "sum"):
+            raise ValueError("loss_reduction must be 'mean', 'global_mean' or 'sum', got "
+                             f"{self.loss_reduction!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
+            raise ValueError(f"batch_dim must be a non-negative integer, got {self.batch_dim!r}")
         for name in ("temporal_beta", "noise_ema"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

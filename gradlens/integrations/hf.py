@@ -4,9 +4,10 @@
 
 What the lens sees: ``on_pre_optimizer_step`` runs after ``loss.backward()`` of every
 micro-batch of the step (gradient accumulation included) and **after gradient clipping**
-(``max_grad_norm``), so ``grad_norm`` and every statistic describe the clipped gradient the
-optimizer consumes. The Trainer's own pre-clip total norm arrives with its logs and is recorded
-as ``grad_norm_preclip`` (layer ``global``), so a spike that clipping hid stays visible.
+(``max_grad_norm``): ``grad_norm`` describes the clipped gradient the optimizer consumes, the
+lens measures ``grad_norm_preclip`` itself (per layer and global), and its variance
+estimators describe the raw gradient before clipping, so they stay right under the Trainer's
+defaults. The lens gets the Trainer's optimizer (for ``spam_fraction`` and run.json).
 Statistics follow the Trainer's ``logging_steps`` and go to ``<output_dir>/gradlens`` unless
 ``logdir`` is given; only the main process writes.
 """
@@ -40,11 +41,12 @@ class GradLensCallback(TrainerCallback):
         self.lens_kwargs = lens_kwargs
         self.lens: GradLens | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         logdir = self.logdir or Path(args.output_dir) / "gradlens"
         log_every = self.lens_kwargs.pop("log_every", None) or max(int(args.logging_steps), 1)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.lens = GradLens(
-            model, logdir=logdir, preset=self.preset, log_every=log_every,
+            model, inner, step_hook=False, logdir=logdir, preset=self.preset, log_every=log_every,
             meta={"framework": "transformers.Trainer", "max_grad_norm": args.max_grad_norm,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps},
             **self.lens_kwargs,
@@ -58,8 +60,6 @@ class GradLensCallback(TrainerCallback):
         if self.lens is None or not logs:
             return
         scalars = {}
-        if "grad_norm" in logs:
-            scalars["grad_norm_preclip"] = float(logs["grad_norm"])
         if "loss" in logs:
             scalars["loss"] = float(logs["loss"])
         if scalars:

@@ -4,7 +4,8 @@
 
 What the lens sees: ``on_before_optimizer_step`` runs once per optimizer step, after every
 micro-batch's backward (``accumulate_grad_batches``), **after AMP unscaling and before gradient
-clipping**: statistics describe the unscaled, unclipped gradient. The loss of each
+clipping**: statistics describe the unscaled, unclipped gradient. The lens gets the Trainer's
+optimizer (for ``spam_fraction`` and run.json). The loss of each
 backward (as Lightning passes it to ``on_before_backward``) is handed to the lens for the
 loss-spike detector. Statistics follow the
 Trainer's ``log_every_n_steps`` and go to ``<log_dir or default_root_dir>/gradlens``; only
@@ -39,8 +40,9 @@ class GradLensCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = trainer.log_dir or trainer.default_root_dir
         log_every = self.lens_kwargs.pop("log_every", None) or max(trainer.log_every_n_steps, 1)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.lens = GradLens(
-            pl_module, logdir=self.logdir or Path(root) / "gradlens", preset=self.preset,
+            pl_module, optimizer, step_hook=False, logdir=self.logdir or Path(root) / "gradlens", preset=self.preset,
             log_every=log_every,
             meta={"framework": "lightning", "precision": str(trainer.precision),
                   "accumulate_grad_batches": trainer.accumulate_grad_batches},

@@ -380,18 +380,20 @@ def load_spikes(run_dir: PathLike) -> pd.DataFrame:
             raise _not_a_run(p)
         records: list[dict[str, Any]] = []
     else:
-        records = _read_jsonl(path, SPIKE_FIELDS[:-1])
+        records = _read_jsonl(path, SPIKE_FIELDS[:5])  # layers, family, reason: optional
     for lineno, rec in enumerate(records, start=1):
         layers = rec.get("layers", [])
         if not isinstance(layers, list):
             raise CorruptRunError(f"{path}, line {lineno}: 'layers' must be a list")
         rec["layers"] = [str(x) for x in layers]
+        rec.setdefault("family", "")
+        rec.setdefault("reason", "")
     df = pd.DataFrame.from_records(records, columns=list(SPIKE_FIELDS))
     try:
         df = df.astype({"step": "int64", "value": "float64", "score": "float64"})
     except (TypeError, ValueError) as err:
         raise CorruptRunError(f"{path}: a step, value or score is not a number ({err})") from None
-    for c in ("layer", "kind"):
+    for c in ("layer", "kind", "family", "reason"):
         df[c] = df[c].astype(str)
     return df
 

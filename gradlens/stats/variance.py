@@ -468,7 +468,17 @@ def unit_noise_to_signal(
     The fraction of excluded units grows when the signal is weak relative to the noise (small
     batches): read it from :func:`unit_noise_to_signal_ratios`.
     """
-    r = unit_noise_to_signal_ratios(unit_small_sq, unit_big_sq, b_small, b_big)
+    signal, trace = two_batch_unit_estimates(unit_small_sq, unit_big_sq, b_small, b_big)
+    return noise_to_signal_summary(trace, signal)
+
+
+def noise_to_signal_summary(trace: torch.Tensor, signal: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(median, mean)`` over units of ``trace / signal``, units with a non-positive or
+    non-finite signal excluded (see :func:`unit_noise_to_signal`)."""
+    ok = torch.isfinite(signal) & torch.isfinite(trace) & (signal > 0)
+    r = trace / torch.where(ok, signal, torch.ones_like(signal))
+    r = torch.where(ok, r, torch.full_like(r, math.nan))
     ok = torch.isfinite(r)
     n = ok.sum().to(r.dtype)
     xs, _ = torch.sort(torch.where(ok, r, torch.full_like(r, math.inf)))

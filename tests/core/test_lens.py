@@ -175,7 +175,7 @@ def test_temporal_variance_matches_weighted_reference():
     lens = GradLens(model, preset="full", temporal_beta=0.8)
     seen = train(model, lens, steps=5)
     df = frame(lens)
-    assert all(st["sketch_dim"] is None for st in lens._temporal.values())
+    assert all(st["sketch_dim"] is None for st in lens.family("temporal").buffers.values())
     for info in lens.layers:
         if info.layout == "vector":
             continue
@@ -195,9 +195,9 @@ def test_temporal_budget_keeps_output_exact_and_sketches_the_rest():
     out_bytes = 2 * 4 * model.lm_head.weight.numel()
     lens = GradLens(model, preset="full", temporal_budget_bytes=out_bytes, sketch_dim=64)
     train(model, lens, steps=2)
-    exact = {lens.layers[k].name for k, st in lens._temporal.items() if st["sketch_dim"] is None}
+    exact = {lens.layers[k].name for k, st in lens.family("temporal").buffers.items() if st["sketch_dim"] is None}
     assert exact == {"lm_head.weight"}
-    assert all(st["mean"].shape == (64,) for k, st in lens._temporal.items()
+    assert all(st["mean"].shape == (64,) for k, st in lens.family("temporal").buffers.items()
                if lens.layers[k].name != "lm_head.weight")
     lens.close()
 

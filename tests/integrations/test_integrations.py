@@ -30,7 +30,7 @@ def test_hf_trainer_callback(tmp_path):
     micro = df[(df.stat == "microbatches")].value
     assert set(micro) == {2.0}  # gradient_accumulation_steps
     assert "noise_scale" in set(df.stat)  # two micro-batches: two-batch estimator
-    pre = df[df.stat == "grad_norm_preclip"]
+    pre = df[(df.stat == "grad_norm_preclip") & (df.layer == "global")]
     post = df[(df.stat == "grad_norm") & (df.layer == "global")]
     assert len(pre) == 2 and len(post) == 2
     # clipping at 1.0: the norm the optimizer saw is min(pre-clip norm, 1.0)

@@ -55,7 +55,7 @@ def _every_tag_the_lens_writes(tmp_path: Path) -> set[str]:
                 continue
             rows.append((1, name, role, stat, 1.0))
     for stat, info in STATS.items():
-        if info.family == "global" or stat in ("grad_norm", "grad_norm_z"):
+        if info.family == "global" or stat in ("grad_norm", "grad_norm_z", "grad_norm_preclip"):
             rows.append((1, GLOBAL, GLOBAL, stat, 1.0))
     events = [SpikeEvent(1, GLOBAL, kind, 1.0, 2.0) for kind in SPIKE_KINDS]
     with TensorBoardSink(tmp_path) as sink:

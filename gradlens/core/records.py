@@ -1,0 +1,124 @@
+"""Host side of a flush: the one transferred vector back into rows, histograms and events.
+
+Each pending item is ``(step, kind, payload)``: ``step`` (a finalized step: per-statistic
+device tensors, the validity mask and reasons), ``hist``, ``row`` (host scalars) or
+``event``. Statistic keys that start with ``_`` are internal (detector flags) and never rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradlens.schema import GLOBAL, SpikeEvent
+from gradlens.sinks.base import Histogram
+
+if TYPE_CHECKING:
+    from gradlens.core.lens import GradLens
+
+
+@dataclass
+class StepOutput:
+    """One finalized step awaiting the flush's transfer."""
+
+    values: dict[str, torch.Tensor]
+    present: list[bool]
+    micro: int
+    logging: bool
+    skipped: bool
+    family_of: dict[str, str] = field(default_factory=dict)  # stat -> family
+    invalid: dict[str, dict[int, str]] = field(default_factory=dict)  # family -> layer -> why
+
+
+def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
+    """The tensors to transfer, in the order :func:`to_records` reads them."""
+    out: list[torch.Tensor] = []
+    for _, kind, payload in pending:
+        if kind == "step":
+            out.extend(payload.values.values())
+        elif kind == "hist":
+            out.extend(payload[1:])
+    return out
+
+
+def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[float]):
+    names = [i.name for i in lens.layers]
+    roles = [i.role.value for i in lens.layers]
+    L = len(names)
+    pos = 0
+    rows: list[tuple[int, str, str, str, float]] = []
+    events: list[SpikeEvent] = []
+    hists: list[Histogram] = []
+    for step, kind, payload in pending:
+        if kind == "event":
+            events.append(payload)
+            continue
+        if kind == "row":
+            rows.append((step, *payload))
+            continue
+        if kind == "hist":
+            layer, edges, counts, moments = payload
+            ne, nc, nm = edges.numel(), counts.numel(), moments.numel()
+            hists.append(Histogram(step, layer, "unit_rms_hist", host[pos:pos + ne],
+                                   host[pos + ne:pos + ne + nc],
+                                   host[pos + ne + nc:pos + ne + nc + nm]))
+            pos += ne + nc + nm
+            continue
+        out: StepOutput = payload
+        values: dict[str, list[float]] = {}
+        for key, t in out.values.items():
+            n = t.numel()
+            values[key] = host[pos:pos + n]
+            pos += n
+        for family in lens.families:
+            events.extend(family_events(family, step, values, out.present))
+        events.extend(validity_events(lens, step, values, out))
+        if not out.logging:
+            continue
+        for key, vals in values.items():
+            if key.startswith("_"):
+                continue
+            if key in ("loss", "loss_z"):
+                rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
+                continue
+            rows.extend((step, names[k], roles[k], key, vals[k]) for k in range(L)
+                        if out.present[k])
+            if len(vals) == L + 1:
+                rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
+        if out.micro:  # counted by the micro-batch hooks (not installed by "minimal")
+            rows.append((step, GLOBAL, GLOBAL, "microbatches", float(out.micro)))
+        if out.skipped:
+            rows.append((step, GLOBAL, GLOBAL, "skipped_step", 1.0))
+    return rows, events, hists
+
+
+def family_events(family: Any, step: int, values: dict[str, list[float]],
+                  present: list[bool]) -> list[SpikeEvent]:
+    fn = getattr(family, "events", None)
+    return fn(step, values, present) if fn is not None else []
+
+
+def validity_events(lens: GradLens, step: int, values: dict[str, list[float]],
+                    out: StepOutput) -> list[SpikeEvent]:
+    """A ``validity`` event (and a warning) the first time a (family, reason) occurs."""
+    reasons = {fam: dict(bad) for fam, bad in out.invalid.items()}
+    edit_ok = values.get("_edit_ok")
+    if edit_ok is not None:
+        why = ("the gradient changed between backward and step by an edit that is not one "
+               "common factor (value clipping, per-layer edits): the hooks' gradients and "
+               "p.grad disagree")
+        for fam in lens.consistency_families:
+            for k, ok in enumerate(edit_ok):
+                if ok == 0 and out.present[k]:
+                    reasons.setdefault(fam, {}).setdefault(k, why)
+    found: list[SpikeEvent] = []
+    for fam, bad in reasons.items():
+        for k, reason in bad.items():
+            layer = GLOBAL if k < 0 else lens.layers[k].name
+            if lens.note_validity(fam, reason):
+                found.append(SpikeEvent(step, layer, "validity", math.nan, math.nan,
+                                        family=fam, reason=reason))
+    return found

@@ -1,0 +1,163 @@
+"""The collector's edges: its sinks (made, opened, written and closed so that an I/O error
+never reaches the training loop) and the GradScaler it listens to."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradlens.core import distributed as D
+from gradlens.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from gradlens.core.lens import GradLens
+
+
+def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str,
+                  tensorboard: bool) -> tuple[list[Sink], Any]:
+    """``(sinks, memory sink or None)``: under torch.distributed only rank 0 writes."""
+    if not D.is_writer_rank():
+        return [], None
+    if logdir is not None:
+        from gradlens.sinks.table import TableSink
+
+        sinks.insert(0, TableSink(logdir, format=table_format))
+        if tensorboard:
+            from gradlens.sinks.tensorboard import TensorBoardSink
+
+            sinks.append(TensorBoardSink(logdir))
+        return sinks, None
+    if not sinks:
+        from gradlens.sinks.memory import MemorySink
+
+        memory = MemorySink()
+        return [memory], memory
+    return sinks, None
+
+
+def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None) -> None:
+    if not lens.sinks:
+        return
+    from gradlens import __version__
+    from gradlens.sinks.base import layer_group
+
+    run_meta: dict[str, Any] = {
+        "name": name or (lens.logdir.name if lens.logdir is not None else "run"),
+        "gradlens_version": __version__,
+        "model": type(lens.model).__name__,
+        "num_parameters": sum(p.numel() for p in lens.model.parameters()),
+        "optimizer": type(lens.optimizer).__name__ if lens.optimizer is not None else None,
+        "preset": lens.config.preset,
+        "log_every": lens.config.log_every,
+        "loss_reduction": lens.config.loss_reduction,
+        "world_size": lens.world,
+        "stats": lens.config.stat_names() + [s for f in lens.families
+                                             if f.name not in _BUILTIN for s in f.emits],
+        "layers": [
+            {"name": i.name, "role": i.role.value, "layout": i.layout,
+             "shape": list(i.param.shape), "numel": i.numel,
+             "group": layer_group(i.name, i.role.value), "aliases": list(i.aliases)}
+            for i in lens.layers
+        ],
+    }
+    if meta:
+        run_meta.update(meta)
+    for sink in lens.sinks:
+        sink.open(run_meta)
+
+
+_BUILTIN = {"norms", "spikes", "columns", "twobatch", "per_example", "temporal", "histograms",
+            "spam"}
+_io_warned: set[int] = set()
+
+
+def _io_failed(sink: Sink, err: OSError) -> None:
+    if id(sink) not in _io_warned:
+        _io_warned.add(id(sink))
+        warnings.warn(f"gradlens: {type(sink).__name__} could not write ({err}); training "
+                      "goes on, and the sink retries at later flushes", RuntimeWarning,
+                      stacklevel=4)
+
+
+def write_sink(sink: Sink, rows, hists, events) -> None:
+    """Hand one flush to a sink; an OSError is a warning, never the training's end."""
+    try:
+        if rows:
+            sink.write_stats(rows)
+        if hists:
+            sink.write_histograms(hists)
+        if events:
+            sink.write_events(events)
+        sink.flush()
+    except OSError as err:
+        _io_failed(sink, err)
+
+
+def close_sink(sink: Sink, ended: str) -> None:
+    try:
+        try:
+            sink.close(ended=ended)  # type: ignore[call-arg]
+        except TypeError:
+            sink.close()
+    except OSError as err:
+        _io_failed(sink, err)
+
+
+def attach_scaler(scaler: Any, lens: GradLens) -> None:
+    """Listen to ``scaler.update()``: a step whose ``optimizer.step()`` never ran since the
+    last update was skipped (inf/NaN) and is finalized as such. Several lenses may share one
+    scaler: one wrapper calls each of them, and the last to close removes it."""
+    lenses = vars(scaler).get("_gradlens_lenses")
+    if lenses is None:
+        lenses = scaler._gradlens_lenses = weakref.WeakSet()
+        original = type(scaler).update
+
+        def update(new_scale: Any = None) -> None:
+            for lens_ in list(scaler._gradlens_lenses):
+                if not lens_._closed:
+                    if not lens_._stepped and lens_.step_open():
+                        lens_._finalize(skipped=True)
+                    lens_._stepped = False
+            original(scaler, new_scale)
+
+        scaler.update = update  # instance attribute; removed by the last lens's close()
+    lenses.add(lens)
+
+
+def detach_scaler(scaler: Any, lens: GradLens) -> None:
+    lenses = vars(scaler).get("_gradlens_lenses")
+    if lenses is None:
+        return
+    lenses.discard(lens)
+    if not lenses:
+        del scaler._gradlens_lenses
+        if "update" in vars(scaler):
+            del scaler.update
+
+
+def scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether the GradScaler has unscaled the gradients of this step (``scaler.step`` does
+    it before ``optimizer.step()``; ``unscale_`` before clipping); True without a scaler."""
+    if scaler is None:
+        return True
+    states = getattr(scaler, "_per_optimizer_states", {})
+    stages = ([states[id(optimizer)].get("stage")] if optimizer is not None
+              and id(optimizer) in states else [st.get("stage") for st in states.values()])
+    return any(getattr(stage, "name", "") in ("UNSCALED", "STEPPED") for stage in stages)
+
+
+def warn_untracked(lens: GradLens) -> None:
+    """One warning when a parameter with a gradient is not tracked (unfrozen later, say)."""
+    if lens._untracked_warned:
+        return
+    extra = [n for n, p in lens.model.named_parameters()
+             if p.grad is not None and id(p) not in lens._index]
+    if extra:
+        lens._untracked_warned = True
+        warnings.warn(f"gradlens: {len(extra)} parameter(s) with a gradient are not tracked "
+                      f"(e.g. {extra[0]}): the global rows cover tracked layers only; create "
+                      "the lens after unfreezing them to track them", RuntimeWarning,
+                      stacklevel=5)

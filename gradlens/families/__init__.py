@@ -1,0 +1,50 @@
+"""Statistic families: one module each, the collector calls them in order.
+
+==============  ===============================================  ===========================
+family          statistics                                       needs
+==============  ===============================================  ===========================
+norms           grad_norm/rms/max_abs, nonfinite_count,          p.grad at the step
+                grad_norm_preclip
+spikes          grad_norm_z, grad_norm_ratio_max, loss, loss_z   the norms; the loss
+columns         unit_/fan_rms_{cv,max_min,p99_p50,gini}          p.grad at the step
+twobatch        twobatch_*, noise_scale, var_per_element,        micro-batch gradients,
+                unit_nsr_*                                       sizes, consistent gradient
+per_example     pe_trace, pe_noise_scale, pe_var_per_element     layer inputs and output
+                                                                 gradients, sizes
+temporal        temporal_var(_per_element, _noise_scale,         p.grad every step
+                _normalized)
+histograms      unit_rms_hist                                    p.grad at the step
+spam            spam_fraction                                    the optimizer's exp_avg_sq
+==============  ===============================================  ===========================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gradlens.families.base import LayerStatistic, Statistic, StepContext, register_statistic
+from gradlens.families.columns import Columns
+from gradlens.families.histograms import Histograms
+from gradlens.families.norms import Norms
+from gradlens.families.per_example import PerExample
+from gradlens.families.spam import Spam
+from gradlens.families.spikes import Spikes
+from gradlens.families.temporal import Temporal
+from gradlens.families.twobatch import TwoBatch
+
+if TYPE_CHECKING:
+    from gradlens.core.config import LensConfig
+
+__all__ = ["LayerStatistic", "Statistic", "StepContext", "builtin_families",
+           "register_statistic"]
+
+
+def builtin_families(config: LensConfig) -> list[Statistic]:
+    """The built-in families a configuration enables, in the order they run."""
+    chosen: list[Statistic] = [Norms(), Spikes()]
+    for flag, cls in (("columns", Columns), ("microbatch", TwoBatch),
+                      ("per_example", PerExample), ("temporal", Temporal),
+                      ("histograms", Histograms), ("spam", Spam)):
+        if getattr(config, flag):
+            chosen.append(cls())
+    return chosen

@@ -1,0 +1,257 @@
+"""The statistic API: what a family of statistics declares, and the step context it reads.
+
+A :class:`Statistic` is one family (norms, two-batch variance, ...). The collector
+(:class:`gradlens.GradLens`) installs the hooks the enabled families need, fills a
+:class:`StepContext` per optimizer step from cheap observations, and calls each family in
+order:
+
+    observe(ctx)            at the step pre-hook, on device (every step for ``every_step``
+                            families and for state that advances every step; else logged steps)
+    contribute(ctx, pack)   rank-local sums for the ONE collective of a flush
+    emit(ctx, red, out)     after the reduction: ``out[stat] = (L,)`` or ``(L+1,)`` tensors
+                            (the last entry the ``global`` row); read earlier families' output
+    invalid(ctx)            host-side validity: ``{layer index: reason}`` (``-1``: all layers)
+
+A family whose condition fails for a layer writes NaN for every statistic it emits there; the
+collector records the reason once per (family, reason) as a ``validity`` event and a warning.
+A number computed under a broken assumption is never written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from gradlens.schema import STATS, StatInfo
+
+if TYPE_CHECKING:
+    from gradlens.core import distributed as D
+    from gradlens.core.lens import GradLens
+
+__all__ = ["LayerStatistic", "Statistic", "StepContext", "register_statistic"]
+
+# Needs a family may declare (the collector computes each intermediate once per step).
+NEEDS = frozenset({
+    "microbatch_grads",  # a hook per parameter per backward pass (Tensor.register_hook)
+    "layer_io",  # forward hooks on the owning modules: inputs and output gradients
+    "step_grad",  # p.grad at the optimizer step (always available)
+    "consistent_grad",  # the gradient the hooks saw and p.grad at the step must agree
+    "optimizer_state",  # the optimizer's per-parameter state
+    "loss",  # the loss handed to observe_loss
+    "batch_size",  # micro-batch sizes from the tracked layers' inputs
+})
+
+
+@dataclass
+class StepContext:
+    """What the collector observed about one optimizer step (cheap: shapes and counts).
+
+    Attributes:
+        step: the lens step (equals the optimizer step).
+        logging: whether statistics are recorded at this step.
+        skipped: the GradScaler skipped the step (inf/NaN gradients).
+        present: per layer, whether it has a gradient.
+        micro: backward passes seen in the step (the largest count over layers).
+        micro_seen: per layer, backward passes in which its parameter got a gradient.
+        sizes: examples of each micro-batch, in order (from the tracked layers' inputs or
+            the ``batch_size`` option); empty when nothing told.
+        calls: per layer, forward calls of its module in the step (``None``: not observed).
+        loss_scale: the GradScaler's scale (0-d tensor) when one was given, else None.
+        grads: the gradients at the step (FSDP2: local shards); None once no family needs
+            them (steps that are not logged, after ``observe``).
+        shards: FSDP2 shard descriptions, else None.
+        sq, max_abs, nonfinite: ``(L,)`` finite squared norms, largest finite ``|g_i|``
+            and non-finite counts of ``grads`` (rank-local contributions when sharded).
+        edited: per layer, whether ``p.grad`` changed between the last backward and the step
+            (host-known from the tensor's version counter); None when not checked.
+        pre_sq: finite squared norms at the end of the last backward, where measured.
+        loss: the summed micro-batch losses (rank-local), or None.
+        world: ranks in the run.
+        key: prefix of this step's entries in the flush's collective.
+        data: per-family scratch space for this step (keyed by family name).
+    """
+
+    step: int
+    logging: bool
+    skipped: bool
+    present: list[bool]
+    micro: int
+    micro_seen: list[int]
+    sizes: list[int]
+    calls: list[int | None]
+    loss_scale: torch.Tensor | None
+    grads: list[torch.Tensor] | None
+    shards: list[D.Sharding] | None
+    sq: torch.Tensor
+    max_abs: torch.Tensor
+    nonfinite: torch.Tensor
+    world: int = 1
+    key: str = ""
+    edited: list[bool] | None = None
+    pre_sq: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    sq_reduced: torch.Tensor | None = None  # set by the norms family (NaN where no norm)
+    step_ok: torch.Tensor | bool = True  # set by the norms family: no non-finite entry
+    shared: Any = None  # core.intermediates.Intermediates of a logged step
+    step_unscaled: bool = True  # with a GradScaler: p.grad at the step is unscaled
+
+    def loss_reduced(self, red: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The step's loss (mean over ranks under torch.distributed)."""
+        if self.key + "loss" in red:
+            return red[self.key + "loss"] / self.world
+        return self.loss
+
+    @property
+    def batch(self) -> int:
+        """Examples in the step's micro-batches (per rank)."""
+        return sum(self.sizes)
+
+    @property
+    def equal_sizes(self) -> bool:
+        return len(set(self.sizes)) <= 1
+
+
+class Statistic:
+    """One family of per-layer statistics (subclass it; see the module docstring).
+
+    Class attributes: ``name`` (the family, used in validity events), ``emits`` (statistic
+    names: built-ins from :mod:`gradlens.schema`, a user family's are registered on first
+    use), ``needs`` (from :data:`NEEDS`), ``every_step`` (observe and emit at every step, not
+    only logged ones), ``docs`` (one line per emitted statistic, for the schema).
+    """
+
+    name: ClassVar[str] = ""
+    emits: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
+    every_step: ClassVar[bool] = False
+    docs: ClassVar[dict[str, str]] = {}
+
+    def bind(self, lens: GradLens) -> None:
+        """Called once with the collector: layers, config, device helpers."""
+        self.lens = lens
+
+    def install(self, lens: GradLens) -> None:
+        """Install hooks (through the collector's observer); the handles are removed by close."""
+
+    def reset(self) -> None:
+        """Start a new step: drop per-step accumulators."""
+
+    def observe(self, ctx: StepContext) -> None:
+        """At the step pre-hook, on device (no sync)."""
+
+    def contribute(self, ctx: StepContext, pack: D.Pack) -> None:
+        """Add rank-local sums to the flush's one collective (distributed runs)."""
+
+    def emit(self, ctx: StepContext, red: dict[str, torch.Tensor],
+             out: dict[str, torch.Tensor]) -> None:
+        """Write ``out[stat]``: ``(L,)`` per layer, or ``(L+1,)`` with the global value last."""
+
+    def invalid(self, ctx: StepContext) -> dict[int, str]:
+        """Layers (index; ``-1`` for all) whose statistics would be wrong here, with why."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+class LayerStatistic(Statistic):
+    """A user statistic of one value per layer, from the gradient at the step.
+
+    Override :meth:`compute` (``grad``: the gradient the optimizer consumes, ``param``: the
+    parameter; return a 0-d tensor, on device, no ``.item()``). Under torch.distributed the
+    per-layer values are averaged over ranks (``reduce = "mean"``) or summed (``"sum"``);
+    under FSDP2 ``grad`` and ``param`` are this rank's shards. Logged steps only.
+    """
+
+    reduce: ClassVar[str] = "mean"
+    needs = frozenset({"step_grad"})
+
+    def compute(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, ctx: StepContext) -> None:
+        if not ctx.logging:
+            return
+        lens = self.lens
+        nan = lens.const("nan")
+        values = [
+            self.compute(g, _local(info.param)).to(lens.dtype).reshape(())
+            if ctx.present[k] else nan
+            for k, (info, g) in enumerate(zip(lens.layers, ctx.grads or [], strict=False))
+        ]
+        ctx.data[self.name] = torch.stack(values)
+
+    def contribute(self, ctx: StepContext, pack: D.Pack) -> None:
+        if self.lens.world > 1:
+            pack.sum(self.name, ctx.data[self.name])
+
+    def emit(self, ctx, red, out) -> None:
+        v = red.get(self.name, ctx.data[self.name])
+        if self.name in red and self.reduce == "mean":
+            v = v / self.lens.world
+        out[self.emits[0]] = v
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from gradlens.core.distributed import local_tensor
+
+    return local_tensor(t)
+
+
+_REGISTERED: dict[str, type[Statistic]] = {}
+
+
+def register_statistic(cls: type[Statistic]) -> type[Statistic]:
+    """Register a family's statistics in the schema (usable as a class decorator).
+
+    A name that is already a built-in statistic, or that another registered family emits, is
+    an error: a silent clash would mix two meanings under one name.
+    """
+    if not cls.name or not cls.emits:
+        raise ValueError(f"{cls.__name__} must set name and emits")
+    bad = set(cls.needs) - NEEDS
+    if bad:
+        raise ValueError(f"{cls.__name__}: unknown needs {sorted(bad)}; choose from {sorted(NEEDS)}")
+    owner = _REGISTERED.get(cls.name)
+    if owner is not None and owner is not cls:
+        raise ValueError(f"a statistic family named {cls.name!r} is already registered "
+                         f"({owner.__module__}.{owner.__qualname__})")
+    for stat in cls.emits:
+        info = STATS.get(stat)
+        if info is not None and not (info.family == "custom" and owner is cls):
+            raise ValueError(f"{cls.__name__}: statistic {stat!r} already exists "
+                             f"(family {info.family!r}); choose another name")
+    _REGISTERED[cls.name] = cls
+    for stat in cls.emits:
+        STATS[stat] = StatInfo(stat, "custom", cls.docs.get(stat, cls.__doc__ or stat))
+    return cls
+
+
+def nan_where(values: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
+    """``values`` with NaN where ``ok`` is False (a bool tensor broadcast along dim 0)."""
+    if ok is None:
+        return values
+    return torch.where(ok, values, torch.full_like(values, math.nan))
+
+
+def edit_tolerance(dtype: torch.dtype) -> float:
+    """Relative spread of per-layer factors still read as one common factor (rounding of a
+    scaled gradient: ~1e-7 in float32, ~1e-3 in 16-bit formats)."""
+    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def mask_layers(out: dict[str, torch.Tensor], keys: set[str], ok: torch.Tensor) -> None:
+    """NaN where ``ok`` is False in the per-layer statistics ``keys`` of ``out`` (a global
+    entry, last, is NaN when any layer is)."""
+    for key in keys:
+        v = out[key]
+        full = torch.cat([ok, ok.all().reshape(1)]) if v.numel() == ok.numel() + 1 else ok
+        if v.numel() == full.numel():
+            out[key] = nan_where(v, full)

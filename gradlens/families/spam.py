@@ -1,0 +1,66 @@
+"""SPAM's element fraction ``mean(g_i^2 > theta v_i)`` against the optimizer's Adam second
+moment ``exp_avg_sq`` (logged steps; layers whose optimizer keeps no ``v`` are NaN). Under
+FSDP2 each rank counts its shards and the counts are summed in the flush's collective."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradlens import stats as S
+from gradlens.core import distributed as D
+from gradlens.families.base import Statistic, StepContext
+
+
+class Spam(Statistic):
+    name = "spam"
+    emits = ("spam_fraction",)
+    needs = frozenset({"step_grad", "optimizer_state"})
+
+    def _v(self, ctx: StepContext, k: int) -> torch.Tensor | None:
+        opt = self.lens.optimizer
+        if opt is None or not ctx.present[k]:
+            return None
+        v = opt.state.get(self.lens.layers[k].param, {}).get("exp_avg_sq")
+        return D.local_tensor(v) if torch.is_tensor(v) else None
+
+    def contribute(self, ctx: StepContext, pack) -> None:
+        if ctx.shards is None or self.lens.optimizer is None:
+            return
+        lens = self.lens
+        zero = lens.const("zero")
+        hits, oks = [], []
+        for k in range(len(lens.layers)):
+            v = self._v(ctx, k)
+            if v is None or v.shape != ctx.grads[k].shape or not ctx.shards[k].contributes:
+                hits.append(zero)
+                oks.append(zero)
+                continue
+            h, ok = D.spam_counts(ctx.grads[k], v, lens.config.spikes.spam_theta)
+            hits.append(h.to(lens.dtype))
+            oks.append(ok.to(lens.dtype))
+        pack.sum("spam_hits", torch.stack(hits))
+        pack.sum("spam_ok", torch.stack(oks))
+
+    def emit(self, ctx: StepContext, red, out) -> None:
+        if "spam_hits" in red:
+            if bool(self._any_state(ctx)):
+                out["spam_fraction"] = red["spam_hits"] / red["spam_ok"]
+            return
+        if ctx.shards is not None or self.lens.optimizer is None:
+            return
+        lens = self.lens
+        values, found = [], False
+        for k in range(len(lens.layers)):
+            v = self._v(ctx, k)
+            if v is None or v.shape != ctx.grads[k].shape:
+                values.append(torch.full((), math.nan, device=lens.device))
+                continue
+            found = True
+            values.append(S.spam_fraction(ctx.grads[k], v, lens.config.spikes.spam_theta))
+        if found:
+            out["spam_fraction"] = torch.stack(values)
+
+    def _any_state(self, ctx: StepContext) -> bool:
+        return any(self._v(ctx, k) is not None for k in range(len(self.lens.layers)))

@@ -1,0 +1,103 @@
+"""Temporal variance across steps: EMAs of g and of SCALE's normalized G/r, every step.
+
+``temporal_var = E||g||^2 - ||E g||^2`` under an EMA of factor ``temporal_beta``, its per-element
+and noise-scale forms, and the per-element variance of ``G/r`` (what SCALE's update sees). One
+exact buffer pair per matrix within ``temporal_budget_bytes`` (output and embedding first),
+a count sketch beyond it (:func:`gradlens.stats.temporal_init`). Describes the gradient the
+optimizer consumes. Off for FSDP2 shards (the per-unit RMS of ``G/r`` would need a collective
+at every step). A step with a non-finite gradient entry is absorbed as its finite part.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from gradlens import stats as S
+from gradlens.families.base import Statistic, StepContext
+from gradlens.roles import Role
+
+
+class Temporal(Statistic):
+    name = "temporal"
+    emits = ("temporal_var", "temporal_var_per_element", "temporal_noise_scale",
+             "temporal_var_normalized")
+    needs = frozenset({"step_grad"})
+
+    def bind(self, lens) -> None:
+        super().bind(lens)
+        self.buffers: dict[int, dict[str, Any]] = {}
+        self._warned = False
+
+    def cost(self, k: int) -> int:
+        """Bytes of layer k's exact temporal buffers: EMAs of g and of G/r, float32."""
+        return 2 * self.lens.layers[k].numel * 4
+
+    def _allocate(self) -> None:
+        lens = self.lens
+        matrices = [k for k in range(len(lens.layers)) if lens.matrix[k]]
+        budget = lens.config.temporal_budget_bytes
+        if budget is None:
+            budget = sum(self.cost(k) for k in matrices)
+        order = sorted(matrices, key=lambda k: {Role.OUTPUT: 0, Role.EMBEDDING: 1}.get(
+            lens.layers[k].role, 2))
+        for k in order:
+            exact = self.cost(k) <= budget
+            if exact:
+                budget -= self.cost(k)
+            self.buffers[k] = S.temporal_init(
+                lens.layers[k].param, sketch_dim=None if exact else lens.config.sketch_dim,
+                seed=k)
+
+    def observe(self, ctx: StepContext) -> None:
+        if ctx.shards is not None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "gradlens: temporal variance is off for sharded (FSDP2) gradients: its G/r "
+                    "buffers would need the per-unit RMS reduced across shards at every step "
+                    "(one collective per step), against the lens's one collective per flush",
+                    RuntimeWarning, stacklevel=2)
+            return
+        if not self.buffers:
+            self._allocate()
+        for k, st in self.buffers.items():
+            if ctx.present[k]:
+                S.temporal_update_(st, ctx.grads[k], self.lens.layers[k].layout,
+                                   self.lens.config.temporal_beta)
+
+    def emit(self, ctx: StepContext, red, out) -> None:
+        if ctx.shards is not None:
+            return
+        lens = self.lens
+        nan = lens.const("nan")
+        var, ns, normed = [], [], []
+        for k in range(len(lens.layers)):
+            st = self.buffers.get(k)
+            if st is None or int(st["count"]) == 0:  # python int counter, no sync
+                var.append(nan)
+                ns.append(nan)
+                normed.append(nan)
+                continue
+            v, mean_sq, v_norm = S.temporal_readout(st)
+            var.append(v)
+            ns.append(torch.where(mean_sq > 0, v / mean_sq, nan))  # no signal: no ratio
+            normed.append(v_norm / lens.numel[k])
+        var_t = torch.stack(var)
+        out["temporal_var"] = var_t
+        out["temporal_var_per_element"] = var_t / lens.const("numel")
+        out["temporal_noise_scale"] = torch.stack(ns)
+        out["temporal_var_normalized"] = torch.stack(normed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.lens.layers[k].name: {kk: (vv.clone() if torch.is_tensor(vv) else vv)
+                                           for kk, vv in st.items()}
+                for k, st in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {i.name: k for k, i in enumerate(self.lens.layers)}
+        self.buffers = {names[n]: {k: (v.clone() if torch.is_tensor(v) else v)
+                                   for k, v in st.items()}
+                        for n, st in state.items() if n in names}

@@ -1,0 +1,170 @@
+"""Two-batch (micro-batch) variance: McCandlish et al.'s estimator, for micro-batches of any size.
+
+The hooks see each micro-batch's gradient ``h_k`` (rank-local under torch.distributed); the
+step's raw gradient is ``p.grad`` before clipping (see ``core.intermediates``). Write
+``h_k = lam v_k G_k`` with ``G_k`` the mean gradient of micro-batch k (``b_k`` examples,
+``B = sum b_k``) and ``G = sum_k v_k G_k = p.grad / lam`` the step's big-batch gradient
+(``sum v_k = 1``):
+
+    loss_reduction   lam   v_k        (the loss each backward sees)
+    mean             1     1/K        mean over the micro-batch, divided by K
+    global_mean      1     b_k / B    sum over the micro-batch / B (HF's num_items_in_batch)
+    sum              B     b_k / B    sum over the micro-batch
+
+With independent examples, ``E||G_k||^2 = |G|^2 + tr/b_k`` and ``E||G||^2 = |G|^2 + c tr``,
+``c = sum_k v_k^2 / b_k``. So ``E[sum_k b_k ||G_k||^2] = B |G|^2 + K tr`` and
+
+    tr(Sigma) ~ (sum_k b_k ||G_k||^2 - B ||G||^2) / (K - B c),    |G|^2 ~ ||G||^2 - c tr,
+
+unbiased for any sizes; equal sizes give the two-batch formula (``B c = 1``). With W ranks
+the (rank, micro-batch) pairs are the small batches: ``K -> W K``, ``B -> W B``, ``c -> c/W``
+(ranks must have equal micro-batch sizes). The per-unit noise-to-signal applies the same
+estimator to each output unit. Valid when: >= 2 small batches in the step; the gradient at
+the step is the sum of what the hooks saw up to a common factor; micro-batch sizes are known
+(from the tracked layers' inputs, or the ``batch_size`` option).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradlens import stats as S
+from gradlens.families.base import Statistic, StepContext, nan_where
+
+
+class TwoBatch(Statistic):
+    name = "twobatch"
+    emits = ("twobatch_trace", "twobatch_signal", "noise_scale", "var_per_element",
+             "unit_nsr_median", "unit_nsr_mean")
+    needs = frozenset({"microbatch_grads", "consistent_grad", "batch_size"})
+
+    def bind(self, lens) -> None:
+        super().bind(lens)
+        self.state: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    def install(self, lens) -> None:
+        lens.observer.on_microbatch(self._on_grad)
+
+    def reset(self) -> None:
+        L = len(self.lens.layers)
+        self.sq: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self.unit: list[list[torch.Tensor]] = [[] for _ in range(L)]
+
+    def _on_grad(self, k: int, g: torch.Tensor) -> None:
+        """One micro-batch's gradient of layer k (on logged steps)."""
+        if self.lens.matrix[k]:
+            u = S.unit_sq_norms(g, self.lens.layers[k].layout)
+            self.unit[k].append(u)
+            self.sq[k].append(u.sum())
+        else:
+            self.sq[k].append(S.finite_sq_norm(g))
+
+    def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
+        """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
+        sizes, K = ctx.sizes, len(ctx.sizes)
+        B = float(sum(sizes))
+        red = self.lens.config.loss_reduction
+        lam = B if red == "sum" else 1.0
+        v = [1.0 / K] * K if red == "mean" else [b / B for b in sizes]
+        w = [b / (lam * vk) ** 2 for b, vk in zip(sizes, v, strict=True)]
+        c = sum(vk * vk / b for vk, b in zip(v, sizes, strict=True))
+        return w, lam, c
+
+    def invalid(self, ctx: StepContext) -> dict[int, str]:
+        if ctx.micro * ctx.world < 2:
+            return {}
+        if len(ctx.sizes) != ctx.micro:
+            return {-1: f"micro-batch sizes unknown ({len(ctx.sizes)} sizes seen for "
+                        f"{ctx.micro} backward passes); pass batch_size= to the lens"}
+        if ctx.world > 1 and not ctx.equal_sizes:
+            return {-1: "micro-batches of unequal size under torch.distributed"}
+        return {}
+
+    def contribute(self, ctx: StepContext, pack) -> None:
+        if ctx.world == 1 or ctx.micro == 0 or len(ctx.sizes) != ctx.micro:
+            return
+        lens = self.lens
+        w, _, _ = self._weights(ctx)
+        zero = lens.const("zero")
+        pack.sum("tb_a", torch.stack([self._weighted(self.sq[k], w, zero)
+                                      for k in range(len(lens.layers))]))
+        pack.sum("tb_has", lens.flags(tuple(bool(v) for v in self.sq)))
+        for k in range(len(lens.layers)):
+            if lens.matrix[k]:
+                units = torch.zeros(lens.unit_count(k), device=lens.device, dtype=lens.dtype)
+                pack.sum(f"tb_unit{k}", self._weighted(self.unit[k], w, units))
+
+    @staticmethod
+    def _weighted(xs: list[torch.Tensor], w: list[float], empty: torch.Tensor) -> torch.Tensor:
+        if not xs:
+            return empty
+        if len(xs) != len(w):  # a layer without a gradient in some micro-batch
+            return torch.full_like(empty, math.nan)
+        total = xs[0] * w[0]
+        for x, wk in zip(xs[1:], w[1:], strict=True):
+            total = total + x * wk
+        return total
+
+    def emit(self, ctx: StepContext, red, out) -> None:
+        lens = self.lens
+        if ctx.micro * ctx.world < 2 or all(not v for v in self.sq) \
+                or len(ctx.sizes) != ctx.micro:
+            return
+        L, W = len(lens.layers), ctx.world
+        nan = lens.const("nan")
+        w, lam, c = self._weights(ctx)
+        K, B, c = W * ctx.micro, float(W * ctx.batch), c / W
+        raw, unit_factor, ok = ctx.shared.raw(red)
+        scale2 = 1.0 if ctx.loss_scale is None else ctx.loss_scale**2  # the hooks' scale
+        if "tb_a" in red:
+            has = red["tb_has"] > 0  # a rank without the layer adds a zero gradient
+            a = torch.where(has, red["tb_a"], nan)
+        else:
+            has = None
+            a = torch.stack([self._weighted(self.sq[k], w, nan) for k in range(L)])
+        a = a / scale2
+        y = raw / lam**2
+        trace = (a - B * y) / (K - B * c)
+        signal = y - c * trace
+        trace, signal = nan_where(trace, ok), nan_where(signal, ok)
+        st = self.state
+        if "trace" not in st:
+            st["trace"] = torch.zeros(L, device=lens.device, dtype=lens.dtype)
+            st["signal"] = torch.zeros(L, device=lens.device, dtype=lens.dtype)
+            st["count"] = torch.zeros((), device=lens.device, dtype=lens.dtype)
+        noise_scale, st["trace"], st["signal"], st["count"] = S.ema_ratio_update(
+            trace, signal, st["trace"], st["signal"], st["count"], lens.config.noise_ema)
+        out.update({"twobatch_trace": trace, "twobatch_signal": signal,
+                    "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
+        units_big = ctx.shared.units(red)
+        med, mean = [], []
+        for k in range(L):
+            if f"tb_unit{k}" in red and has is not None:
+                u_a = torch.where(has[k], red[f"tb_unit{k}"], nan)
+            elif self.unit[k] and units_big[k] is not None:
+                u_a = self._weighted(self.unit[k], w, nan)
+            else:
+                med.append(nan)
+                mean.append(nan)
+                continue
+            u_y = units_big[k]
+            if unit_factor is not None:
+                u_y = u_y * (unit_factor[k] if torch.is_tensor(unit_factor)
+                             and unit_factor.ndim else unit_factor)
+            u_y = u_y / lam**2
+            u_trace = (u_a / scale2 - B * u_y) / (K - B * c)
+            m, mu = S.noise_to_signal_summary(u_trace, u_y - c * u_trace)
+            med.append(m)
+            mean.append(mu)
+        out["unit_nsr_median"] = nan_where(torch.stack(med), ok)
+        out["unit_nsr_mean"] = nan_where(torch.stack(mean), ok)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
