@@ -16,6 +16,7 @@ min and max over the role's layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,6 +132,7 @@ class _Run:
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     wide: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
 
 
 class RunStore:
@@ -158,10 +160,8 @@ class RunStore:
 
     def _run(self, path: Path) -> _Run:
         tables = None
-        try:
+        with contextlib.suppress(OSError, RunError):
             tables = find_tables(path)
-        except (OSError, RunError):
-            pass
         files = [path / RUN_META_FILE, *(tables[1] if tables else [])]
         key = _file_key(files)
         with self._lock:
@@ -221,8 +221,10 @@ class RunStore:
                                    f"(it has: {', '.join(stats) or 'none'})")
         sub = sub.drop_duplicates(["step", "layer"], keep="last")
         wide = sub.pivot(index="layer", columns="step", values="value")
-        roles = dict(zip(sub["layer"], sub["role"], strict=False))
-        order = layer_order(sub, run.meta, wide.index)
+        first = sub.drop_duplicates("layer")
+        roles = dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+        run.roles.update(roles)
+        order = layer_order(first, run.meta, wide.index)
         rank = {r: i for i, r in enumerate(ROLE_ORDER)}
         pos = {name: i for i, name in enumerate(order)}
         order = sorted(order, key=lambda n: (rank.get(roles.get(n, ""), len(rank)), pos[n]))
@@ -254,7 +256,7 @@ class RunStore:
         layers, steps, values = self._wide(run, df, stat)
         bins = bin_steps(len(steps), max_cols)
         binned = _reduce_bins(values, bins, agg)
-        roles = dict(zip(df["layer"], df["role"], strict=False))
+        roles = run.roles
         labels = short_labels(layers)
         bands: list[dict[str, Any]] = []
         for i, layer in enumerate(layers):
@@ -280,7 +282,7 @@ class RunStore:
         """Per role: the median, min and max over its layers of the binned values, per column."""
         hm = self.heatmap(name, stat, max_cols, agg)
         _path, run, df = self._data(name)
-        layers, steps, values = self._wide(run, df, str(stat))
+        _layers, steps, values = self._wide(run, df, str(stat))
         binned = _reduce_bins(values, bin_steps(len(steps), max_cols), agg)
         out: dict[str, Any] = {}
         for band in hm["roles"]:
