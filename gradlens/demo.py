@@ -33,17 +33,25 @@ class DemoResult:
     seconds: float
 
     def summary_table(self) -> str:
-        """Plain-text table: eval loss, perplexity, optimizer state, step time, tokens/s."""
+        """Plain-text table: eval loss, perplexity, optimizer state, step time, tokens/s.
+
+        Every optimizer is timed the same way: the median wall time of its steps after the
+        warm-up steps (:func:`gradlens.experiment.warmup_steps`), and tokens/s from that
+        median. A run that goes first no longer pays for the warm-up of the machine, and a
+        step slowed by another process does not move the median.
+        """
         head = (f"{'optimizer':12s} {'eval loss':>9s} {'eval ppl':>9s} {'state MB':>9s} "
                 f"{'ms/step':>8s} {'tokens/s':>9s}")
         lines = [head, "-" * len(head)]
         for name, r in self.results.items():
-            step_ms = 1e3 * (r.mean_step_s or r.first_step_s)
+            step_ms = 1e3 * (r.median_step_s or float("nan"))
             lines.append(
                 f"{name:12s} {r.eval_loss if r.eval_loss is not None else float('nan'):9.3f} "
                 f"{r.eval_ppl if r.eval_ppl is not None else float('nan'):9.1f} "
-                f"{r.optimizer_state_bytes / 1e6:9.2f} {step_ms:8.0f} {r.tokens_per_s:9.0f}"
+                f"{r.optimizer_state_bytes / 1e6:9.2f} {step_ms:8.0f} {r.median_tokens_per_s:9.0f}"
             )
+        lines.append("ms/step and tokens/s: median step after the warm-up steps, the same for "
+                     "every optimizer")
         return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -244,6 +245,12 @@ class StepInfo:
     tokens: int
 
 
+def warmup_steps(n_steps: int) -> int:
+    """Steps a steady-state timing leaves out: ``min(max(1, n // 10), 10)``, none for a single
+    step."""
+    return 0 if n_steps <= 1 else min(max(1, n_steps // 10), 10)
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` measured.
@@ -284,14 +291,36 @@ class TrainResult:
 
     @property
     def tokens_per_s(self) -> float:
-        """Training throughput over the whole loop."""
+        """Training throughput over the whole loop (warm-up included)."""
         return self.tokens_seen / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def median_step_s(self) -> float | None:
+        """Median wall time of the steady-state steps: ``median(step_times[w:])`` with
+        ``w = warmup_steps(steps)`` warm-up steps left out (lazy optimizer state, allocator,
+        hook set-up). The median also ignores the few steps slowed by another process, so two
+        runs measured one after the other on a busy machine compare fairly. With a single step
+        it is that step's time; None without steps."""
+        if not self.step_times:
+            return None
+        w = warmup_steps(len(self.step_times))
+        return float(statistics.median(self.step_times[w:]))
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        """Steady-state throughput: ``(tokens_seen / steps) / median_step_s``."""
+        med = self.median_step_s
+        if not med or self.steps <= 0:
+            return float("nan")
+        return self.tokens_seen / self.steps / med
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (with ``eval_ppl`` and ``tokens_per_s``)."""
         out = asdict(self)
         out["eval_ppl"] = self.eval_ppl
         out["tokens_per_s"] = self.tokens_per_s
+        out["median_step_s"] = self.median_step_s
+        out["median_tokens_per_s"] = self.median_tokens_per_s
         return out
 
 

@@ -19,6 +19,7 @@ from gradlens.experiment import (
     OPTIMIZERS,
     RunConfig,
     StepInfo,
+    TrainResult,
     build_model,
     cosine_lr_factor,
     cosine_schedule,
@@ -27,6 +28,7 @@ from gradlens.experiment import (
     register_optimizer,
     run_experiment,
     train,
+    warmup_steps,
 )
 
 
@@ -238,3 +240,40 @@ def test_build_model_presets() -> None:
     assert build_model("tiny", device="meta").config.hidden_size == 32
     with pytest.raises(ValueError, match="unknown model size"):
         build_model("huge")
+
+
+def _timed(step_times: list[float], tokens_per_step: int = 100) -> TrainResult:
+    n = len(step_times)
+    return TrainResult(losses=[1.0] * n, lrs=[1e-3] * n, eval_loss=2.0, steps=n,
+                       tokens_seen=tokens_per_step * n, total_s=sum(step_times),
+                       first_step_s=step_times[0] if n else 0.0,
+                       mean_step_s=sum(step_times[1:]) / (n - 1) if n > 1 else None,
+                       step_times=step_times, optimizer_state_bytes=0)
+
+
+def test_steady_state_timing_leaves_out_warmup_and_load() -> None:
+    assert [warmup_steps(n) for n in (0, 1, 2, 15, 20, 55, 500)] == [0, 0, 1, 1, 2, 5, 10]
+    # 20 steps: 2 warm-up steps (slow), one step slowed by another process
+    times = [3.0, 1.0] + [0.2] * 17 + [5.0]
+    r = _timed(times)
+    assert r.median_step_s == pytest.approx(float(np.median(times[2:])))
+    assert r.median_step_s == pytest.approx(0.2)
+    assert r.median_tokens_per_s == pytest.approx(100 / 0.2)
+    assert r.tokens_per_s == pytest.approx(2000 / sum(times))  # whole loop, warm-up included
+    assert _timed([0.5]).median_step_s == 0.5 and _timed([]).median_step_s is None
+    d = r.to_dict()
+    assert d["median_step_s"] == pytest.approx(0.2)
+
+
+def test_demo_summary_times_every_optimizer_the_same_way(tmp_path: Path) -> None:
+    from gradlens.demo import DemoResult
+
+    # the first run pays the warm-up of the machine and is slowed at the start; the second
+    # is not: the same steady-state step time must give the same figures
+    first = _timed([4.0, 2.0, 1.5] + [0.25] * 27)
+    second = _timed([0.4] + [0.25] * 29)
+    demo = DemoResult(tmp_path, {}, {"scale": first, "adamw": second}, tmp_path / "r.html", 1.0)
+    rows = {line.split()[0]: line.split() for line in demo.summary_table().splitlines()[2:4]}
+    assert rows["scale"][4] == rows["adamw"][4] == "250"  # ms/step
+    assert rows["scale"][5] == rows["adamw"][5] == "400"  # tokens/s
+    assert "median step after the warm-up" in demo.summary_table()

@@ -13,7 +13,8 @@ figures (:mod:`gradlens.report.plots`) and writes::
     report/role_spread.csv  per run and column statistic: per-role median and CI
     report/spikes.csv       every spike event of every run
     report/runs.csv         one row per run: directory, model, optimizer, preset, steps
-    report/verdicts.json    the verdicts with their numbers, as JSON
+    report/verdicts.json    the verdicts with their numbers and run directories, as JSON (the
+                            TensorBoard plugin's Verdicts view reads it)
 
 Figures failing to draw do not stop the report: they are listed in it (and in
 ``ReportPaths.problems``) with the error, and a warning is issued.
@@ -288,21 +289,38 @@ def _badge(answer: str) -> str:
 
 
 def _summary(verdicts: list[V.Verdict], runs: list[_Run]) -> pd.DataFrame:
-    """Rows: questions (kind, stat); columns: runs; cells: answers."""
-    keys: list[tuple[str, str | None]] = []
-    cells: dict[tuple[str, str | None], dict[str, str]] = {}
-    for v in verdicts:
-        k = (v.kind, v.stat)
-        if k not in cells:
-            keys.append(k)
-            cells[k] = {}
-        cells[k][str(v.run)] = v.answer
+    """The verdicts that could be computed, one row each: run, question, answer, effect size,
+    p-value and fraction of steps (:func:`gradlens.report.verdicts.verdict_figures`)."""
     rows = []
-    for k in keys:
-        first = next(v for v in verdicts if (v.kind, v.stat) == k)
-        rows.append({"question": first.question,
-                     **{r.label: cells[k].get(r.label, "") for r in runs}})
-    return pd.DataFrame(rows)
+    for v in verdicts:
+        if v.answer == "not computable":
+            continue
+        f = V.verdict_figures(v)
+        effect = "" if f["effect"] is None else f"{_fmt_cell(f['effect'])} ({f['effect_size']})"
+        rows.append({
+            "run": v.run, "question": v.question, "answer": v.answer, "effect size": effect,
+            "p-value": "" if f["p_value"] is None else _fmt_p_cell(f["p_value"]),
+            "fraction of steps": ("" if f["fraction_steps"] is None
+                                  else f"{100 * f['fraction_steps']:.0f}%"),
+        })
+    return pd.DataFrame(rows, columns=["run", "question", "answer", "effect size", "p-value",
+                                       "fraction of steps"])
+
+
+def _fmt_p_cell(p: Any) -> str:
+    if not isinstance(p, (int, float)) or p != p:
+        return "nan"
+    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+
+
+def _not_computable(verdicts: list[V.Verdict], runs: list[_Run]) -> str:
+    """One line: per run, the verdicts that could not be computed, grouped by why."""
+    parts = []
+    for r in runs:
+        line = V.not_computable_line(v for v in verdicts if v.run == r.label)
+        if line:
+            parts.append(f"{r.label}: {line}" if len(runs) > 1 else line)
+    return ("Not computable: " + " | ".join(parts) + ".") if parts else ""
 
 
 def _claim_table(verdicts: list[V.Verdict], runs: list[_Run]) -> pd.DataFrame:
@@ -418,9 +436,12 @@ def _documents(title: str, runs: list[_Run], verdicts: list[V.Verdict], figs: li
     for a in V.ANSWERS:  # answers as badges
         sum_html = sum_html.replace(f"<td>{html.escape(a)}</td>", f"<td>{_badge(a)}</td>")
     h.append(sum_html)
+    missing = _not_computable(verdicts, runs)
+    if missing:
+        h.append(f'<p class="sub">{html.escape(missing)}</p>')
     m: list[str] = [f"# {title}", "", f"gradlens layer-wise gradient report: {len(runs)} run(s).",
                     "", "## Runs", "", _md_table(runs_df), "", "## Verdicts", "",
-                    _md_table(summary), ""]
+                    _md_table(summary), ""] + ([missing, ""] if missing else [])
     by_kind = {k: [v for v in verdicts if v.kind == k]
                for k in ("output_highest", "column_spread", "instability")}
     for section, (heading, intro) in _SECTIONS.items():
@@ -548,7 +569,9 @@ def build_report(
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(html_text, encoding="utf-8")
     md_path.write_text(md_text, encoding="utf-8")
-    (out / "verdicts.json").write_text(json.dumps([v.to_dict() for v in verdicts], indent=1))
+    run_dirs_of = {r.label: str(r.path.resolve()) for r in runs}
+    (out / "verdicts.json").write_text(json.dumps(
+        [{**v.to_dict(), "run_dir": run_dirs_of.get(str(v.run))} for v in verdicts], indent=1))
     table_paths["verdicts_json"] = out / "verdicts.json"
     return ReportPaths(
         out_dir=out, html=html_path, markdown=md_path,

@@ -51,12 +51,14 @@ __all__ = [
     "layer_ranking",
     "layer_roles",
     "missing_reason",
+    "not_computable_line",
     "output_highest_verdict",
     "role_spread_table",
     "select_run",
     "short_labels",
     "short_layer_name",
     "spike_layers",
+    "verdict_figures",
     "verdicts_table",
     "wide_table",
 ]
@@ -779,7 +781,8 @@ def instability_verdict(
     Numbers: ``n_spikes``, ``n_spike_steps``, ``first_step``/``last_step`` of the events, counts
     per ``kind``, ``max_score``, the layers most often implicated (a per-layer event counts its
     layer; a global event counts each layer it was attributed to), the total of
-    ``nonfinite_count`` rows and the steps with any, and ``skipped_step`` rows equal to 1.
+    ``nonfinite_count`` rows and the steps with any, ``skipped_step`` rows equal to 1, and
+    ``n_logged_steps`` (steps of the table).
     Answer ``yes`` if anything was found, ``no`` ("no instability found") otherwise, ``not
     computable`` without a spike log and without the rows to check.
     """
@@ -788,6 +791,8 @@ def instability_verdict(
     sp = select_run(spikes, run) if spikes is not None else None
     one = select_run(df, run) if df is not None else None
     numbers: dict[str, Any] = {}
+    if one is not None and not one.empty:
+        numbers["n_logged_steps"] = int(one["step"].nunique())
     parts: list[str] = []
     found = False
     if sp is not None and not sp.empty:
@@ -896,6 +901,63 @@ def compute_verdicts(
     for v in out:
         v.run = label
     return out
+
+
+def verdict_figures(v: Verdict) -> dict[str, Any]:
+    """The headline numbers of a verdict: ``effect`` (its name in ``effect_size``), ``p_value``
+    and ``fraction_steps``; None where the question has no such number.
+
+    - output highest: matched-pairs rank-biserial of ``log(output / largest other)``, the
+      one-sided Wilcoxon p-value, the fraction of steps at which the output ranks first;
+    - column spread: epsilon^2 = H / (n - 1) of the Kruskal-Wallis test (layers as samples),
+      or, with a role of too few layers, the per-step test's rank-biserial / Kendall's W and
+      its p-value; no fraction of steps;
+    - instability: the fraction of logged steps with a spike event (``n_spike_steps`` over
+      ``n_logged_steps``) when both are known.
+    """
+    n = v.numbers
+    out: dict[str, Any] = {"effect_size": None, "effect": None, "p_value": None,
+                           "fraction_steps": None}
+    if v.kind == "output_highest":
+        out.update(effect_size="rank-biserial", effect=n.get("rank_biserial"),
+                   p_value=n.get("p_value"), fraction_steps=n.get("fraction_first"))
+    elif v.kind == "column_spread":
+        if n.get("test") == "kruskal":
+            out.update(effect_size="epsilon^2", effect=n.get("epsilon_sq"),
+                       p_value=n.get("p_value"))
+        elif "p_steps" in n:
+            name = "Kendall's W" if n.get("test") == "friedman" else "rank-biserial"
+            out.update(effect_size=name, effect=n.get("effect"), p_value=n.get("p_steps"))
+    elif v.kind == "instability":
+        steps, total = n.get("n_spike_steps"), n.get("n_logged_steps")
+        if isinstance(steps, (int, float)) and isinstance(total, (int, float)) and total > 0:
+            out["fraction_steps"] = steps / total
+    return out
+
+
+def not_computable_line(verdicts: Iterable[Verdict]) -> str:
+    """One sentence for every verdict that could not be computed, grouped by why:
+    ``pe_trace, pe_noise_scale: needs the full preset``; empty when there is none."""
+    groups: dict[str, list[str]] = {}
+    for v in verdicts:
+        if v.answer != "not computable":
+            continue
+        if v.kind == "output_highest" and v.stat and v.reason.startswith("no ") and (
+                v.stat in VARIANCE_ESTIMATORS):
+            why = {"twobatch": "two-batch estimators: need >= 2 micro-batches per step or >= 2 "
+                               "data-parallel ranks",
+                   "per_example": "per-example estimators: need preset full",
+                   "temporal": "temporal estimators: need preset full"}[
+                _estimator_family(v.stat)]
+            if "met the condition" in v.reason:
+                why = "not selected, or their layers excluded, although the run met the condition"
+        else:
+            why = v.reason.split(";")[0].rstrip(".")
+        label = str(v.stat or v.kind)
+        names = groups.setdefault(why, [])
+        if label not in names:
+            names.append(label)
+    return "; ".join(f"{', '.join(names)} ({why})" for why, names in groups.items())
 
 
 def verdicts_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:

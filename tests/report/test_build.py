@@ -67,13 +67,28 @@ def test_html_is_self_contained(built_report: ReportPaths):
     assert "<table" in text and "Does the output layer have the highest" in text
 
 
-def test_markdown_links_the_pngs(built_report: ReportPaths):
+def test_markdown_links_the_pngs(built_report: ReportPaths, two_runs):
     md = built_report.markdown.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(links) == sorted(f"figures/{k}.png" for k in built_report.figures)
     for link in links:
         assert (built_report.out_dir / link).is_file()
-    assert "| question | scale | adamw |" in md
+    # computed verdicts: one row each with effect size, p-value and fraction of steps
+    assert "| run | question | answer | effect size | p-value | fraction of steps |" in md
+    rows = [line for line in md.splitlines()
+            if line.startswith("| scale | Is the output layer's noise_scale")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    v = next(v for v in json.loads(built_report.tables["verdicts_json"].read_text())
+             if v["run"] == "scale" and v["stat"] == "noise_scale")
+    assert cells[2] == v["answer"] == "yes"
+    assert cells[3] == f"{v['numbers']['rank_biserial']:.4g} (rank-biserial)"
+    assert cells[5] == f"{100 * v['numbers']['fraction_first']:.0f}%" == "90%"
+    assert v["run_dir"] == str(two_runs[0].resolve())
+    # the ones that could not be computed: one line, saying why
+    line = next(x for x in md.splitlines() if x.startswith("Not computable: "))
+    assert "pe_trace, pe_noise_scale, pe_var_per_element (per-example estimators: need preset full)" in line
+    assert "not computable" not in "".join(r for r in md.splitlines() if r.startswith("| scale | Is"))
     # the paper's claim, estimator by estimator: noise_scale says yes in both runs
     assert "| scale | size-fair | noise_scale |  |  | 8 |" in md
     assert "| adamw | raw |  |  |  | 3 |" in md  # AdamW run has no two-batch trace

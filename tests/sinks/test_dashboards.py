@@ -118,7 +118,8 @@ def test_stats_filter_drops_charts() -> None:
     layout = build_layout(layer_dicts(), stats={"grad_norm"})
     regexes, exact = layout_tags(layout)
     assert all("grad_norm" in r or "spikes" in r for r in regexes)
-    assert not exact
+    # only the group margins of the one statistic kept (grad_norm's, in the default view)
+    assert exact and all(t.startswith("gradlens/by_group/grad_norm/") for t in exact)
     assert "By statistic: Variance estimators" not in [c.title for c in layout.category]
 
 
@@ -161,3 +162,43 @@ def test_custom_template(tmp_path: Path) -> None:
     layout = build_layout(layer_dicts(), load_templates([path]))
     assert [c.title for c in layout.category] == ["Mine: MLP only"]
     assert layout.category[0].chart[0].title == "rms of MLP"
+
+
+def _deep_layers(n_blocks: int) -> list[dict]:
+    out = [{"name": "model.embed_tokens.weight", "role": "embedding"}]
+    for b in range(n_blocks):
+        for leaf in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            out.append({"name": f"model.layers.{b}.{leaf}.weight", "role": "hidden"})
+        out.append({"name": f"model.layers.{b}.input_layernorm.weight", "role": "vector",
+                    "layout": "vector"})
+    return [*out, {"name": "lm_head.weight", "role": "output"}]
+
+
+def test_layouts_stay_readable_at_48_blocks() -> None:
+    """The default view charts groups, never every layer; per-layer lines come one group each."""
+    from gradlens.schema import LAYER_GROUPS
+
+    layers = _deep_layers(48)  # 242 layers
+    layout = build_layout(layers)
+    default = [c for c in layout.category if c.title.startswith("By statistic")]
+    assert default
+    for cat in default:
+        for ch in cat.chart:
+            if ch.HasField("multiline"):  # only run-level and spike charts draw lines
+                assert all(t.startswith(("^gradlens/global/", "gradlens/global/",
+                                         "^gradlens/spikes/")) for t in ch.multiline.tag), ch
+            else:
+                assert len(ch.margin.series) <= len(LAYER_GROUPS)
+    names = [d["name"] for d in layers]
+    biggest = max(sum(1 for n in names if f".{g}" in n) for g in ("self_attn", "mlp"))
+    for cat in layout.category:
+        if not cat.title.startswith("By group"):
+            continue
+        for ch in cat.chart:
+            for regex in getattr(ch.multiline, "tag", []):
+                hits = [n for n in names if re.search(regex, f"gradlens/grad_norm/{n}")]
+                assert len(hits) <= biggest < len(names), (cat.title, len(hits))
+    titles = [ch.title for c in default for ch in c.chart]
+    assert "total gradient norm the optimizer consumes (after clipping)" in titles
+    assert "total gradient norm before clipping (as a trainer reports it)" in titles
+    assert not any("as consumed; before clipping" in t for t in titles)

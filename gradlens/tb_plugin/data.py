@@ -1,0 +1,388 @@
+"""What the gradlens TensorBoard plugin serves, computed from the run directories' files.
+
+The plugin reads ``run.json``, ``stats.*`` and ``spikes.jsonl`` through
+:mod:`gradlens.report.load`, never TensorBoard event files. :class:`RunStore` caches each run
+under a key of the (name, size, mtime) of its files: a poll of an unchanged run costs a few
+``stat`` calls; a run that wrote a flush since is read again.
+
+Step downsampling (:func:`bin_steps`): a statistic logged at ``S`` steps is shown in at most
+``max_cols`` columns. The logged steps (sorted) are cut into ``C = min(S, max_cols)`` runs of
+consecutive steps of near-equal length (``numpy.array_split``); the cell of column ``c`` for
+layer ``l`` is ``max`` (default: a spike stays visible) or ``mean`` of the layer's finite
+values in that run, NaN when it has none. Each column carries the first and last step it
+covers. The role summary is computed from the binned matrix: per role and column, the median,
+min and max over the role's layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens.report.load import RunError, find_tables, load_meta, load_run
+from gradlens.report.verdicts import layer_order, short_labels
+from gradlens.schema import GLOBAL, RUN_META_FILE, SPIKES_FILE
+
+__all__ = [
+    "AGGREGATES",
+    "DEFAULT_MAX_COLS",
+    "ROLE_ORDER",
+    "PluginInputError",
+    "RunStore",
+    "bin_steps",
+    "find_runs",
+]
+
+DEFAULT_MAX_COLS = 400
+MAX_COLS_LIMIT = 4000
+AGGREGATES = ("max", "mean")
+ROLE_ORDER = ("embedding", "hidden", "vector", "output")
+_MAX_DEPTH = 4  # how deep below the logdir run directories are looked for
+VERDICTS_FILE = "verdicts.json"
+
+
+class PluginInputError(ValueError):
+    """A request names a run, statistic or option that does not exist (HTTP 400)."""
+
+
+def _is_run_dir(p: Path) -> bool:
+    try:
+        return (p / RUN_META_FILE).is_file() or find_tables(p) is not None
+    except (OSError, RunError):
+        return True  # a run with a problem is still a run: its error is shown to the user
+
+
+def find_runs(logdir: str | os.PathLike[str]) -> dict[str, Path]:
+    """``{name: directory}`` of the lens runs under ``logdir`` (the logdir itself included),
+    at most four levels deep; ``name`` is the path relative to the logdir (``.`` for itself)."""
+    root = Path(logdir).expanduser()
+    runs: dict[str, Path] = {}
+    if not root.is_dir():
+        return runs
+    for cur, dirs, _files in os.walk(root):
+        here = Path(cur)
+        depth = len(here.relative_to(root).parts)
+        if _is_run_dir(here):
+            runs[here.relative_to(root).as_posix()] = here
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < _MAX_DEPTH else []
+    return dict(sorted(runs.items()))
+
+
+def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    key = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        key.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(key)
+
+
+def bin_steps(n_steps: int, max_cols: int) -> list[np.ndarray]:
+    """Indices of the logged steps in each column: ``array_split(arange(n), min(n, max_cols))``."""
+    if n_steps <= 0:
+        return []
+    return np.array_split(np.arange(n_steps), min(n_steps, max_cols))
+
+
+def _reduce_bins(values: np.ndarray, bins: list[np.ndarray], agg: str) -> np.ndarray:
+    """``values`` (layers x steps, NaN = no value) reduced over each bin of steps, ignoring
+    NaN; a bin without any finite value is NaN."""
+    if len(bins) == values.shape[1]:
+        return values
+    starts = np.array([b[0] for b in bins])
+    finite = np.isfinite(values)
+    counts = np.add.reduceat(finite, starts, axis=1)
+    if agg == "mean":
+        sums = np.add.reduceat(np.where(finite, values, 0.0), starts, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = sums / counts
+    else:
+        out = np.maximum.reduceat(np.where(finite, values, -np.inf), starts, axis=1)
+    return np.where(counts > 0, out, np.nan)
+
+
+def _json_floats(a: np.ndarray) -> list[Any]:
+    """Nested lists with 5 significant digits; NaN and +-inf as None (JSON has neither)."""
+    flat = [None if not math.isfinite(x) else float(f"{x:.5g}") for x in a.ravel().tolist()]
+    if a.ndim == 1:
+        return flat
+    n = a.shape[1]
+    return [flat[i:i + n] for i in range(0, len(flat), n)]
+
+
+@dataclass
+class _Run:
+    """The cached content of one run directory."""
+
+    key: tuple[Any, ...]
+    df: pd.DataFrame | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    wide: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+class RunStore:
+    """The runs under one logdir, each read once per change of its files."""
+
+    def __init__(self, logdir: str | os.PathLike[str]) -> None:
+        self.logdir = Path(logdir).expanduser()
+        self._runs: dict[Path, _Run] = {}
+        self._events: dict[Path, tuple[tuple[Any, ...], list[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ runs
+
+    def runs(self) -> dict[str, Path]:
+        return find_runs(self.logdir)
+
+    def _resolve(self, name: str | None) -> Path:
+        runs = self.runs()
+        if not name:
+            raise PluginInputError("give ?run=<name>; the runs are listed by /runs")
+        if name not in runs:
+            known = ", ".join(list(runs)[:10]) or "none"
+            raise PluginInputError(f"no lens run {name!r} under the logdir (runs: {known})")
+        return runs[name]
+
+    def _run(self, path: Path) -> _Run:
+        tables = None
+        with contextlib.suppress(OSError, RunError):
+            tables = find_tables(path)
+        files = [path / RUN_META_FILE, *(tables[1] if tables else [])]
+        key = _file_key(files)
+        with self._lock:
+            cached = self._runs.get(path)
+            if cached is not None and cached.key == key:
+                return cached
+        run = _Run(key)
+        try:
+            run.meta = dict(load_meta(path))
+        except RunError:
+            run.meta = {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a partial last line of a live run
+                run.df = load_run(path)
+        except (RunError, OSError) as err:
+            run.error = str(err)
+        with self._lock:
+            self._runs[path] = run
+        return run
+
+    def _data(self, name: str | None) -> tuple[Path, _Run, pd.DataFrame]:
+        path = self._resolve(name)
+        run = self._run(path)
+        if run.df is None:
+            raise PluginInputError(run.error or f"run {name!r} has no rows yet")
+        return path, run, run.df
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """One entry per run: name, label, statistics, layers, logged steps, finished, error."""
+        out = []
+        for name, path in self.runs().items():
+            run = self._run(path)
+            entry: dict[str, Any] = {
+                "run": name, "label": str(run.meta.get("name") or path.resolve().name),
+                "finished": bool(run.meta.get("finished", False)), "error": run.error,
+                "stats": [], "n_layers": 0, "n_steps": 0, "last_step": None,
+            }
+            if run.df is not None:
+                per_layer = run.df[run.df["layer"] != GLOBAL]
+                entry["stats"] = sorted(pd.unique(per_layer["stat"]).tolist())
+                entry["n_layers"] = int(per_layer["layer"].nunique())
+                entry["n_steps"] = int(run.df["step"].nunique())
+                entry["last_step"] = int(run.df["step"].max())
+            out.append(entry)
+        return out
+
+    def _wide(self, run: _Run, df: pd.DataFrame, stat: str
+              ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(layers in display order, steps, layers x steps values) of one statistic, cached."""
+        if stat in run.wide:
+            return run.wide[stat]
+        sub = df[(df["stat"] == stat) & (df["layer"] != GLOBAL)]
+        if sub.empty:
+            stats = sorted(pd.unique(df.loc[df["layer"] != GLOBAL, "stat"]).tolist())
+            raise PluginInputError(f"statistic {stat!r} has no per-layer rows in this run "
+                                   f"(it has: {', '.join(stats) or 'none'})")
+        sub = sub.drop_duplicates(["step", "layer"], keep="last")
+        wide = sub.pivot(index="layer", columns="step", values="value")
+        first = sub.drop_duplicates("layer")
+        roles = dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+        run.roles.update(roles)
+        order = layer_order(first, run.meta, wide.index)
+        rank = {r: i for i, r in enumerate(ROLE_ORDER)}
+        pos = {name: i for i, name in enumerate(order)}
+        order = sorted(order, key=lambda n: (rank.get(roles.get(n, ""), len(rank)), pos[n]))
+        wide = wide.reindex(order)
+        entry = (order, wide.columns.to_numpy(dtype=np.int64),
+                 wide.to_numpy(dtype=np.float64))
+        run.wide[stat] = entry
+        return entry
+
+    # ------------------------------------------------------------------ views
+
+    def heatmap(self, name: str | None, stat: str | None, max_cols: int = DEFAULT_MAX_COLS,
+                agg: str = "max") -> dict[str, Any]:
+        """Layers (grouped by role, model order inside a role) x step columns of ``stat``.
+
+        Returns ``layers`` ([{name, label, role}]), ``roles`` (bands: role, first row, rows),
+        ``columns`` ([first step, last step] per column), ``values`` (rows of floats or null),
+        ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale),
+        ``agg``, ``n_steps`` (logged steps before binning) and ``version`` (changes when the
+        files do).
+        """
+        if not stat:
+            raise PluginInputError("give ?stat=<statistic>")
+        if agg not in AGGREGATES:
+            raise PluginInputError(f"agg must be one of {AGGREGATES}, got {agg!r}")
+        if not 1 <= max_cols <= MAX_COLS_LIMIT:
+            raise PluginInputError(f"max_cols must be in 1..{MAX_COLS_LIMIT}, got {max_cols}")
+        _path, run, df = self._data(name)
+        layers, steps, values = self._wide(run, df, stat)
+        bins = bin_steps(len(steps), max_cols)
+        binned = _reduce_bins(values, bins, agg)
+        roles = run.roles
+        labels = short_labels(layers)
+        bands: list[dict[str, Any]] = []
+        for i, layer in enumerate(layers):
+            role = roles.get(layer, "")
+            if bands and bands[-1]["role"] == role:
+                bands[-1]["rows"] += 1
+            else:
+                bands.append({"role": role, "first": i, "rows": 1})
+        pos = binned[np.isfinite(binned) & (binned > 0)]
+        return {
+            "run": name, "stat": stat, "agg": agg, "n_steps": len(steps),
+            "layers": [{"name": n, "label": labels[n], "role": roles.get(n, "")} for n in layers],
+            "roles": bands,
+            "columns": [[int(steps[b[0]]), int(steps[b[-1]])] for b in bins],
+            "values": _json_floats(binned),
+            "vmin": float(pos.min()) if pos.size else None,
+            "vmax": float(pos.max()) if pos.size else None,
+            "version": repr(run.key),
+        }
+
+    def role_summary(self, name: str | None, stat: str | None,
+                     max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean") -> dict[str, Any]:
+        """Per role: the median, min and max over its layers of the binned values, per column."""
+        hm = self.heatmap(name, stat, max_cols, agg)
+        _path, run, df = self._data(name)
+        _layers, steps, values = self._wide(run, df, str(stat))
+        binned = _reduce_bins(values, bin_steps(len(steps), max_cols), agg)
+        out: dict[str, Any] = {}
+        for band in hm["roles"]:
+            block = binned[band["first"]:band["first"] + band["rows"]]
+            entry = out.setdefault(band["role"], {"layers": 0, "rows": []})
+            entry["layers"] += band["rows"]
+            entry["rows"].append(block)
+        roles = {}
+        for role, entry in out.items():
+            block = np.vstack(entry["rows"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+                roles[role] = {
+                    "layers": entry["layers"],
+                    "median": _json_floats(np.nanmedian(block, axis=0)),
+                    "min": _json_floats(np.nanmin(block, axis=0)),
+                    "max": _json_floats(np.nanmax(block, axis=0)),
+                }
+        return {"run": name, "stat": stat, "agg": agg, "columns": hm["columns"],
+                "roles": roles, "version": hm["version"]}
+
+    def events(self, name: str | None) -> dict[str, Any]:
+        """Every row of ``spikes.jsonl`` with all its fields (any kind, e.g. ``validity``
+        rows with ``family`` and ``reason``), in file order, and the count per kind."""
+        path = self._resolve(name) / SPIKES_FILE
+        key = _file_key([path])
+        cached = self._events.get(path)
+        if cached is None or cached[0] != key:
+            cached = (key, list(_read_events(path)))
+            self._events[path] = cached
+        rows = cached[1]
+        kinds: dict[str, int] = {}
+        for r in rows:
+            kinds[str(r.get("kind"))] = kinds.get(str(r.get("kind")), 0) + 1
+        return {"run": name, "events": rows, "kinds": kinds}
+
+    def verdicts(self, name: str | None) -> dict[str, Any]:
+        """The verdicts of the latest ``gradlens report`` that covered this run.
+
+        ``verdicts.json`` is looked for in the run directory, the directories above it up to
+        the logdir, and their direct sub-directories (``gradlens demo`` writes
+        ``runs/<name>/`` and ``report/``); rows are matched by the run directory the report
+        recorded, or else by the run's label.
+        """
+        path = self._resolve(name).resolve()
+        run = self._run(path)
+        label = str(run.meta.get("name") or path.name)
+        root = self.logdir.resolve()
+        dirs = [path, *[p for p in path.parents if p == root or root in p.parents]]
+        candidates: list[Path] = []
+        for d in dirs:
+            candidates.append(d / VERDICTS_FILE)
+            try:
+                candidates += sorted(s / VERDICTS_FILE for s in d.iterdir() if s.is_dir())
+            except OSError:
+                continue
+        found = []
+        for f in dict.fromkeys(candidates):
+            if not f.is_file():
+                continue
+            try:
+                rows = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(rows, list):
+                continue
+            mine = [r for r in rows if isinstance(r, dict) and _same_run(r, path, label)]
+            if mine:
+                found.append((f.stat().st_mtime, f, mine))
+        if not found:
+            return {"run": name, "verdicts": [], "source": None,
+                    "hint": f"no report covers this run yet: gradlens report {path} -o REPORT"}
+        _, f, mine = max(found, key=lambda t: t[0])
+        return {"run": name, "verdicts": mine, "source": str(f)}
+
+
+def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:
+    rd = row.get("run_dir")
+    if isinstance(rd, str) and rd:
+        try:
+            return Path(rd).resolve() == path
+        except OSError:
+            return False
+    return str(row.get("run")) == label
+
+
+def _read_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of ``spikes.jsonl``; a damaged line (a live run's partial last line,
+    or worse) is skipped, never raised: the dashboard shows what can be read."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                   for k, v in rec.items()}

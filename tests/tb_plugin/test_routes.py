@@ -1,0 +1,216 @@
+"""The plugin's HTTP routes, on its WSGI apps, against numpy references of what they serve."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.plugins import base_plugin
+from werkzeug.test import Client
+
+from gradlens.tb_plugin import GradLensPlugin
+from gradlens.tb_plugin import data as plugin_data
+from tests.tb_plugin._runs import synthetic_layers, write_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def client(logdir: Path) -> tuple[GradLensPlugin, Client]:
+    plugin = GradLensPlugin(base_plugin.TBContext(logdir=str(logdir)))
+    apps = plugin.get_plugin_apps()
+
+    def wsgi(environ, start_response):
+        return apps[environ["PATH_INFO"]](environ, start_response)
+
+    return plugin, Client(wsgi)
+
+
+def get(c: Client, route: str, **params) -> tuple[int, dict]:
+    resp = c.get(route, query_string=params)
+    return resp.status_code, json.loads(resp.get_data(as_text=True))
+
+
+def ordered(n_layers: int) -> list[str]:
+    """Reference display order: by role (embedding, hidden, vector, output), model order inside."""
+    rank = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
+    lay = synthetic_layers(n_layers)
+    return [n for _, (n, _r) in sorted(enumerate(lay), key=lambda t: (rank[t[1][1]], t[0]))]
+
+
+def test_entry_point_and_frontend(tmp_path: Path) -> None:
+    toml = (ROOT / "pyproject.toml").read_text()
+    section = toml.split("[project.entry-points.tensorboard_plugins]\n", 1)[1].split("\n[", 1)[0]
+    assert 'gradlens = "gradlens.tb_plugin:GradLensPlugin"' in section
+    assert '"tb_plugin/static/*.js"' in toml.split("[tool.setuptools.package-data]", 1)[1]
+    plugin, c = client(tmp_path)
+    assert not plugin.is_active()  # nothing in the logdir yet
+    write_run(tmp_path / "a", 7, np.arange(0, 20, 5))
+    assert plugin.is_active()
+    fm = plugin.frontend_metadata()
+    assert fm.es_module_path == "/index.js" and fm.tab_name == "gradlens"
+    resp = c.get("/index.js")
+    assert resp.status_code == 200 and resp.mimetype == "application/javascript"
+    assert "export async function render()" in resp.get_data(as_text=True)
+
+
+def test_heatmap_matches_a_numpy_reference(tmp_path: Path) -> None:
+    steps = np.arange(0, 230, 10)  # 23 logged steps
+    vals = write_run(tmp_path / "runs" / "scale", 12, steps, stats=("grad_norm", "grad_rms"))
+    raw = vals["grad_norm"]
+    raw[3, 4] = np.nan  # a missing value is ignored by its bin
+    lay = [n for n, _ in synthetic_layers(12)]
+    # rewrite with the NaN
+    import pandas as pd
+    df = pd.read_csv(tmp_path / "runs" / "scale" / "stats.csv")
+    sel = (df["stat"] == "grad_norm") & (df["layer"] == lay[3]) & (df["step"] == steps[4])
+    df.loc[sel, "value"] = np.nan
+    df.to_csv(tmp_path / "runs" / "scale" / "stats.csv", index=False, na_rep="nan")
+    _, c = client(tmp_path)
+
+    code, runs = get(c, "/runs")
+    assert code == 200
+    assert [(r["run"], r["n_layers"], r["n_steps"], r["stats"]) for r in runs["runs"]] == [
+        ("runs/scale", 12, 23, ["grad_norm", "grad_rms"])]
+
+    order = ordered(12)
+    idx = [lay.index(n) for n in order]
+    for agg, fn in (("max", np.nanmax), ("mean", np.nanmean)):
+        code, hm = get(c, "/heatmap", run="runs/scale", stat="grad_norm", max_cols=5, agg=agg)
+        assert code == 200, hm
+        assert [x["name"] for x in hm["layers"]] == order
+        assert hm["n_steps"] == 23 and len(hm["columns"]) == 5
+        # 23 steps in 5 runs of consecutive steps: 5, 5, 5, 4, 4
+        bounds = [(0, 5), (5, 10), (10, 15), (15, 19), (19, 23)]
+        assert hm["columns"] == [[int(steps[a]), int(steps[b - 1])] for a, b in bounds]
+        ref = np.array([[fn(raw[i, a:b]) for a, b in bounds] for i in idx])
+        np.testing.assert_allclose(np.array(hm["values"], dtype=float), ref, rtol=1e-4)
+        assert hm["vmin"] == pytest.approx(ref.min(), rel=1e-4)
+        assert hm["vmax"] == pytest.approx(ref.max(), rel=1e-4)
+    assert [(b["role"], b["first"], b["rows"]) for b in hm["roles"]] == [
+        ("embedding", 0, 1), ("hidden", 1, 8), ("vector", 9, 2), ("output", 11, 1)]
+    # no binning when the steps fit: the raw values, the NaN as null
+    _, full = get(c, "/heatmap", run="runs/scale", stat="grad_norm")
+    assert len(full["columns"]) == 23 and full["values"][order.index(lay[3])][4] is None
+
+    # role summary: per role the median / min / max over its layers of the binned values
+    code, rs = get(c, "/roles", run="runs/scale", stat="grad_norm", max_cols=5)
+    assert code == 200
+    bounds_mean = np.array([[np.nanmean(raw[i, a:b]) for a, b in bounds] for i in range(12)])
+    hidden = [i for i, (_, r) in enumerate(synthetic_layers(12)) if r == "hidden"]
+    h = rs["roles"]["hidden"]
+    assert h["layers"] == 8
+    np.testing.assert_allclose(h["median"], np.median(bounds_mean[hidden], axis=0), rtol=1e-4)
+    np.testing.assert_allclose(h["min"], bounds_mean[hidden].min(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(h["max"], bounds_mean[hidden].max(axis=0), rtol=1e-4)
+
+
+def test_bad_requests_answer_400_with_a_message(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", 7, np.arange(5))
+    _, c = client(tmp_path)
+    cases = [
+        (dict(run="nope", stat="grad_norm"), "no lens run 'nope' under the logdir (runs: a)"),
+        (dict(stat="grad_norm"), "give ?run=<name>"),
+        (dict(run="a", stat="noise_scale"), "statistic 'noise_scale' has no per-layer rows in "
+                                            "this run (it has: grad_norm)"),
+        (dict(run="a", stat="grad_norm", agg="median"), "agg must be one of ('max', 'mean')"),
+        (dict(run="a", stat="grad_norm", max_cols="ten"), "max_cols must be an integer"),
+        (dict(run="a", stat="grad_norm", max_cols=0), "max_cols must be in 1..4000"),
+    ]
+    for params, message in cases:
+        code, body = get(c, "/heatmap", **params)
+        assert code == 400 and message in body["error"], (params, body)
+    # a run directory with run.json and no rows yet: the loader's message
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"name": "b"}))
+    code, body = get(c, "/heatmap", run="b", stat="grad_norm")
+    assert code == 400 and "no rows yet" in body["error"]
+    _, runs = get(c, "/runs")
+    assert [r["run"] for r in runs["runs"]] == ["a", "b"] and "no rows yet" in runs["runs"][1]["error"]
+
+
+def test_live_updates_reload_only_on_change(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "live"
+    write_run(run, 7, np.arange(10))
+    calls = []
+    real = plugin_data.load_run
+    monkeypatch.setattr(plugin_data, "load_run", lambda p: calls.append(p) or real(p))
+    _, c = client(tmp_path)
+    _, first = get(c, "/heatmap", run="live", stat="grad_norm")
+    _, again = get(c, "/heatmap", run="live", stat="grad_norm")
+    assert len(calls) == 1 and again["version"] == first["version"]
+    # the lens flushes: rows appended (the file grows)
+    lay = synthetic_layers(7)
+    with open(run / "stats.csv", "a") as f:
+        for n, r in lay:
+            f.write(f"10,{n},{r},grad_norm,2.5\n")
+    _, later = get(c, "/heatmap", run="live", stat="grad_norm")
+    assert len(calls) == 2 and later["version"] != first["version"]
+    assert later["n_steps"] == 11 and later["columns"][-1] == [10, 10]
+    assert {row[-1] for row in later["values"]} == {2.5}
+
+
+def test_events_show_every_kind_with_its_fields(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    write_run(run, 7, np.arange(10))
+    rows = [
+        {"step": 3, "layer": "lm_head.weight", "kind": "grad_norm", "value": 9.0, "score": 4.2,
+         "layers": []},
+        {"step": 4, "layer": "global", "kind": "skipped_step", "value": 1.0, "score": 1.0,
+         "layers": []},
+        {"step": 5, "layer": "model.layers.0.mlp.up_proj.weight", "kind": "validity",
+         "value": float("nan"), "score": 0.0, "layers": [], "family": "two_batch",
+         "reason": "micro-batches of unequal size"},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lay'  # partial last line
+    (run / "spikes.jsonl").write_text(text)
+    _, c = client(tmp_path)
+    code, ev = get(c, "/events", run="r")
+    assert code == 200
+    assert ev["kinds"] == {"grad_norm": 1, "skipped_step": 1, "validity": 1}
+    assert [e["kind"] for e in ev["events"]] == ["grad_norm", "skipped_step", "validity"]
+    v = ev["events"][2]
+    assert v["family"] == "two_batch" and v["reason"] == "micro-batches of unequal size"
+    assert v["value"] is None  # NaN is not JSON
+
+
+def test_verdicts_of_the_report_covering_the_run(tmp_path: Path) -> None:
+    for name in ("scale", "adamw"):
+        write_run(tmp_path / "runs" / name, 7, np.arange(10), name=name)
+    _, c = client(tmp_path)
+    code, none = get(c, "/verdicts", run="runs/scale")
+    assert code == 200 and none["verdicts"] == [] and "gradlens report" in none["hint"]
+    report = tmp_path / "report"
+    report.mkdir()
+    verdicts = [
+        {"question": "Q1", "answer": "yes", "numbers": {"p_value": 0.01}, "reason": "r",
+         "kind": "output_highest", "stat": "noise_scale", "run": "scale",
+         "run_dir": str(tmp_path / "runs" / "scale")},
+        {"question": "Q1", "answer": "no", "numbers": {}, "reason": "r2",
+         "kind": "output_highest", "stat": "noise_scale", "run": "adamw",
+         "run_dir": str(tmp_path / "runs" / "adamw")},
+    ]
+    (report / "verdicts.json").write_text(json.dumps(verdicts))
+    _, got = get(c, "/verdicts", run="runs/scale")
+    assert [v["answer"] for v in got["verdicts"]] == ["yes"]
+    assert got["source"] == str(report / "verdicts.json")
+
+
+def test_heatmap_route_is_fast_at_200_layers_by_2000_steps(tmp_path: Path) -> None:
+    """200 layers x 2,000 logged steps, binned to 400 columns: the figure the README quotes."""
+    write_run(tmp_path / "big", 200, np.arange(0, 20000, 10), stats=("grad_norm", "grad_rms"))
+    _, c = client(tmp_path)
+    t0 = time.perf_counter()
+    code, hm = get(c, "/heatmap", run="big", stat="grad_norm")
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(3):
+        code, hm = get(c, "/heatmap", run="big", stat="grad_norm")
+    warm = (time.perf_counter() - t0) / 3
+    assert code == 200 and len(hm["layers"]) == 200 and len(hm["columns"]) == 400
+    assert hm["n_steps"] == 2000
+    print(f"\nheatmap 200 x 2000 -> 200 x 400: first (reads the table) {cold:.2f} s, "
+          f"cached {1e3 * warm:.0f} ms")
+    assert warm < 2.0, warm
