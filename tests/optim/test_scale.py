@@ -145,7 +145,7 @@ def test_state_dict_round_trip_is_bit_identical() -> None:
     opt2, sched2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
-    assert [g["lr_peak"] for g in opt2.param_groups] == [LR] * 4
+    assert [SCALE.peak_lr(g) for g in opt2.param_groups] == [LR] * 4
     for step in range(3, 5):
         backward_random_batch(resumed, step)
         opt2.step()
