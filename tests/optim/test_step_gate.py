@@ -227,7 +227,7 @@ def test_invalid_gate_raises(gate: object, match: str) -> None:
 
 def test_gated_sgd_with_dampening_is_refused() -> None:
     w = nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match="dampening=0.5"):
+    with pytest.raises(ValueError, match=r"dampening=0\.5"):
         GatedOptimizer(torch.optim.SGD([w], lr=0.1, momentum=0.9, dampening=0.5), torch.ones(()))
 
 
