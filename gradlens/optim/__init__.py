@@ -10,10 +10,14 @@ as named param-group recipes, and one registry for all of them::
 
     from gradlens.optim import OPTIMIZERS, make_optimizer
     opt = make_optimizer("swan", model)   # default lr from OPTIMIZERS["swan"]
+
+Every optimizer here takes a device-side ``step_gate`` group option (skip a step on device, no
+host sync); :class:`GatedOptimizer` gives ``torch.optim`` optimizers the same.
 """
 
 from gradlens.optim.chained import ChainedOptimizer
 from gradlens.optim.functional import RMS_FLOOR, adamw_update, scale_update, unit_rms
+from gradlens.optim.gate import GatedOptimizer, check_step_gate
 from gradlens.optim.groups import GROUP_OPTIONS, scale_param_groups
 from gradlens.optim.memory import (
     optimizer_state_bytes,
@@ -38,9 +42,11 @@ __all__ = [
     "SWAN",
     "VARIANTS",
     "ChainedOptimizer",
+    "GatedOptimizer",
     "OptimizerSpec",
     "StableSPAM",
     "adamw_update",
+    "check_step_gate",
     "grad_norm",
     "grad_whitening",
     "make_optimizer",

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.optim.gate import gate_restore, gate_snapshot
+
 __all__ = ["RMS_FLOOR", "adamw_update", "scale_update", "unit_rms"]
 
 RMS_FLOOR = 1e-8
@@ -241,6 +243,7 @@ def scale_update(
     momentum: float,
     norm_dim: int | None,
     foreach: bool,
+    step_gate: Tensor | None = None,
 ) -> None:
     """Apply SCALE's normalized update to matrices (ndim >= 2), in place.
 
@@ -254,6 +257,8 @@ def scale_update(
         norm_dim: axis reduced by the RMS (1: one scale per row of an ``(out, in)`` weight;
             0: one per column); ``None`` skips normalization (plain SGD, for ablations).
         foreach: batched ``torch._foreach_*`` path instead of the per-tensor loop.
+        step_gate: None, or a 0-d device tensor: where it is 0 the step is undone (params and
+            momentum buffers bit-identical), see :mod:`gradlens.optim.gate`.
 
     ``params``, ``grads`` and buffers may be ``DTensor`` shards (same placements for a param,
     its grad and its buffer): see the module docstring for what communicates.
@@ -267,6 +272,25 @@ def scale_update(
         params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         if momentum_buffers is not None:
             momentum_buffers = [_local(b) for b in momentum_buffers]
+    written = (params, momentum_buffers or [])
+    snapshot = gate_snapshot(step_gate, *written)
+    _scale_step(params, grads, momentum_buffers, specs, lr=lr, weight_decay=weight_decay,
+                momentum=momentum, norm_dim=norm_dim, foreach=foreach)
+    gate_restore(step_gate, snapshot, *written)
+
+
+def _scale_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    specs: list[Any | None] | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    norm_dim: int | None,
+    foreach: bool,
+) -> None:
     decay = 1.0 - lr * weight_decay
     if foreach:
         if momentum > 0:
@@ -309,6 +333,7 @@ def adamw_update(
     beta2: float,
     eps: float,
     foreach: bool,
+    step_gate: Tensor | None = None,
 ) -> None:
     """AdamW as in the SCALE authors' code (used for 1-D parameters), in place.
 
@@ -317,12 +342,19 @@ def adamw_update(
     ``sqrt(v)`` before the bias correction, which is folded into the step size. ``lr`` is the
     current 1-D learning rate (SCALE passes ``lr_1d * lr_t / lr_peak``). ``DTensor`` shards
     are updated through their local tensors (every op here is elementwise: no communication).
+
+    ``step_gate`` (a 0-d device tensor, see :mod:`gradlens.optim.gate`): the step is kept where
+    it is nonzero and undone (params, moments and counters bit-identical) where it is 0. The
+    counters must then live on the gate's device: the bias corrections are computed there from
+    the tensor counter, in ``promote(dtype, float32)``, with the same operations as the
+    host path (bit-identical to it on the CPU in float64), and nothing is read on the host.
     """
     if not params:
         return
     if _dtensor_specs(params, grads) is not None:  # elementwise: the local shards suffice
         params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         exp_avgs, exp_avg_sqs = [_local(m) for m in exp_avgs], [_local(v) for v in exp_avg_sqs]
+    snapshot = gate_snapshot(step_gate, params, exp_avgs, exp_avg_sqs, steps)
     decay = 1.0 - lr * weight_decay
     if foreach:
         torch._foreach_add_(steps, 1)
@@ -332,20 +364,46 @@ def adamw_update(
             torch._foreach_mul_(params, decay)
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denom, eps)
-        # step counters live on the CPU: reading them is not a device sync
-        sizes = [_step_size(lr, beta1, beta2, int(t.item())) for t in steps]
-        torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
-        return
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-        t += 1
-        m.lerp_(g, 1.0 - beta1)
-        v.lerp_(g * g, 1.0 - beta2)
-        if weight_decay != 0:
-            p.mul_(decay)
-        size = _step_size(lr, beta1, beta2, int(t.item()))  # CPU counter, no device sync
-        p.addcdiv_(m, v.sqrt().add_(eps), value=size)
+        sizes = [_step_size(lr, beta1, beta2, step_count(t, p, step_gate))
+                 for t, p in zip(steps, params, strict=True)]
+        if step_gate is None:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, sizes)
+        else:  # tensor step sizes: (size * m) / denom, the same rounding as addcdiv's value
+            torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, sizes), denom)
+    else:
+        for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+            t += 1
+            m.lerp_(g, 1.0 - beta1)
+            v.lerp_(g * g, 1.0 - beta2)
+            if weight_decay != 0:
+                p.mul_(decay)
+            size = _step_size(lr, beta1, beta2, step_count(t, p, step_gate))
+            addcdiv_scaled_(p, m, v.sqrt().add_(eps), size)
+    gate_restore(step_gate, snapshot, params, exp_avgs, exp_avg_sqs, steps)
 
 
-def _step_size(lr: float, beta1: float, beta2: float, t: int) -> float:
+def step_count(t: Tensor, p: Tensor, step_gate: Tensor | None) -> int | Tensor:
+    """The step number ``t`` for bias corrections: a Python int read from the CPU counter
+    (not a device sync) without a gate; with one, the device counter itself in
+    ``promote(p.dtype, float32)`` (nothing read on the host)."""
+    if step_gate is None:
+        return int(t.item())  # CPU counter: no device sync
+    return t.to(torch.promote_types(p.dtype, torch.float32))
+
+
+def addcdiv_scaled_(p: Tensor, num: Tensor, den: Tensor, size: float | Tensor) -> None:
+    """``p += size * num / den`` in place; a tensor ``size`` (gated steps) rounds like a float."""
+    if isinstance(size, Tensor):
+        p.addcdiv_(num * size, den)
+    else:
+        p.addcdiv_(num, den, value=size)
+
+
+def sqrt(x: float | Tensor) -> float | Tensor:
+    """``math.sqrt`` of a float, ``torch.sqrt`` of a tensor (host and gated scalar paths)."""
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _step_size(lr: float, beta1: float, beta2: float, t: int | Tensor) -> float | Tensor:
     """Negative AdamW step size with both bias corrections: ``-lr * sqrt(1-b2^t) / (1-b1^t)``."""
-    return -lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    return -lr * sqrt(1.0 - beta2**t) / (1.0 - beta1**t)

@@ -25,6 +25,7 @@ def scale_param_groups(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     momentum_roles: Iterable[str | Role] = ("output",),
+    momentum_layers: Iterable[str] = (),
     normalize: bool = True,
     overrides: Mapping[str, str | Role | Mapping[str, Any]] | None = None,
     output: str | None = None,
@@ -44,7 +45,8 @@ def scale_param_groups(
 
     The ablations are options, not classes: ``momentum_roles=()`` (no momentum anywhere),
     ``momentum_roles=("output", "hidden", "embedding")`` (momentum on every matrix),
-    ``normalize=False`` (plain SGD, with output-layer momentum by default).
+    ``normalize=False`` (plain SGD, with output-layer momentum by default);
+    ``momentum_layers=[...]`` gives momentum to named layers beyond the output layer.
 
     Args:
         model: any ``nn.Module``.
@@ -53,6 +55,11 @@ def scale_param_groups(
         weight_decay: decoupled weight decay for every group (1-D included).
         momentum: EMA beta given to the roles in ``momentum_roles``.
         momentum_roles: matrix roles that get the momentum buffer.
+        momentum_layers: layers that get it too, whatever their role: names or fnmatch
+            patterns matched against each parameter's name (and tied aliases) and its module's
+            name (``"model.layers.3.mlp.down_proj"``, ``"*.layers.[0-1].*"``). 1-D tensors a
+            pattern matches are left to AdamW. A name or pattern that matches no parameter, or
+            only 1-D ones, is a ``ValueError`` naming it.
         normalize: False sets ``norm_dim=None`` on every matrix (no normalization).
         overrides: ``{fnmatch pattern on parameter name: value}``. A role (``"output"``,
             ``Role.HIDDEN``, ...) reassigns the role, as in ``discover_layers``; a dict sets
@@ -82,10 +89,13 @@ def scale_param_groups(
             role_overrides[pattern] = value
     layers = discover_layers(model, overrides=role_overrides or None, output=output)
     per_layer = _match_options(layers, option_overrides)
+    with_momentum = _match_momentum_layers(layers, momentum_layers)
 
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for info in layers:
         group = _base_group(info, lr, lr_1d, weight_decay, momentum, roles, normalize)
+        if info.name in with_momentum:
+            group["momentum"] = momentum
         group.update(per_layer.get(info.name, {}))
         key = tuple(sorted((k, repr(v)) for k, v in group.items()))
         if key not in groups:
@@ -93,6 +103,37 @@ def scale_param_groups(
         groups[key]["params"].append(info.param)
         groups[key]["param_names"].append(info.name)
     return list(groups.values())
+
+
+def _match_momentum_layers(layers: list[LayerInfo], patterns: Iterable[str]) -> set[str]:
+    """Names of the matrices that ``patterns`` select; ``ValueError`` naming the patterns that
+    select nothing (or only 1-D tensors)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    selected: set[str] = set()
+    unmatched: list[str] = []
+    only_vectors: list[str] = []
+    for pattern in patterns:
+        hits = [i for i in layers
+                if any(fnmatch.fnmatchcase(n, pattern)
+                       for n in (i.name, i.module_name, *i.aliases))]
+        matrices = [i.name for i in hits if i.role is not Role.VECTOR]
+        if not hits:
+            unmatched.append(pattern)
+        elif not matrices:
+            only_vectors.append(pattern)
+        selected.update(matrices)
+    if unmatched:
+        raise ValueError(
+            f"momentum_layers: {unmatched} match no trainable parameter or layer; give layer "
+            f"names or fnmatch globs such as {[i.module_name for i in layers[:3]]}"
+        )
+    if only_vectors:
+        raise ValueError(
+            f"momentum_layers: {only_vectors} match only 1-D parameters, which use AdamW (its "
+            "momentum is betas[0]); name matrices"
+        )
+    return selected
 
 
 def _momentum_roles(momentum_roles: Iterable[str | Role]) -> frozenset[Role]:

@@ -53,9 +53,15 @@ class SCALE(GroupwiseOptimizer):
         m <- lerp(m, g, 1 - b1);  v <- lerp(v, g*g, 1 - b2)
         p <- p * (1 - lr1d_t * wd) - lr1d_t * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps)
 
-    ``lr_peak`` is the group's ``lr`` when the group is added (stored in the group, so it
-    survives ``state_dict()``): any ``torch.optim.lr_scheduler`` that moves ``lr`` moves the 1-D
-    lr with the same shape. A group constructed with ``lr = 0`` applies ``lr_1d`` unscheduled.
+    ``lr_peak`` (:meth:`SCALE.peak_lr`), resolved at every step, first match wins: the group's
+    ``lr_peak`` if given; else ``max_lr``, which ``OneCycleLR`` writes into the group (it starts
+    *below* its peak, at ``max_lr / div_factor``); else ``initial_lr``, which every other
+    ``torch.optim.lr_scheduler`` writes when it is built (the lr it scales: ``LambdaLR``,
+    ``LinearLR`` warm-up, ``SequentialLR``, cosine); else the group's ``lr`` when it was added
+    (``lr_base``, stored in the group). All live in the group, so they survive
+    ``state_dict()``. The 1-D lr then has the main lr's shape and peaks at ``lr_1d``, provided
+    the schedule never exceeds that peak (a ``LambdaLR`` multiplier above 1 does: pass
+    ``lr_peak``). A peak of 0 applies ``lr_1d`` unscheduled.
 
     The published recipe is one group per role: hidden matrices ``norm_dim=1``, input embedding
     ``norm_dim=0`` (one scale per feature), output layer ``norm_dim=1`` with ``momentum=0.9``,
@@ -67,8 +73,15 @@ class SCALE(GroupwiseOptimizer):
     Param-group options: ``lr``, ``lr_1d`` (None: ``lr``), ``momentum`` (EMA beta in [0, 1);
     0 keeps no buffer), ``norm_dim`` (0, 1, or None for plain SGD), ``algorithm``
     (``auto``/``scale``/``adamw``), ``weight_decay`` (decoupled, multiplied by the current lr,
-    applied to 1-D tensors too), ``betas``, ``eps``, ``role`` (informational), ``lr_peak``,
-    ``foreach``. The constructor's ``momentum`` defaults to 0 so that a plain list is
+    applied to 1-D tensors too), ``betas``, ``eps``, ``role`` (informational), ``lr_peak``
+    (None: detected, above), ``foreach``, ``step_gate``.
+
+    ``step_gate`` (None, or a 0-d tensor on the parameters' device; :mod:`gradlens.optim.gate`):
+    1.0 steps, 0.0 skips the group's step on device, with no host sync: parameters (weight decay
+    included), the output layer's momentum buffer and the 1-D AdamW moments and step counters
+    are left bit-identical. The AdamW step counters then live on the device and the bias
+    corrections are computed there from them (a Python counter could not be advanced
+    conditionally without reading the gate); the counter therefore *is* the effective step. The constructor's ``momentum`` defaults to 0 so that a plain list is
     stateless; the authors' 0.9 is what ``scale_param_groups`` puts on the output layer.
 
     Pitfalls:
@@ -130,19 +143,28 @@ class SCALE(GroupwiseOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; missing options come from the constructor, then are validated.
 
-        ``lr_peak`` defaults to the group's ``lr`` and ``lr_1d`` to ``lr_peak``, both resolved
-        here and stored in the group.
+        ``lr_base`` (the group's ``lr`` now) is stored in the group, and ``lr_1d`` (None: the
+        peak lr) too, for :meth:`peak_lr`.
         """
         merged = {**self.defaults, **param_group}
-        if merged["lr_peak"] is None:
-            merged["lr_peak"] = merged["lr"]
+        merged.setdefault("lr_base", merged["lr"])
         if merged["lr_1d"] is None:
-            merged["lr_1d"] = merged["lr_peak"]
+            merged["lr_1d"] = merged["lr_peak"] if merged["lr_peak"] is not None else merged["lr"]
         _validate(merged)
-        param_group["lr_peak"] = merged["lr_peak"]
+        param_group["lr_base"] = merged["lr_base"]
         param_group["lr_1d"] = merged["lr_1d"]
         super().add_param_group(param_group)
         self._require_matrices("scale")
+
+    @staticmethod
+    def peak_lr(group: dict[str, Any]) -> float:
+        """The lr at which the 1-D tensors get ``lr_1d``: ``lr_peak``, else the scheduler's
+        ``max_lr`` (OneCycleLR), else its ``initial_lr``, else ``lr_base`` (class docstring)."""
+        for key in ("lr_peak", "max_lr", "initial_lr", "lr_base"):
+            value = group.get(key)
+            if value is not None:
+                return float(value)
+        return float(group["lr"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         mats: list[Tensor] = []
@@ -150,10 +172,11 @@ class SCALE(GroupwiseOptimizer):
         bufs: list[Tensor] = []
         vectors = AdamWLists()
         momentum = group["momentum"]
+        gate = group.get("step_gate")
         for p in params_with_grad(group, _SPARSE_ERROR):
             state = self.state[p]
             if uses_adamw(group["algorithm"], p):
-                vectors.add(p, state)
+                vectors.add(p, state, gated=gate is not None)
             else:
                 if momentum > 0:
                     if "momentum_buffer" not in state:
@@ -168,15 +191,15 @@ class SCALE(GroupwiseOptimizer):
         scale_update(
             mats, mat_grads, bufs if momentum > 0 else None, lr=lr,
             weight_decay=group["weight_decay"], momentum=momentum, norm_dim=group["norm_dim"],
-            foreach=foreach,
+            foreach=foreach, step_gate=gate,
         )
-        peak = group["lr_peak"]
+        peak = self.peak_lr(group)
         lr_1d = group["lr_1d"] * lr / peak if peak > 0 else group["lr_1d"]
         beta1, beta2 = group["betas"]
         adamw_update(
             *vectors.lists(), lr=lr_1d,
             weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            foreach=foreach,
+            foreach=foreach, step_gate=gate,
         )
 
 

@@ -55,7 +55,10 @@ class SWAN(GroupwiseOptimizer):
     ``algorithm`` (``auto``/``swan``/``adamw``), ``norm_dim`` (axis GradNorm reduces over: 1 for
     ``(out, in)`` weights, 0 for ``(in, out)`` layouts such as GPT-2 ``Conv1D``, None skips
     GradNorm), ``ns_steps``, ``norm_eps``, ``rms_scale``, ``betas``, ``eps``, ``role``
-    (informational), ``foreach``.
+    (informational), ``foreach``, ``step_gate`` (None, or a 0-d device tensor: 0.0 skips the
+    group's step on device, no host sync, leaving the parameters and the AdamW moments and
+    step counters bit-identical; the counters then live on the device and the bias
+    corrections are computed there; :mod:`gradlens.optim.gate`).
 
     Pitfalls:
         - Stateless and scale-invariant per matrix: mean vs sum loss reduction, the number of
@@ -119,9 +122,10 @@ class SWAN(GroupwiseOptimizer):
         mats: list[Tensor] = []
         mat_grads: list[Tensor] = []
         vectors = AdamWLists()
+        gate = group.get("step_gate")
         for p in params_with_grad(group, _SPARSE_ERROR):
             if uses_adamw(group["algorithm"], p):
-                vectors.add(p, self.state[p])  # matrices get no state entry at all
+                vectors.add(p, self.state[p], gated=gate is not None)  # matrices: no state
             else:
                 mats.append(p)
                 mat_grads.append(p.grad)
@@ -129,13 +133,13 @@ class SWAN(GroupwiseOptimizer):
         swan_update(
             mats, mat_grads, lr=group["lr"], weight_decay=group["weight_decay"],
             norm_dim=group["norm_dim"], ns_steps=group["ns_steps"], norm_eps=group["norm_eps"],
-            rms_scale=group["rms_scale"], foreach=foreach,
+            rms_scale=group["rms_scale"], foreach=foreach, step_gate=gate,
         )
         beta1, beta2 = group["betas"]
         adamw_update(
             *vectors.lists(), lr=group["lr"],
             weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            foreach=foreach,
+            foreach=foreach, step_gate=gate,
         )
 
 

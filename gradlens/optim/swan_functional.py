@@ -76,6 +76,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from gradlens.optim.gate import gate_restore, gate_snapshot
+
 __all__ = ["NORM_EPS", "NS_STEPS", "grad_norm", "grad_whitening", "swan_update"]
 
 NS_STEPS = 10
@@ -150,6 +152,7 @@ def swan_update(
     norm_eps: float,
     rms_scale: bool,
     foreach: bool,
+    step_gate: Tensor | None = None,
 ) -> None:
     """Apply SWAN's stateless matrix update in place (formulas in the module docstring).
 
@@ -165,9 +168,29 @@ def swan_update(
         norm_eps: lower clamp of GradNorm's standard deviation.
         rms_scale: multiply the whitened matrix by ``sqrt(max(m, n))`` (entry RMS 1).
         foreach: batched path (stacks of equal-shape gradients) instead of the per-tensor loop.
+        step_gate: None, or a 0-d device tensor: where it is 0 the parameters are left
+            bit-identical (see :mod:`gradlens.optim.gate`).
     """
     if not params:
         return
+    snapshot = gate_snapshot(step_gate, params)
+    _swan_step(params, grads, lr=lr, weight_decay=weight_decay, norm_dim=norm_dim,
+               ns_steps=ns_steps, norm_eps=norm_eps, rms_scale=rms_scale, foreach=foreach)
+    gate_restore(step_gate, snapshot, params)
+
+
+def _swan_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    norm_dim: int | None,
+    ns_steps: int,
+    norm_eps: float,
+    rms_scale: bool,
+    foreach: bool,
+) -> None:
     decay = 1.0 - lr * weight_decay
     if not foreach:
         for p, g in zip(params, grads, strict=True):

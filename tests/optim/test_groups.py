@@ -137,3 +137,39 @@ def test_ablation_options() -> None:
         scale_param_groups(model, momentum_roles=("vector",))
     with pytest.raises(ValueError, match="unknown role"):
         scale_param_groups(model, momentum_roles=("lm_head",))
+
+
+def test_momentum_layers_add_momentum_to_named_layers() -> None:
+    model = build_llama("tiny", seed=0)
+    groups = scale_param_groups(
+        model, lr=1e-3, momentum=0.8,
+        momentum_layers=["model.layers.0.mlp.down_proj", "*.layers.1.self_attn.[qk]_proj.weight"],
+    )
+    momentum = {n: g["momentum"] for g in groups for n in g["param_names"]}
+    chosen = {"model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+              "model.layers.1.self_attn.k_proj.weight", "lm_head.weight"}
+    assert {n for n, m in momentum.items() if m > 0} == chosen
+    assert {momentum[n] for n in chosen} == {0.8}
+    assert len(momentum) == len(list(model.parameters()))
+    opt = SCALE(groups)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    names = dict(model.named_parameters())
+    with_buffer = {n for n, p in names.items() if "momentum_buffer" in opt.state[p]}
+    assert with_buffer == chosen  # exactly the chosen matrices carry SCALE's output-style EMA
+    buf = opt.state[names["model.layers.0.mlp.down_proj.weight"]]["momentum_buffer"]
+    torch.testing.assert_close(buf, torch.full_like(buf, 0.2))  # (1 - 0.8) * g after one step
+
+
+def test_momentum_layers_errors_name_the_bad_patterns() -> None:
+    model = build_llama("tiny", seed=0)
+    with pytest.raises(ValueError, match=r"\['model.layers.9.mlp', 'nope\*'\] match no"):
+        scale_param_groups(model, momentum_layers=["model.layers.0.mlp.up_proj",
+                                                   "model.layers.9.mlp", "nope*"])
+    with pytest.raises(ValueError, match=r"\['\*norm\*'\] match only 1-D"):
+        scale_param_groups(model, momentum_layers=["*norm*"])
+    # a pattern over whole blocks is fine: its 1-D tensors stay AdamW
+    groups = scale_param_groups(model, momentum_layers=["model.layers.0.*"])
+    vec = next(g for g in groups if g["role"] == "vector")
+    assert vec["momentum"] == 0.0 and vec["algorithm"] == "adamw"

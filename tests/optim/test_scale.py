@@ -145,7 +145,7 @@ def test_state_dict_round_trip_is_bit_identical() -> None:
     opt2, sched2 = make(resumed)
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
-    assert [g["lr_peak"] for g in opt2.param_groups] == [LR] * 4
+    assert [SCALE.peak_lr(g) for g in opt2.param_groups] == [LR] * 4
     for step in range(3, 5):
         backward_random_batch(resumed, step)
         opt2.step()
@@ -326,3 +326,73 @@ def test_state_is_created_lazily() -> None:
     assert len(opt.state) == 0
     saved = copy.deepcopy(opt.state_dict())
     assert saved["state"] == {}
+
+
+# ------------------------------------------------------------ schedulers and the 1-D lr
+
+
+def _one_cycle(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    # cycle_momentum would also cycle SCALE's 1-D AdamW beta1 (group "betas"): off here
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=12, pct_start=0.25,
+                                               cycle_momentum=False)
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9, eta_min=0.01)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[3])
+
+
+def _lambda_warmup(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / 4 if s < 4 else 0.5 + 0.5 * math.cos(math.pi * (s - 4) / 8))
+
+
+@pytest.mark.parametrize(("make_sched", "peak"),
+                         [(_one_cycle, 0.1), (_warmup_cosine, 0.05), (_lambda_warmup, 0.05)])
+def test_1d_lr_has_the_main_lr_shape_under_schedulers(make_sched, peak: float) -> None:
+    """lr_1d_t = lr_1d * lr_t / lr_max at every step (methods.md section 1), checked on the
+    update itself against the float64 reference; it peaks at lr_1d and never exceeds it."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    lr_1d = 0.03
+    opt = SCALE([w, b], lr=0.05, lr_1d=lr_1d)  # OneCycleLR's max_lr is 2x this lr
+    sched = make_sched(opt)
+    ref = {"w": RefParam(w.detach().numpy().copy(), "scale", axis=1),
+           "b": RefParam(b.detach().numpy().copy(), "adamw")}
+    lrs = []
+    for _ in range(12):
+        lr_t = opt.param_groups[0]["lr"]
+        lrs.append(lr_t)
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+        sched.step()
+        reference_step(ref, {"w": w.grad.numpy(), "b": b.grad.numpy()},
+                       lr_t=lr_t, lr_1d_t=lr_1d * lr_t / peak, wd=0.0)
+        np.testing.assert_allclose(b.detach().numpy(), ref["b"].w, rtol=1e-12)
+    lr_max = max(lrs)
+    assert lr_max == pytest.approx(peak)  # every schedule here reaches its peak in 12 steps
+    assert lrs[0] < peak / 2  # and starts well below it (warm-up)
+    lr_1d_ts = [lr_1d * lr_t / SCALE.peak_lr(opt.param_groups[0]) for lr_t in lrs]
+    assert max(lr_1d_ts) == pytest.approx(lr_1d) and max(lr_1d_ts) <= lr_1d * (1 + 1e-12)
+
+
+def test_one_cycle_alone_would_have_tripled_the_1d_lr() -> None:
+    """The bug this guards against: taking the lr at construction as the peak."""
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = SCALE([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=10)
+    group = opt.param_groups[0]
+    assert group["lr_base"] == 0.1 and group["lr"] == pytest.approx(0.3 / 25)
+    assert SCALE.peak_lr(group) == 0.3  # max_lr wins over lr_base and initial_lr
+    del sched
+
+
+def test_explicit_lr_peak_wins_over_the_scheduler() -> None:
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = SCALE([{"params": [w], "lr_peak": 0.2}], lr=0.1)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=10)
+    assert SCALE.peak_lr(opt.param_groups[0]) == 0.2
+    plain = SCALE([w], lr=0.1)
+    assert SCALE.peak_lr(plain.param_groups[0]) == 0.1  # no scheduler: the lr when added

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import StableSPAM, stable_spam_update
-from gradlens.optim.stable_spam import warmup_factor
+from gradlens.optim.stable_spam import decay_factor, warmup_factor
 from tests.optim._helpers import backward_random_batch
 
 LR, WD, EPS = 1e-2, 0.1, 1e-8
@@ -51,9 +52,11 @@ def ref_warmup(t: int, interval: int, warmup: int) -> float:
 
 
 def ref_step(p: RefTensor, g: np.ndarray, lr: float, wd: float,
-             interval: int = INTERVAL, warmup: int = WARMUP) -> None:
+             interval: int = INTERVAL, warmup: int = WARMUP, decay: float = 1.0) -> None:
+    """One step; ``decay`` multiplies gamma1 and beta1 (the authors' cosine factor at t)."""
     p.t += 1
     t = p.t
+    g1, b1 = G1 * decay, B1 * decay
     # AdaClip
     gmax = np.abs(g).max()
     p.big_m = G3 * p.big_m + (1 - G3) * gmax
@@ -63,18 +66,18 @@ def ref_step(p: RefTensor, g: np.ndarray, lr: float, wd: float,
     g = np.where(mask, g * m_hat / gmax, g)
     # AdaGN
     norm = np.sqrt((g**2).sum())
-    p.a = G1 * p.a + (1 - G1) * norm
+    p.a = g1 * p.a + (1 - g1) * norm
     p.b = G2 * p.b + (1 - G2) * norm**2
-    a_hat, b_hat = p.a / (1 - G1**t), p.b / (1 - G2**t)
+    a_hat, b_hat = p.a / (1 - g1**t), p.b / (1 - G2**t)
     if norm > 0:
         g = g / norm * a_hat / (np.sqrt(b_hat) + EPS)
     # momentum reset every `interval` steps, then AdamW with a warm-up factor
     if t % interval == 0:
         p.m[...] = 0.0
         p.v[...] = 0.0
-    p.m = B1 * p.m + (1 - B1) * g
+    p.m = b1 * p.m + (1 - b1) * g
     p.v = B2 * p.v + (1 - B2) * g * g
-    m_hat_adam = p.m / (1 - B1**t)
+    m_hat_adam = p.m / (1 - b1**t)
     v_hat = p.v / (1 - B2**t)
     p.w = p.w * (1 - lr * wd) - lr * ref_warmup(t, interval, warmup) * m_hat_adam / (
         np.sqrt(v_hat) + EPS
@@ -248,3 +251,64 @@ def test_state_is_lazy_and_grad_none_skipped() -> None:
     assert torch.equal(b, before) and not opt.state[b]
     assert set(opt.state[a]) == {"step", "exp_avg", "exp_avg_sq", "max_ema", "norm_ema",
                                  "norm_sq_ema"}
+
+
+# ---------------------------------------------------------------- the authors' cosine decay
+
+
+def authors_decay_factors(total_t: int, eta_min: float, steps: int) -> list[float]:
+    """The factor of gamma1 and beta1 at t = 1..steps, obtained the way the authors' code
+    obtains it: a ``CosineAnnealingLR(T_max=total_T + 1, eta_min)`` over a base lr of 1,
+    stepped with the epoch (its closed form)."""
+    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, total_t + 1, eta_min)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the epoch argument is deprecated
+        for t in range(1, steps + 1):
+            sched.step(t)
+            out.append(sgd.param_groups[0]["lr"])
+    return out
+
+
+def test_decay_factor_matches_the_authors_schedule() -> None:
+    factors = authors_decay_factors(6, 0.3, 20)
+    assert [decay_factor(t, 6, 0.3) for t in range(1, 21)] == pytest.approx(factors, abs=1e-15)
+    assert factors[6] == pytest.approx(0.3)  # eta_min at t = total_T + 1
+    assert factors[13] == pytest.approx(1.0)  # then back up: the cosine is periodic
+    assert decay_factor(5, None, 0.3) == 1.0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_cosine_decay_of_gamma1_and_beta1_matches_reference(foreach: bool) -> None:
+    total_t, eta_min, steps = 5, 0.4, 14  # past total_T + 1, where the factor rises again
+    factors = authors_decay_factors(total_t, eta_min, steps)
+    params = [nn.Parameter(t) for t in _tensors(0, SHAPES)]
+    ref = [RefTensor(p.detach().numpy().copy()) for p in params]
+    opt = StableSPAM(params, lr=LR, weight_decay=WD, update_interval=INTERVAL,
+                     warmup_steps=WARMUP, total_T=total_t, eta_min=eta_min, foreach=foreach)
+    plain = StableSPAM([nn.Parameter(t) for t in _tensors(0, SHAPES)], lr=LR, weight_decay=WD,
+                       update_interval=INTERVAL, warmup_steps=WARMUP, foreach=foreach)
+    for step in range(steps):
+        grads = _grads(step % 10)
+        for p, q, g in zip(params, plain.param_groups[0]["params"], grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        plain.step()
+        for p, r, g in zip(params, ref, grads, strict=True):
+            ref_step(r, g.numpy(), LR, WD, decay=factors[step])
+            np.testing.assert_allclose(p.detach().numpy(), r.w, rtol=1e-11, atol=1e-13)
+    for p, r in zip(params, ref, strict=True):
+        np.testing.assert_allclose(opt.state[p]["exp_avg"].numpy(), r.m, rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(opt.state[p]["norm_ema"].item(), r.a, rtol=1e-11)
+    moved = [not torch.equal(p, q) for p, q in zip(params, plain.param_groups[0]["params"],
+                                                   strict=True)]
+    assert all(moved)  # the decay does change the trajectory
+
+
+def test_decay_hyperparameters_are_validated() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    for kwargs, bad in ((dict(total_T=0), "total_T=0"), (dict(total_T=10.0), "total_T=10.0"),
+                        (dict(eta_min=1.5), "eta_min=1.5"), (dict(eta_min=-0.1), "eta_min=-0.1")):
+        with pytest.raises(ValueError, match=bad):
+            StableSPAM([w], **kwargs)
