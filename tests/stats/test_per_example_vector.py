@@ -218,8 +218,12 @@ def test_against_opacus_grad_sample(norm: str, seq: bool):
             output.register_hook(lambda g: got.__setitem__(f"{name}.d", g.detach()))
         return fwd
 
-    net[0].register_forward_hook(hook("inp"))
-    net[1].register_forward_hook(hook("norm"))
+    handles = [net[0].register_forward_hook(hook("inp")),
+               net[1].register_forward_hook(hook("norm"))]
+    example_losses(net(x), labels).sum().backward()  # our kernels' inputs, outside Opacus
+    for h in handles:  # (Opacus's functorch fallback replays forward under vmap)
+        h.remove()
+    net.zero_grad()
     gsm = GradSampleModule(net, batch_first=True, loss_reduction="sum")
     example_losses(gsm(x), labels).sum().backward()
     ours = {
