@@ -1,6 +1,8 @@
 """Pure tensor -> tensor gradient statistics: norms, column spread, variance, spikes.
 
 Per-example norms of 1-D parameters (norm gains, biases): :mod:`gradlens.stats.per_example_vector`.
+Host-side (numpy) noise-scale and critical-batch-size readout of logged values:
+:mod:`gradlens.stats.noise_scale` (not re-exported here: it works on arrays, not tensors).
 
 Every function takes tensors and returns tensors on the same device, accumulating in float32
 (float64 for float64 inputs), with no host synchronization and static output shapes, so a
