@@ -202,8 +202,8 @@ def ratio_of_means_interval(
         reps[lo:lo + idx.shape[0]] = _ratio(tr[idx].mean(axis=1), s[idx].mean(axis=1))
     reps.sort()
     alpha = (1.0 - ci) / 2.0
-    low = float(reps[int(math.floor(alpha * (n_boot - 1)))])
-    high = float(reps[int(math.ceil((1.0 - alpha) * (n_boot - 1)))])
+    low = float(reps[math.floor(alpha * (n_boot - 1))])
+    high = float(reps[math.ceil((1.0 - alpha) * (n_boot - 1))])
     return float(_ratio(tr.mean(), s.mean())), low, high, b
 
 
