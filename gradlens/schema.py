@@ -92,6 +92,8 @@ _STATS = [
              "unit_nsr_mean", size_fair=True),
     StatInfo("pe_trace", "variance", "per-example covariance trace B/(B-1)(mean ||g_b||^2 - ||G||^2)",
              "pe_trace"),
+    StatInfo("pe_signal", "variance", "per-example unbiased |G|^2 estimate ||G||^2 - pe_trace/B "
+             "(the noise scale's denominator; summed over layers for the run's GNS)", None),
     StatInfo("pe_noise_scale", "variance", "per-example tr(Sigma) / unbiased |G|^2",
              "pe_noise_scale", size_fair=True),
     StatInfo("pe_var_per_element", "variance", "per-example tr(Sigma) / numel",
@@ -114,6 +116,10 @@ _STATS = [
              "clipping or any other edit, unscaled (per layer and global)"),
     StatInfo("microbatches", "global", "micro-batches (backward passes) in the step"),
     StatInfo("skipped_step", "global", "1 when AMP's GradScaler skipped the step (inf/NaN)"),
+    StatInfo("batch_size", "global", "examples per optimizer step (all micro-batches and ranks): "
+             "the B the critical batch size is compared with"),
+    StatInfo("critical_batch_size", "global", "B_crit ~ B_simple = EMA(sum_l pe_trace) / "
+             "EMA(sum_l pe_signal) over all layers, in examples (McCandlish et al.)"),
 ]
 
 STATS: dict[str, StatInfo] = {s.name: s for s in _STATS}

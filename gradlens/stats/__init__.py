@@ -1,5 +1,9 @@
 """Pure tensor -> tensor gradient statistics: norms, column spread, variance, spikes.
 
+Per-example norms of 1-D parameters (norm gains, biases): :mod:`gradlens.stats.per_example_vector`.
+Host-side (numpy) noise-scale and critical-batch-size readout of logged values:
+:mod:`gradlens.stats.noise_scale` (not re-exported here: it works on arrays, not tensors).
+
 Every function takes tensors and returns tensors on the same device, accumulating in float32
 (float64 for float64 inputs), with no host synchronization and static output shapes, so a
 collector can stack results into one device buffer and transfer them once per flush.
@@ -32,6 +36,13 @@ from gradlens.stats.norms import (
     grad_summaries,
     grad_summary,
     nonfinite_count,
+)
+from gradlens.stats.per_example_vector import (
+    NORM_KINDS,
+    norm_kind,
+    normalized_input,
+    per_example_grads_norm_gain,
+    per_example_sq_norms_norm_gain,
 )
 from gradlens.stats.spikes import (
     SpikeConfig,
@@ -69,6 +80,7 @@ from gradlens.stats.variance import (
 __all__ = [
     "DEFAULT_CHUNK_ELEMS",
     "HISTOGRAM_MOMENT_FIELDS",
+    "NORM_KINDS",
     "SPREAD_FIELDS",
     "SUMMARY_FIELDS",
     "SpikeConfig",
@@ -94,9 +106,13 @@ __all__ = [
     "max_ratio_update",
     "noise_to_signal_summary",
     "nonfinite_count",
+    "norm_kind",
+    "normalized_input",
+    "per_example_grads_norm_gain",
     "per_example_sq_norms_bias",
     "per_example_sq_norms_embedding",
     "per_example_sq_norms_linear",
+    "per_example_sq_norms_norm_gain",
     "sketch_apply",
     "sorted_quantile",
     "spam_fraction",

@@ -226,12 +226,22 @@ def per_example_sq_norms_linear(
     return _direct_sq_norms(a3, d3, max_chunk_elems)
 
 
-def per_example_sq_norms_bias(d: torch.Tensor) -> torch.Tensor:
-    """Per-example squared norms of a Linear bias gradient: ``||sum_t d_bt||**2``, ``(B,)``.
+def per_example_sq_norms_bias(d: torch.Tensor,
+                              token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example squared norms of a bias gradient: ``||sum_t d_bt||**2``, ``(B,)``.
 
-    ``d``: output gradients ``(B, T, out)``, ``(B, out)`` or ``(B, ..., out)``. Same scaling
+    Any bias added to a module output (``Linear``, GPT-2 ``Conv1D``, ``LayerNorm``): the bias
+    gradient of example ``b`` is the sum over its tokens of the output gradient ``d_bt``.
+    ``d``: output gradients ``(B, T, out)``, ``(B, out)`` or ``(B, ..., out)``. Padded tokens
+    whose labels are ``-100`` get a zero output gradient and drop out by themselves;
+    ``token_mask`` (``(B, ...)``, 1 = keep) is for losses that do not zero them. Same scaling
     pitfalls as :func:`per_example_sq_norms_linear`.
     """
+    if token_mask is not None:
+        if tuple(token_mask.shape) != tuple(d.shape[:-1]):
+            raise ValueError(f"token_mask must have the token shape {tuple(d.shape[:-1])} of d, "
+                             f"got {tuple(token_mask.shape)}")
+        d = d * token_mask.unsqueeze(-1).to(d.dtype)
     d3 = _btf(d)
     return d3.sum(dim=1).square().sum(dim=-1)
 

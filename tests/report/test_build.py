@@ -36,7 +36,8 @@ def test_tables_hold_both_runs(built_report: ReportPaths):
     t = built_report.tables
     verdicts = pd.read_csv(t["verdicts"])
     assert set(verdicts["run"]) == {"scale", "adamw"}
-    per_run = len(VARIANCE_ESTIMATORS) + 3 + 1  # estimators, 3 column stats, instability
+    # estimators, 3 column stats, instability, norm-layer GNS, critical batch size
+    per_run = len(VARIANCE_ESTIMATORS) + 3 + 1 + 2
     assert len(verdicts) == 2 * per_run
     ns = verdicts[(verdicts["stat"] == "noise_scale") & (verdicts["run"] == "scale")].iloc[0]
     assert ns["answer"] == "yes"

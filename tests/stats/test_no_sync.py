@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from gradlens import stats as S
 
@@ -60,6 +62,15 @@ CASES: dict[str, Callable[[Make], object]] = {
                                                                  "direct", max_chunk_elems=10),
     "pe_linear_2d": lambda mk: S.per_example_sq_norms_linear(mk(2, 4), mk(2, 5)),
     "pe_bias": lambda mk: S.per_example_sq_norms_bias(mk(2, 3, 5)),
+    "pe_bias_masked": lambda mk: S.per_example_sq_norms_bias(
+        mk(2, 3, 5), token_mask=mk(2, 3, dtype=torch.bool)),
+    "pe_norm_gain": lambda mk: S.per_example_sq_norms_norm_gain(
+        mk(2, 3, 5), mk(2, 3, 5), token_mask=mk(2, 3, dtype=torch.bool)),
+    "pe_norm_gain_grads": lambda mk: S.per_example_grads_norm_gain(mk(2, 5), mk(2, 5)),
+    "normalized_input_layer_norm": lambda mk: S.normalized_input(nn.LayerNorm(5), mk(2, 3, 5)),
+    "normalized_input_rms_norm": lambda mk: S.normalized_input(nn.RMSNorm(5), mk(2, 3, 5)),
+    "normalized_input_hf_rms_norm": lambda mk: S.normalized_input(
+        LlamaRMSNorm(5), mk(2, 3, 5, dtype=torch.bfloat16)),
     "pe_embedding_gram": lambda mk: S.per_example_sq_norms_embedding(
         mk(2, 3, dtype=torch.long), mk(2, 3, 5), "gram", padding_idx=0),
     "pe_embedding_direct": lambda mk: S.per_example_sq_norms_embedding(
