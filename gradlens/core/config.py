@@ -104,6 +104,9 @@ class LensConfig:
         families = {"norms", "spikes", "global"}
         names = []
         for name, info in STATS.items():
+            if (name == "critical_batch_size" and not self.per_example) or (
+                    name == "batch_size" and not (self.microbatch or self.per_example)):
+                continue
             if info.family in families or (info.family == "columns" and self.columns):
                 names.append(name)
             elif info.family == "variance":

@@ -368,7 +368,9 @@ class GradLens(DeviceConstants):
                 if raw_ok is not None and ctx.pre_sq is not None:
                     out["_edit_ok"] = raw_ok.to(self.dtype)
             self._pending.append((ctx.step, "step", StepOutput(
-                out, ctx.present, ctx.micro, ctx.logging, ctx.skipped, invalid=invalid)))
+                out, ctx.present, ctx.micro, ctx.logging, ctx.skipped,
+                batch=ctx.batch * self.world if len(ctx.sizes) == ctx.micro else 0,
+                invalid=invalid)))
             if ctx.skipped:
                 self._pending.append((ctx.step, "event", SpikeEvent(ctx.step, GLOBAL,
                                                                     "skipped_step", 1.0, 1.0)))

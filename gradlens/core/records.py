@@ -19,6 +19,8 @@ from gradlens.sinks.base import Histogram
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
+_GLOBAL_ONLY = {"critical_batch_size"}  # per-layer entries are placeholders
+
 
 @dataclass
 class StepOutput:
@@ -29,6 +31,7 @@ class StepOutput:
     micro: int
     logging: bool
     skipped: bool
+    batch: int = 0  # examples in the step, all ranks (0: unknown)
     family_of: dict[str, str] = field(default_factory=dict)  # stat -> family
     invalid: dict[str, dict[int, str]] = field(default_factory=dict)  # family -> layer -> why
 
@@ -85,11 +88,14 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
                 rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
                 continue
             rows.extend((step, names[k], roles[k], key, vals[k]) for k in range(L)
-                        if out.present[k])
+                        if out.present[k] and not (len(vals) == L + 1 and math.isnan(vals[k])
+                                                   and key in _GLOBAL_ONLY))
             if len(vals) == L + 1:
                 rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
         if out.micro:  # counted by the micro-batch hooks (not installed by "minimal")
             rows.append((step, GLOBAL, GLOBAL, "microbatches", float(out.micro)))
+        if out.batch:
+            rows.append((step, GLOBAL, GLOBAL, "batch_size", float(out.batch)))
         if out.skipped:
             rows.append((step, GLOBAL, GLOBAL, "skipped_step", 1.0))
     return rows, events, hists

@@ -220,6 +220,9 @@ def register_statistic(cls: type[Statistic]) -> type[Statistic]:
     if bad:
         raise ValueError(f"{cls.__name__}: unknown needs {sorted(bad)}; choose from {sorted(NEEDS)}")
     owner = _REGISTERED.get(cls.name)
+    if owner is not None and (owner.__module__, owner.__qualname__) == (cls.__module__,
+                                                                        cls.__qualname__):
+        owner = cls  # the same class from a reloaded module
     if owner is not None and owner is not cls:
         raise ValueError(f"a statistic family named {cls.name!r} is already registered "
                          f"({owner.__module__}.{owner.__qualname__})")

@@ -39,12 +39,14 @@ _MODULES = ("Linear", "Conv1D", "Embedding")
 
 class PerExample(Statistic):
     name = "per_example"
-    emits = ("pe_trace", "pe_noise_scale", "pe_var_per_element")
+    emits = ("pe_trace", "pe_signal", "pe_noise_scale", "pe_var_per_element",
+             "critical_batch_size")
     needs = frozenset({"layer_io", "consistent_grad", "batch_size"})
 
     def bind(self, lens) -> None:
         super().bind(lens)
         self.tracked: dict[int, nn.Module] = {}
+        self.state: dict[str, torch.Tensor] = {}
         self.reset()
 
     def install(self, lens) -> None:
@@ -192,5 +194,22 @@ class PerExample(Statistic):
         trace_t = nan_where(torch.stack(trace), ok)
         signal_t = nan_where(torch.stack(signal), ok)
         out["pe_trace"] = trace_t
+        out["pe_signal"] = signal_t
         out["pe_noise_scale"] = trace_t / signal_t
         out["pe_var_per_element"] = trace_t / lens.const("numel")
+        # B_crit ~ B_simple of the whole model: ratio of EMAs of the sums over the layers
+        # that have per-example values (a fixed set: the hooked, valid ones)
+        total_t, total_s = trace_t.nansum().reshape(1), signal_t.nansum().reshape(1)
+        st = self.state
+        if "trace" not in st:
+            st["trace"], st["signal"], st["count"] = (
+                torch.zeros(1, device=lens.device, dtype=lens.dtype) for _ in range(3))
+        ratio, st["trace"], st["signal"], st["count"] = S.ema_ratio_update(
+            total_t, total_s, st["trace"], st["signal"], st["count"], lens.config.noise_ema)
+        out["critical_batch_size"] = torch.cat([torch.full_like(trace_t, float("nan")), ratio])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
