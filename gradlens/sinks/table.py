@@ -58,6 +58,7 @@ from gradlens.schema import (
     TABLE_FORMATS,
     SpikeEvent,
 )
+from gradlens.sinks._files import AppendFiles, cut_partial_last_line, fsync_dir
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Sink,
@@ -84,21 +85,6 @@ def _require_pyarrow() -> None:
         ) from err
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a file creation or rename durable (POSIX); a no-op where directories cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader
     sees the old file or the new one, never a partial one. Non-JSON values are written as
@@ -116,7 +102,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class _Backlog:
@@ -156,32 +142,6 @@ def _json_float(v: float) -> str:
     if math.isnan(v):
         return "NaN"
     return "Infinity" if v > 0 else "-Infinity"
-
-
-def _cut_partial_last_line(path: Path) -> bool:
-    """Truncate ``path`` after its last newline; True when a partial line was cut off."""
-    size = path.stat().st_size
-    if size == 0:
-        return False
-    with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return False
-        keep = 0
-        pos = size
-        while pos > 0:
-            start = max(0, pos - 65536)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
 
 
 def _last_line(path: Path) -> bytes:
@@ -266,8 +226,7 @@ class TableSink(Sink):
         self.events_dropped = 0
         self._stats = _Backlog()
         self._events = _Backlog()
-        self._handles: dict[Path, BinaryIO] = {}
-        self._good: dict[Path, int] = {}  # size of each file after our last good write
+        self.files = AppendFiles(fsync=fsync)  # the file seam (tests inject failures there)
         self._failing = False
         self._warn = WarnOnce()
         self._run: dict[str, Any] = {}
@@ -332,7 +291,7 @@ class TableSink(Sink):
         if self.format != "parquet":
             lines_files.append(self.stats_path)
         for path in lines_files:
-            if path.is_file() and _cut_partial_last_line(path):
+            if path.is_file() and cut_partial_last_line(path):
                 warnings.warn(
                     f"gradlens: cut a partial last line off {path} (a run killed while "
                     "writing) before appending",
@@ -447,8 +406,7 @@ class TableSink(Sink):
             return
         if self._opened:
             self._drain()
-        for path in list(self._handles):
-            self._drop_handle(path)
+        self.files.close()
         lost_rows, lost_events = self._stats.count, self._events.count
         self._stats.clear()
         self._events.clear()
@@ -492,7 +450,7 @@ class TableSink(Sink):
                 else:
                     header = _CSV_HEADER.encode() if kind == "rows" and self.format == "csv" \
                         else b""
-                    self._append_lines(path, "".join(backlog.items()).encode("utf-8"), header)
+                    self.files.append(path, "".join(backlog.items()).encode("utf-8"), header)
             except Exception as err:  # I/O never stops training: keep, retry, count
                 failed = True
                 self._warn(self, path, err, backlog.count)
@@ -517,74 +475,6 @@ class TableSink(Sink):
             write_json_atomic(self.meta_path, self._run)
         except Exception as err:
             self._warn(self, self.meta_path, err, self._stats.count)
-
-    def _open_file(self, path: Path) -> BinaryIO:
-        """The file seam: open ``path`` for appending, unbuffered (a failed write leaves no
-        buffered bytes behind to be written later)."""
-        return open(path, "ab", buffering=0)
-
-    def _write_bytes(self, fh: BinaryIO, data: bytes) -> None:
-        """The write seam: write all of ``data`` (an unbuffered write may be short), then
-        fsync."""
-        view = memoryview(data)
-        while view:
-            n = fh.write(view)
-            if not n:
-                raise OSError(f"wrote nothing of {len(view)} bytes")
-            view = view[n:]
-        if self._fsync:
-            os.fsync(fh.fileno())
-
-    def _handle(self, path: Path) -> BinaryIO:
-        """The open file of ``path``, reopened when the file was deleted or replaced (a handle
-        on a deleted file would write into nothing)."""
-        fh = self._handles.get(path)
-        if fh is not None:
-            try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-            except OSError:
-                same = False
-            if not same:
-                self._drop_handle(path)
-                fh = None
-        if fh is None:
-            new = not path.exists()
-            fh = self._open_file(path)
-            self._handles[path] = fh
-            self._good[path] = os.fstat(fh.fileno()).st_size
-            if new:
-                _fsync_dir(self.logdir)
-        return fh
-
-    def _drop_handle(self, path: Path) -> None:
-        fh = self._handles.pop(path, None)
-        if fh is not None:
-            with contextlib.suppress(OSError):
-                fh.close()
-
-    def _append_lines(self, path: Path, data: bytes, header: bytes = b"") -> None:
-        """Append whole lines to ``path``. The file is first brought back to the end of its
-        last good line (cutting what a failed write left); after a failed write it is
-        truncated back to where it was, so a reader never meets a half line."""
-        fh = self._handle(path)
-        good = self._good[path]
-        size = os.fstat(fh.fileno()).st_size
-        if size != good:
-            if size > good:  # our failed write that could not be cut back at the time
-                os.ftruncate(fh.fileno(), good)
-            else:  # someone else shortened the file: keep its complete lines
-                _cut_partial_last_line(path)
-                good = self._good[path] = os.fstat(fh.fileno()).st_size
-        if good == 0 and header:
-            data = header + data
-        try:
-            self._write_bytes(fh, data)
-        except BaseException:
-            with contextlib.suppress(OSError):  # else cut at the next attempt (size != good)
-                os.ftruncate(fh.fileno(), good)
-            self._drop_handle(path)
-            raise
-        self._good[path] = good + len(data)
 
     def _write_parquet(self, rows: list[StatRow]) -> None:
         import pyarrow as pa
@@ -616,7 +506,7 @@ class TableSink(Sink):
             raise
         self._parquet_index = index
         if self._fsync:
-            _fsync_dir(self.logdir)
+            fsync_dir(self.logdir)
 
     def _open_file_for_parquet(self, path: Path) -> BinaryIO:
         """The file seam of the parquet format: a new file for one flush's rows."""
