@@ -1,6 +1,7 @@
 """gradlens.report: read the files a run wrote, and turn them into tables, figures and verdicts."""
 
 from gradlens.report.load import (
+    CorruptLineWarning,
     CorruptRunError,
     EmptyRunError,
     RunError,
@@ -12,6 +13,7 @@ from gradlens.report.load import (
 )
 
 __all__ = [
+    "CorruptLineWarning",
     "CorruptRunError",
     "EmptyRunError",
     "RunError",
