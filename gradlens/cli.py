@@ -48,6 +48,14 @@ def _dashboard(args: argparse.Namespace) -> int:
         return 0
 
 
+def model_sizes() -> list[str]:
+    """Every ``--size`` the demo and compare accept."""
+    from gradlens.data.models import LLAMA_SIZES
+    from gradlens.experiment import MODEL_PRESETS
+
+    return [*MODEL_PRESETS, *(s for s in LLAMA_SIZES if s not in MODEL_PRESETS)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "then write the report")
     demo.add_argument("--out", default="gradlens_demo", help="output directory")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    demo.add_argument("--size", default="demo", help="model size: demo, tiny, small")
+    demo.add_argument("--size", default="demo", choices=model_sizes(),
+                      help="model size (demo: hidden 128, 4 layers; tiny: hidden 32, 2 layers; "
+                           "small: hidden 256, 4 layers; the papers' 60m .. 1b)")
     demo.add_argument("--optimizers", nargs="+", default=["scale", "adamw"],
                       help="optimizers to run one after the other")
     demo.add_argument("--corpus", default=None,
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr-factors", nargs="+", type=float, default=list(DEFAULT_LR_FACTORS),
                          help="multipliers of each optimizer's default lr")
     compare.add_argument("--steps", type=int, default=COMPARE_STEPS)
-    compare.add_argument("--size", default="demo")
+    compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--preset", default="full", choices=["minimal", "standard", "full"],
