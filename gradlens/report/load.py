@@ -16,7 +16,8 @@ parquet file with the wrong columns or column types, a ``spikes.jsonl`` that is 
 raise :class:`CorruptRunError` naming the file. Errors subclass ``ValueError`` and say what to
 do.
 
-``value``: a float; NaN (``nan`` in CSV, ``NaN`` or ``null`` in JSON lines) means the statistic
+``value``: a float; NaN (``nan`` or an empty field in CSV, ``NaN`` or ``null`` in JSON lines,
+as other writers such as pandas spell it) means the statistic
 could not be computed at that step (too few micro-batches, a broken assumption of its
 estimator, non-finite gradients); ``+-inf`` are real overflows.
 """
@@ -220,7 +221,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 dtype={"step": "int64", "layer": str, "role": str, "stat": str,
                        "value": "float64"},
                 keep_default_na=False,
-                na_values={"value": ["nan", "NaN"]},
+                na_values={"value": ["nan", "NaN", ""]},
                 engine="c",
             )
         except (ValueError, pd.errors.ParserError):
@@ -256,7 +257,8 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
         if problem:
             skipped.add(lineno, problem)
             continue
-        rows.append((int(fields[0]), fields[1], fields[2], fields[3], float(fields[4])))
+        rows.append((int(fields[0]), fields[1], fields[2], fields[3],
+                     float(fields[4]) if fields[4] else math.nan))
     skipped.warn(len(rows))
     if not rows:
         return _empty_stats()
@@ -271,7 +273,7 @@ def _csv_problem(fields: list[str]) -> str | None:
     except ValueError:
         return f"step {fields[0]!r} is not an integer"
     try:
-        float(fields[4])
+        float(fields[4] or "nan")
     except ValueError:
         return f"value {fields[4]!r} is not a number"
     if not all(fields[1:4]):
@@ -438,7 +440,7 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
     """The long table of a run: columns ``step`` (int64), ``layer``, ``role``, ``stat``,
     ``value`` (float64), in the order written.
 
-    A NaN ``value`` (``nan`` in CSV; ``NaN`` or ``null`` in JSON lines) is a statistic that
+    A NaN ``value`` (``nan`` or empty in CSV; ``NaN`` or ``null`` in JSON lines) is a statistic that
     could not be computed at that step (e.g. a variance estimator with one micro-batch); the row
     is kept so that "not computable" differs from "not recorded". A damaged line in the middle
     of a CSV or JSON-lines table (including a NUL byte in a field) is skipped with a
