@@ -37,15 +37,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from gradlens.dashboard import start_tensorboard
+    from gradlens.dashboard import LOG_FILE, serve
 
-    proc, url = start_tensorboard(args.run_dir, port=args.port)
-    print(f"TensorBoard is serving {args.run_dir} at {url}  (Ctrl-C to stop)", flush=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return 0
+    def ready(proc, url: str) -> None:
+        print(f"TensorBoard (pid {proc.pid}) is serving {args.run_dir} at {url}  (Ctrl-C to "
+              f"stop; its log: {args.run_dir}/{LOG_FILE})", flush=True)
+
+    return serve(args.run_dir, port=args.port, on_ready=ready)
 
 
 def model_sizes() -> list[str]:
