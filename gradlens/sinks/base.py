@@ -7,9 +7,11 @@ The collector calls a sink in this order::
     write_histograms(hists)          | zero or more times per flush, then
     write_events(events)            /
     flush()                         once per flush: everything written so far must be durable
-    close(ended="finished")         once or more (idempotent); flushes first. ``ended`` says how
-                                    the run ended: "finished", or "interrupted" (an exception,
-                                    Ctrl-C, SIGTERM unwound the training loop)
+    close(ended=None)               once or more (idempotent); flushes first. ``ended`` says how
+                                    the run ended: "finished", or "interrupted" (an exception
+                                    or Ctrl-C unwound the training loop); None: "interrupted"
+                                    when called while an exception is being handled (see
+                                    :func:`check_ended`), else "finished"
 
 I/O never stops training: a sink that writes files (table, TensorBoard) never lets a write
 error (disk full, run directory deleted, read-only file) out of these calls. It warns once
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
@@ -243,10 +246,10 @@ class Sink(ABC):
     def flush(self) -> None:  # noqa: B027
         """Make everything written so far durable (a killed run keeps it)."""
 
-    def close(self, ended: str = "finished") -> None:
-        """Flush and release resources; ``ended`` is ``"finished"`` or ``"interrupted"``.
-        Idempotent (the first call's ``ended`` is kept)."""
-        check_ended(ended)
+    def close(self, ended: str | None = None) -> None:
+        """Flush and release resources; ``ended`` is ``"finished"``, ``"interrupted"`` or None
+        (see :func:`check_ended`). Idempotent (the first call's ``ended`` is kept)."""
+        ended = check_ended(ended)
         if not self._closed:
             self.ended = ended
         self._closed = True
@@ -281,17 +284,22 @@ class Sink(ABC):
         self.close(ended="finished" if exc_type is None else "interrupted")
 
 
-def check_ended(ended: str) -> str:
-    """``ended`` itself, or a ``ValueError`` naming the accepted values."""
+def check_ended(ended: str | None) -> str:
+    """``ended`` itself (a ``ValueError`` naming the accepted values for anything else); for
+    ``None``, ``"interrupted"`` while an exception is being handled (``close`` called from a
+    ``with`` block that an exception, ``KeyboardInterrupt`` included, is leaving, or from an
+    ``except`` clause) and ``"finished"`` otherwise."""
+    if ended is None:
+        return "interrupted" if sys.exc_info()[1] is not None else "finished"
     if ended not in ENDED:
         raise ValueError(f"ended must be one of {ENDED}, got {ended!r}")
     return ended
 
 
-def close_sink(sink: Sink, ended: str = "finished") -> None:
+def close_sink(sink: Sink, ended: str | None = None) -> None:
     """``sink.close(ended=ended)``, or ``sink.close()`` for a sink written before ``close``
     took ``ended`` (a user's subclass overriding ``close(self)``)."""
-    check_ended(ended)
+    ended = check_ended(ended)
     try:
         params = inspect.signature(sink.close).parameters
     except (TypeError, ValueError):
@@ -363,9 +371,10 @@ class MultiSink(Sink):
         """The sum over the sinks."""
         return sum(s.rows_dropped for s in self.sinks)
 
-    def close(self, ended: str = "finished") -> None:
+    def close(self, ended: str | None = None) -> None:
         if self._closed:
             return
+        ended = check_ended(ended)
         super().close(ended)
         first: BaseException | None = None
         for s in self.sinks:

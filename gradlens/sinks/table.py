@@ -395,13 +395,13 @@ class TableSink(Sink):
         self._check_not_closed()
         self._drain()
 
-    def close(self, ended: str = "finished") -> None:
+    def close(self, ended: str | None = None) -> None:
         """Flush, close the files and record in ``run.json`` how the run ended: ``finished``
         (true only for ``ended="finished"``), ``ended`` (``"finished"`` or
         ``"interrupted"``), ``ended_at``, ``last_step``, ``rows_written`` /
         ``events_written`` (by this session) and ``rows_dropped`` / ``events_dropped``.
         Idempotent; never raises a write error."""
-        check_ended(ended)
+        ended = check_ended(ended)
         if self._closed:
             return
         if self._opened:

@@ -267,10 +267,10 @@ class TensorBoardSink(Sink):
         self._check_not_closed()
         self._drain()
 
-    def close(self, ended: str = "finished") -> None:
+    def close(self, ended: str | None = None) -> None:
         """Flush and close the event file (what is still unwritten is counted in
         :attr:`rows_dropped`). Idempotent."""
-        check_ended(ended)
+        ended = check_ended(ended)
         if self._closed:
             return
         self._drain()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +53,33 @@ def test_training_goes_on_through_a_disk_full_and_every_row_lands(tmp_path: Path
     meta = load_meta(tmp_path)
     assert meta["rows_written"] == len(expected) and meta["rows_dropped"] == 0
     assert meta["finished"] is True
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_run_interrupted_inside_the_lens_reads_as_interrupted(tmp_path: Path,
+                                                                 error: type) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 8)
+    with pytest.raises(error), GradLens(model, opt, logdir=tmp_path, preset="minimal",
+                                        output="2", tensorboard=False) as lens:
+        for step in range(1, 4):
+            loss = model(x).square().mean()
+            loss.backward()
+            lens.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+            if step == 3:
+                raise error
+    meta = load_meta(tmp_path)
+    assert meta["ended"] == "interrupted" and meta["finished"] is False
+    assert sorted(set(load_run(tmp_path)["step"])) == [1, 2, 3]
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradLens(model, opt, logdir=tmp_path / "ok", preset="minimal", output="2",
+                  tensorboard=False) as lens:
+        model(x).square().mean().backward()
+        opt.step()
+    assert load_meta(tmp_path / "ok")["ended"] == "finished"
+    assert load_meta(tmp_path / "ok")["finished"] is True
