@@ -221,7 +221,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 dtype={"step": "int64", "layer": str, "role": str, "stat": str,
                        "value": "float64"},
                 keep_default_na=False,
-                na_values={"value": ["nan", "NaN", ""]},
+                na_values={"value": ["nan", "NaN"]},  # empty: the line-by-line path
                 engine="c",
             )
         except (ValueError, pd.errors.ParserError):

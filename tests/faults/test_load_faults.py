@@ -140,3 +140,13 @@ def test_resumed_run_events_are_deduplicated_keeping_the_last(tmp_path: Path) ->
         (6, "l", "grad_norm", 10.0)]
     assert len(load_spikes(tmp_path, dedupe=False)) == 5
     assert len(load_run(tmp_path)) == 9
+
+
+def test_csv_empty_value_is_nan_but_a_missing_field_is_damage(tmp_path: Path) -> None:
+    path = _write(tmp_path, "csv")
+    _insert(path, 2, b"1,x,hidden,s,")  # pandas writes NaN as an empty field
+    _insert(path, 3, b"1,y,hidden,s")  # a field short: damaged
+    df, texts = _load_warned(tmp_path)
+    assert len(df) == 10 and math.isnan(df["value"].iloc[0]) and df["layer"].iloc[0] == "x"
+    assert texts == [f"{path}, line 3: 4 fields instead of 5; skipped that line (damaged in "
+                     "the middle of the file, not by a killed run) and read the rest"]
