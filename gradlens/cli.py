@@ -37,15 +37,21 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from gradlens.dashboard import start_tensorboard
+    from gradlens.dashboard import LOG_FILE, serve
 
-    proc, url = start_tensorboard(args.run_dir, port=args.port)
-    print(f"TensorBoard is serving {args.run_dir} at {url}  (Ctrl-C to stop)", flush=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return 0
+    def ready(proc, url: str) -> None:
+        print(f"TensorBoard (pid {proc.pid}) is serving {args.run_dir} at {url}  (Ctrl-C to "
+              f"stop; its log: {args.run_dir}/{LOG_FILE})", flush=True)
+
+    return serve(args.run_dir, port=args.port, on_ready=ready)
+
+
+def model_sizes() -> list[str]:
+    """Every ``--size`` the demo and compare accept."""
+    from gradlens.data.models import LLAMA_SIZES
+    from gradlens.experiment import MODEL_PRESETS
+
+    return [*MODEL_PRESETS, *(s for s in LLAMA_SIZES if s not in MODEL_PRESETS)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "then write the report")
     demo.add_argument("--out", default="gradlens_demo", help="output directory")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    demo.add_argument("--size", default="demo", help="model size: demo, tiny, small")
+    demo.add_argument("--size", default="demo", choices=model_sizes(),
+                      help="model size (demo: hidden 128, 4 layers; tiny: hidden 32, 2 layers; "
+                           "small: hidden 256, 4 layers; the papers' 60m .. 1b)")
     demo.add_argument("--optimizers", nargs="+", default=["scale", "adamw"],
                       help="optimizers to run one after the other")
     demo.add_argument("--corpus", default=None,
@@ -76,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr-factors", nargs="+", type=float, default=list(DEFAULT_LR_FACTORS),
                          help="multipliers of each optimizer's default lr")
     compare.add_argument("--steps", type=int, default=COMPARE_STEPS)
-    compare.add_argument("--size", default="demo")
+    compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--preset", default="full", choices=["minimal", "standard", "full"],

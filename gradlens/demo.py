@@ -73,7 +73,9 @@ def run_demo(
         out_dir: receives ``runs/<optimizer>/`` and ``report/``.
         steps: optimizer steps per run (default 150: both runs and the report take about
             three minutes on 2 CPU cores).
-        size: model size (``demo``: hidden 128, 4 layers, vocabulary 4096; ``tiny``, ``small``).
+        size: model size (``demo``: hidden 128, 4 layers, vocabulary 4096; ``tiny``: hidden
+            32, 2 layers, vocabulary 512; ``small``: hidden 256, 4 layers; the papers' ``60m``
+            .. ``1b``): a :data:`gradlens.experiment.MODEL_PRESETS` or ``LLAMA_SIZES`` name.
         optimizers: names of :data:`gradlens.experiment.OPTIMIZERS`, run one after the other.
         corpus: a text file or directory; None: Shakespeare's plays.
         seed: initialization and batch order.

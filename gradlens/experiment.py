@@ -529,6 +529,9 @@ MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # 2 CPU cores (1.8M parameters, 1.0M of them in the embedding and lm_head)
     "demo": ("small", dict(hidden_size=128, intermediate_size=344, num_attention_heads=4,
                            num_hidden_layers=4, vocab_size=4096)),
+    # ``LLAMA_SIZES["tiny"]`` has 128 ids (unit tests feed it random ids); trained on text it
+    # needs the byte-level tokenizer's minimum of 257, so the runs' "tiny" has 512
+    "tiny": ("tiny", dict(vocab_size=512)),
 }
 """Extra model sizes: ``name -> (LLAMA_SIZES key, overrides)``."""
 
@@ -619,10 +622,18 @@ class RunConfig:
         return default_lr(key)
 
     def tokenizer_vocab_size(self) -> int:
-        """``vocab_size`` or the model's."""
-        if self.vocab_size is not None:
-            return self.vocab_size
-        return model_vocab_size(self.size, **self.model_overrides)
+        """``vocab_size`` or the model's; a ``ValueError`` below the tokenizer's minimum."""
+        from gradlens.data.tokenizer import MIN_VOCAB_SIZE
+
+        vocab = (self.vocab_size if self.vocab_size is not None
+                 else model_vocab_size(self.size, **self.model_overrides))
+        if vocab < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"model size {self.size!r} has a vocabulary of {vocab}, below the tokenizer's "
+                f"minimum of {MIN_VOCAB_SIZE} (256 bytes + end of text); pass "
+                f"model_overrides={{'vocab_size': {MIN_VOCAB_SIZE}}} or more"
+            )
+        return vocab
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (for run metadata)."""

@@ -227,8 +227,8 @@ def test_run_experiment_same_init_and_batches(tmp_path: Path,
     assert r1.info["data"]["vocab_size"] == 300 and r1.info["parameters"] == _n_params(m1)
     assert r1.tokens_seen == 4 * 2 * 16
     assert set(r1.to_dict()) >= {"losses", "eval_loss", "eval_ppl", "tokens_per_s"}
-    small_vocab = RunConfig(size="tiny", steps=1)  # tiny's vocabulary is 128 < 300
-    with pytest.raises(ValueError, match="tokenizer has 300 ids"):
+    small_vocab = RunConfig(size="tiny", steps=1, model_overrides={"vocab_size": 257})
+    with pytest.raises(ValueError, match="tokenizer has 300 ids but the model only 257"):
         run_experiment(small_vocab, "sgd", data, progress=False)
 
 

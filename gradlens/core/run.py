@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradlens.core import distributed as D
 from gradlens.sinks.base import Sink
+from gradlens.sinks.base import close_sink as _close_sink
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
@@ -98,10 +99,7 @@ def write_sink(sink: Sink, rows, hists, events) -> None:
 
 def close_sink(sink: Sink, ended: str) -> None:
     try:
-        try:
-            sink.close(ended=ended)  # type: ignore[call-arg]
-        except TypeError:
-            sink.close()
+        _close_sink(sink, ended)
     except OSError as err:
         _io_failed(sink, err)
 

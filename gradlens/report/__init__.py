@@ -1,6 +1,15 @@
-"""gradlens.report: read the files a run wrote, and turn them into tables, figures and verdicts."""
+"""gradlens.report: read the files a run wrote, and turn them into tables, figures and verdicts.
+
+:func:`build_report` and :func:`compute_verdicts` (and :class:`ReportPaths`,
+:class:`Verdict`) are imported on first use: they load matplotlib, seaborn and scipy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from gradlens.report.load import (
+    CorruptLineWarning,
     CorruptRunError,
     EmptyRunError,
     RunError,
@@ -12,12 +21,34 @@ from gradlens.report.load import (
 )
 
 __all__ = [
+    "CorruptLineWarning",
     "CorruptRunError",
     "EmptyRunError",
+    "ReportPaths",
     "RunError",
     "RunNotFoundError",
     "TruncatedRunWarning",
+    "Verdict",
+    "build_report",
+    "compute_verdicts",
     "load_meta",
     "load_run",
     "load_spikes",
 ]
+
+_LAZY = {
+    "build_report": "gradlens.report.build",
+    "ReportPaths": "gradlens.report.build",
+    "compute_verdicts": "gradlens.report.verdicts",
+    "Verdict": "gradlens.report.verdicts",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradlens.report' has no attribute {name!r}")

@@ -8,14 +8,25 @@ Only the files and :mod:`gradlens.schema` are used; no live training process, no
 
 A run killed while writing can leave a partial last line in a CSV or JSON-lines file (the
 only thing that can be cut is the line being written): it is dropped with a
-:class:`TruncatedRunWarning`. A damaged line anywhere else raises :class:`CorruptRunError`
-naming the file and the line. Errors subclass ``ValueError`` and say what to do.
+:class:`TruncatedRunWarning`. A damaged line anywhere else (garbled text, a wrong number of
+fields, a step that is not an integer, a NUL byte in a field: none of which the lens writes) is
+skipped with a :class:`CorruptLineWarning` naming the file and the line, and every good row
+around it is read. A file with no good row at all, a CSV header that is not gradlens's, a
+parquet file with the wrong columns or column types, a ``spikes.jsonl`` that is not a file
+raise :class:`CorruptRunError` naming the file. Errors subclass ``ValueError`` and say what to
+do.
+
+``value``: a float; NaN (``nan`` or an empty field in CSV, ``NaN`` or ``null`` in JSON lines,
+as other writers such as pandas spell it) means the statistic
+could not be computed at that step (too few micro-batches, a broken assumption of its
+estimator, non-finite gradients); ``+-inf`` are real overflows.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import warnings
@@ -34,6 +45,7 @@ from gradlens.schema import (
 )
 
 __all__ = [
+    "CorruptLineWarning",
     "CorruptRunError",
     "EmptyRunError",
     "RunError",
@@ -68,6 +80,51 @@ class CorruptRunError(RunError):
 
 class TruncatedRunWarning(UserWarning):
     """A partial last line (a run killed while writing) was dropped."""
+
+
+class CorruptLineWarning(UserWarning):
+    """A damaged line in the middle of a table was skipped (file and line named)."""
+
+
+_MAX_LINE_WARNINGS = 10
+
+
+class _Skipped:
+    """Collects the damaged lines of one file and warns about them: one warning per line for
+    the first ten, then one for the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[tuple[int, str]] = []
+
+    def add(self, lineno: int, problem: str) -> None:
+        self.lines.append((lineno, problem))
+
+    def warn(self, good: int) -> None:
+        if not self.lines:
+            return
+        if not good:
+            lineno, problem = self.lines[0]
+            raise CorruptRunError(
+                f"{self.path}, line {lineno}: {problem}; no line of the file is a good row: "
+                "it was not written by gradlens or is damaged throughout"
+            )
+        self.lines.sort()
+        for lineno, problem in self.lines[:_MAX_LINE_WARNINGS]:
+            warnings.warn(
+                f"{self.path}, line {lineno}: {problem}; skipped that line (damaged in the "
+                "middle of the file, not by a killed run) and read the rest",
+                CorruptLineWarning,
+                stacklevel=4,
+            )
+        rest = self.lines[_MAX_LINE_WARNINGS:]
+        if rest:
+            warnings.warn(
+                f"{self.path}: skipped {len(rest)} more damaged lines (lines "
+                f"{rest[0][0]}..{rest[-1][0]}); {good} good rows read",
+                CorruptLineWarning,
+                stacklevel=4,
+            )
 
 
 PathLike = str | os.PathLike[str]
@@ -157,128 +214,179 @@ def _read_csv(path: Path) -> pd.DataFrame:
             f"{path}, line 1: header {first[:80]!r} is not {_CSV_HEADER!r}; this file was not "
             "written by gradlens (or is damaged): move it out of the run directory"
         )
-    try:
-        df = pd.read_csv(
-            io.BytesIO(data),
-            dtype={"step": "int64", "layer": str, "role": str, "stat": str, "value": "float64"},
-            keep_default_na=False,
-            na_values={"value": ["nan", "NaN"]},
-            engine="c",
-        )
-    except (ValueError, pd.errors.ParserError):
-        _raise_csv_error(path, data)
-        raise  # pragma: no cover -- _raise_csv_error always raises
-    if any((df[c] == "").any() for c in _STR_COLUMNS):
-        _raise_csv_error(path, data)
-    return df
+    if b"\x00" not in data:
+        try:
+            df = pd.read_csv(
+                io.BytesIO(data),
+                dtype={"step": "int64", "layer": str, "role": str, "stat": str,
+                       "value": "float64"},
+                keep_default_na=False,
+                na_values={"value": ["nan", "NaN"]},  # empty: the line-by-line path
+                engine="c",
+            )
+        except (ValueError, pd.errors.ParserError):
+            pass
+        else:
+            if not any((df[c] == "").any() for c in _STR_COLUMNS):
+                return df
+    return _recover_csv(path, data)
 
 
-def _raise_csv_error(path: Path, data: bytes) -> None:
-    """Find the first bad line of a CSV table and raise a :class:`CorruptRunError` for it."""
+def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
+    """The good rows of a CSV table with damaged lines, each damaged line skipped with a
+    :class:`CorruptLineWarning`."""
     import csv
 
-    text = data.decode("utf-8", "replace")
-    for lineno, fields in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if lineno == 1 or not fields:
-            continue  # the header (checked already), blank lines (pandas skips them too)
+    skipped = _Skipped(path)
+    rows: list[tuple[int, str, str, str, float]] = []
+    for lineno, raw in enumerate(data.split(b"\n")[1:-1], start=2):
+        line = raw.rstrip(b"\r")
+        if not line:
+            continue  # blank lines (pandas skips them too)
         problem = None
-        if len(fields) != len(STAT_COLUMNS):
-            problem = f"{len(fields)} fields instead of {len(STAT_COLUMNS)}"
+        if b"\x00" in line:
+            problem = "a NUL byte in a field"
         else:
             try:
-                int(fields[0])
-            except ValueError:
-                problem = f"step {fields[0]!r} is not an integer"
-            try:
-                float(fields[4])
-            except ValueError:
-                problem = problem or f"value {fields[4]!r} is not a number"
-            if problem is None and not all(fields[1:4]):
-                problem = "an empty layer, role or stat"
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                problem = "not UTF-8 text"
+            else:
+                fields = next(csv.reader([text]), [])
+                problem = _csv_problem(fields)
         if problem:
-            raise CorruptRunError(
-                f"{path}, line {lineno}: {problem}. The table is damaged in the middle (not a "
-                "run killed while writing, which only cuts the last line); repair or delete "
-                "that line"
-            )
-    raise CorruptRunError(f"{path}: cannot be parsed as the gradlens long table")
+            skipped.add(lineno, problem)
+            continue
+        rows.append((int(fields[0]), fields[1], fields[2], fields[3],
+                     float(fields[4]) if fields[4] else math.nan))
+    skipped.warn(len(rows))
+    if not rows:
+        return _empty_stats()
+    return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
 
 
-def _read_jsonl(path: Path, columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file (NaN/Infinity tokens allowed), each checked for
-    ``columns``."""
+def _csv_problem(fields: list[str]) -> str | None:
+    if len(fields) != len(STAT_COLUMNS):
+        return f"{len(fields)} fields instead of {len(STAT_COLUMNS)}"
+    try:
+        int(fields[0])
+    except ValueError:
+        return f"step {fields[0]!r} is not an integer"
+    try:
+        float(fields[4] or "nan")
+    except ValueError:
+        return f"value {fields[4]!r} is not a number"
+    if not all(fields[1:4]):
+        return "an empty layer, role or stat"
+    return None
+
+
+def _read_jsonl(path: Path, columns: tuple[str, ...],
+                skipped: _Skipped) -> tuple[list[dict[str, Any]], list[int]]:
+    """Records of a JSON-lines file (NaN/Infinity tokens allowed) that hold ``columns``, and
+    their line numbers; other lines go to ``skipped``."""
+    if path.is_dir():
+        raise CorruptRunError(
+            f"{path} is a directory, not a gradlens file; move it out of the run directory"
+        )
     data = _complete_bytes(path)
     if not data:
-        return []
+        return [], []
     text = data.decode("utf-8", "replace")
     lines = text.split("\n")[:-1]
-    try:
-        # One parse of the whole file as a JSON array: much faster than a loads per line.
-        records = json.loads("[" + ",".join(lines) + "]")
-        if len(records) != len(lines):
-            raise ValueError("a line holds more or less than one value")
-    except ValueError:
-        records = []
+    records: list[Any] = []
+    if "\x00" not in text and "\\u0000" not in text and "\ufffd" not in text:
+        try:
+            # One parse of the whole file as a JSON array: much faster than a loads per line.
+            records = json.loads("[" + ",".join(lines) + "]")
+            if len(records) != len(lines):
+                raise ValueError("a line holds more or less than one value")
+        except ValueError:
+            records = []
+    linenos = list(range(1, len(lines) + 1))
+    if not records and lines:
+        linenos = []
         for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if "\x00" in line or "\\u0000" in line:
+                skipped.add(lineno, "a NUL byte in a field")
+                continue
+            if "\ufffd" in line:
+                skipped.add(lineno, "not UTF-8 text")
+                continue
             try:
                 records.append(json.loads(line))
             except ValueError as err:
-                raise CorruptRunError(
-                    f"{path}, line {lineno}: not valid JSON ({err}). The file is damaged in "
-                    "the middle (a run killed while writing only cuts the last line); repair "
-                    "or delete that line"
-                ) from None
+                skipped.add(lineno, f"not valid JSON ({err})")
+                continue
+            linenos.append(lineno)
     wanted = set(columns)
-    for lineno, rec in enumerate(records, start=1):
+    good, good_lines = [], []
+    for lineno, rec in zip(linenos, records, strict=True):
         if not isinstance(rec, dict) or not wanted <= rec.keys():
             missing = sorted(wanted - set(rec)) if isinstance(rec, dict) else list(columns)
-            raise CorruptRunError(
-                f"{path}, line {lineno}: missing field(s) {missing}; repair or delete that line"
-            )
-    return records
+            skipped.add(lineno, f"missing field(s) {missing}")
+            continue
+        good.append(rec)
+        good_lines.append(lineno)
+    return good, good_lines
 
 
 def _jsonl_stats(path: Path) -> pd.DataFrame:
-    records = _read_jsonl(path, STAT_COLUMNS)
+    skipped = _Skipped(path)
+    records, linenos = _read_jsonl(path, STAT_COLUMNS, skipped)
     if not records:
+        skipped.warn(0)
         return _empty_stats()
     df = pd.DataFrame.from_records(records, columns=list(STAT_COLUMNS))
+    if df["value"].dtype == object:  # null (another writer's NaN) next to numbers
+        df["value"] = df["value"].map(lambda v: math.nan if v is None else v)
     bad = _bad_rows(df)
-    if bad is not None:
-        i, problem = bad
-        raise CorruptRunError(f"{path}, line {i + 1}: {problem}; repair or delete that line")
+    for i, problem in bad:
+        skipped.add(linenos[i], problem)
+    if bad:
+        df = df.drop(index=[i for i, _ in bad]).reset_index(drop=True)
+    skipped.warn(len(df))
     return df
 
 
-def _bad_rows(df: pd.DataFrame) -> tuple[int, str] | None:
-    """First row (0-based) whose step is not an integer, value not a number, or layer, role or
-    stat not a non-empty string; None when every row is fine."""
+def _bad_rows(df: pd.DataFrame) -> list[tuple[int, str]]:
+    """Rows (0-based) whose step is not an integer, value not a number, or layer, role or stat
+    not a non-empty string (without NUL), with the problem; empty when every row is fine."""
     from pandas.api import types
 
     def good_str(c: str) -> bool:
         col = df[c]
-        return types.is_string_dtype(col) and not col.isna().any() and not (col == "").any()
+        return (types.is_string_dtype(col) and not col.isna().any() and not (col == "").any()
+                and not col.str.contains("\x00", regex=False).any())
 
     if (types.is_integer_dtype(df["step"]) and types.is_numeric_dtype(df["value"])
             and not types.is_bool_dtype(df["value"]) and all(good_str(c) for c in _STR_COLUMNS)):
-        return None  # the common case, decided on the dtypes
+        return []  # the common case, decided on the dtypes
     step = pd.to_numeric(df["step"], errors="coerce")
     ok_step = (step.notna() & (step == np.floor(step.fillna(0)))).to_numpy(dtype=bool) & (
         df["step"].map(lambda v: not isinstance(v, (bool, str))).to_numpy(dtype=bool))
     ok_value = df["value"].map(
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).to_numpy(dtype=bool)
+    ok_nul = np.logical_and.reduce([
+        df[c].map(lambda v: not (isinstance(v, str) and "\x00" in v)).to_numpy(dtype=bool)
+        for c in _STR_COLUMNS])
     ok_str = np.logical_and.reduce([
         df[c].map(lambda v: isinstance(v, str) and v != "").to_numpy(dtype=bool)
         for c in _STR_COLUMNS])
-    ok = ok_step & ok_value & ok_str
-    if ok.all():
-        return None
-    i = int(np.argmin(ok))
-    if not ok_step[i]:
-        return i, f"step {_show(df['step'].iloc[i])} is not an integer"
-    if not ok_value[i]:
-        return i, f"value {_show(df['value'].iloc[i])} is not a number"
-    return i, "layer, role and stat must be non-empty strings"
+    out = []
+    for i in np.flatnonzero(~(ok_step & ok_value & ok_str & ok_nul)):
+        i = int(i)
+        if not ok_step[i]:
+            out.append((i, f"step {_show(df['step'].iloc[i])} is not an integer"))
+        elif not ok_value[i]:
+            out.append((i, f"value {_show(df['value'].iloc[i])} is not a number"))
+        elif not ok_nul[i]:
+            out.append((i, "a NUL byte in a field"))
+        else:
+            out.append((i, "layer, role and stat must be non-empty strings"))
+    return out
 
 
 def _show(v: Any) -> str:
@@ -307,8 +415,19 @@ def _read_parquet(files: list[Path]) -> pd.DataFrame:
                 f"{f}: columns {t.column_names} are not {list(STAT_COLUMNS)}; move it out of "
                 "the run directory"
             )
+        types = {name: t.schema.field(name).type for name in STAT_COLUMNS}
+        if not (pa.types.is_integer(types["step"])
+                and (pa.types.is_floating(types["value"]) or pa.types.is_integer(types["value"]))
+                and all(pa.types.is_string(types[c]) or pa.types.is_large_string(types[c])
+                        for c in _STR_COLUMNS)):
+            found = ", ".join(f"{n} {ty}" for n, ty in types.items())
+            raise CorruptRunError(
+                f"{f}: column types ({found}) are not step int64, layer/role/stat string, "
+                "value float64; it was not written by gradlens: move it out of the run "
+                "directory"
+            )
         tables.append(t)
-    return pa.concat_tables(tables).to_pandas()
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def _empty_stats() -> pd.DataFrame:
@@ -321,6 +440,12 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
     """The long table of a run: columns ``step`` (int64), ``layer``, ``role``, ``stat``,
     ``value`` (float64), in the order written.
 
+    A NaN ``value`` (``nan`` or empty in CSV; ``NaN`` or ``null`` in JSON lines) is a statistic that
+    could not be computed at that step (e.g. a variance estimator with one micro-batch); the row
+    is kept so that "not computable" differs from "not recorded". A damaged line in the middle
+    of a CSV or JSON-lines table (including a NUL byte in a field) is skipped with a
+    :class:`CorruptLineWarning` naming the file and the line; the rows around it are read.
+
     Args:
         run_dir: the run directory (a file inside it is accepted too).
         dedupe: when a ``(step, layer, stat)`` appears more than once (a resumed run that
@@ -329,7 +454,8 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
     Raises:
         RunNotFoundError: the path does not exist or holds no run.
         EmptyRunError: the run has ``run.json`` but no rows yet.
-        CorruptRunError: a table is damaged before its last line (file and line named).
+        CorruptRunError: a table has no good row, a CSV header that is not gradlens's, or a
+            parquet file with the wrong columns or column types (the file is named).
     """
     p = _run_dir(run_dir)
     tables = find_tables(p)
@@ -366,36 +492,77 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
 # ---------------------------------------------------------------------- spikes and metadata
 
 
-def load_spikes(run_dir: PathLike) -> pd.DataFrame:
+def load_spikes(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
     """The spike events of a run: columns of ``schema.SPIKE_FIELDS`` (``layers`` holds lists
     of layer names). A run without ``spikes.jsonl`` had no events: the table is empty.
 
-    Raises :class:`RunNotFoundError` for a path that is not a run and
-    :class:`CorruptRunError` for a damaged line.
+    Args:
+        run_dir: the run directory (a file inside it is accepted too).
+        dedupe: when a ``(step, layer, kind)`` appears more than once (a resumed run re-did
+            steps after its last checkpoint and detected the same spike again), keep the
+            last-written event, as :func:`load_run` does for rows.
+
+    Raises :class:`RunNotFoundError` for a path that is not a run, and
+    :class:`CorruptRunError` when ``spikes.jsonl`` is not a file or has no good line (a damaged
+    line among good ones is skipped with a :class:`CorruptLineWarning`).
     """
     p = _run_dir(run_dir)
     path = p / SPIKES_FILE
-    if not path.is_file():
-        if not (p / RUN_META_FILE).exists() and find_tables(p) is None:
-            raise _not_a_run(p)
-        records: list[dict[str, Any]] = []
-    else:
-        records = _read_jsonl(path, SPIKE_FIELDS[:5])  # layers, family, reason: optional
-    for lineno, rec in enumerate(records, start=1):
-        layers = rec.get("layers", [])
-        if not isinstance(layers, list):
-            raise CorruptRunError(f"{path}, line {lineno}: 'layers' must be a list")
-        rec["layers"] = [str(x) for x in layers]
+    records: list[dict[str, Any]] = []
+    linenos: list[int] = []
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise CorruptRunError(
+                f"{path} is not a file (a directory?), so the run's spike events cannot be "
+                "read; move it out of the run directory"
+            )
+        skipped = _Skipped(path)
+        records, linenos = _read_jsonl(path, SPIKE_FIELDS[:5], skipped)  # layers, family, reason: optional
+        good = []
+        for lineno, rec in zip(linenos, records, strict=True):
+            problem = _event_problem(rec)
+            if problem:
+                skipped.add(lineno, problem)
+            else:
+                good.append(rec)
+        records = good
+        skipped.warn(len(records))
+    elif not (p / RUN_META_FILE).exists() and find_tables(p) is None:
+        raise _not_a_run(p)
+    for rec in records:
+        rec["layers"] = [str(x) for x in rec.get("layers", [])]
         rec.setdefault("family", "")
         rec.setdefault("reason", "")
+        for c in ("value", "score"):
+            if rec[c] is None:
+                rec[c] = math.nan
     df = pd.DataFrame.from_records(records, columns=list(SPIKE_FIELDS))
-    try:
-        df = df.astype({"step": "int64", "value": "float64", "score": "float64"})
-    except (TypeError, ValueError) as err:
-        raise CorruptRunError(f"{path}: a step, value or score is not a number ({err})") from None
+    df = df.astype({"step": "int64", "value": "float64", "score": "float64"})
     for c in ("layer", "kind", "family", "reason"):
         df[c] = df[c].astype(str)
+    if dedupe:
+        dup = df.duplicated(subset=["step", "layer", "kind", "family"], keep="last")
+        if dup.any():
+            df = df[~dup.to_numpy()].reset_index(drop=True)
     return df
+
+
+def _event_problem(rec: dict[str, Any]) -> str | None:
+    """Why a spike record is not one (None when it is)."""
+    step = rec["step"]
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"step {step!r} is not an integer"
+    for c in ("value", "score"):
+        v = rec[c]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{c} {v!r} is not a number"
+    for c in ("layer", "kind"):
+        if not isinstance(rec[c], str) or not rec[c] or "\x00" in rec[c]:
+            return f"{c} must be a non-empty string without NUL bytes"
+    layers = rec.get("layers", [])
+    if not isinstance(layers, list):
+        return "'layers' must be a list"
+    return None
 
 
 def load_meta(run_dir: PathLike) -> dict[str, Any]:

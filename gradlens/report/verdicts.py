@@ -457,6 +457,22 @@ def missing_reason(estimator: str, df: pd.DataFrame | None = None,
     return text + ctx_text
 
 
+def _all_nan(one: pd.DataFrame, stat: str) -> bool:
+    """``stat`` has rows, and not one finite value."""
+    if one.empty:
+        return False
+    values = one.loc[one["stat"] == stat, "value"].to_numpy(dtype=float)
+    return values.size > 0 and not np.isfinite(values).any()
+
+
+def _all_nan_reason(one: pd.DataFrame, stat: str) -> str:
+    rows = one[one["stat"] == stat]
+    return (f"every {stat} value is NaN ({len(rows)} rows over {rows['step'].nunique()} steps): "
+            "the lens recorded the statistic but could not compute it at any step (see the "
+            "run's events and warnings for the reason, e.g. unequal micro-batches or "
+            "non-finite gradients)")
+
+
 def _lag1(d: np.ndarray) -> float:
     if d.size < 3 or np.std(d[:-1]) == 0 or np.std(d[1:]) == 0:
         return math.nan
@@ -501,7 +517,8 @@ def output_highest_verdict(
     ``p_value < alpha``;
     ``no`` when it ranks first at < half and ``p_less < alpha``; ``cannot tell`` otherwise;
     ``not computable`` when the estimator, the output layer or enough steps (``min_steps``) are
-    missing. Raw (not size-fair) estimators are flagged: they grow with the tensor size.
+    missing, or when the output equals the largest other layer at every step (constant input:
+    the signed-rank test has no non-zero difference). Raw (not size-fair) estimators are flagged: they grow with the tensor size.
     """
     one = select_run(df, run)
     info = STATS.get(estimator)
@@ -514,7 +531,9 @@ def output_highest_verdict(
                 "it favours big tensors such as lm_head; prefer the size-fair estimators.")
 
     wide = wide_table(one, estimator)
-    if wide.empty or wide.notna().sum().sum() == 0:
+    if (wide.empty or wide.notna().sum().sum() == 0) and _all_nan(one, estimator):
+        return Verdict(question, "not computable", base, _all_nan_reason(one, estimator), **mk)
+    if wide.empty:
         return Verdict(question, "not computable", base, missing_reason(estimator, one, meta), **mk)
     roles = layer_roles(one)
     outs = [c for c in wide.columns if roles.get(c) == "output"]
@@ -562,7 +581,14 @@ def output_highest_verdict(
     head = (f"{labels[outs[0]]} ranks first at {first.sum()}/{n} steps "
             f"({100 * first.mean():.0f}%), median rank {np.median(rank):g} of {len(wide.columns)}")
 
-    if d.size < min_steps or not np.any(d != 0):
+    if d.size >= min_steps and not np.any(d != 0):  # scipy would divide by zero
+        base.update(p_value=math.nan, p_less=math.nan, p_two_sided=math.nan)
+        return Verdict(question, "not computable", base,
+                       f"{head}; the output's {estimator} equals the largest other layer's at "
+                       f"each of the {d.size} steps (constant input: every log ratio is 0), so "
+                       f"the signed-rank test has nothing to rank, over {where}.{raw_note}",
+                       **mk)
+    if d.size < min_steps:
         base.update(p_value=math.nan, p_less=math.nan, p_two_sided=math.nan)
         return Verdict(question, "cannot tell", base,
                        f"{head}; only {d.size} step(s) with positive values for the log-ratio "
@@ -680,12 +706,16 @@ def column_spread_verdict(
 
     Answer: ``yes`` (roles differ) when the test's p < ``alpha``; ``no`` otherwise;
     ``cannot tell`` when fewer than two roles have values or fewer than ``min_steps`` steps
-    have all of them; ``not computable`` when the statistic is absent.
+    have all of them; ``not computable`` when the statistic is absent or the values the test
+    would rank are all identical (constant input, where the test statistic is 0 / 0).
     """
     one = select_run(df, run)
     question = f"How spread are column norms per role ({stat}), and do roles differ?"
     mk = dict(kind="column_spread", stat=stat, run=run)
     table = role_spread_table(one, stat, n_boot=n_boot, seed=seed)
+    if table.empty and _all_nan(one, stat):
+        return Verdict(question, "not computable", {"stat": stat}, _all_nan_reason(one, stat),
+                       **mk)
     if table.empty:
         return Verdict(question, "not computable", {"stat": stat},
                        f"no {stat} rows: column-norm spread needs the standard or full preset "
@@ -704,16 +734,23 @@ def column_spread_verdict(
                        f"{summary}; only one role has values, nothing to compare", **mk)
     samples = list(groups.values())
     n = sum(len(s) for s in samples)
-    try:
-        h, p = sps.kruskal(*samples)
-    except ValueError:  # every value identical
+    pooled = np.concatenate([np.asarray(x, dtype=float) for x in samples])
+    constant = bool(np.ptp(pooled) == 0)
+    if constant:  # identical values have no ranks: scipy would divide by zero
         h, p = math.nan, math.nan
+    else:
+        h, p = sps.kruskal(*samples)
     h, p = float(h), float(p)
     numbers.update(kruskal_H=h, p_value=p, n_layers=n, n_roles=len(samples),
                    epsilon_sq=h / (n - 1) if n > 1 and math.isfinite(h) else math.nan)
     smallest = min(groups, key=lambda k: len(groups[k]))
     test = f"Kruskal-Wallis across roles (layers as samples) H = {_fmt(h)}, p = {_fmt_p(p)}"
     if min(len(s) for s in samples) >= min_layers:
+        if constant:
+            return Verdict(question, "not computable", numbers,
+                           f"{summary}; every layer's median of {stat} is {_fmt(pooled[0])}: "
+                           "identical values cannot be ranked, so no test across roles "
+                           "applies (constant input)", **mk)
         answer = "yes" if math.isfinite(p) and p < alpha else "no"
         numbers["test"] = "kruskal"
         return Verdict(question, answer, numbers, f"{summary}. {test}.", **mk)
@@ -725,9 +762,15 @@ def column_spread_verdict(
                        f"every role (need >= {min_steps}) for the per-step test.", **mk)
     x = per_step.to_numpy()
     n_steps, k = x.shape
+    if bool(np.all(np.ptp(x, axis=1) == 0)):  # every step a tie: scipy would divide by zero
+        numbers.update(n_steps=n_steps)
+        return Verdict(question, "not computable", numbers,
+                       f"{summary}. {test}; at each of the {n_steps} steps every role has the "
+                       f"same median of {stat}: tied values cannot be ranked, so the per-step "
+                       "test does not apply (constant input).", **mk)
     if k == 2:
         d = x[:, 0] - x[:, 1]
-        p_s = float(sps.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+        p_s = float(sps.wilcoxon(d).pvalue)  # some d != 0: the all-tie case returned above
         effect, effect_name, stat_txt = _rank_biserial(d), "rank-biserial", "Wilcoxon signed-rank"
     else:
         chi2, p_s = sps.friedmanchisquare(*x.T)

@@ -7,7 +7,17 @@ The collector calls a sink in this order::
     write_histograms(hists)          | zero or more times per flush, then
     write_events(events)            /
     flush()                         once per flush: everything written so far must be durable
-    close()                         once or more (idempotent); flushes first
+    close(ended=None)               once or more (idempotent); flushes first. ``ended`` says how
+                                    the run ended: "finished", or "interrupted" (an exception
+                                    or Ctrl-C unwound the training loop); None: "interrupted"
+                                    when called while an exception is being handled (see
+                                    :func:`check_ended`), else "finished"
+
+I/O never stops training: a sink that writes files (table, TensorBoard) never lets a write
+error (disk full, run directory deleted, read-only file) out of these calls. It warns once
+(``RuntimeWarning``, naming the path and the error), keeps what it could not write in a bounded
+in-memory backlog, retries at the next flush and counts what it had to drop
+(:attr:`Sink.rows_dropped`). Only misuse raises: a write after ``close``, a bad ``ended``.
 
 Everything handed to a sink is plain Python data already on the host (no tensors): one
 device-to-host transfer per flush happens in the collector, never in a sink.
@@ -20,8 +30,11 @@ without ``open`` (tests, notebooks): it then behaves as if opened with ``{}``.
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,14 +45,25 @@ from typing import Any
 from gradlens.schema import GLOBAL, SpikeEvent
 
 __all__ = [
+    "ENDED",
     "Histogram",
     "LogdirError",
     "MultiSink",
     "Sink",
     "StatRow",
+    "check_ended",
+    "close_sink",
     "ensure_writable_dir",
     "layer_group",
 ]
+
+ENDED = ("finished", "interrupted")
+"""How a run can end, as :meth:`Sink.close` takes it and ``run.json`` records it."""
+
+DEFAULT_BACKLOG_ROWS = 1_000_000
+"""Default cap of a sink's in-memory backlog while its files cannot be written, in rows (a
+spike event or a histogram counts as one row): about 100 MB of CSV text; past it the oldest
+steps are dropped and counted."""
 
 StatRow = tuple[int, str, str, str, float]
 """One row of the long table, in ``schema.STAT_COLUMNS`` order: step, layer, role, stat, value."""
@@ -186,13 +210,21 @@ class Sink(ABC):
     """Where records go. Subclasses implement :meth:`write_stats` and :meth:`write_events`,
     and override the others as needed (calling ``super()`` in :meth:`open` and :meth:`close`).
 
-    A sink is a context manager; :meth:`close` may be called any number of times. Writing to a
+    A sink is a context manager (an exception leaving the block closes it with
+    ``ended="interrupted"``); :meth:`close` may be called any number of times. Writing to a
     closed sink raises ``RuntimeError``.
+
+    Attributes:
+        ended: ``None`` while open, then the ``ended`` given to the first :meth:`close`.
+        rows_dropped: rows (events, histograms) this sink could not write and gave up on; 0 for
+            a sink that cannot fail.
     """
 
     meta: dict[str, Any]
     _opened: bool = False
     _closed: bool = False
+    ended: str | None = None
+    rows_dropped: int = 0
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Receive the run metadata; called once, before any write."""
@@ -214,8 +246,12 @@ class Sink(ABC):
     def flush(self) -> None:  # noqa: B027
         """Make everything written so far durable (a killed run keeps it)."""
 
-    def close(self) -> None:
-        """Flush and release resources. Idempotent."""
+    def close(self, ended: str | None = None) -> None:
+        """Flush and release resources; ``ended`` is ``"finished"``, ``"interrupted"`` or None
+        (see :func:`check_ended`). Idempotent (the first call's ``ended`` is kept)."""
+        ended = check_ended(ended)
+        if not self._closed:
+            self.ended = ended
         self._closed = True
 
     @property
@@ -245,7 +281,54 @@ class Sink(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(ended="finished" if exc_type is None else "interrupted")
+
+
+def check_ended(ended: str | None) -> str:
+    """``ended`` itself (a ``ValueError`` naming the accepted values for anything else); for
+    ``None``, ``"interrupted"`` while an exception is being handled (``close`` called from a
+    ``with`` block that an exception, ``KeyboardInterrupt`` included, is leaving, or from an
+    ``except`` clause) and ``"finished"`` otherwise."""
+    if ended is None:
+        return "interrupted" if sys.exc_info()[1] is not None else "finished"
+    if ended not in ENDED:
+        raise ValueError(f"ended must be one of {ENDED}, got {ended!r}")
+    return ended
+
+
+def close_sink(sink: Sink, ended: str | None = None) -> None:
+    """``sink.close(ended=ended)``, or ``sink.close()`` for a sink written before ``close``
+    took ``ended`` (a user's subclass overriding ``close(self)``)."""
+    ended = check_ended(ended)
+    try:
+        params = inspect.signature(sink.close).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "ended" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        sink.close(ended=ended)
+    else:
+        sink.close()
+
+
+class WarnOnce:
+    """The one ``RuntimeWarning`` a sink gives when its files cannot be written."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, sink: Sink, path: object, err: BaseException, backlog: int) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        warnings.warn(
+            f"gradlens: {type(sink).__name__} cannot write {path}: {type(err).__name__}: {err}. "
+            f"Training goes on; {backlog} unwritten rows are kept in memory and retried at each "
+            "flush (the oldest steps are dropped past the backlog cap and counted in run.json "
+            "as rows_dropped). Free disk space or restore the directory. This warning is not "
+            "repeated.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class MultiSink(Sink):
@@ -283,14 +366,20 @@ class MultiSink(Sink):
         for s in self.sinks:
             s.flush()
 
-    def close(self) -> None:
+    @property  # type: ignore[override]
+    def rows_dropped(self) -> int:
+        """The sum over the sinks."""
+        return sum(s.rows_dropped for s in self.sinks)
+
+    def close(self, ended: str | None = None) -> None:
         if self._closed:
             return
-        super().close()
+        ended = check_ended(ended)
+        super().close(ended)
         first: BaseException | None = None
         for s in self.sinks:
             try:
-                s.close()
+                close_sink(s, ended)
             except Exception as err:
                 first = first or err
         if first is not None:

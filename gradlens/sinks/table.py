@@ -3,12 +3,16 @@
 Files (names from :mod:`gradlens.schema`):
 
 - ``run.json``: the run metadata, written atomically (temporary file + ``os.replace``) at
-  :meth:`~TableSink.open` with ``finished: false``, rewritten at :meth:`~TableSink.close` with
-  ``finished: true``, ``last_step`` and the number of rows and events written.
+  :meth:`~TableSink.open` with ``finished: false, ended: null`` (what a killed run keeps),
+  rewritten at :meth:`~TableSink.close` with ``ended`` (``"finished"`` or ``"interrupted"``),
+  ``finished`` (true only when it finished), ``last_step`` and the numbers of rows and events
+  written and dropped.
 - ``stats.csv`` (header once) or ``stats.jsonl``: one row per line, appended at each
   :meth:`~TableSink.flush`, then flushed and ``fsync``-ed: a run killed at any moment keeps every
   flushed row. Being killed *during* a flush can leave a partial last line; readers drop it with
-  a warning and a resumed sink cuts it off before appending.
+  a warning and a resumed sink cuts it off before appending. A write that fails (disk full,
+  ...) is cut back to the last good line and retried at the next flush (see
+  :class:`TableSink`).
 - ``stats-000001.parquet``, ``stats-000002.parquet``, ...: one file per flush, each written to
   a temporary name and renamed, so a killed run never leaves a partial file (needs pyarrow).
 - ``spikes.jsonl``: one JSON object per event (``schema.SPIKE_FIELDS``), same rules as the
@@ -22,20 +26,25 @@ Reopening a run directory that already holds rows (a resumed training run, or a 
 pointed at the same ``logdir``) **appends**, like TensorBoard does: the steps of both sessions
 are kept, and :func:`gradlens.report.load_run` keeps the last-written row when a
 ``(step, layer, stat)`` appears twice. ``resume=None`` (default) appends with a warning,
-``resume=True`` appends silently, ``resume=False`` refuses with ``FileExistsError``. A
+``resume=True`` appends silently, ``resume=False`` refuses with ``FileExistsError``
+(``GradLens`` itself appends with the warning; pass it ``sinks=[TableSink(logdir,
+resume=...)]`` to choose). A
 directory holding a table in another format is refused (pass that format or a new logdir).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
 import re
 import time
 import warnings
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +58,15 @@ from gradlens.schema import (
     TABLE_FORMATS,
     SpikeEvent,
 )
-from gradlens.sinks.base import Sink, StatRow, ensure_writable_dir
+from gradlens.sinks._files import AppendFiles, cut_partial_last_line, fsync_dir
+from gradlens.sinks.base import (
+    DEFAULT_BACKLOG_ROWS,
+    Sink,
+    StatRow,
+    WarnOnce,
+    check_ended,
+    ensure_writable_dir,
+)
 
 __all__ = ["TableSink", "write_json_atomic"]
 
@@ -68,34 +85,55 @@ def _require_pyarrow() -> None:
         ) from err
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a file creation or rename durable (POSIX); a no-op where directories cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader
     sees the old file or the new one, never a partial one. Non-JSON values are written as
     ``str``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+class _Backlog:
+    """Queued items (text chunks or parquet rows) grouped by step, oldest first; ``count`` is
+    the number of rows they hold."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[tuple[int, list[Any], int]] = deque()
+        self.count = 0
+
+    def add(self, step: int, items: list[Any], n: int) -> None:
+        self._chunks.append((step, items, n))
+        self.count += n
+
+    def trim(self, cap: int) -> int:
+        """Drop the oldest steps until at most ``cap`` rows remain; the number dropped."""
+        dropped = 0
+        while self.count > cap and self._chunks:
+            step = self._chunks[0][0]
+            while self._chunks and self._chunks[0][0] == step:
+                n = self._chunks.popleft()[2]
+                self.count -= n
+                dropped += n
+        return dropped
+
+    def items(self) -> list[Any]:
+        return [x for _, items, _ in self._chunks for x in items]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.count = 0
 
 
 def _json_float(v: float) -> str:
@@ -104,32 +142,6 @@ def _json_float(v: float) -> str:
     if math.isnan(v):
         return "NaN"
     return "Infinity" if v > 0 else "-Infinity"
-
-
-def _cut_partial_last_line(path: Path) -> bool:
-    """Truncate ``path`` after its last newline; True when a partial line was cut off."""
-    size = path.stat().st_size
-    if size == 0:
-        return False
-    with open(path, "rb+") as f:
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return False
-        keep = 0
-        pos = size
-        while pos > 0:
-            start = max(0, pos - 65536)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
 
 
 def _last_line(path: Path) -> bytes:
@@ -168,6 +180,22 @@ class TableSink(Sink):
             ``True`` append silently, ``False`` raise ``FileExistsError``.
         fsync: ``fsync`` the files at each :meth:`flush` (default). Turning it off is faster on
             network file systems but a machine crash (not a killed process) may lose rows.
+        max_backlog_rows: how many rows (and, separately, events) to keep in memory while the
+            files cannot be written (default 1,000,000, about 100 MB of CSV text).
+
+    A write error (disk full, run directory deleted, a read-only or immutable file) never
+    leaves :meth:`write_stats`, :meth:`write_events`, :meth:`flush` or :meth:`close`: the sink
+    warns once (``RuntimeWarning``, with the path and the error), keeps the unwritten rows,
+    retries them at every later flush and, past ``max_backlog_rows``, drops the oldest steps,
+    counting them in :attr:`rows_dropped` / :attr:`events_dropped` and in ``run.json``. Lines
+    are written whole; after a failed write the file is truncated back to the end of its last
+    good line, so a retry never follows a half line. A deleted run directory is not recreated:
+    the rows wait in the backlog until it exists again (``run.json`` is then rewritten).
+
+    Attributes:
+        rows_written, events_written: rows and events this sink put on disk.
+        rows_dropped, events_dropped: rows and events given up on (backlog cap, or still
+            unwritten at :meth:`close`).
     """
 
     def __init__(
@@ -177,6 +205,7 @@ class TableSink(Sink):
         *,
         resume: bool | None = None,
         fsync: bool = True,
+        max_backlog_rows: int = DEFAULT_BACKLOG_ROWS,
     ) -> None:
         if format not in TABLE_FORMATS:
             raise ValueError(f"unknown table format {format!r}; use one of {TABLE_FORMATS}")
@@ -189,11 +218,17 @@ class TableSink(Sink):
         self.rows_written = 0
         self.events_written = 0
         self.last_step: int | None = None
-        self._pending_lines: list[str] = []
-        self._pending_rows: list[StatRow] = []
-        self._pending_events: list[str] = []
-        self._stats_fh: BinaryIO | None = None
-        self._spikes_fh: BinaryIO | None = None
+        if isinstance(max_backlog_rows, bool) or not isinstance(max_backlog_rows, int) \
+                or max_backlog_rows < 0:
+            raise ValueError(f"max_backlog_rows must be an int >= 0, got {max_backlog_rows!r}")
+        self.max_backlog_rows = max_backlog_rows
+        self.rows_dropped = 0
+        self.events_dropped = 0
+        self._stats = _Backlog()
+        self._events = _Backlog()
+        self.files = AppendFiles(fsync=fsync)  # the file seam (tests inject failures there)
+        self._failing = False
+        self._warn = WarnOnce()
         self._run: dict[str, Any] = {}
         self._previous_run: dict[str, Any] | None = None
 
@@ -238,14 +273,17 @@ class TableSink(Sink):
         has_events = self.spikes_path.is_file() and self.spikes_path.stat().st_size > 0
         if (has_rows or has_events) and resume is False:
             raise FileExistsError(
-                f"{self.logdir} already holds the rows of a run; pass resume=True to append to "
-                "it, or use a new logdir"
+                f"{self.logdir} already holds the rows of a run; pass TableSink(..., "
+                "resume=True) to append to it, or use a new logdir"
             )
         if (has_rows or has_events) and resume is None:
             warnings.warn(
                 f"gradlens: {self.logdir} already holds a run; appending to it (like "
-                "TensorBoard). Pass resume=True to silence this, resume=False to refuse, or "
-                "use a new logdir.",
+                "TensorBoard): the earlier steps are kept and load_run keeps the last-written "
+                "row of a step written twice, as a resumed run needs. To start afresh, use a "
+                "new logdir. To choose explicitly, give the lens the sink yourself: "
+                "GradLens(model, optimizer, sinks=[TableSink(logdir, resume=True)]) appends "
+                "silently, resume=False refuses.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -253,7 +291,7 @@ class TableSink(Sink):
         if self.format != "parquet":
             lines_files.append(self.stats_path)
         for path in lines_files:
-            if path.is_file() and _cut_partial_last_line(path):
+            if path.is_file() and cut_partial_last_line(path):
                 warnings.warn(
                     f"gradlens: cut a partial last line off {path} (a run killed while "
                     "writing) before appending",
@@ -295,7 +333,8 @@ class TableSink(Sink):
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Write ``run.json``: ``meta`` plus ``schema_version``, ``table_format``, ``started``,
-        ``finished: false`` (and, when appending, ``resumed``: how many times)."""
+        ``finished: false``, ``ended: null`` (and, when appending, ``resumed``: how many
+        times). A run killed before :meth:`close` keeps this: it reads as not finished."""
         super().open(meta)
         prev = self._previous_run or {}
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -305,104 +344,137 @@ class TableSink(Sink):
             "table_format": self.format,
             "started": prev.get("started", now) if self.resumed else now,
             "finished": False,
+            "ended": None,
             "last_step": self.last_step,
         }
         if self.resumed:
             self._run["resumed"] = int(prev.get("resumed", 0)) + 1
             self._run["resumed_at"] = now
-        write_json_atomic(self.meta_path, self._run)
+        self._write_meta()
 
     def write_stats(self, rows: Sequence[StatRow]) -> None:
         """Queue rows; they reach the file at the next :meth:`flush`."""
         self._ensure_open()
         if not rows:
             return
-        last = self.last_step
-        if self.format == "parquet":
-            for s, layer, role, stat, v in rows:
-                self._pending_rows.append((int(s), str(layer), str(role), str(stat), float(v)))
-            last = max(r[0] for r in self._pending_rows[-len(rows):])
-        elif self.format == "csv":
-            buf = io.StringIO()
-            w = csv.writer(buf, lineterminator="\n")
-            w.writerows((int(s), layer, role, stat, float(v)) for s, layer, role, stat, v in rows)
-            self._pending_lines.append(buf.getvalue())
-            last = max(int(r[0]) for r in rows)
-        else:
-            dumps = json.dumps
-            self._pending_lines.append("".join(
-                f'{{"step": {int(s)}, "layer": {dumps(str(layer))}, "role": {dumps(str(role))}, '
-                f'"stat": {dumps(str(stat))}, "value": {_json_float(float(v))}}}\n'
-                for s, layer, role, stat, v in rows
-            ))
-            last = max(int(r[0]) for r in rows)
-        self.last_step = last if self.last_step is None else max(self.last_step, last)
-        self.rows_written += len(rows)
+        backlog = self._stats
+        for step, group in itertools.groupby(rows, key=lambda r: int(r[0])):
+            if self.format == "parquet":
+                items: list[Any] = [(step, str(layer), str(role), str(stat), float(v))
+                                    for _, layer, role, stat, v in group]
+            elif self.format == "csv":
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerows(
+                    (step, layer, role, stat, float(v)) for _, layer, role, stat, v in group)
+                items = [buf.getvalue()]
+            else:
+                dumps = json.dumps
+                items = [
+                    f'{{"step": {step}, "layer": {dumps(str(layer))}, "role": '
+                    f'{dumps(str(role))}, "stat": {dumps(str(stat))}, "value": '
+                    f'{_json_float(float(v))}}}\n'
+                    for _, layer, role, stat, v in group
+                ]
+            n = len(items) if self.format != "csv" else items[0].count("\n")
+            backlog.add(step, items, n)
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+        if self._failing:
+            self.rows_dropped += backlog.trim(self.max_backlog_rows)
 
     def write_events(self, events: Sequence[SpikeEvent]) -> None:
         """Queue spike events for ``spikes.jsonl``."""
         self._ensure_open()
-        self._pending_events.extend(
-            json.dumps(e.to_json(), allow_nan=True) + "\n" for e in events
-        )
-        self.events_written += len(events)
+        for e in events:
+            self._events.add(int(e.step), [json.dumps(e.to_json(), allow_nan=True) + "\n"], 1)
+        if self._failing:
+            self.events_dropped += self._events.trim(self.max_backlog_rows)
 
     def flush(self) -> None:
-        """Append what is queued, then flush and fsync the files."""
+        """Append what is queued, then flush and fsync the files. A write error is not raised:
+        see the class docstring."""
         self._check_not_closed()
-        if self._pending_lines:
-            if self._stats_fh is None:
-                self._stats_fh = self._open_append(self.stats_path)
-                if self.format == "csv" and self.stats_path.stat().st_size == 0:
-                    self._pending_lines.insert(0, _CSV_HEADER)
-            self._write(self._stats_fh, self._pending_lines)
-            self._pending_lines = []
-        if self._pending_rows:
-            self._write_parquet(self._pending_rows)
-            self._pending_rows = []
-        if self._pending_events:
-            if self._spikes_fh is None:
-                self._spikes_fh = self._open_append(self.spikes_path)
-            self._write(self._spikes_fh, self._pending_events)
-            self._pending_events = []
+        self._drain()
 
-    def close(self) -> None:
-        """Flush, close the files and mark the run finished in ``run.json``. Idempotent."""
+    def close(self, ended: str | None = None) -> None:
+        """Flush, close the files and record in ``run.json`` how the run ended: ``finished``
+        (true only for ``ended="finished"``), ``ended`` (``"finished"`` or
+        ``"interrupted"``), ``ended_at``, ``last_step``, ``rows_written`` /
+        ``events_written`` (by this session) and ``rows_dropped`` / ``events_dropped``.
+        Idempotent; never raises a write error."""
+        ended = check_ended(ended)
         if self._closed:
             return
-        try:
-            if self._opened:
-                self.flush()
-        finally:
-            for fh in (self._stats_fh, self._spikes_fh):
-                if fh is not None:
-                    fh.close()
-            self._stats_fh = self._spikes_fh = None
-            super().close()
+        if self._opened:
+            self._drain()
+        self.files.close()
+        lost_rows, lost_events = self._stats.count, self._events.count
+        self._stats.clear()
+        self._events.clear()
+        self.rows_dropped += lost_rows
+        self.events_dropped += lost_events
+        if lost_rows or lost_events:
+            warnings.warn(
+                f"gradlens: TableSink closed with {lost_rows} rows and {lost_events} events it "
+                f"could not write to {self.logdir}; they are lost ({self.rows_dropped} rows and "
+                f"{self.events_dropped} events dropped in all)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        super().close(ended)
         if self._opened:
             self._run.update(
-                finished=True,
+                finished=ended == "finished",
+                ended=ended,
+                ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 last_step=self.last_step,
-                ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 rows_written=self.rows_written,
+                rows_dropped=self.rows_dropped,
                 events_written=self.events_written,
+                events_dropped=self.events_dropped,
             )
+            self._write_meta()
+
+    # ------------------------------------------------------------------ writing, and surviving
+
+    def _drain(self) -> None:
+        """Try to write both backlogs; a failure warns once, keeps the backlog (trimmed to the
+        cap) and is retried at the next flush."""
+        failed = False
+        for path, backlog, kind in ((self.stats_path, self._stats, "rows"),
+                                    (self.spikes_path, self._events, "events")):
+            if not backlog.count:
+                continue
+            try:
+                if kind == "rows" and self.format == "parquet":
+                    self._write_parquet(backlog.items())
+                else:
+                    header = _CSV_HEADER.encode() if kind == "rows" and self.format == "csv" \
+                        else b""
+                    self.files.append(path, "".join(backlog.items()).encode("utf-8"), header)
+            except Exception as err:  # I/O never stops training: keep, retry, count
+                failed = True
+                self._warn(self, path, err, backlog.count)
+                dropped = backlog.trim(self.max_backlog_rows)
+                if kind == "rows":
+                    self.rows_dropped += dropped
+                else:
+                    self.events_dropped += dropped
+                continue
+            if kind == "rows":
+                self.rows_written += backlog.count
+            else:
+                self.events_written += backlog.count
+            backlog.clear()
+        if self._failing and not failed and not self.meta_path.exists():
+            self._write_meta()  # the run directory came back without its metadata
+        self._failing = failed
+
+    def _write_meta(self) -> None:
+        """Rewrite ``run.json``; a failure warns (once) instead of raising."""
+        try:
             write_json_atomic(self.meta_path, self._run)
-
-    # ------------------------------------------------------------------ helpers
-
-    def _open_append(self, path: Path) -> BinaryIO:
-        new = not path.exists()
-        fh = open(path, "ab")  # noqa: SIM115 -- kept open for the run, closed by close()
-        if new:
-            _fsync_dir(self.logdir)
-        return fh
-
-    def _write(self, fh: BinaryIO, chunks: list[str]) -> None:
-        fh.write("".join(chunks).encode("utf-8"))
-        fh.flush()
-        if self._fsync:
-            os.fsync(fh.fileno())
+        except Exception as err:
+            self._warn(self, self.meta_path, err, self._stats.count)
 
     def _write_parquet(self, rows: list[StatRow]) -> None:
         import pyarrow as pa
@@ -418,16 +490,24 @@ class TableSink(Sink):
                 "value": pa.array(cols[4], pa.float64()),
             }
         )
-        self._parquet_index += 1
-        final = self.logdir / f"{STATS_BASENAME}-{self._parquet_index:06d}.parquet"
+        index = self._parquet_index + 1
+        final = self.logdir / f"{STATS_BASENAME}-{index:06d}.parquet"
         tmp = self.logdir / f".{final.name}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp)
+        try:
+            with self._open_file_for_parquet(tmp) as fh:
+                pq.write_table(table, fh)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._parquet_index = index
         if self._fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, final)
-        if self._fsync:
-            _fsync_dir(self.logdir)
+            fsync_dir(self.logdir)
+
+    def _open_file_for_parquet(self, path: Path) -> BinaryIO:
+        """The file seam of the parquet format: a new file for one flush's rows."""
+        return open(path, "wb")

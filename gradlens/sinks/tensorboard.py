@@ -17,13 +17,23 @@ What it writes (tags from :mod:`gradlens.schema`):
 
 Scalars of one step go out as one event holding many values (much faster than one
 ``add_scalar`` call per value). TensorBoard stores scalars as float32.
+
+The sink writes its event file itself (TensorBoard's record format, one file per sink), in
+whole records appended at each :meth:`~TensorBoardSink.flush`, so a write error is handled as
+the table sink handles it: a ``RuntimeWarning`` once, the unwritten records kept in a bounded
+backlog and retried at later flushes, the file truncated back to its last good record, the
+dropped rows counted (:attr:`~gradlens.sinks.base.Sink.rows_dropped`).
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
 import os
-from collections import defaultdict
+import socket
+import time
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +45,17 @@ from gradlens.schema import (
     tb_spike_tag,
     tb_tag,
 )
-from gradlens.sinks.base import Histogram, Sink, StatRow, ensure_writable_dir, layer_group
+from gradlens.sinks._files import AppendFiles
+from gradlens.sinks.base import (
+    DEFAULT_BACKLOG_ROWS,
+    Histogram,
+    Sink,
+    StatRow,
+    WarnOnce,
+    check_ended,
+    ensure_writable_dir,
+    layer_group,
+)
 
 __all__ = ["TensorBoardSink", "spike_markdown"]
 
@@ -60,7 +80,14 @@ class TensorBoardSink(Sink):
         dashboards: install the custom-scalars layout at :meth:`open`.
         templates: dashboard templates (default: the packaged ones,
             :func:`gradlens.sinks.dashboards.load_templates`).
-        max_queue, flush_secs: passed to ``SummaryWriter``.
+        max_queue, flush_secs: also write the queued events, before the next :meth:`flush`,
+            once this many are queued or this many seconds have passed since the last write.
+        max_backlog_rows: the cap of the in-memory backlog while the event file cannot be
+            written, in values (a scalar, a histogram, a spike event count one each).
+
+    Attributes:
+        event_path: the event file (``events.out.tfevents.<time>.<host>.<pid>.<n>``).
+        rows_dropped: values given up on (backlog cap, or unwritten at :meth:`close`).
     """
 
     def __init__(
@@ -72,9 +99,8 @@ class TensorBoardSink(Sink):
         templates: Sequence[Any] | None = None,
         max_queue: int = 1000,
         flush_secs: int = 30,
+        max_backlog_rows: int = DEFAULT_BACKLOG_ROWS,
     ) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.logdir = ensure_writable_dir(logdir)
         self.meta = {}
         self.group_aggregates = group_aggregates
@@ -82,8 +108,23 @@ class TensorBoardSink(Sink):
         self.templates = templates
         self.layout: Any = None
         self._groups: dict[str, str] = {}
-        self.writer = SummaryWriter(log_dir=str(self.logdir), max_queue=max_queue,
-                                    flush_secs=flush_secs)
+        self.max_queue = max_queue
+        self.flush_secs = flush_secs
+        self.max_backlog_rows = max_backlog_rows
+        self.rows_dropped = 0
+        self.files = AppendFiles(fsync=False, lines=False)  # the file seam
+        self.event_path = self.logdir / (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_FILE_IDS)}")
+        self._queue: deque[tuple[int, bytes, int]] = deque()  # (step, record, values)
+        self._queued_values = 0
+        self._last_write = time.monotonic()
+        self._failing = False
+        self._warn = WarnOnce()
+        self._layout_record = b""
+        # the file's first record; written again (with the layout) if the file is recreated
+        self._version_record = _record(_event(file_version="brain.Event:2"))
+        self._drain()
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Remember each layer's group and install the dashboard layout."""
@@ -99,11 +140,50 @@ class TensorBoardSink(Sink):
             stats = self.meta.get("stats")
             self.layout = build_layout(layers, self.templates,
                                        stats=set(stats) if stats is not None else None)
-            self._file_writer().add_summary(layout_summary(self.layout))
+            self._layout_record = _record(_event(summary=layout_summary(self.layout)))
+            self._queue.append((0, self._layout_record, 0))
+            self._drain()
 
-    def _file_writer(self) -> Any:
-        # SummaryWriter's event-file writer: add_summary takes a Summary with many values.
-        return self.writer._get_file_writer()
+    def _add(self, summary: Any, step: int, values: int) -> None:
+        """Queue one event; write the queue when it is long or old."""
+        self._queue.append((step, _record(_event(summary=summary, step=step)), values))
+        self._queued_values += values
+        if self._failing:
+            self._trim()
+        elif (len(self._queue) >= self.max_queue
+              or time.monotonic() - self._last_write >= self.flush_secs):
+            self._drain()
+
+    def _trim(self) -> None:
+        """Drop the oldest steps past the backlog cap, counting their values."""
+        while self._queued_values > self.max_backlog_rows and self._queue:
+            step = self._queue[0][0]
+            while self._queue and self._queue[0][0] == step:
+                n = self._queue.popleft()[2]
+                self._queued_values -= n
+                self.rows_dropped += n
+
+    def _drain(self) -> None:
+        """Append every queued record; a failure warns once and keeps them for the next
+        flush."""
+        if not self._queue and self.files.size(self.event_path) > 0:
+            return
+        data = b"".join(rec for _, rec, _ in self._queue)
+        try:
+            # a new (or recreated) file starts with the version record and the layout
+            header = self._version_record + (
+                self._layout_record if self._layout_record not in (
+                    r for _, r, _ in self._queue) else b"")
+            self.files.append(self.event_path, data, header)
+        except Exception as err:  # I/O never stops training: keep, retry, count
+            self._failing = True
+            self._warn(self, self.event_path, err, self._queued_values)
+            self._trim()
+            return
+        self._failing = False
+        self._queue.clear()
+        self._queued_values = 0
+        self._last_write = time.monotonic()
 
     def _group(self, layer: str, role: str) -> str:
         group = self._groups.get(layer)
@@ -128,14 +208,15 @@ class TensorBoardSink(Sink):
                            ("max", max(values))):
                 by_step[step].append(Summary.Value(tag=tb_group_tag(stat, group, agg),
                                                    simple_value=v))
-        fw = self._file_writer()
         for step in sorted(by_step):
-            fw.add_summary(Summary(value=by_step[step]), step)
+            self._add(Summary(value=by_step[step]), step, len(by_step[step]))
 
     def write_histograms(self, hists: Sequence[Histogram]) -> None:
         """Raw histograms. ``min``/``max``/``num``/``sum``/``sum_squares`` come from
         ``hist.moments`` when given; otherwise the outer edges and bin-center estimates (the
         raw values never leave the device)."""
+        from torch.utils.tensorboard.summary import histogram_raw
+
         self._ensure_open()
         for h in hists:
             limits = h.bucket_limits
@@ -155,17 +236,9 @@ class TensorBoardSink(Sink):
             total_sq = sum(c * x * x for c, x in zip(counts, centers, strict=True))
             if h.moments is not None and all(math.isfinite(float(m)) for m in h.moments):
                 mn, mx, num, total, total_sq = (float(m) for m in h.moments)
-            self.writer.add_histogram_raw(
-                tb_tag(h.stat, h.layer),
-                min=mn,
-                max=mx,
-                num=num,
-                sum=total,
-                sum_squares=total_sq,
-                bucket_limits=limits,
-                bucket_counts=counts,
-                global_step=int(h.step),
-            )
+            self._add(histogram_raw(tb_tag(h.stat, h.layer), min=mn, max=mx, num=num, sum=total,
+                                    sum_squares=total_sq, bucket_limits=limits,
+                                    bucket_counts=counts), int(h.step), 1)
 
     def write_events(self, events: Sequence[SpikeEvent]) -> None:
         """A markdown text entry per step, and the largest score per (step, kind) as a
@@ -182,24 +255,64 @@ class TensorBoardSink(Sink):
             old = best.get((step, e.kind))
             if old is None or (math.isfinite(score) and (not math.isfinite(old) or score > old)):
                 best[(step, e.kind)] = score
-        fw = self._file_writer()
         for step in sorted(lines):
             values = [_text_value(SPIKES_TEXT_TAG, "\n".join(lines[step]))]
             values += [Summary.Value(tag=tb_spike_tag(kind), simple_value=score)
                        for (s, kind), score in best.items() if s == step]
-            fw.add_summary(Summary(value=values), step)
+            self._add(Summary(value=values), step, len(lines[step]))
 
     def flush(self) -> None:
-        """Flush the event file."""
+        """Append the queued events to the event file. A write error is not raised: see the
+        module docstring."""
         self._check_not_closed()
-        self.writer.flush()
+        self._drain()
 
-    def close(self) -> None:
-        """Flush and close the event file. Idempotent."""
+    def close(self, ended: str | None = None) -> None:
+        """Flush and close the event file (what is still unwritten is counted in
+        :attr:`rows_dropped`). Idempotent."""
+        ended = check_ended(ended)
         if self._closed:
             return
-        super().close()
-        self.writer.close()
+        self._drain()
+        self.rows_dropped += self._queued_values
+        if self._queued_values:
+            import warnings
+
+            warnings.warn(
+                f"gradlens: TensorBoardSink closed with {self._queued_values} values it could "
+                f"not write to {self.event_path}; they are lost",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._queue.clear()
+        self._queued_values = 0
+        self.files.close()
+        super().close(ended)
+
+
+_FILE_IDS = itertools.count()
+
+
+def _event(summary: Any = None, step: int | None = None, file_version: str | None = None) -> Any:
+    from tensorboard.compat.proto import event_pb2
+
+    ev = event_pb2.Event(wall_time=time.time())
+    if step is not None:
+        ev.step = int(step)
+    if summary is not None:
+        ev.summary.CopyFrom(summary)
+    if file_version is not None:
+        ev.file_version = file_version
+    return ev
+
+
+def _record(event: Any) -> bytes:
+    """One event in TensorBoard's record format (length, CRCs, payload)."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    RecordWriter(buf).write(event.SerializeToString())
+    return buf.getvalue()
 
 
 def _text_value(tag: str, text: str) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gradlens.report import (
+    CorruptLineWarning,
     CorruptRunError,
     EmptyRunError,
     RunError,
@@ -104,14 +105,16 @@ def test_empty_run(tmp_path: Path) -> None:
         ("2,,hidden,grad_norm,0.5", "an empty layer"),
     ],
 )
-def test_corrupt_csv_names_file_and_line(tmp_path: Path, bad: str, problem: str) -> None:
+def test_corrupt_csv_line_is_skipped_naming_file_and_line(tmp_path: Path, bad: str,
+                                                          problem: str) -> None:
     _run(tmp_path)
     path = tmp_path / "stats.csv"
     lines = path.read_text().splitlines()
     lines.insert(5, bad)  # line 6 of the file
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CorruptRunError, match=rf"stats\.csv, line 6: {problem}"):
-        load_run(tmp_path)
+    with pytest.warns(CorruptLineWarning, match=rf"stats\.csv, line 6: {problem}.*skipped"):
+        df = load_run(tmp_path, dedupe=False)
+    assert list(df.itertuples(index=False, name=None))[4:] == sample_rows()[4:]
 
 
 def test_corrupt_csv_header(tmp_path: Path) -> None:
@@ -131,14 +134,16 @@ def test_corrupt_csv_header(tmp_path: Path) -> None:
         ("[1, 2]", "missing field"),
     ],
 )
-def test_corrupt_jsonl_names_file_and_line(tmp_path: Path, bad: str, problem: str) -> None:
+def test_corrupt_jsonl_line_is_skipped_naming_file_and_line(tmp_path: Path, bad: str,
+                                                            problem: str) -> None:
     _run(tmp_path, "jsonl")
     path = tmp_path / "stats.jsonl"
     lines = path.read_text().splitlines()
     lines.insert(2, bad)  # line 3
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CorruptRunError, match=rf"stats\.jsonl, line 3: {problem}"):
-        load_run(tmp_path)
+    with pytest.warns(CorruptLineWarning, match=rf"stats\.jsonl, line 3: {problem}"):
+        df = load_run(tmp_path, dedupe=False)
+    assert list(df.itertuples(index=False, name=None))[4:] == sample_rows()[4:]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])

@@ -259,7 +259,7 @@ def test_sigkill_after_flush_leaves_every_flushed_row(tmp_path: Path) -> None:
         assert len(df) == 250 and df["step"].max() == 5
         assert df["value"].iloc[-1] == pytest.approx(5 + 49 / 10)
         assert len(load_spikes(run)) == 5
-        assert load_meta(run)["finished"] is False
+        assert load_meta(run)["finished"] is False and load_meta(run)["ended"] is None
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
