@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from gradlens.stats.spikes import SpikeConfig
 
-PRESETS = ("minimal", "standard", "full")
+PRESETS = ("minimal", "standard", "gns", "full")
 
 
 @dataclass
@@ -59,6 +59,9 @@ class LensConfig:
         batch_size: examples per micro-batch, when the inputs' shapes do not tell (``None``:
             read from the tracked layers' inputs).
         batch_dim: the batch dimension of the layers' inputs (1 for sequence-first models).
+        per_example_scope: ``all`` (Linear / Conv1D / Embedding weights, norm gains, biases)
+            or ``norms`` (norm gains only: a gradient noise scale for a small cost, after
+            Gray et al. 2024; the ``gns`` preset).
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
     """
@@ -78,6 +81,7 @@ class LensConfig:
     histogram_bins: int = 32
     loss_reduction: str = "mean"
     batch_size: int | None = None
+    per_example_scope: str = "all"
     batch_dim: int = 0
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
 
@@ -88,6 +92,7 @@ class LensConfig:
         flags = {
             "minimal": dict(columns=False, microbatch=False),
             "standard": {},
+            "gns": dict(per_example=True, per_example_scope="norms"),
             "full": dict(per_example=True, temporal=True, histograms=True, spam=True),
         }[preset]
         unknown = set(overrides) - set(cls.__dataclass_fields__)
@@ -123,6 +128,9 @@ class LensConfig:
         if self.loss_reduction not in ("mean", "global_mean", "sum"):
             raise ValueError("loss_reduction must be 'mean', 'global_mean' or 'sum', got "
                              f"{self.loss_reduction!r}")
+        if self.per_example_scope not in ("all", "norms"):
+            raise ValueError("per_example_scope must be 'all' or 'norms', got "
+                             f"{self.per_example_scope!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int)
                                             or self.batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")

@@ -18,10 +18,17 @@ micro-batch's loss is normalized per example, so the per-example definition here
 example's share of the micro-batch loss, times b_k": with ragged padding, examples with more
 tokens weigh more (stated in the README).
 
-Valid when: each tracked module runs once per micro-batch (a module called several times, as
-with shared weights, is NaN with a reason); the embedding lookup has one row of ids per
-example (a broadcast ``(1, T)`` position lookup is NaN with a reason); ``scale_grad_by_freq``
-is off; the gradient at the step is the hooks' sum up to a common factor.
+1-D parameters: a norm's gain gets ``g_b = sum_t d_bt * x_hat_bt`` (``x_hat`` recomputed from
+the module's input as its forward does), a bias ``g_b = sum_t d_bt``
+(:mod:`gradlens.stats.per_example_vector`). ``per_example_scope="norms"`` tracks the norm
+gains only (the cheap gradient-noise-scale path of Gray et al. 2024).
+
+A Linear module called several times in a micro-batch (shared weights, a block applied twice)
+is exact: its per-example gradient is ``sum_c D_c^T A_c``, and the cross terms between calls
+are added in the same backward. A checkpointed module's recomputation is not counted. Valid
+when: the embedding lookup has one row of ids per example (a broadcast ``(1, T)`` position
+lookup is NaN with a reason), it is looked up once per micro-batch, ``scale_grad_by_freq`` is
+off, and the gradient at the step is the hooks' sum up to a common factor.
 """
 
 from __future__ import annotations
@@ -34,7 +41,29 @@ from torch import nn
 from gradlens import stats as S
 from gradlens.families.base import Statistic, StepContext, nan_where
 
-_MODULES = ("Linear", "Conv1D", "Embedding")
+_MATRIX_MODULES = ("Linear", "Conv1D", "Embedding")
+_BIAS_MODULES = ("Linear", "Conv1D", "LayerNorm")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (a checkpointed module's recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+def _kind(module: nn.Module, leaf: str, param: torch.Tensor, layout: str) -> str | None:
+    """How layer ``module.<leaf>`` gets per-example norms: ``matrix`` (Linear / Conv1D
+    weight), ``embedding``, ``gain`` (a norm's weight), ``bias``; None: not supported."""
+    if getattr(module, leaf, None) is not param:
+        return None
+    name = type(module).__name__
+    if leaf == "weight" and layout != "vector" and name in _MATRIX_MODULES:
+        return "embedding" if layout == "embedding" else "matrix"
+    if leaf == "weight" and S.norm_kind(module) is not None:
+        return "gain"
+    if leaf == "bias" and (name in _BIAS_MODULES or isinstance(module, nn.LayerNorm)):
+        return "bias"
+    return None
 
 
 class PerExample(Statistic):
@@ -45,69 +74,123 @@ class PerExample(Statistic):
 
     def bind(self, lens) -> None:
         super().bind(lens)
-        self.tracked: dict[int, nn.Module] = {}
+        self.tracked: dict[int, str] = {}
         self.state: dict[str, torch.Tensor] = {}
         self.reset()
 
     def install(self, lens) -> None:
-        owners: dict[int, tuple[nn.Module, int]] = {}
+        scope = lens.config.per_example_scope
+        by_module: dict[int, tuple[nn.Module, list[tuple[int, str]]]] = {}
         for k, info in enumerate(lens.layers):
-            if info.aliases or info.layout == "vector":
+            if info.aliases:
                 continue  # a tied tensor mixes two uses; per-example norms would be wrong
             module = lens.module_of(k)
-            if module is None or type(module).__name__ not in _MODULES:
+            if module is None:
                 continue
-            if getattr(module, "weight", None) is not info.param:
+            leaf = info.name[len(info.module_name) + 1:] if info.module_name else info.name
+            kind = _kind(module, leaf, info.param, info.layout)
+            if kind is None or (scope == "norms" and kind != "gain"):
                 continue
-            owners[id(module)] = (module, k)
-        for module, k in owners.values():
-            self.tracked[k] = module
-            lens.observer.add(module.register_forward_hook(self._forward_hook(k),
+            self.tracked[k] = kind
+            by_module.setdefault(id(module), (module, []))[1].append((k, kind))
+        for module, items in by_module.values():
+            lens.observer.add(module.register_forward_hook(self._forward_hook(items),
                                                            with_kwargs=True))
 
     def reset(self) -> None:
         L = len(self.lens.layers)
-        self.calls: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(L)]
+        # per layer: micro-batch index -> [sum_b q_b, examples]; the calls of that micro-batch
+        self.totals: list[dict[int, list]] = [{} for _ in range(L)]
+        self._open: list[tuple[int, list]] = [(-1, []) for _ in range(L)]
         self.notes: dict[int, str] = {}
         self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _forward_hook(self, k: int):
-        kind = self.lens.layers[k].layout
-
+    def _forward_hook(self, items: list[tuple[int, str]]):
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not (torch.is_grad_enabled() and torch.is_tensor(output)
-                    and output.requires_grad and self.lens.logging_step()):
-                return
+                    and output.requires_grad and self.lens.logging_step()) or _in_backward():
+                return  # _in_backward: a checkpoint's recomputation; the first call counts
             source = args[0] if args else next(
                 (v for v in kwargs.values() if torch.is_tensor(v)), None)
             if source is None:
-                self.notes[k] = "no tensor input seen in the module's forward"
+                for k, _ in items:
+                    self.notes[k] = "no tensor input seen in the module's forward"
                 return
             a = source.detach()
-            if kind == "embedding":
-                if getattr(module, "scale_grad_by_freq", False):
+            x_hat = None
+            for k, kind in items:
+                if kind == "embedding" and getattr(module, "scale_grad_by_freq", False):
                     self.notes[k] = "scale_grad_by_freq: per-example gradients are not a sum"
-                    return
-                pad = getattr(module, "padding_idx", None)
-                keep = (a != pad) if pad is not None else None
-            output.register_hook(lambda d: self._on_output_grad(k, kind, source, a, d, keep
-                                                                if kind == "embedding" else None))
+                if kind == "gain" and x_hat is None:
+                    x_hat = S.normalized_input(module, a)
+            pad = getattr(module, "padding_idx", None)
+            output.register_hook(lambda d: self._on_output_grad(items, source, a, x_hat, pad,
+                                                                d.detach()))
 
         return forward_hook
 
-    def _on_output_grad(self, k: int, kind: str, source: torch.Tensor, a: torch.Tensor,
-                        d: torch.Tensor, keep: torch.Tensor | None) -> None:
-        d = d.detach()
+    def _on_output_grad(self, items, source, a, x_hat, pad, d: torch.Tensor) -> None:
         if a.shape[0] != d.shape[0]:
-            self.notes[k] = "the input's batch dimension is not the output gradient's"
+            for k, _ in items:
+                self.notes[k] = "the input's batch dimension is not the output gradient's"
             return
+        for k, kind in items:
+            if k in self.notes:
+                continue
+            if kind in ("gain", "bias"):
+                sq = self._vector_sq(k, kind, x_hat, d)
+            else:
+                sq = self._matrix_sq(k, kind, source, a, d, pad)
+            if sq is None:
+                continue
+            total = S.finite_sum(sq)
+            idx = self.lens.observer.micro_seen[k]  # backward passes done for this layer
+            entry = self.totals[k].get(idx)
+            if entry is None:
+                self.totals[k][idx] = [total, int(sq.shape[0])]
+            else:
+                entry[0] = entry[0] + total
+
+    def _earlier(self, k: int) -> list:
+        """The earlier calls of layer k in this backward pass (a repeated module)."""
+        idx = self.lens.observer.micro_seen[k]
+        open_idx, earlier = self._open[k]
+        if open_idx != idx:
+            earlier = []
+            self._open[k] = (idx, earlier)
+        return earlier
+
+    def _vector_sq(self, k: int, kind: str, x_hat, d: torch.Tensor) -> torch.Tensor:
+        """A 1-D parameter's per-example gradient is a vector ``(B, F)``: formed, squared,
+        and dotted with the earlier calls' (a repeated module's cross terms)."""
+        g = S.per_example_grads_norm_gain(x_hat, d) if kind == "gain" else \
+            d.reshape(d.shape[0], -1, d.shape[-1]).to(self.lens.dtype).sum(1)
+        sq = g.square().sum(-1)
+        earlier = self._earlier(k)
+        for prev in earlier:
+            sq = sq + 2 * (prev * g).sum(-1)
+        earlier.append(g)
+        return sq
+
+    def _matrix_sq(self, k, kind, source, a, d, pad) -> torch.Tensor | None:
+        """``||g_b||^2`` contributions of this call; a second call of the same module in the
+        same backward adds its cross terms with the earlier ones: the per-example gradient
+        of a module called c times is ``sum_c D_c^T A_c`` (tokens concatenated), so
+        ``||.||^2 = sum_c ||D_c^T A_c||^2 + 2 sum_{c<c'} <D_c^T A_c, D_c'^T A_c'>``."""
         if kind == "embedding":
-            if keep is not None:  # padding rows get no gradient (nn.Embedding's padding_idx)
-                d = d * keep.unsqueeze(-1).to(d.dtype)
+            if pad is not None:  # padding rows get no gradient (nn.Embedding's padding_idx)
+                d = d * (a != pad).unsqueeze(-1).to(d.dtype)
             sq = S.per_example_sq_norms_embedding(a, d)
         else:
             sq = S.per_example_sq_norms_linear(a, d, a_gram=self._input_gram(source, a, d))
-        self.calls[k].append((S.finite_sum(sq), int(sq.shape[0])))
+        earlier = self._earlier(k)
+        if earlier and kind == "embedding":
+            self.notes[k] = "an embedding looked up more than once in a micro-batch"
+            return None
+        for a_prev, d_prev in earlier:
+            sq = sq + 2 * S.per_example_cross_linear(a_prev, d_prev, a, d)
+        earlier.append((a, d))
+        return sq
 
     def _input_gram(self, source: torch.Tensor, a: torch.Tensor,
                     d: torch.Tensor) -> torch.Tensor | None:
@@ -128,23 +211,26 @@ class PerExample(Statistic):
 
     def invalid(self, ctx: StepContext) -> dict[int, str]:
         bad = dict(self.notes)
-        for k, calls in enumerate(self.calls):
-            if not calls or k in bad:
+        for k, totals in enumerate(self.totals):
+            if not totals or k in bad:
                 continue
-            if len(calls) != ctx.micro:
-                bad[k] = (f"the module ran {len(calls)} times in {ctx.micro} micro-batch(es) "
-                          "(shared or repeated module)")
-            elif len(ctx.sizes) == ctx.micro and [b for _, b in calls] != ctx.sizes:
-                bad[k] = (f"the module's input has batch size {calls[0][1]} where the "
+            sizes = [b for _, b in self._ordered(k)]
+            if len(totals) != ctx.micro:
+                bad[k] = (f"the module's gradient came in {len(totals)} of {ctx.micro} "
+                          "micro-batch(es)")
+            elif len(ctx.sizes) == ctx.micro and sizes != ctx.sizes:
+                bad[k] = (f"the module's input has batch size {sizes[0]} where the "
                           f"micro-batch has {ctx.sizes[0]} examples (a broadcast lookup such "
                           "as position ids of shape (1, T), or flattened tokens); pass "
                           "expanded ids (ids.expand(B, -1)) to get per-example values")
         return bad
 
-    def _weights(self, ctx: StepContext, k: int) -> tuple[list[float], float, float] | None:
-        """``(f_j, lam, c)`` for layer k's calls: ``||g_b||^2 = q_b f_j``."""
-        calls = self.calls[k]
-        sizes = [b for _, b in calls]
+    def _ordered(self, k: int) -> list:
+        return [self.totals[k][i] for i in sorted(self.totals[k])]
+
+    def _weights(self, k: int) -> tuple[list[float], float, float]:
+        """``(f_j, lam, c)`` for layer k's micro-batches: ``||g_b||^2 = q_b f_j``."""
+        sizes = [b for _, b in self._ordered(k)]
         K, n = len(sizes), float(sum(sizes))
         red = self.lens.config.loss_reduction
         lam = n if red == "sum" else 1.0
@@ -153,24 +239,25 @@ class PerExample(Statistic):
         c = sum(vk * vk / b for vk, b in zip(v, sizes, strict=True))
         return f, lam, c
 
-    def _mean_sq(self, ctx: StepContext, k: int) -> torch.Tensor:
+    def _sum_sq(self, k: int) -> torch.Tensor:
         """This rank's ``sum_b ||g_b||^2`` of layer k (0 when none)."""
-        if not self.calls[k]:
+        if not self.totals[k]:
             return self.lens.const("zero")
-        f, _, _ = self._weights(ctx, k)
-        total = self.calls[k][0][0] * f[0]
-        for (q, _), fj in zip(self.calls[k][1:], f[1:], strict=True):
+        f, _, _ = self._weights(k)
+        entries = self._ordered(k)
+        total = entries[0][0] * f[0]
+        for (q, _), fj in zip(entries[1:], f[1:], strict=True):
             total = total + q * fj
         return total
 
     def contribute(self, ctx: StepContext, pack) -> None:
-        if ctx.world > 1 and any(self.calls):
-            pack.sum("pe_sq", torch.stack([self._mean_sq(ctx, k)
+        if ctx.world > 1 and any(self.totals):
+            pack.sum("pe_sq", torch.stack([self._sum_sq(k)
                                            for k in range(len(self.lens.layers))]))
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens = self.lens
-        if not any(self.calls):
+        if not any(self.totals):
             return
         nan = lens.const("nan")
         raw, _, ok = ctx.shared.raw(red)
@@ -178,14 +265,14 @@ class PerExample(Statistic):
         W = ctx.world
         trace, signal = [], []
         for k in range(len(lens.layers)):
-            n = sum(b for _, b in self.calls[k]) * W
+            n = sum(b for _, b in self._ordered(k)) * W
             if n < 2 or not ctx.present[k]:
                 trace.append(nan)
                 signal.append(nan)
                 continue
-            _, lam, c = self._weights(ctx, k)
+            _, lam, c = self._weights(k)
             c = c / W
-            total = red["pe_sq"][k] if "pe_sq" in red else self._mean_sq(ctx, k)
+            total = red["pe_sq"][k] if "pe_sq" in red else self._sum_sq(k)
             m = total / scale2 / n
             y = raw[k] / lam**2
             t = (m - y) / (1.0 - c)

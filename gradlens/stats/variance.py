@@ -226,6 +226,21 @@ def per_example_sq_norms_linear(
     return _direct_sq_norms(a3, d3, max_chunk_elems)
 
 
+def per_example_cross_linear(a1: torch.Tensor, d1: torch.Tensor, a2: torch.Tensor,
+                             d2: torch.Tensor) -> torch.Tensor:
+    """Per-example inner products ``<D1_b^T A1_b, D2_b^T A2_b>_F`` of two calls of one Linear
+    layer, ``(B,)``: ``sum_{t,s} (A1_b A2_b^T)_{ts} (D1_b D2_b^T)_{ts}``.
+
+    A module called twice in a forward (shared weights) has the per-example gradient
+    ``D1^T A1 + D2^T A2``, whose squared norm is the two calls' own squared norms
+    (:func:`per_example_sq_norms_linear`) plus twice this cross term. Cost
+    ``~T1 T2 (in + out)`` per example; no per-example gradient is formed.
+    """
+    acc = torch.promote_types(accumulation_dtype(a1.dtype), accumulation_dtype(d1.dtype))
+    a1, d1, a2, d2 = (_btf(x).to(acc) for x in (a1, d1, a2, d2))
+    return (torch.bmm(a1, a2.transpose(1, 2)) * torch.bmm(d1, d2.transpose(1, 2))).sum((1, 2))
+
+
 def per_example_sq_norms_bias(d: torch.Tensor,
                               token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example squared norms of a bias gradient: ``||sum_t d_bt||**2``, ``(B,)``.

@@ -104,31 +104,89 @@ def test_value_clipping_is_nan_with_a_reason():
 
 
 class _Twice(torch.nn.Module):
+    """A Linear applied twice (shared weights), a LayerNorm with gain and bias, a biased head."""
+
     def __init__(self):
         super().__init__()
         self.inner = torch.nn.Linear(6, 6)
+        self.norm = torch.nn.LayerNorm(6)
         self.head = torch.nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.head(self.inner(torch.tanh(self.inner(x))))
+        return self.head(self.norm(self.inner(torch.tanh(self.inner(x)))))
 
 
-def test_module_called_twice_is_nan_with_a_reason():
+def _pe_reference(model, xs, loss_fn):
+    """Exact pe_trace per parameter: own-loss gradient of every example, 'mean' convention."""
+    params = dict(model.named_parameters())
+    K = len(xs)
+    out = {}
+    per = {n: [] for n in params}
+    mean = {n: 0.0 for n in params}
+    for x in xs:
+        g_mb = torch.autograd.grad(loss_fn(model(x)), list(params.values()))
+        for n, g in zip(params, g_mb, strict=True):
+            mean[n] = mean[n] + g / K
+        for b in range(x.shape[0]):
+            gb = torch.autograd.grad(loss_fn(model(x[b:b + 1])), list(params.values()))
+            for n, g in zip(params, gb, strict=True):
+                per[n].append(float(g.pow(2).sum()))
+    sizes = [x.shape[0] for x in xs]
+    c = sum((1 / K) ** 2 / b for b in sizes)
+    for n in params:
+        m, y = sum(per[n]) / sum(sizes), float(mean[n].pow(2).sum())
+        out[n] = (m - y) / (1 - c)
+    return out
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_shared_module_and_vector_parameters_exact(seq):
+    """A module called twice per micro-batch (cross terms between its calls), LayerNorm gain
+    and bias, Linear biases: per-example traces equal brute force, uneven micro-batches."""
     torch.manual_seed(0)
     model = _Twice().double()
-    lens = GradLens(model, preset="full", roles=None)
-    for _ in range(2):
-        x = torch.randn(5, 6, dtype=torch.float64)
-        (model(x).pow(2).mean() / 2).backward()
+    shape = (lambda b: (b, 4, 6)) if seq else (lambda b: (b, 6))
+    xs = [torch.randn(*shape(b), dtype=torch.float64) for b in (5, 3)]
+    loss_fn = lambda y: y.pow(2).mean()  # noqa: E731
+    want = _pe_reference(model, xs, loss_fn)
+    lens = GradLens(model, preset="full")
+    for x in xs:
+        (loss_fn(model(x)) / len(xs)).backward()
     lens.step()
     lens.flush()
     df = lens.memory.frame()
-    events = [e for e in lens.memory.events if e.kind == "validity"]
+    assert not [e for e in lens.memory.events if e.kind == "validity"]
     lens.close()
-    inner = df[(df.layer == "inner.weight") & (df.stat == "pe_trace")].value
-    head = df[(df.layer == "head.weight") & (df.stat == "pe_trace")].value
-    assert inner.isna().all() and head.notna().all()
-    assert any(e.layer == "inner.weight" and "ran 4 times in 2" in e.reason for e in events)
+    for name, value in want.items():
+        assert _value(df, name, "pe_trace") == pytest.approx(value, rel=1e-5), name
+
+
+def test_gradient_checkpointing_counts_each_module_once():
+    """HF gradient checkpointing re-runs block forwards in backward: the recomputation is not
+    a second call, and the per-example and two-batch values equal the plain run's."""
+    def run(checkpoint: bool):
+        model = build_llama("tiny", seed=3).double()
+        if checkpoint:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        lens = GradLens(model, preset="full", noise_ema=0.0)
+        for ids in _batches((3, 2), seed=3):
+            (model(input_ids=ids, labels=ids).loss / 2).backward()
+        lens.step()
+        lens.flush()
+        df = lens.memory.frame()
+        events = [e for e in lens.memory.events if e.kind == "validity"]
+        lens.close()
+        return df, events
+
+    plain, _ = run(False)
+    ckpt, events = run(True)
+    assert not events
+    for layer in CHECKED:
+        for stat in ("pe_trace", "twobatch_trace"):
+            assert _value(ckpt, layer, stat) == pytest.approx(_value(plain, layer, stat),
+                                                              rel=1e-6), (layer, stat)
 
 
 def test_keyword_call_and_padding_idx():
@@ -192,3 +250,28 @@ def test_grad_scaler_with_clipping_equals_plain():
         for layer in CHECKED:
             assert _value(scaled, layer, stat) == pytest.approx(
                 _value(plain, layer, stat), rel=1e-3), (stat, layer)
+
+
+def test_gns_preset_tracks_norm_gains_only():
+    """``preset="gns"``: standard plus per-example norms of the normalization gains only, and
+    the critical batch size from them; equal to the full preset's values for those layers."""
+    def run(preset):
+        model = build_llama("tiny", seed=4).double()
+        lens = GradLens(model, preset=preset, noise_ema=0.0)
+        for ids in _batches((4, 4), seed=4):
+            (model(input_ids=ids, labels=ids).loss / 2).backward()
+        lens.step()
+        lens.flush()
+        df = lens.memory.frame()
+        lens.close()
+        return df
+
+    gns, full = run("gns"), run("full")
+    pe = gns[(gns.stat == "pe_trace") & gns.value.notna()]
+    assert set(pe.layer) and all("norm" in n for n in pe.layer)
+    for layer in pe.layer:
+        assert _value(gns, layer, "pe_trace") == pytest.approx(_value(full, layer, "pe_trace"),
+                                                               rel=1e-9)
+    assert "unit_rms_cv" in set(gns.stat) and "temporal_var" not in set(gns.stat)
+    crit = gns[(gns.stat == "critical_batch_size") & (gns.layer == "global")].value
+    assert len(crit) == 1
