@@ -171,8 +171,10 @@ class GradLens(DeviceConstants):
             self._deferred.clear()  # no collective while one rank unwinds: it could hang
         self.close(ended="interrupted" if exc_type is not None else "finished")
 
-    def close(self, ended: str = "finished") -> None:
-        """Flush what is pending, remove every hook, close the sinks. Idempotent."""
+    def close(self, ended: str | None = None) -> None:
+        """Flush what is pending, remove every hook, close the sinks. Idempotent. ``ended``
+        (``finished`` | ``interrupted``) goes to run.json; None: ``interrupted`` when called
+        while an exception unwinds, else ``finished``."""
         if self._closed:
             return
         self._closed = True

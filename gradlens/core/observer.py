@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (a checkpointed module's recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
 class Observer:
     """Installs the hooks the enabled families need and keeps the per-step observations."""
 
@@ -140,7 +146,7 @@ class Observer:
 
     def _size_hook(self, key: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and not in_backward():  # not a checkpoint's rerun
                 b = self._batch_of(args, kwargs)
                 if b is not None:
                     self.module_sizes.setdefault(key, []).append(b)

@@ -97,7 +97,7 @@ def write_sink(sink: Sink, rows, hists, events) -> None:
         _io_failed(sink, err)
 
 
-def close_sink(sink: Sink, ended: str) -> None:
+def close_sink(sink: Sink, ended: str | None) -> None:
     try:
         _close_sink(sink, ended)
     except OSError as err:
@@ -152,7 +152,7 @@ def warn_untracked(lens: GradLens) -> None:
     if lens._untracked_warned:
         return
     extra = [n for n, p in lens.model.named_parameters()
-             if p.grad is not None and id(p) not in lens._index]
+             if p.grad is not None and p.numel() > 0 and id(p) not in lens._index]
     if extra:
         lens._untracked_warned = True
         warnings.warn(f"gradlens: {len(extra)} parameter(s) with a gradient are not tracked "

@@ -39,16 +39,11 @@ import torch
 from torch import nn
 
 from gradlens import stats as S
+from gradlens.core.observer import in_backward
 from gradlens.families.base import Statistic, StepContext, nan_where
 
 _MATRIX_MODULES = ("Linear", "Conv1D", "Embedding")
 _BIAS_MODULES = ("Linear", "Conv1D", "LayerNorm")
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (a checkpointed module's recomputation)."""
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return fn is not None and fn() != -1
 
 
 def _kind(module: nn.Module, leaf: str, param: torch.Tensor, layout: str) -> str | None:
@@ -108,8 +103,8 @@ class PerExample(Statistic):
     def _forward_hook(self, items: list[tuple[int, str]]):
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not (torch.is_grad_enabled() and torch.is_tensor(output)
-                    and output.requires_grad and self.lens.logging_step()) or _in_backward():
-                return  # _in_backward: a checkpoint's recomputation; the first call counts
+                    and output.requires_grad and self.lens.logging_step()) or in_backward():
+                return  # in_backward: a checkpoint's recomputation; the first call counts
             source = args[0] if args else next(
                 (v for v in kwargs.values() if torch.is_tensor(v)), None)
             if source is None:

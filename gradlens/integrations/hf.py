@@ -43,14 +43,18 @@ class GradLensCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         logdir = self.logdir or Path(args.output_dir) / "gradlens"
-        log_every = self.lens_kwargs.pop("log_every", None) or max(int(args.logging_steps), 1)
+        kwargs = dict(self.lens_kwargs)  # a second train() gets the same options
+        log_every = kwargs.pop("log_every", None) or max(int(args.logging_steps), 1)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.lens = GradLens(
             model, inner, step_hook=False, logdir=logdir, preset=self.preset, log_every=log_every,
             meta={"framework": "transformers.Trainer", "max_grad_norm": args.max_grad_norm,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps},
-            **self.lens_kwargs,
+            **kwargs,
         )
+        # resume_from_checkpoint: the lens step is the optimizer step, so it continues from
+        # the Trainer's global step
+        self.lens.step_count = int(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.lens is not None:

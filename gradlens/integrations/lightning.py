@@ -39,15 +39,17 @@ class GradLensCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = trainer.log_dir or trainer.default_root_dir
-        log_every = self.lens_kwargs.pop("log_every", None) or max(trainer.log_every_n_steps, 1)
+        kwargs = dict(self.lens_kwargs)  # a second fit() gets the same options
+        log_every = kwargs.pop("log_every", None) or max(trainer.log_every_n_steps, 1)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.lens = GradLens(
             pl_module, optimizer, step_hook=False, logdir=self.logdir or Path(root) / "gradlens", preset=self.preset,
             log_every=log_every,
             meta={"framework": "lightning", "precision": str(trainer.precision),
                   "accumulate_grad_batches": trainer.accumulate_grad_batches},
-            **self.lens_kwargs,
+            **kwargs,
         )
+        self.lens.step_count = int(trainer.global_step)  # a resumed fit continues its steps
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.lens is not None:
