@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gradlens.core.config import PRESETS
+
 
 def _demo(args: argparse.Namespace) -> int:
     from gradlens.demo import run_demo
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--corpus", default=None,
                       help="a text file or directory (default: Shakespeare's plays)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preset", default="standard", choices=["minimal", "standard", "full"])
+    demo.add_argument("--preset", default="full", choices=list(PRESETS),
+                      help="lens preset (default: full, every estimator and verdict)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--preset", default="full", choices=["minimal", "standard", "full"],
+    compare.add_argument("--preset", default="full", choices=list(PRESETS),
                          help="lens preset of every run (default: full, every estimator)")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)

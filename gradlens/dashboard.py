@@ -107,7 +107,7 @@ def start_tensorboard(logdir: str | Path, port: int | None = None,
             raise RuntimeError(f"TensorBoard exited with code {proc.returncode}: {tail}")
         try:
             with urllib.request.urlopen(f"{base}/data/runs", timeout=2):
-                return proc, f"{base}/#custom_scalars"
+                return proc, f"{base}/#gradlens"  # the live heatmaps tab
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.3)
     _stop(proc)

@@ -62,7 +62,7 @@ def run_demo(
     optimizers: Sequence[str] = ("scale", "adamw"),
     corpus: str | None = None,
     seed: int = 0,
-    preset: str = "standard",
+    preset: str = "full",
     progress: bool = True,
     log_every: int = 5,
     **config: Any,

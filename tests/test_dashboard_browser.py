@@ -51,8 +51,9 @@ def test_custom_scalar_dashboard_shows_charts(tmp_path):
             opt.zero_grad()
     proc, url = start_tensorboard(run)
     try:
-        assert url.endswith("#custom_scalars")
-        img = screenshot(url, tmp_path / "dash.png", tmp_path)
+        assert url.endswith("#gradlens")
+        img = screenshot(url.replace("#gradlens", "#custom_scalars"), tmp_path / "dash.png",
+                         tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
