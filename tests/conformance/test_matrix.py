@@ -24,7 +24,7 @@ from tests.conformance._harness import (
     validity,
     value,
 )
-from tests.conformance._reference import ESTIMATORS, Case, causal_shares, hf_loss
+from tests.conformance._reference import ESTIMATORS, Case, causal_shares, hf_loss, mlm_shares
 
 VOCAB = 128
 TWO_BATCH = ("twobatch_trace", "twobatch_signal", "unit_nsr_median")
@@ -148,8 +148,10 @@ def test_grad_scaler(overflow):
 def test_bf16_autocast():
     """bf16 autocast (float32 master weights). Reference: the same step replayed under
     autocast on a shadow copy, one backward per micro-batch and per example, estimators in
-    float64 from those gradients: the lens's arithmetic is checked at 1e-3. The float64
-    gradient (no autocast) is a second, looser reference: bf16 rounding moves norms by ~1%."""
+    float64 from those gradients: the lens's arithmetic is checked at 1e-3 (the per-micro-batch
+    gradients replay to ~1e-7; the per-example ones differ by the replay's own bf16 rounding
+    of each example's weight gradient, ~5e-4). The float64 gradient (no autocast) is a second,
+    looser reference (2e-2): bf16 rounding moves the norms by ~0.2% and the traces by ~0.4%."""
     case = llama_case((4, 4), seed=4)
     df, events, lens = run_lens(case, dtype=torch.float32, autocast=torch.bfloat16)
     check_counts(df, case)
@@ -163,9 +165,10 @@ def test_bf16_autocast():
 
     amp_ref = reference(Case(case.build, case.batches, case.loss, bf16_shares, n_examples),
                         layers, shadow=case.build().float(), keep_dtype=True)
-    compare(df, events, lens, amp_ref, tol=1e-3, floor=1e-3, label="bf16 autocast vs bf16 replay")
+    # signals are differences (y - c tr): their error is measured against max(|value|, y)
+    compare(df, events, lens, amp_ref, tol=1e-3, floor=1.0, label="bf16 autocast vs bf16 replay")
     exact = full_reference(case, lens)
-    compare(df, events, lens, exact, tol=5e-2, floor=1e-2,
+    compare(df, events, lens, exact, tol=2e-2, floor=1.0,
             stats=("grad_norm", "grad_norm_preclip", "twobatch_trace", "pe_trace"),
             label="bf16 autocast vs float64")
 
@@ -240,3 +243,103 @@ def test_sequence_first(sizes):
     ref = full_reference(case, lens, clip=0.5)
     compare(df, events, lens, ref, tol=1e-5, label=f"sequence-first {sizes}",
             expect_nan={("*", s): "batch size" for s in PER_EXAMPLE})
+
+
+# ----------------------------------------------------------------------- model families
+
+
+def _gpt2(tied: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(11)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2,
+                                      n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, tie_word_embeddings=tied))
+
+
+def _gqa(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(12)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+               tie_word_embeddings=False)
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**cfg))
+    return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **cfg))
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(13)
+    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=48,
+                                      max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+
+
+def _with_positions(batches):
+    """Position ids passed expanded to ``(B, T)``: every example has its own lookup."""
+    out = []
+    for b in batches:
+        B, T = b["input_ids"].shape
+        out.append({**b, "position_ids": torch.arange(T).expand(B, -1)})
+    return out
+
+
+def _mlm_batches(sizes, seed=14, seq=12):
+    """Masked-LM batches: 30% of tokens masked (labels -100 elsewhere), ragged padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in sizes:
+        ids = torch.randint(5, VOCAB, (b, seq), generator=g)
+        lengths = torch.randint(seq // 2, seq + 1, (b,), generator=g)
+        mask = torch.arange(seq)[None] < lengths[:, None]
+        picked = (torch.rand(b, seq, generator=g) < 0.3) & mask
+        picked[:, 0] = True
+        labels = torch.where(picked, ids, torch.full_like(ids, -100))
+        inputs = torch.where(picked, torch.full_like(ids, 4), ids)  # [MASK] = 4
+        inputs = torch.where(mask, inputs, torch.zeros_like(ids))  # [PAD] = 0
+        out.append({"input_ids": inputs, "attention_mask": mask.long(), "labels": labels})
+    return out
+
+
+TIED = "this tensor is tied"  # not reached yet: see the report (tied tensors are NaN silently)
+
+FAMILIES = {
+    # name: (build, batches, shares, expected NaN {(layer glob, stat): reason substring})
+    "gpt2": (_gpt2, token_batches((3, 2)), causal_shares,
+             {("transformer.wpe.weight", s): "batch size 1" for s in PER_EXAMPLE}
+             | {("transformer.wte.weight", s): "" for s in PER_EXAMPLE}),
+    "gpt2_positions": (_gpt2, _with_positions(token_batches((3, 2))), causal_shares,
+                       {("transformer.wte.weight", s): "" for s in PER_EXAMPLE}),
+    "gpt2_untied": (lambda: _gpt2(tied=False), _with_positions(token_batches((2, 2, 1))),
+                    causal_shares, {}),
+    "bert_mlm": (_bert, _mlm_batches((3, 3)), mlm_shares,
+                 {("bert.embeddings.position_embeddings.weight", s): "batch size 1"
+                  for s in PER_EXAMPLE}
+                 | {("bert.embeddings.word_embeddings.weight", s): "" for s in PER_EXAMPLE}),
+    "qwen2_gqa": (lambda: _gqa("qwen2"), token_batches((3, 2)), causal_shares, {}),
+    "mistral_gqa": (lambda: _gqa("mistral"), token_batches((2, 2)), causal_shares, {}),
+    "llama_tied": (lambda: build_llama("tiny", seed=15, tie_word_embeddings=True),
+                   token_batches((3, 2)), causal_shares,
+                   {("model.embed_tokens.weight", s): "" for s in PER_EXAMPLE}),
+    "llama_untied": (lambda: build_llama("tiny", seed=15), token_batches((2, 3)),
+                     causal_shares, {}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_families(family):
+    """GPT-2 (Conv1D, tied wte/lm_head, wpe broadcast or expanded positions), BERT MLM
+    (labels -100 on unmasked tokens, ragged padding), Qwen2 and Mistral (GQA), LLaMA tied and
+    untied: under norm clipping, against the reference."""
+    build, batches, shares, expect = FAMILIES[family]
+    # the loop's loss is the float64 sum of the shares (HF's own loss upcasts the logits to
+    # float32 only, whose rounding the signal's cancellation would amplify past 1e-5)
+    case = Case(build, batches, lambda m, b: shares(m, b).sum(), shares, n_examples)
+    df, events, lens = run_lens(case, edit=clip_norm(0.2))
+    check_counts(df, case)
+    ref = full_reference(case, lens, clip=0.2)
+    compare(df, events, lens, ref, tol=1e-5, expect_nan=expect, label=f"family {family}")
