@@ -343,3 +343,43 @@ def test_model_families(family):
     check_counts(df, case)
     ref = full_reference(case, lens, clip=0.2)
     compare(df, events, lens, ref, tol=1e-5, expect_nan=expect, label=f"family {family}")
+
+
+# ----------------------------------------------------------------------- compile, checkpointing
+
+
+def _f64_llama_case(sizes, seed):
+    base = llama_case(sizes, seed=seed)
+    return Case(base.build, base.batches, lambda m, b: causal_shares(m, b).sum(), causal_shares,
+                n_examples)
+
+
+def test_torch_compile():
+    """``torch.compile(model)`` given to the lens: layer names without ``_orig_mod.``, and
+    every estimator right (the hooks run inside the compiled frame). The ``aot_eager``
+    backend keeps the suite fast; the lens sees the same hooks under any backend."""
+    torch._dynamo.reset()
+    case = _f64_llama_case((4, 4), seed=20)
+    model = case.build().double()
+    compiled = torch.compile(model, backend="aot_eager")
+    df, events, lens = run_lens(case, model=compiled, edit=clip_norm(0.2))
+    assert lens.layers[0].name == "model.embed_tokens.weight"
+    assert not any("_orig_mod" in i.name for i in lens.layers)
+    check_counts(df, case)
+    ref = full_reference(case, lens, clip=0.2)
+    compare(df, events, lens, ref, tol=1e-5, floor=1.0, label="torch.compile (aot_eager)")
+    torch._dynamo.reset()
+
+
+def test_gradient_checkpointing():
+    """HF gradient checkpointing (recomputation in backward): two-batch and per-example
+    values are right, the recomputed forwards are not counted twice."""
+    case = _f64_llama_case((3, 2), seed=21)
+    model = case.build().double()
+    model.gradient_checkpointing_enable()
+    model.train()
+    df, events, lens = run_lens(case, model=model, edit=clip_norm(0.2))
+    check_counts(df, case)
+    ref = full_reference(case, lens, clip=0.2)
+    compare(df, events, lens, ref, tol=1e-5, floor=1.0, label="gradient checkpointing")
+    assert not [e for e in events if e.kind == "validity"]
