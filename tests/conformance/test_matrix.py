@@ -21,7 +21,6 @@ from tests.conformance._harness import (
     compare,
     full_reference,
     run_lens,
-    validity,
     value,
 )
 from tests.conformance._reference import ESTIMATORS, Case, causal_shares, hf_loss, mlm_shares
@@ -100,7 +99,7 @@ def _scaler_step(model, opt, scaler, case, inf_layer=None):
     handle = None
     if inf_layer is not None:  # an overflow in backward, as fp16 would produce
         handle = inf_layer.register_hook(lambda g: g * math.inf)
-    for k, batch in enumerate(case.batches):
+    for batch in case.batches:
         scaler.scale(case.loss(model, batch) / len(case.batches)).backward()
     if handle is not None:
         handle.remove()
