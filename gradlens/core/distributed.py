@@ -97,14 +97,20 @@ def is_writer_rank() -> bool:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (same parameters and
-    names as a single-process run; its forward pre-hooks still fire), else ``model``.
-    FSDP2 modules are returned as they are (``fully_shard`` wraps in place)."""
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``'s
+    ``OptimizedModule`` (same parameters, names without ``module.`` / ``_orig_mod.``; hooks
+    on it still fire, inside the compiled frame), else ``model``. FSDP2 modules are returned
+    as they are (``fully_shard`` wraps in place)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, DistributedDataParallel | DataParallel):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, DistributedDataParallel | DataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 @functools.lru_cache(maxsize=1)

@@ -109,7 +109,11 @@ def family_events(family: Any, step: int, values: dict[str, list[float]],
 
 def validity_events(lens: GradLens, step: int, values: dict[str, list[float]],
                     out: StepOutput) -> list[SpikeEvent]:
-    """A ``validity`` event (and a warning) the first time a (family, reason) occurs."""
+    """A ``validity`` event (and a warning) the first time a (family, reason) occurs. A step
+    the GradScaler skipped has none: its ``skipped_step`` event says why its values are off,
+    and a reason spent on it would silence the warning of a later, real failure."""
+    if out.skipped:
+        return []
     reasons = {fam: dict(bad) for fam, bad in out.invalid.items()}
     edit_ok = values.get("_edit_ok")
     if edit_ok is not None:

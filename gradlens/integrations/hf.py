@@ -10,10 +10,17 @@ estimators describe the raw gradient before clipping, so they stay right under t
 defaults. The lens gets the Trainer's optimizer (for ``spam_fraction`` and run.json).
 Statistics follow the Trainer's ``logging_steps`` and go to ``<output_dir>/gradlens`` unless
 ``logdir`` is given; only the main process writes.
+
+Loss convention: a model whose ``forward`` takes ``**kwargs`` (every HF LM; or whose
+``accepts_loss_kwargs`` says so) gets the Trainer's ``num_items_in_batch``: each micro-batch's
+loss is its token sum over the step's total, the lens's ``loss_reduction="global_mean"``
+(chosen here unless given; exact per example when examples count equal tokens). Otherwise
+the Trainer divides each micro-batch's mean loss by the accumulation steps: ``"mean"``.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,22 @@ except ImportError as err:  # pragma: no cover - transformers is a core dependen
     raise ImportError("GradLensCallback needs transformers: pip install 'gradlens[hf]'") from err
 
 from gradlens.core.lens import GradLens
+
+
+def trainer_loss_reduction(model: Any) -> str:
+    """The lens convention of the Trainer's loss for ``model``, decided as the Trainer does
+    (``model_accepts_loss_kwargs``: the model's ``accepts_loss_kwargs``, else ``**kwargs`` in
+    its ``forward``)."""
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is None:
+        forward = getattr(model, "forward", None)
+        try:
+            params = inspect.signature(forward).parameters.values() if forward else ()
+        except (TypeError, ValueError):
+            params = ()
+        accepts = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return "global_mean" if accepts else "mean"
 
 
 class GradLensCallback(TrainerCallback):
@@ -46,6 +69,7 @@ class GradLensCallback(TrainerCallback):
         kwargs = dict(self.lens_kwargs)  # a second train() gets the same options
         log_every = kwargs.pop("log_every", None) or max(int(args.logging_steps), 1)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        kwargs.setdefault("loss_reduction", trainer_loss_reduction(model))
         self.lens = GradLens(
             model, inner, step_hook=False, logdir=logdir, preset=self.preset, log_every=log_every,
             meta={"framework": "transformers.Trainer", "max_grad_norm": args.max_grad_norm,
