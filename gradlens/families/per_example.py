@@ -70,6 +70,7 @@ class PerExample(Statistic):
     def bind(self, lens) -> None:
         super().bind(lens)
         self.tracked: dict[int, str] = {}
+        self.tied: set[int] = set()
         self.state: dict[str, torch.Tensor] = {}
         self.reset()
 
@@ -78,7 +79,8 @@ class PerExample(Statistic):
         by_module: dict[int, tuple[nn.Module, list[tuple[int, str]]]] = {}
         for k, info in enumerate(lens.layers):
             if info.aliases:
-                continue  # a tied tensor mixes two uses; per-example norms would be wrong
+                self.tied.add(k)  # a tied tensor mixes two uses: NaN with a reason
+                continue
             module = lens.module_of(k)
             if module is None:
                 continue
@@ -125,6 +127,10 @@ class PerExample(Statistic):
         return forward_hook
 
     def _on_output_grad(self, items, source, a, x_hat, pad, d: torch.Tensor) -> None:
+        dim = self.lens.config.batch_dim
+        if dim:  # sequence-first: the kernels take the batch dimension first
+            a, d = a.movedim(dim, 0), d.movedim(dim, 0)
+            x_hat = None if x_hat is None else x_hat.movedim(dim, 0)
         if a.shape[0] != d.shape[0]:
             for k, _ in items:
                 self.notes[k] = "the input's batch dimension is not the output gradient's"
@@ -205,7 +211,10 @@ class PerExample(Statistic):
         return gram
 
     def invalid(self, ctx: StepContext) -> dict[int, str]:
-        bad = dict(self.notes)
+        bad = {k: "a tied tensor (two uses, e.g. embedding and output layer): its "
+                  "per-example gradient sums both, which the hooks do not pair"
+               for k in self.tied if ctx.present[k]}
+        bad.update(self.notes)
         for k, totals in enumerate(self.totals):
             if not totals or k in bad:
                 continue
