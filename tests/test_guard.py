@@ -11,6 +11,7 @@ with the guard on never fires.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -120,3 +121,53 @@ def test_clean_run_never_fires():
     assert not [e for e in events if e.kind == "guarded_step"]
     assert torch.equal(losses, ref)  # a guard that does not fire changes nothing, bit for bit
     assert math.isfinite(float(losses[-1]))
+
+
+@pytest.mark.parametrize("name", ["scale", "adamw"])
+def test_guard_takes_no_host_sync(name):
+    """Backward, the lens's step (detectors, gate, damping) and, for SCALE, the gated step
+    itself run with every tensor -> Python conversion raising, through a spike that the guard
+    skips or damps; only flushes (every 40th step) may convert."""
+    from tests.core.test_lens import _NoSync
+
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer(name, model)
+    guard = SpikeGuard({"output": "damp", "hidden": "skip"}, global_action="none")
+    data = markov_batches(model.config.vocab_size, 40, seed=1)
+    target = dict(model.named_parameters())
+    lens = GradLens(model, opt, preset="minimal", log_every=40, guard=guard,
+                    tensorboard=False, step_hook=name == "scale")
+    for s in range(40):
+        flush = (s + 1) % 40 == 0
+        with contextlib.nullcontext() if flush else _NoSync():
+            loss = model(input_ids=data[s], labels=data[s]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s == 30:
+                target[LAYER].grad.mul_(100.0)  # damped
+            if s == 33:
+                target["model.layers.0.mlp.up_proj.weight"].grad.mul_(100.0)  # skipped
+            if name == "scale":
+                opt.step()
+            else:
+                lens.step()  # torch's AdamW reads its CPU step counter (not the lens's sync)
+        if name != "scale":
+            opt.step()
+    lens.close()
+    guarded = {(e.step, e.reason) for e in lens.memory.events if e.kind == "guarded_step"}
+    assert guarded == {(31, "damp"), (34, "skip")}
+
+
+def test_clear_errors():
+    model = build_llama("tiny", seed=0)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="GatedOptimizer"):
+        GradLens(model, plain, preset="minimal", tensorboard=False, guard=SpikeGuard("skip"))
+    with pytest.raises(ValueError, match="matches no tracked layer"):
+        GradLens(model, plain, preset="minimal", tensorboard=False,
+                 guard=SpikeGuard({"*.nothing.*": "damp"}, nonfinite="none"))
+    with pytest.raises(ValueError, match="policy"):
+        SpikeGuard("clip")
+    lens = GradLens(model, plain, preset="minimal", tensorboard=False,
+                    guard=SpikeGuard("damp", nonfinite="none"))  # damping needs no gate
+    lens.close()
