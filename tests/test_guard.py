@@ -171,3 +171,33 @@ def test_clear_errors():
     lens = GradLens(model, plain, preset="minimal", tensorboard=False,
                     guard=SpikeGuard("damp", nonfinite="none"))  # damping needs no gate
     lens.close()
+
+
+def test_guarded_steps_reach_the_report_and_tensorboard(tmp_path):
+    """A guarded run's directory: spikes.jsonl has the guarded_step event with its action, the
+    instability verdict counts it, the TensorBoard text names the action."""
+    from gradlens.report import load_run, load_spikes
+    from gradlens.report.verdicts import instability_verdict
+    from gradlens.schema import SpikeEvent
+    from gradlens.sinks.tensorboard import spike_markdown
+
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer("scale", model)
+    data = markov_batches(model.config.vocab_size, 40, seed=1)
+    with GradLens(model, opt, logdir=tmp_path / "run", preset="minimal",
+                  guard=SpikeGuard("skip")):
+        for s in range(40):
+            loss = model(input_ids=data[s], labels=data[s]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s == 35:
+                dict(model.named_parameters())[LAYER].grad.mul_(100.0)
+            opt.step()
+    sp = load_spikes(tmp_path / "run")
+    g = sp[sp["kind"] == "guarded_step"]
+    assert list(g["step"]) == [36] and list(g["reason"]) == ["skip"]
+    v = instability_verdict(sp, load_run(tmp_path / "run"))
+    assert v.answer == "yes" and v.numbers["guard_skipped_steps"] == 1
+    assert v.numbers["guard_damped_steps"] == 0 and "guard skipped 1 step" in v.reason
+    line = spike_markdown(SpikeEvent(36, "global", "guarded_step", 0.0, 20.0, reason="skip"))
+    assert "guard action **skip**" in line
