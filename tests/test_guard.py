@@ -91,7 +91,7 @@ def test_spike_hurts_without_guard(runs):
     gap = gap_after_spike(spiked, clean)
     n = recovery_steps(gap, TOL['damp'])
     print(f"\n{name}: no guard: largest gap {float(gap.max()):.4f}, recovery to {TOL['damp']}: "
-          f"{'not within %d steps' % len(gap) if n is None else n}")
+          f"{f'not within {len(gap)} steps' if n is None else n}")
     assert float(gap.max()) > JUMP
     assert n is None or n > 20
 
