@@ -16,7 +16,7 @@ Not for FSDP2 shards (the inner products would need a reduction across shards pe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,8 +28,8 @@ class GradLag(Statistic):
     name = "grad_lag"
     emits = ("grad_lag1_dot", "grad_lag2_dot")
     needs = frozenset({"step_grad"})
-    docs = {"grad_lag1_dot": "<g_t, g_{t-1}>: the gradient's lag-1 inner product",
-            "grad_lag2_dot": "<g_t, g_{t-2}>: the gradient's lag-2 inner product"}
+    docs: ClassVar[dict[str, str]] = {"grad_lag1_dot": "<g_t, g_{t-1}>: the gradient's lag-1 inner product",
+                                      "grad_lag2_dot": "<g_t, g_{t-2}>: the gradient's lag-2 inner product"}
 
     def bind(self, lens) -> None:
         super().bind(lens)
