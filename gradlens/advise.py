@@ -51,7 +51,7 @@ import pandas as pd
 
 from gradlens.schema import GLOBAL
 
-__all__ = ["MomentumAdvice", "advise_momentum", "ema_mse_ratio"]
+__all__ = ["MomentumAdvice", "advise_momentum", "ema_mse_ratio", "momentum_table"]
 
 
 def ema_mse_ratio(beta: float, rho: float) -> float:
@@ -78,23 +78,29 @@ class MomentumAdvice:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-def _frame(run: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+def _numels(meta: dict[str, Any] | None) -> dict[str, int]:
+    return {str(x["name"]): int(x["numel"]) for x in (meta or {}).get("layers", [])
+            if "numel" in x and "name" in x}
+
+
+def _frame(run: str | Path | pd.DataFrame, meta: dict[str, Any] | None
+           ) -> tuple[pd.DataFrame, dict[str, int]]:
     if isinstance(run, pd.DataFrame):
-        return run, {}
+        return run, _numels(meta)
     from gradlens.report import load_meta, load_run
 
-    meta = load_meta(run)
-    numels = {str(x["name"]): int(x["numel"]) for x in meta.get("layers", []) if "numel" in x}
-    return load_run(run), numels
+    return load_run(run), _numels(meta if meta is not None else load_meta(run))
 
 
 def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
                     drift: float = 0.0, min_noise: float = 1.0, max_ratio: float = 0.5,
-                    window: float = 0.5) -> list[MomentumAdvice]:
+                    window: float = 0.5, meta: dict[str, Any] | None = None
+                    ) -> list[MomentumAdvice]:
     """Per layer, whether an EMA of factor ``beta`` improves the update direction.
 
     Args:
-        run: a run directory (or its long table as a DataFrame; buffer bytes are then 0).
+        run: a run directory, or its long table as a DataFrame (buffer bytes then come from
+            ``meta``, run.json's content, else are 0).
         beta: the momentum factor considered.
         drift: ``delta = d^2/|mu|^2``, the expected gradient's relative drift per step.
         min_noise, max_ratio: advise momentum where ``n >= min_noise`` and the squared
@@ -108,7 +114,7 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
         raise ValueError(f"beta must be in (0, 1), got {beta!r}")
     if not 0 < window <= 1:
         raise ValueError(f"window must be in (0, 1], got {window!r}")
-    df, numels = _frame(run)
+    df, numels = _frame(run, meta)
     if df.empty:
         raise ValueError("advise_momentum: the run has no rows")
     steps = sorted(df["step"].unique())
@@ -160,3 +166,12 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
         out.append(MomentumAdvice(str(layer), str(roles.get(layer, "")), bool(advise), n, rho,
                                   ratio, 4 * numels.get(str(layer), 0), ev))
     return out
+
+
+def momentum_table(advice: list[MomentumAdvice]) -> pd.DataFrame:
+    """The advice as a table: one row per layer (the report's momentum section)."""
+    return pd.DataFrame([{
+        "layer": a.layer, "role": a.role, "momentum": a.momentum,
+        "noise_to_signal": a.noise_to_signal, "rho": a.rho, "mse_ratio": a.mse_ratio,
+        "buffer_bytes": a.buffer_bytes, "source": a.evidence.get("source", "")}
+        for a in advice])

@@ -104,3 +104,27 @@ def test_drift_turns_momentum_off(run):
     logdir, _ = run
     advice = {a.layer: a for a in advise_momentum(logdir, beta=0.9, drift=1.0)}
     assert not any(a.momentum for a in advice.values())
+
+
+def test_report_section_and_in_memory_lens(run, tmp_path):
+    """The report lists the advice (momentum.csv and a section); a lens without a logdir is
+    advised from its memory table with the same answer."""
+    from gradlens.report import build_report
+
+    logdir, history = run
+    paths = build_report([logdir], tmp_path / "rep", progress=False)
+    import pandas as pd
+
+    table = pd.read_csv(paths.tables["momentum"])
+    assert table.loc[table.momentum, "layer"].tolist() == ["white.weight"]
+    assert "## Momentum advice" in paths.markdown.read_text()
+
+    model = nn.ModuleDict({k: nn.Linear(20, 20, bias=False) for k in CASES})
+    lens = GradLens(model, None, preset="minimal", log_every=EVERY, statistics=[GradLag])
+    for grads in history:
+        for k in CASES:
+            model[k].weight.grad = grads[k].clone()
+        lens.step()
+    lens.close()
+    advice = advise_momentum(lens.memory.frame())
+    assert [a.layer for a in advice if a.momentum] == ["white.weight"]
