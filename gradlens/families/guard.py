@@ -186,7 +186,9 @@ class SpikeGuard(Statistic):
                present: list[bool]) -> list[SpikeEvent]:
         names = [i.name for i in self.lens.layers]
         L = len(names)
-        guard, z = values["_guard"], values["grad_norm_z"]
+        guard, z = values.get("_guard"), values["grad_norm_z"]
+        if guard is None:  # a step finalized before the guard was enabled
+            return []
         if guard[L] == 0:
             return [SpikeEvent(step, GLOBAL, "guarded_step", 0.0, _finite(z[L]),
                                reason="skip")]
