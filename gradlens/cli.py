@@ -23,7 +23,7 @@ def _compare(args: argparse.Namespace) -> int:
     run_compare(
         out_dir=args.out, optimizers=args.optimizers, lr_factors=args.lr_factors,
         steps=args.steps, size=args.size, corpus=args.corpus, seed=args.seed,
-        preset=args.preset, progress=not args.quiet,
+        preset=args.preset, progress=not args.quiet, seeds=args.seeds,
     )
     return 0
 
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seeds", type=int, default=1,
+                         help="seeds per (optimizer, lr): mean +- std and a bootstrap 95%% CI "
+                              "of the held-out loss, best lr on the seed mean")
     compare.add_argument("--preset", default="full", choices=["minimal", "standard", "full"],
                          help="lens preset of every run (default: full, every estimator)")
     compare.add_argument("--quiet", action="store_true")
