@@ -201,3 +201,27 @@ def test_guarded_steps_reach_the_report_and_tensorboard(tmp_path):
     assert v.numbers["guard_damped_steps"] == 0 and "guard skipped 1 step" in v.reason
     line = spike_markdown(SpikeEvent(36, "global", "guarded_step", 0.0, 20.0, reason="skip"))
     assert "guard action **skip**" in line
+
+
+@pytest.mark.parametrize("name", ["scale", "adamw"])
+def test_close_takes_the_gate_out(name):
+    """A run whose last step was skipped: after close() the optimizer steps again."""
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer(name, model)
+    data = markov_batches(model.config.vocab_size, 31, seed=1)
+    lens = GradLens(model, opt, preset="minimal", tensorboard=False, guard=SpikeGuard("skip"))
+    for s in range(31):
+        loss = model(input_ids=data[s], labels=data[s]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s == 30:
+            dict(model.named_parameters())[LAYER].grad.mul_(100.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    lens.close()
+    assert [e.step for e in lens.memory.events if e.kind == "guarded_step"] == [31]
+    gates = [opt.gate] if name == "adamw" else [g["step_gate"] for g in opt.param_groups]
+    assert gates and all(g is None for g in gates)
+    opt.step()  # the same (spiked) gradient, now taken
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -128,6 +128,7 @@ class SpikeGuard(Statistic):
                              "optimizer, guard=...)")
         if isinstance(optimizer, GatedOptimizer):
             optimizer.set_gate(self.gate)
+            self._detach = lambda: optimizer.set_gate(None)
             return
         groups = optimizer.param_groups
         if not all("step_gate" in g for g in groups):
@@ -138,6 +139,19 @@ class SpikeGuard(Statistic):
         for g in groups:
             check_step_gate(self.gate, g["params"])
             g["step_gate"] = self.gate
+
+        def detach() -> None:
+            for g in groups:
+                if g.get("step_gate") is self.gate:
+                    g["step_gate"] = None
+
+        self._detach = detach
+
+    def install(self, lens) -> None:
+        """The lens's ``close()`` takes the gate out of the optimizer (a last skipped step
+        must not leave it at 0)."""
+        if self.gate is not None:
+            lens.observer.add(_Handle(self._detach))
 
     # ------------------------------------------------------------------ the step
 
@@ -196,6 +210,16 @@ class SpikeGuard(Statistic):
                           reason="damp")
                for k in range(L) if present[k] and guard[k] < 1.0]
         return out
+
+
+class _Handle:
+    """A removable handle (the observer removes every handle at ``close()``)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remove(self) -> None:
+        self.fn()
 
 
 def _finite(x: float) -> float:
