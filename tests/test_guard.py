@@ -225,3 +225,13 @@ def test_close_takes_the_gate_out(name):
     assert gates and all(g is None for g in gates)
     opt.step()  # the same (spiked) gradient, now taken
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_refused_under_torch_distributed(monkeypatch):
+    from gradlens.core import distributed as D
+
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    model = build_llama("tiny", seed=0)
+    with pytest.raises(ValueError, match="single process"):
+        GradLens(model, make_optimizer("scale", model), preset="minimal", tensorboard=False,
+                 guard=SpikeGuard("skip"))
