@@ -124,8 +124,9 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
                                                  values="value", aggfunc="last")
     roles = df.drop_duplicates("layer").set_index("layer")["role"].to_dict()
     out = []
+    present = set(wide.index.get_level_values(0)) if len(wide) else set()
     for layer in dict.fromkeys(df.loc[df["layer"] != GLOBAL, "layer"]):
-        one = wide.loc[layer]
+        one = wide.loc[layer] if layer in present else pd.DataFrame()  # all-NaN: dropped
         ev: dict[str, Any] = {}
         n, rho = math.nan, 0.0
         if {"grad_lag1_dot", "grad_lag2_dot", "grad_norm"} <= set(one.columns):

@@ -128,3 +128,14 @@ def test_report_section_and_in_memory_lens(run, tmp_path):
     lens.close()
     advice = advise_momentum(lens.memory.frame())
     assert [a.layer for a in advice if a.momentum] == ["white.weight"]
+
+
+def test_layers_without_evidence_get_no_advice():
+    import pandas as pd
+
+    df = pd.DataFrame({"step": [1, 1, 2, 2], "layer": ["a", "b", "a", "b"],
+                       "role": ["hidden"] * 4, "stat": ["grad_norm"] * 4,
+                       "value": [float("nan"), 1.0, float("nan"), 1.0]})
+    advice = advise_momentum(df)
+    assert [(a.layer, a.momentum) for a in advice] == [("a", False), ("b", False)]
+    assert all(math.isnan(a.noise_to_signal) for a in advice)
