@@ -2,10 +2,12 @@
 
 from gradlens.core.lens import GradLens
 from gradlens.families import LayerStatistic, Statistic, StepContext, register_statistic
+from gradlens.families.guard import SpikeGuard
 from gradlens.optim import SCALE, scale_param_groups
 from gradlens.roles import LayerInfo, Role, discover_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["SCALE", "GradLens", "LayerInfo", "LayerStatistic", "Role", "Statistic", "StepContext",
-           "__version__", "discover_layers", "register_statistic", "scale_param_groups"]
+__all__ = ["SCALE", "GradLens", "LayerInfo", "LayerStatistic", "Role", "SpikeGuard", "Statistic",
+           "StepContext", "__version__", "discover_layers", "register_statistic",
+           "scale_param_groups"]

@@ -25,7 +25,7 @@ def _compare(args: argparse.Namespace) -> int:
     run_compare(
         out_dir=args.out, optimizers=args.optimizers, lr_factors=args.lr_factors,
         steps=args.steps, size=args.size, corpus=args.corpus, seed=args.seed,
-        preset=args.preset, progress=not args.quiet,
+        preset=args.preset, progress=not args.quiet, seeds=args.seeds,
     )
     return 0
 
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
     compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--seeds", type=int, default=1,
+                         help="seeds per (optimizer, lr): mean +- std and a bootstrap 95%% CI "
+                              "of the held-out loss, best lr on the seed mean")
     compare.add_argument("--preset", default="full", choices=list(PRESETS),
                          help="lens preset of every run (default: full, every estimator)")
     compare.add_argument("--quiet", action="store_true")

@@ -72,12 +72,20 @@ def run_compare(
     preset: str = "full",
     progress: bool = True,
     lrs: dict[str, float] | None = None,
+    seeds: int = 1,
     **config: Any,
 ) -> list[dict[str, Any]]:
     """Run the sweep (skipping finished runs), then write the table, curves and report.
 
+    ``seeds > 1`` repeats every (optimizer, lr) with seeds ``seed .. seed + seeds - 1`` (run
+    directories ``<optimizer>-lr<lr>-seed<s>``, each resumable on its own); the table then
+    has the mean, standard deviation and bootstrap 95% CI of the held-out loss over seeds,
+    and the best lr is the one with the lowest seed mean (:func:`comparison_rows`).
+
     Returns the comparison rows (one per optimizer, at its best lr).
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds!r}")
     from gradlens import GradLens
     from gradlens.data.batches import prepare_data
 
@@ -92,18 +100,21 @@ def run_compare(
     data = None
     session = f"{os.getpid()}-{time.time():.0f}"
     every = max(1, min(5, steps // 20))  # enough logged steps for the report's verdicts
-    for i, (name, lr) in enumerate(points, start=1):
-        run_dir = out / "runs" / f"{name}-lr{_lr_tag(lr)}"
+    runs = [(name, lr, seed + j) for name, lr in points for j in range(seeds)]
+    for i, (name, lr, run_seed) in enumerate(runs, start=1):
+        run_dir = out / "runs" / (f"{name}-lr{_lr_tag(lr)}" if seeds == 1
+                                  else f"{name}-lr{_lr_tag(lr)}-seed{run_seed}")
         if (run_dir / "result.json").is_file():
             if progress:
-                print(f"[{i}/{len(points)}] {run_dir.name}: done already, skipped", flush=True)
+                print(f"[{i}/{len(runs)}] {run_dir.name}: done already, skipped", flush=True)
             continue
         if data is None:
             data = prepare_data(cfg.corpus, cfg.tokenizer_vocab_size(), cfg.cache_dir,
                                 cfg.eval_fraction)
         if progress:
-            print(f"[{i}/{len(points)}] {run_dir.name}", flush=True)
+            print(f"[{i}/{len(runs)}] {run_dir.name}", flush=True)
         cfg.lrs = {name: lr}
+        cfg.seed = run_seed
 
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished run (no result.json) starts over
@@ -114,7 +125,7 @@ def run_compare(
 
         _, result = run_experiment(cfg, name, data, lens_factory=lens_factory,
                                    progress=progress)
-        result.info.update(session=session, lr=lr, optimizer_name=name)
+        result.info.update(session=session, lr=lr, optimizer_name=name, seed=run_seed)
         save_result(result, run_dir / "result.json")
     rows = comparison_rows(out)
     write_outputs(out, rows, progress=progress)
@@ -132,21 +143,49 @@ def _load_results(out: Path) -> list[dict[str, Any]]:
     return results
 
 
+def seed_summary(losses: Sequence[float], n_boot: int = 2000, seed: int = 0
+                 ) -> dict[str, float]:
+    """Mean, sample standard deviation and a percentile bootstrap 95% CI of the mean of the
+    held-out losses of one (optimizer, lr) over seeds (resampling seeds with replacement;
+    the CI is the mean itself for one seed; non-finite losses count as +inf)."""
+    import numpy as np
+
+    x = np.array([v if v is not None and math.isfinite(v) else math.inf for v in losses])
+    mean = float(x.mean())
+    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    if len(x) > 1 and np.isfinite(x).all():
+        rng = np.random.default_rng(seed)
+        boots = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+        low, high = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
+    else:
+        low = high = mean
+    return {"loss_mean": mean, "loss_std": std, "loss_ci_low": low, "loss_ci_high": high,
+            "n_seeds": len(x)}
+
+
 def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per optimizer at its best lr (lowest finite eval loss), relative to AdamW."""
+    """One row per optimizer at its best lr (lowest finite eval loss, or with several seeds
+    the lowest seed mean), relative to AdamW."""
     results = _load_results(Path(out_dir))
-    best: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in results:
         name = r["info"].get("optimizer_name") or r["info"]["optimizer"].get("name")
         loss = r.get("eval_loss")
         loss = math.inf if loss is None or not math.isfinite(loss) else loss
         r["_loss"] = loss
         r["_name"] = name
-        if name not in best or loss < best[name]["_loss"]:
-            best[name] = r
+        groups.setdefault((name, float(r["info"].get("lr") or 0.0)), []).append(r)
+    best: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, float]] = {}
+    for (name, _), members in groups.items():
+        summary = seed_summary([m["_loss"] for m in members])
+        if name not in best or summary["loss_mean"] < summaries[name]["loss_mean"]:
+            members.sort(key=lambda m: m["info"].get("seed", 0))
+            best[name], summaries[name] = members[0], summary
     if "adamw" not in best:
         raise ValueError("no finished AdamW run to compare with")
     ref = best["adamw"]
+    multi = any(len(v) > 1 for v in groups.values())
     params = ref["info"]["parameters"]
     rows = []
     for name, r in best.items():
@@ -170,7 +209,12 @@ def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
             "run_dir": r["run_dir"],
             "losses": r["losses"],
         })
-    rows.sort(key=lambda row: (row["optimizer"] != "adamw", row["best_eval_loss"] or math.inf))
+        if multi:  # several seeds: the seed means decide and compare
+            rows[-1].update(summaries[name])
+            rows[-1]["loss_vs_adamw"] = (summaries[name]["loss_mean"]
+                                         / summaries["adamw"]["loss_mean"] - 1.0)
+    key = "loss_mean" if multi else "best_eval_loss"
+    rows.sort(key=lambda row: (row["optimizer"] != "adamw", row[key] or math.inf))
     return rows
 
 
@@ -184,6 +228,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], progress: bool = True) 
     table.to_csv(out / "comparison.csv", index=False)
     cols = ["optimizer", "best_lr", "best_eval_loss", "eval_ppl", "loss_vs_adamw", "tokens",
             "optimizer_state_bytes", "weights_plus_state_vs_adamw", "step_time_vs_adamw"]
+    if rows and "loss_mean" in rows[0]:
+        cols[2:3] = ["loss_mean", "loss_std", "loss_ci_low", "loss_ci_high", "n_seeds"]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

@@ -126,7 +126,7 @@ STATS: dict[str, StatInfo] = {s.name: s for s in _STATS}
 VARIANCE_ESTIMATORS = tuple(s.name for s in _STATS if s.estimator)
 
 SPIKE_KINDS = ("grad_norm", "grad_norm_global", "loss", "nonfinite", "spam", "skipped_step",
-               "validity")
+               "guarded_step", "validity")
 
 # Dashboard groups of layers (run.json's layers[].group): where a layer sits in a transformer.
 LAYER_GROUPS = ("embedding", "attention", "mlp", "norms", "output", "other")

@@ -85,3 +85,62 @@ def test_training_loop_builds_every_optimizer_of_the_registry(tiny_llama):
         opt.step()
         opt.zero_grad()
         assert not torch.equal(before, tiny_llama.lm_head.weight), name
+
+
+def _fake_result(path: Path, name: str, lr: float, seed: int, loss: float) -> None:
+    path.mkdir(parents=True)
+    path.joinpath("result.json").write_text(json.dumps({
+        "eval_loss": loss, "eval_ppl": 2.0, "tokens_seen": 10, "optimizer_state_bytes": 8,
+        "losses": [loss], "mean_step_s": 1.0,
+        "info": {"optimizer_name": name, "lr": lr, "seed": seed, "parameters": 1,
+                 "session": "s", "optimizer": {"name": name}}}))
+
+
+def test_seed_statistics_and_best_lr_on_the_seed_mean(tmp_path):
+    """Three seeds per (optimizer, lr), written as finished runs: mean, std and bootstrap CI
+    against numpy; the best lr is the one with the lowest mean, not the lowest single run."""
+    import numpy as np
+
+    from gradlens.compare import seed_summary
+
+    losses = {("adamw", 1e-3): [5.0, 5.2, 5.4], ("adamw", 2e-3): [4.5, 6.0, 6.1],
+              ("scale", 1e-3): [4.9, 5.0, 5.1]}
+    for (name, lr), ls in losses.items():
+        for seed, loss in enumerate(ls):
+            _fake_result(tmp_path / "runs" / f"{name}-lr{lr:.2e}-seed{seed}", name, lr, seed,
+                         loss)
+    rows = {r["optimizer"]: r for r in comparison_rows(tmp_path)}
+    assert rows["adamw"]["best_lr"] == 1e-3  # mean 5.2 beats 5.53 (whose best seed is 4.5)
+    assert rows["adamw"]["loss_mean"] == pytest.approx(5.2)
+    assert rows["adamw"]["loss_std"] == pytest.approx(np.std([5.0, 5.2, 5.4], ddof=1))
+    assert rows["scale"]["loss_vs_adamw"] == pytest.approx(5.0 / 5.2 - 1)
+    s = seed_summary([5.0, 5.2, 5.4], n_boot=4000)
+    rng = np.random.default_rng(0)
+    x = np.array([5.0, 5.2, 5.4])
+    ref = np.percentile(x[rng.integers(0, 3, size=(4000, 3))].mean(axis=1), [2.5, 97.5])
+    assert (s["loss_ci_low"], s["loss_ci_high"]) == pytest.approx(tuple(ref))
+    assert 5.0 - 1e-9 <= s["loss_ci_low"] < 5.2 < s["loss_ci_high"] <= 5.4 + 1e-9
+    assert seed_summary([5.0])["loss_ci_low"] == 5.0
+
+
+def test_compare_seeds_runs_and_resumes_each_seed(tmp_path, corpus_file, capsys):
+    out = tmp_path / "cmp"
+    kw = dict(optimizers=("adamw",), lr_factors=(1.0,), steps=2, size="tiny",
+              corpus=str(corpus_file), preset="minimal", progress=True, seq_len=16,
+              batch_size=2, grad_accum=1, eval_batches=1, vocab_size=300,
+              model_overrides={"vocab_size": 300}, seeds=2)
+    rows = run_compare(out, **kw)
+    dirs = sorted(p.parent.name for p in (out / "runs").glob("*/result.json"))
+    assert [d.rsplit("-", 1)[1] for d in dirs] == ["seed0", "seed1"]
+    seeds = [json.loads((out / "runs" / d / "result.json").read_text())["info"]["seed"]
+             for d in dirs]
+    assert seeds == [0, 1] and rows[0]["n_seeds"] == 2
+    losses = [json.loads((out / "runs" / d / "result.json").read_text())["eval_loss"]
+              for d in dirs]
+    assert losses[0] != losses[1]  # the seed reaches the run
+    assert rows[0]["loss_mean"] == pytest.approx(sum(losses) / 2)
+    (out / "runs" / dirs[1] / "result.json").unlink()  # an interrupted second seed
+    capsys.readouterr()
+    run_compare(out, **kw)
+    printed = capsys.readouterr().out
+    assert f"{dirs[0]}: done already, skipped" in printed and f"{dirs[1]}: done" not in printed

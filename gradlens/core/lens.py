@@ -53,6 +53,7 @@ from gradlens.core.records import StepOutput, device_tensors, to_records
 from gradlens.core.selection import select_layers
 from gradlens.families import Statistic, StepContext, builtin_families, register_statistic
 from gradlens.families.base import mask_layers
+from gradlens.families.guard import SpikeGuard
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL, SpikeEvent
 from gradlens.sinks.base import Sink
@@ -83,6 +84,8 @@ class GradLens(DeviceConstants):
         scaler: a ``torch.amp.GradScaler``: statistics are unscaled with its scale, and a
             step it skips (inf/NaN) becomes a ``skipped_step`` event.
         statistics: user families (:class:`gradlens.Statistic` subclasses or instances).
+        guard: a :class:`gradlens.SpikeGuard`: skip or damp the steps the spike detector
+            flags, on device, before the optimizer steps (single process only).
         step_hook: finalize each step in the optimizer's step pre-hook (False: the caller
             calls :meth:`step`, as the framework callbacks do; the optimizer then serves for
             its state and run.json only).
@@ -112,6 +115,7 @@ class GradLens(DeviceConstants):
         step_hook: bool = True,
         name: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        guard: SpikeGuard | None = None,
         **options: Any,
     ) -> None:
         self.config = LensConfig.from_preset(preset, log_every=log_every, **options)
@@ -146,6 +150,8 @@ class GradLens(DeviceConstants):
             cls = extra if isinstance(extra, type) else type(extra)
             register_statistic(cls)
             self.families.append(extra() if isinstance(extra, type) else extra)
+        if guard is not None:  # last: every statistic describes the gradient before it acts
+            self.families.append(guard)
         needs = set().union(*(f.needs for f in self.families))
         self.consistency_families = [f.name for f in self.families
                                      if "consistent_grad" in f.needs]

@@ -13,6 +13,7 @@ figures (:mod:`gradlens.report.plots`) and writes::
     report/role_spread.csv  per run and column statistic: per-role median and CI
     report/spikes.csv       every spike event of every run
     report/runs.csv         one row per run: directory, model, optimizer, preset, steps
+    report/momentum.csv     per run and layer: the momentum advice and its evidence
     report/verdicts.json    the verdicts with their numbers and run directories, as JSON (the
                             TensorBoard plugin's Verdicts view reads it)
 
@@ -242,6 +243,24 @@ def _runs_table(runs: list[_Run]) -> pd.DataFrame:
             stats=int(r.df["stat"].nunique()), spikes=len(r.spikes),
         ))
     return pd.DataFrame(rows)
+
+
+def _momentum_table(runs: list[_Run]) -> pd.DataFrame:
+    """The momentum advice of every run with the evidence for it (empty when none has)."""
+    from gradlens.advise import advise_momentum, momentum_table
+
+    parts = []
+    for r in runs:
+        try:
+            t = momentum_table(advise_momentum(r.df, meta=r.meta))
+        except ValueError:
+            continue
+        if not t.empty and t["noise_to_signal"].notna().any():
+            parts.append(t.assign(run=r.label))
+    if not parts:
+        return pd.DataFrame()
+    t = pd.concat(parts, ignore_index=True)
+    return t[["run", *[c for c in t.columns if c != "run"]]]
 
 
 def _spikes_table(runs: list[_Run]) -> pd.DataFrame:
@@ -486,13 +505,22 @@ def _documents(title: str, runs: list[_Run], verdicts: list[V.Verdict], figs: li
             m += ["", _md_table(spikes)]
         h.append(_figs_html(figs, section))
         m += ["", _figs_md(figs, section, out), ""]
+    momentum = tables["momentum"]
+    if not momentum.empty:
+        intro = ("Which layers an EMA of the gradient (momentum 0.9) would help, from each "
+                 "layer's noise-to-signal ratio and the noise's lag correlation "
+                 "(gradlens.advise.advise_momentum; mse_ratio: the EMA's squared direction "
+                 "error over the raw gradient's; buffer_bytes: one float32 buffer).")
+        h += ["<h2>Momentum advice</h2>", f"<p>{html.escape(intro)}</p>",
+              _html_table(momentum)]
+        m += ["## Momentum advice", "", intro, "", _md_table(momentum), ""]
     notes = [
         "Tests across steps treat steps as independent; consecutive steps are correlated "
         "(EMA-smoothed estimators strongly), so p-values are optimistic: read them with the "
         "fractions and effect sizes. Bootstrap CIs resample blocks of consecutive steps "
         "(seeded, deterministic).",
         "Files: report.md, figures/*.png, verdicts.csv, verdicts.json, rankings.csv, "
-        "role_spread.csv, spikes.csv, runs.csv.",
+        "role_spread.csv, spikes.csv, runs.csv, momentum.csv.",
     ]
     h.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
              + "".join(f'<li class="problem">{html.escape(p)}</li>' for p in problems)
@@ -550,6 +578,7 @@ def build_report(
     inline = ranking_df[(ranking_df["rank"] <= RANKING_TOP) | (ranking_df["role"] == "output")]
     inline = inline[inline["stat"] != "grad_norm"].drop(columns=["layer"])
     tables = {
+        "momentum": _momentum_table(runs),
         "verdicts": V.verdicts_table(verdicts),
         "rankings": ranking_df,
         "role_spread": spread_df,

@@ -833,7 +833,8 @@ def instability_verdict(
     per ``kind``, ``max_score``, the layers most often implicated (a per-layer event counts its
     layer; a global event counts each layer it was attributed to), the total of
     ``nonfinite_count`` rows and the steps with any, ``skipped_step`` rows equal to 1, and
-    ``n_logged_steps`` (steps of the table).
+    ``n_logged_steps`` (steps of the table); with a spike guard, ``guard_skipped_steps`` and
+    ``guard_damped_steps`` (steps of ``guarded_step`` events by action).
     Answer ``yes`` if anything was found, ``no`` ("no instability found") otherwise, ``not
     computable`` without a spike log and without the rows to check.
     """
@@ -870,11 +871,18 @@ def instability_verdict(
         )
         for k, v in kinds.items():
             numbers[f"kind.{k}"] = int(v)
+        guarded = sp[sp["kind"].astype(str) == "guarded_step"]
+        if not guarded.empty:  # the spike guard acted: a step skipped, or layers damped
+            act = guarded.get("reason", pd.Series("", index=guarded.index)).astype(str)
+            numbers["guard_skipped_steps"] = int(guarded.loc[act == "skip", "step"].nunique())
+            numbers["guard_damped_steps"] = int(guarded.loc[act == "damp", "step"].nunique())
         parts.append(
             f"{len(sp)} spike event(s) at {sp['step'].nunique()} step(s), first at step "
             f"{numbers['first_step']}; kinds: {', '.join(f'{k} {v}' for k, v in kinds.items())}"
             + (f"; most implicated: {', '.join(f'{labels[k]} ({v})' for k, v in most)}"
-               if most else ""))
+               if most else "")
+            + (f"; the spike guard skipped {numbers['guard_skipped_steps']} step(s) and damped "
+               f"{numbers['guard_damped_steps']}" if not guarded.empty else ""))
     elif sp is not None:
         numbers.update(n_spikes=0)
     have_rows = False

@@ -65,6 +65,8 @@ def spike_markdown(event: SpikeEvent) -> str:
     where = "the run" if event.layer == GLOBAL else f"`{event.layer}`"
     line = (f"- step {event.step}: **{event.kind}** in {where}: value {event.value:.4g}, "
             f"score {event.score:.4g}")
+    if event.kind == "guarded_step":
+        line += f", guard action **{event.reason}**"
     if event.layers:
         line += " (top layers: " + ", ".join(f"`{n}`" for n in event.layers) + ")"
     return line
