@@ -40,8 +40,10 @@ def test_packaged_templates_load() -> None:
     assert [t.title for t in templates] == ["By statistic", "By group"]
     used = set().union(*(t.stats for t in templates))
     assert used <= set(STATS)
-    # every family of statistics has a chart somewhere
-    assert {STATS[s].family for s in used} == {s.family for s in STATS.values()}
+    # every built-in family of statistics has a chart somewhere (user statistics, registered
+    # by other tests of this process, have none in the packaged templates)
+    assert {STATS[s].family for s in used} == {s.family for s in STATS.values()
+                                               if s.family != "custom"}
 
 
 def _every_tag_the_lens_writes(tmp_path: Path) -> set[str]:
