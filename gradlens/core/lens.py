@@ -19,17 +19,13 @@ the lens measures at the end of the backward pass whenever the loop edits the gr
 common factor (norm clipping, unscaling) is exact; any other edit makes the estimators NaN
 with a ``validity`` event. The families and their conditions: :mod:`gradlens.families`.
 
-Scaling conventions (``loss_reduction``): ``mean`` (default): each micro-batch's loss is its
-mean over examples divided by the number K of micro-batches; ``global_mean``: the sum over the
-micro-batch's examples divided by the step's total (HF's ``num_items_in_batch``); ``sum``.
-Micro-batches of unequal size are handled exactly (``families.twobatch``).
+Scaling conventions (``loss_reduction``): ``mean`` (each micro-batch's mean loss / K),
+``global_mean`` (HF's ``num_items_in_batch``), ``sum``; unequal micro-batches are exact.
 
 Data parallelism (DDP, FSDP2; :mod:`gradlens.core.distributed`): create the lens after
-wrapping the model, on every rank. Hooks see rank-local micro-batch gradients; ``p.grad`` at
-the step is the mean over ranks (FSDP2: this rank's shard). Everything rank-local is reduced
-with ONE all-reduce per flush; the detectors of the steps in between run after it, in step
-order, so ``flush()`` and ``close()`` are collective. Only rank 0 writes. Edits between
-backward and step are not checked under torch.distributed.
+wrapping the model, on every rank. Everything rank-local is reduced with ONE all-reduce per
+flush (the detectors of the steps in between run after it), so ``flush()`` and ``close()``
+are collective; only rank 0 writes; edits between backward and step are not checked.
 """
 
 from __future__ import annotations
@@ -250,9 +246,6 @@ class GradLens(DeviceConstants):
 
     def module_of(self, k: int) -> nn.Module | None:
         return self._modules.get(self.layers[k].module_name)
-
-    def unit_count(self, k: int) -> int:
-        return D.unit_count(self.layers[k].param.shape, self.layers[k].layout)
 
     def add_histogram(self, step: int, layer: str, edges, counts, moments) -> None:
         self._pending.append((step, "hist", (layer, edges, counts, moments)))

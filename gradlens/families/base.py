@@ -258,3 +258,14 @@ def mask_layers(out: dict[str, torch.Tensor], keys: set[str], ok: torch.Tensor) 
         full = torch.cat([ok, ok.all().reshape(1)]) if v.numel() == ok.numel() + 1 else ok
         if v.numel() == full.numel():
             out[key] = nan_where(v, full)
+
+
+def micro_weights(sizes: list[int], loss_reduction: str) -> tuple[list[float], float, float]:
+    """``(v, lam, c)`` of a step's micro-batches (sizes ``b_k``): micro-batch k contributes
+    ``lam v_k G_k`` to ``p.grad`` (``G_k`` its mean gradient, ``sum v_k = 1``), and
+    ``c = sum_k v_k^2 / b_k`` is the variance factor of the step's gradient (``families.twobatch``
+    has the table of conventions)."""
+    K, B = len(sizes), float(sum(sizes))
+    lam = B if loss_reduction == "sum" else 1.0
+    v = [1.0 / K] * K if loss_reduction == "mean" else [b / B for b in sizes]
+    return v, lam, sum(vk * vk / b for vk, b in zip(v, sizes, strict=True))

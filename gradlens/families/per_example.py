@@ -40,7 +40,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core.observer import in_backward
-from gradlens.families.base import Statistic, StepContext, nan_where
+from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where
 
 _MATRIX_MODULES = ("Linear", "Conv1D", "Embedding")
 _BIAS_MODULES = ("Linear", "Conv1D", "LayerNorm")
@@ -195,10 +195,8 @@ class PerExample(Statistic):
 
     def _input_gram(self, source: torch.Tensor, a: torch.Tensor,
                     d: torch.Tensor) -> torch.Tensor | None:
-        """The token Gram matrices of a layer input (``S.token_grams``), shared by the layers
-        that read the same tensor (query/key/value, gate/up): computed by the first of them
-        whose own cheaper method is Gram, kept for the next ones (the last two inputs; none
-        above the per-example kernels' chunk budget)."""
+        """The token Gram matrices of an input shared by the layers reading it (q/k/v,
+        gate/up): the last two inputs are kept, none above the kernels' chunk budget."""
         for src, gram in self._grams:
             if src is source:
                 return gram
@@ -235,13 +233,8 @@ class PerExample(Statistic):
     def _weights(self, k: int) -> tuple[list[float], float, float]:
         """``(f_j, lam, c)`` for layer k's micro-batches: ``||g_b||^2 = q_b f_j``."""
         sizes = [b for _, b in self._ordered(k)]
-        K, n = len(sizes), float(sum(sizes))
-        red = self.lens.config.loss_reduction
-        lam = n if red == "sum" else 1.0
-        v = [1.0 / K] * K if red == "mean" else [b / n for b in sizes]
-        f = [(b / (lam * vk)) ** 2 for b, vk in zip(sizes, v, strict=True)]
-        c = sum(vk * vk / b for vk, b in zip(v, sizes, strict=True))
-        return f, lam, c
+        v, lam, c = micro_weights(sizes, self.lens.config.loss_reduction)
+        return [(b / (lam * vk)) ** 2 for b, vk in zip(sizes, v, strict=True)], lam, c
 
     def _sum_sq(self, k: int) -> torch.Tensor:
         """This rank's ``sum_b ||g_b||^2`` of layer k (0 when none)."""

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from gradlens import stats as S
-from gradlens.families.base import Statistic, StepContext, nan_where
+from gradlens.core import distributed as D
+from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where
 
 
 class TwoBatch(Statistic):
@@ -65,14 +66,8 @@ class TwoBatch(Statistic):
 
     def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
         """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
-        sizes, K = ctx.sizes, len(ctx.sizes)
-        B = float(sum(sizes))
-        red = self.lens.config.loss_reduction
-        lam = B if red == "sum" else 1.0
-        v = [1.0 / K] * K if red == "mean" else [b / B for b in sizes]
-        w = [b / (lam * vk) ** 2 for b, vk in zip(sizes, v, strict=True)]
-        c = sum(vk * vk / b for vk, b in zip(v, sizes, strict=True))
-        return w, lam, c
+        v, lam, c = micro_weights(ctx.sizes, self.lens.config.loss_reduction)
+        return [b / (lam * vk) ** 2 for b, vk in zip(ctx.sizes, v, strict=True)], lam, c
 
     def invalid(self, ctx: StepContext) -> dict[int, str]:
         if ctx.micro * ctx.world < 2:
@@ -95,7 +90,8 @@ class TwoBatch(Statistic):
         pack.sum("tb_has", lens.flags(tuple(bool(v) for v in self.sq)))
         for k in range(len(lens.layers)):
             if lens.matrix[k]:
-                units = torch.zeros(lens.unit_count(k), device=lens.device, dtype=lens.dtype)
+                units = torch.zeros(D.unit_count(lens.layers[k].param.shape, lens.layers[k].layout),
+                                    device=lens.device, dtype=lens.dtype)
                 pack.sum(f"tb_unit{k}", self._weighted(self.unit[k], w, units))
 
     @staticmethod
