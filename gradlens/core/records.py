@@ -32,7 +32,6 @@ class StepOutput:
     logging: bool
     skipped: bool
     batch: int = 0  # examples in the step, all ranks (0: unknown)
-    family_of: dict[str, str] = field(default_factory=dict)  # stat -> family
     invalid: dict[str, dict[int, str]] = field(default_factory=dict)  # family -> layer -> why
 
 
