@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             logdir = None if preset is None else root / name.replace("/", "_")
             runs[name] = Run(model, opt, preset, every, logdir)
         names = list(runs)
-        for w in range(args.warmup):
+        for _ in range(args.warmup):
             for name in names:
                 runs[name].steps(data[:args.block])
         wall: dict[str, list[float]] = {n: [] for n in names}
