@@ -100,9 +100,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
     (same parameters and names as the plain model; its hooks still fire), else ``model``.
     FSDP2 modules are returned as they are (``fully_shard`` wraps in place)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
     from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     while isinstance(model, DistributedDataParallel | DataParallel | OptimizedModule):
         model = model._orig_mod if isinstance(model, OptimizedModule) else model.module
