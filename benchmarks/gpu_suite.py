@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
                       f"{ratio:.3f}x (noise floor {floor:.3f}x)"))
     mem_kind = "peak MB" if device.type == "cuda" else "state MB"
     for size in args.sizes:
-        (a_opt, a_ms, a_mem), (s_opt, s_ms, s_mem) = scale_vs_adamw(args, device, dtype, size)
+        (_, a_ms, a_mem), (_, s_ms, s_mem) = scale_vs_adamw(args, device, dtype, size)
         table.append((f"scale vs adamw {size}", "step ms", f"{s_ms:.1f} vs {a_ms:.1f} "
                       f"({s_ms / a_ms:.2f}x)"))
         table.append((f"scale vs adamw {size}", mem_kind, f"{s_mem:.1f} vs {a_mem:.1f} "
