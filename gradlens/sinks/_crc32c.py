@@ -1,11 +1,11 @@
 """CRC-32C (Castagnoli) for TensorBoard's record format, vectorized with numpy.
 
-TensorBoard's own fallback checksums one byte per Python iteration (about 16 ms for the
-35 kB event of a ``standard`` step). Here the data is cut into lanes of ``LANE`` bytes whose
-CRCs advance together, one numpy table lookup per byte position; the lanes are then chained
-with the linear map "append ``LANE`` zero bytes" (four 256-entry tables). CRC is linear over
-GF(2): ``crc_R(A + B) = shift_|B|(crc_R(A)) ^ crc_0(B)``, which is all the chaining uses.
-Equal to ``tensorboard``'s ``crc32c`` byte for byte (tested).
+TensorBoard's own fallback checksums one byte per Python iteration (a third of the host
+time of a ``standard`` flush). Here the data is cut into lanes of ``LANE`` bytes whose CRCs
+advance together, one numpy table lookup per byte position; the lanes are then chained with
+the linear map "append ``LANE`` zero bytes" (four 256-entry tables). CRC is linear over GF(2):
+``crc_R(A + B) = shift_|B|(crc_R(A)) ^ crc_0(B)``, which is all the chaining uses. About 15x
+faster on a 40 kB event (paired, same process). Equal to ``tensorboard``'s ``crc32c`` byte for byte (tested).
 """
 
 from __future__ import annotations

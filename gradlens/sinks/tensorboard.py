@@ -16,8 +16,9 @@ What it writes (tags from :mod:`gradlens.schema`):
   layers.
 
 Scalars of one step go out as one event holding many values (much faster than one
-``add_scalar`` call per value), checksummed by a vectorized CRC-32C (``_crc32c``: about 8x
-TensorBoard's per-byte Python one). TensorBoard stores scalars as float32.
+``add_scalar`` call per value), checksummed by a vectorized CRC-32C (``_crc32c``, about 15x
+faster than TensorBoard's per-byte Python one on a 40 kB event). TensorBoard stores scalars
+as float32.
 
 The sink writes its event file itself (TensorBoard's record format, one file per sink), in
 whole records appended at each :meth:`~TensorBoardSink.flush`, so a write error is handled as
