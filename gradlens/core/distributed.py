@@ -97,20 +97,15 @@ def is_writer_rank() -> bool:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``'s
-    ``OptimizedModule`` (same parameters, names without ``module.`` / ``_orig_mod.``; hooks
-    on it still fire, inside the compiled frame), else ``model``. FSDP2 modules are returned
-    as they are (``fully_shard`` wraps in place)."""
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
+    (same parameters and names as the plain model; its hooks still fire), else ``model``.
+    FSDP2 modules are returned as they are (``fully_shard`` wraps in place)."""
+    from torch._dynamo.eval_frame import OptimizedModule
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while True:
-        if isinstance(model, DistributedDataParallel | DataParallel):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    while isinstance(model, DistributedDataParallel | DataParallel | OptimizedModule):
+        model = model._orig_mod if isinstance(model, OptimizedModule) else model.module
+    return model
 
 
 @functools.lru_cache(maxsize=1)

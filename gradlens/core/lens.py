@@ -115,7 +115,10 @@ class GradLens(DeviceConstants):
         **options: Any,
     ) -> None:
         self.config = LensConfig.from_preset(preset, log_every=log_every, **options)
-        self.model = model = D.unwrap_model(model)  # DDP: the inner module, same names
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        self.compiled = model if isinstance(model, OptimizedModule) else None
+        self.model = model = D.unwrap_model(model)  # DDP, compile: the inner module
         self.world = D.world_size()
         self.optimizer = optimizer
         self.scaler = scaler
@@ -238,8 +241,20 @@ class GradLens(DeviceConstants):
                 return f
         raise KeyError(f"no family {name!r}; enabled: {[f.name for f in self.families]}")
 
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps finalized so far."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = value
+        self._logging_next = (value + 1) % self.config.log_every == 0
+
     def logging_step(self) -> bool:
-        return (self.step_count + 1) % self.config.log_every == 0
+        """Whether the step in progress is logged. A stored bool, not arithmetic on the step:
+        a hook traced by torch.compile guards on what it reads (2 values, not one per step)."""
+        return self._logging_next
 
     def step_open(self) -> bool:
         return self.observer.step_open() or self._loss is not None

@@ -13,6 +13,9 @@
   clipping, unscaling or another edit. The squared norm before the edit is measured at the
   end of each backward on logged steps while the loop is known to edit (and on the first
   logged step, to find out).
+- **torch.compile**: the forward hooks do nothing while dynamo traces them (reading or
+  growing their lists would add guards, and a recompile per micro-batch count); the sizes
+  then come from the ``torch.compile(model)`` wrapper's own pre-hook, which runs eagerly.
 - **FSDP2**: a hook on a sharded parameter never fires (forward and backward use an unsharded
   ``nn.Parameter`` that FSDP2 creates once and reuses): a forward pre-hook of the owning
   module hooks that parameter once.
@@ -70,6 +73,9 @@ class Observer:
     def install(self) -> None:
         lens = self.lens
         self.add(lens.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        if lens.compiled is not None:  # its hooks run outside the compiled frame
+            self.add(lens.compiled.register_forward_pre_hook(self._on_model_forward,
+                                                             with_kwargs=True))
         if self.track_sizes:
             seen: set[int] = set()
             for module in self._module_of_layer:
@@ -139,6 +145,8 @@ class Observer:
         return None
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            return  # traced hooks would make the forward guard on this list: see install
         if torch.is_grad_enabled():
             b = self._batch_of(args, kwargs)
             if b is not None:
@@ -146,6 +154,8 @@ class Observer:
 
     def _size_hook(self, key: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if torch.compiler.is_compiling():
+                return
             if torch.is_grad_enabled() and not in_backward():  # not a checkpoint's rerun
                 b = self._batch_of(args, kwargs)
                 if b is not None:

@@ -1,0 +1,215 @@
+"""Lens overhead as a user meets it: default sinks, gradient accumulation, two optimizers.
+
+Each configuration is its own copy of a LLaMA (``build_llama("small")``: hidden 256, 4
+layers, vocabulary 4096, unless changed), its own optimizer (AdamW, and SCALE with its
+published groups) and, with a preset, a lens with the default sinks (``stats.csv`` and a
+TensorBoard event file) writing to a temporary run directory. A step is 2 micro-batches of
+8 x 128 random tokens (``loss / 2`` each). Every round times one block of ``--block`` steps
+per configuration (a multiple of every ``log_every``, so flushes are counted at their real
+rate), in a random order; each block's time is divided by the block time of the bare model
+with the same optimizer in the same round, and the figure is the median of those per-round
+ratios. ``bare (copy)`` is a second bare model: its ratio is the noise floor. Wall time and
+CPU time (this process, every thread) are both shown. Also the memory the lens keeps between
+steps, relative to the parameter bytes.
+
+    python benchmarks/bench_lens_user.py [--threads 1] [--rounds 15] [--vocab 4096]
+        [--layers 4] [--presets minimal standard full] [--log-every 1 10]
+        [--optimizers adamw scale] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from gradlens import GradLens
+from gradlens.data import build_llama
+from gradlens.optim import SCALE, scale_param_groups
+
+PRESETS = ("minimal", "standard", "full")
+
+
+def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (foreach) or SCALE with its published parameter groups."""
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if name == "scale":
+        return SCALE(scale_param_groups(model, lr=1e-4, lr_1d=1e-3))
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or scale")
+
+
+def tensor_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` through dicts, lists, tuples and
+    the attributes of the lens's own objects."""
+    seen = set() if seen is None else seen
+    if depth > 6 or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen, depth + 1) for v in obj)
+    if type(obj).__module__.startswith("gradlens.") and hasattr(obj, "__dict__"):
+        return sum(tensor_bytes(v, seen, depth + 1) for k, v in vars(obj).items()
+                   if k not in ("lens", "model", "optimizer", "layers", "scaler"))
+    return 0
+
+
+def lens_bytes(lens: GradLens) -> int:
+    """Bytes of every tensor the lens keeps between steps (family state, constants)."""
+    seen = {id(i.param) for i in lens.layers}  # the parameters are the model's
+    return tensor_bytes(lens._consts, seen) + sum(tensor_bytes(f, seen) for f in lens.families)
+
+
+class Run:
+    """One configuration: its own model copy, optimizer and (optionally) lens."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: str, preset: str | None,
+                 log_every: int, logdir: Path | None) -> None:
+        self.model = copy.deepcopy(model)
+        self.opt = make_optimizer(optimizer, self.model)
+        self.lens = None if preset is None else GradLens(
+            self.model, self.opt, logdir=logdir, preset=preset, log_every=log_every)
+
+    def steps(self, batches: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """Wall and CPU seconds of one optimizer step per batch (2 micro-batches each)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        for ids in batches:
+            for micro in ids.chunk(2):
+                loss = self.model(input_ids=micro, labels=micro).loss / 2
+                loss.backward()
+                if self.lens is not None:
+                    self.lens.observe_loss(loss)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def close(self) -> None:
+        if self.lens is not None:
+            self.lens.close()
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15, help="timed blocks per configuration")
+    p.add_argument("--block", type=int, default=10,
+                   help="steps per timed block (a multiple of every --log-every)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per configuration")
+    p.add_argument("--threads", type=int, choices=(1, 2), default=1, help="torch threads")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary (4096, 32000, 50257)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (4 or 8)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16, help="examples per step (2 micro-batches)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
+    p.add_argument("--log-every", nargs="+", type=int, default=[1, 10])
+    p.add_argument("--optimizers", nargs="+", choices=("adamw", "scale"),
+                   default=["adamw", "scale"])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, 2 rounds of 2-step blocks: proves the script runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.block, args.warmup, args.log_every = 2, 2, 1, [1, 2]
+    bad = [e for e in args.log_every if e < 1 or args.block % e]
+    if bad:
+        p.error(f"--block {args.block} must be a multiple of every --log-every (not {bad})")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Run the benchmark, print the table and return its rows."""
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.quick:
+        model = build_llama("tiny")
+        args.batch, args.seq = 4, 16
+    else:
+        model = build_llama("small", hidden_size=args.hidden, vocab_size=args.vocab,
+                            num_hidden_layers=args.layers,
+                            intermediate_size=int(args.hidden * 688 / 256))
+    vocab = model.config.vocab_size
+    n_batches = max(args.block, 4)
+    data = torch.randint(0, vocab, (n_batches, args.batch, args.seq))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    root = Path(tempfile.mkdtemp(prefix="gradlens-bench-"))
+    configs: list[tuple[str, str, str | None, int]] = []  # (name, optimizer, preset, every)
+    for opt in args.optimizers:
+        configs += [(f"{opt}/bare", opt, None, 1), (f"{opt}/bare (copy)", opt, None, 1)]
+        configs += [(f"{opt}/{preset}/{every}", opt, preset, every)
+                    for preset in args.presets for every in args.log_every]
+    runs: dict[str, Run] = {}
+    try:
+        for name, opt, preset, every in configs:
+            logdir = None if preset is None else root / name.replace("/", "_")
+            runs[name] = Run(model, opt, preset, every, logdir)
+        names = list(runs)
+        for _ in range(args.warmup):
+            for name in names:
+                runs[name].steps(data[:args.block])
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        rng = random.Random(0)
+        for r in range(args.rounds):
+            start = (r * args.block) % n_batches
+            batches = [data[(start + i) % n_batches] for i in range(args.block)]
+            for name in rng.sample(names, len(names)):
+                w, c = runs[name].steps(batches)
+                wall[name].append(w)
+                cpu[name].append(c)
+            if not args.quick:
+                print(f"round {r + 1}/{args.rounds}", flush=True)
+        rows = []
+        for name, opt, preset, every in configs:
+            base = f"{opt}/bare"
+
+            def ratio(times: dict[str, list[float]], n: str = name, b: str = base) -> float:
+                return statistics.median(t / u for t, u in zip(times[n], times[b], strict=True))
+
+            lens = runs[name].lens
+            mem = lens_bytes(lens) if lens is not None else 0
+            rows.append(dict(config=name, optimizer=opt, preset=preset or "-",
+                             log_every=every if preset else "-",
+                             wall=ratio(wall), cpu=ratio(cpu),
+                             floor_wall=ratio(wall, f"{opt}/bare (copy)"),
+                             floor_cpu=ratio(cpu, f"{opt}/bare (copy)"),
+                             ms=1e3 * statistics.median(wall[name]) / args.block,
+                             mem=100 * mem / param_bytes))
+    finally:
+        for run in runs.values():
+            run.close()
+        shutil.rmtree(root, ignore_errors=True)
+    shape = ("tiny" if args.quick else
+             f"hidden {args.hidden}, {args.layers} layers, vocabulary {vocab}")
+    print(f"\nLLaMA ({shape}; {param_bytes / 1e6:.1f} MB of parameters), steps of 2 x "
+          f"{args.batch // 2} x {args.seq} tokens, {args.threads} thread(s), default sinks "
+          f"(CSV + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
+          "median over rounds of (block time / bare block time, same optimizer and round).")
+    print(f"{'optimizer':9s} {'preset':9s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
+          f"{'floor wall':>10s} {'floor CPU':>9s} {'bare ms/step':>12s} {'lens memory':>11s}")
+    for row in rows:
+        if row["preset"] == "-" and not str(row["config"]).endswith("(copy)"):
+            print(f"{row['optimizer']:9s} {'bare':9s} {'-':>9s} {'1':>7s} {'1':>7s} "
+                  f"{row['floor_wall']:10.3f} {row['floor_cpu']:9.3f} {row['ms']:12.1f} "
+                  f"{'-':>11s}")
+        elif row["preset"] != "-":
+            print(f"{row['optimizer']:9s} {row['preset']:9s} {row['log_every']!s:>9s} "
+                  f"{row['wall']:7.3f} {row['cpu']:7.3f} {'':10s} {'':9s} {'':12s} "
+                  f"{row['mem']:10.2f}%")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

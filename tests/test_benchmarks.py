@@ -1,0 +1,40 @@
+"""The user-facing benchmark and the GPU suite run (tiny models, on the CPU)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_bench_lens_user_quick() -> None:
+    out = _run("benchmarks/bench_lens_user.py", "--quick", "--optimizers", "adamw", "scale")
+    lines = [line.split() for line in out.splitlines() if line.split()[:1] in (["adamw"],
+                                                                              ["scale"])]
+    rows = {(w[0], w[1], w[2]): w for w in lines}
+    for opt in ("adamw", "scale"):
+        for preset in ("minimal", "standard", "full"):
+            for every in ("1", "2"):
+                ratio = float(rows[(opt, preset, every)][3])
+                assert math.isfinite(ratio) and ratio > 0
+        assert float(rows[(opt, "standard", "1")][-1].rstrip("%")) < 5  # O(units) memory
+        assert 150 < float(rows[(opt, "full", "1")][-1].rstrip("%")) < 250  # 2x the matrices
+
+
+def test_gpu_suite_on_cpu() -> None:
+    out = _run("benchmarks/gpu_suite.py", "--device", "cpu", "--tiny")
+    assert "FAILED" not in out
+    for preset in ("minimal", "standard", "full"):
+        assert f"adamw {preset}" in out and f"scale {preset}" in out
+        assert f"{preset}: 5 steps without a sync" in out
+    assert "scale vs adamw tiny" in out
