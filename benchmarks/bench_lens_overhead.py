@@ -53,8 +53,9 @@ def lens_bytes(lens: GradLens) -> int:
             for v in obj:
                 visit(v)
 
-    for attr in ("_state", "_consts", "_temporal", "_mb_sq", "_mb_unit", "_pe_sq", "_grams"):
-        visit(getattr(lens, attr))
+    visit(lens._consts)
+    for family in lens.families:  # each family's state (the lens itself is not counted)
+        visit({k: v for k, v in vars(family).items() if k != "lens"})
     return total
 
 

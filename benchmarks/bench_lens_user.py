@@ -35,7 +35,7 @@ from gradlens import GradLens
 from gradlens.data import build_llama
 from gradlens.optim import SCALE, scale_param_groups
 
-PRESETS = ("minimal", "standard", "full")
+PRESETS = ("minimal", "standard", "gns", "full")
 
 
 def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
