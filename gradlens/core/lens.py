@@ -2,8 +2,7 @@
 
 Event flow of one optimizer step::
 
-    forward            pre-hooks on the tracked modules read their input's batch size
-                       [full] forward hooks keep each tracked layer's input
+    forward            pre-hooks read the batch size; [full] forward hooks keep layer inputs
     loss.backward()    parameter hooks count micro-batches and hand their gradients to the
                        families that need them (logged steps); post-accumulate hooks note
                        each p.grad's version, to see edits between backward and step
@@ -30,7 +29,6 @@ are collective; only rank 0 writes; edits between backward and step are not chec
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -235,15 +233,11 @@ class GradLens(DeviceConstants):
     # ------------------------------------------------------------------ helpers for families
 
     def family(self, name: str) -> Statistic:
-        """The enabled family called ``name`` (KeyError naming the enabled ones)."""
-        for f in self.families:
-            if f.name == name:
-                return f
-        raise KeyError(f"no family {name!r}; enabled: {[f.name for f in self.families]}")
+        """The enabled family called ``name``."""
+        return next(f for f in self.families if f.name == name)
 
     @property
-    def step_count(self) -> int:
-        """Optimizer steps finalized so far."""
+    def step_count(self) -> int:  # optimizer steps finalized so far
         return self._step_count
 
     @step_count.setter
@@ -264,15 +258,6 @@ class GradLens(DeviceConstants):
 
     def add_histogram(self, step: int, layer: str, edges, counts, moments) -> None:
         self._pending.append((step, "hist", (layer, edges, counts, moments)))
-
-    def note_validity(self, family: str, reason: str) -> bool:
-        """True the first time (family, reason) is seen; warns then."""
-        if (family, reason) in self._validity_seen:
-            return False
-        self._validity_seen.add((family, reason))
-        warnings.warn(f"gradlens: {family} statistics are NaN where {reason}", RuntimeWarning,
-                      stacklevel=3)
-        return True
 
     # ------------------------------------------------------------------ the step (on device)
 

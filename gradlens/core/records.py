@@ -8,6 +8,7 @@ device tensors, the validity mask and reasons), ``hist``, ``row`` (host scalars)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +128,17 @@ def validity_events(lens: GradLens, step: int, values: dict[str, list[float]],
     for fam, bad in reasons.items():
         for k, reason in bad.items():
             layer = GLOBAL if k < 0 else lens.layers[k].name
-            if lens.note_validity(fam, reason):
+            if _first_time(lens, fam, reason):
                 found.append(SpikeEvent(step, layer, "validity", math.nan, math.nan,
                                         family=fam, reason=reason))
     return found
+
+
+def _first_time(lens: GradLens, family: str, reason: str) -> bool:
+    """True the first time (family, reason) is seen in this run; warns then."""
+    if (family, reason) in lens._validity_seen:
+        return False
+    lens._validity_seen.add((family, reason))
+    warnings.warn(f"gradlens: {family} statistics are NaN where {reason}", RuntimeWarning,
+                  stacklevel=4)
+    return True
