@@ -1,0 +1,58 @@
+"""Norms and spike detectors under bad steps: an all-NaN layer has NaN norms (not 0), and a
+non-finite step never enters a detector, so a later real spike still scores high."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradlens import GradLens
+
+
+def _run(nan_at: int | None, spike_at: int, steps: int = 45):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    lens = GradLens(model, preset="minimal")
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        x = torch.randn(16, 8, generator=g)
+        model(x).pow(2).mean().backward()
+        if step == nan_at:
+            for p in model.parameters():
+                p.grad.fill_(math.nan)  # a NaN loss: every gradient entry NaN
+        if step == spike_at:
+            model[2].weight.grad.mul_(100.0)
+        lens.step()
+        model.zero_grad()
+    lens.flush()
+    df = lens.memory.frame()
+    events = list(lens.memory.events)
+    lens.close()
+    return df, events
+
+
+def _value(df, step, layer, stat):
+    sel = df[(df.step == step) & (df.layer == layer) & (df.stat == stat)]
+    return float(sel.value.iloc[0])
+
+
+def test_all_nan_layer_has_nan_norms_and_counts():
+    df, events = _run(nan_at=5, spike_at=1000, steps=6)
+    assert math.isnan(_value(df, 5, "2.weight", "grad_norm"))
+    assert math.isnan(_value(df, 5, "global", "grad_norm"))
+    assert _value(df, 5, "2.weight", "nonfinite_count") == 32
+    assert _value(df, 4, "2.weight", "grad_norm") > 0
+    assert {(e.step, e.kind) for e in events if e.kind == "nonfinite"} >= {(5, "nonfinite")}
+
+
+def test_nan_step_in_warmup_leaves_the_detector_sharp():
+    clean, clean_events = _run(nan_at=None, spike_at=40)
+    dirty, dirty_events = _run(nan_at=5, spike_at=40)
+    z_clean = _value(clean, 40, "2.weight", "grad_norm_z")
+    z_dirty = _value(dirty, 40, "2.weight", "grad_norm_z")
+    assert z_clean > 9 and z_dirty == pytest.approx(z_clean, rel=0.25)
+    assert math.isnan(_value(dirty, 5, "2.weight", "grad_norm_z"))  # never scored
+    for events in (clean_events, dirty_events):
+        assert (40, "2.weight") in {(e.step, e.layer) for e in events if e.kind == "grad_norm"}
