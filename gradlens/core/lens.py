@@ -289,7 +289,7 @@ class GradLens(DeviceConstants):
             contrib = self.mask([s.contributes for s in shards])
             sq = torch.where(contrib, sq, 0.0)
             nonfinite = torch.where(contrib, nonfinite, 0.0)
-        sizes, size_note = obs.sizes(micro) if obs.track_sizes else ([], None)
+        sizes, size_note = obs.sizes(micro) if obs.track_sizes and logging else ([], None)
         edited, measured = obs.edits(grads)
         pre_sq = None
         if edited is not None and any(edited) and measured:

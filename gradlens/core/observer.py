@@ -4,8 +4,9 @@
   micro-batch's gradient to the families that asked (logged steps). In one process the first
   micro-batch costs nothing: at the second, ``p.grad`` still holds exactly the first (the
   hook runs before autograd accumulates; grads are zeroed between steps).
-- **Batch sizes**: a forward pre-hook on each module owning a tracked parameter reads the
-  batch dimension of its first tensor input (a shape, never a value). The micro-batch sizes
+- **Batch sizes**: on logged steps, a forward pre-hook on each module owning a tracked
+  parameter reads the batch dimension of its first tensor input (a shape, never a value;
+  a checkpoint's recomputation in backward is not counted). The micro-batch sizes
   are the list most modules agree on; modules that ran more often (shared, checkpointed)
   are not counted, and a disagreement is reported once.
 - **Edits between backward and step**: a post-accumulate hook records each ``p.grad``'s
@@ -147,7 +148,7 @@ class Observer:
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
             return  # traced hooks would make the forward guard on this list: see install
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.lens.logging_step():  # sizes serve logged steps
             b = self._batch_of(args, kwargs)
             if b is not None:
                 self.model_sizes.append(b)
@@ -156,7 +157,7 @@ class Observer:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if torch.compiler.is_compiling():
                 return
-            if torch.is_grad_enabled() and not in_backward():  # not a checkpoint's rerun
+            if torch.is_grad_enabled() and self.lens.logging_step() and not in_backward():
                 b = self._batch_of(args, kwargs)
                 if b is not None:
                     self.module_sizes.setdefault(key, []).append(b)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradlens.core import distributed as D
+from gradlens.schema import STATS
 from gradlens.sinks.base import Sink
 from gradlens.sinks.base import close_sink as _close_sink
 
@@ -55,8 +56,9 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         "log_every": lens.config.log_every,
         "loss_reduction": lens.config.loss_reduction,
         "world_size": lens.world,
-        "stats": lens.config.stat_names() + [s for f in lens.families
-                                             if f.name not in _BUILTIN for s in f.emits],
+        "stats": lens.config.stat_names() + [  # and the user families' (registered "custom")
+            s for f in lens.families for s in f.emits
+            if s in STATS and STATS[s].family == "custom"],
         "layers": [
             {"name": i.name, "role": i.role.value, "layout": i.layout,
              "shape": list(i.param.shape), "numel": i.numel,
@@ -70,8 +72,6 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         sink.open(run_meta)
 
 
-_BUILTIN = {"norms", "spikes", "columns", "twobatch", "per_example", "temporal", "histograms",
-            "spam"}
 _io_warned: set[int] = set()
 
 
