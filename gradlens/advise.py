@@ -161,8 +161,8 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
             ev.setdefault("missing", "no grad_lag, noise-scale or temporal statistics")
         else:
             lag = drift * beta**2 / (1 - beta**2)
-            ema = n * ema_mse_ratio(beta, rho) + lag
-            ratio = ema / n if n > 0 else math.inf
+            # EMA over raw squared error, (n V + lag) / n: all noise (n = inf) gives V
+            ratio = ema_mse_ratio(beta, rho) + lag / n if n > 0 else math.inf
             advise = n >= min_noise and ratio <= max_ratio
         out.append(MomentumAdvice(str(layer), str(roles.get(layer, "")), bool(advise), n, rho,
                                   ratio, 4 * numels.get(str(layer), 0), ev))

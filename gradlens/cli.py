@@ -22,10 +22,15 @@ def _demo(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from gradlens.compare import run_compare
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_compare(
         out_dir=args.out, optimizers=args.optimizers, lr_factors=args.lr_factors,
         steps=args.steps, size=args.size, corpus=args.corpus, seed=args.seed,
         preset=args.preset, progress=not args.quiet, seeds=args.seeds,
+        sweep_seeds=args.sweep_seeds,
     )
     return 0
 
@@ -93,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, default=1,
                          help="seeds per (optimizer, lr): mean +- std and a bootstrap 95%% CI "
                               "of the held-out loss, best lr on the seed mean")
+    compare.add_argument("--sweep-seeds", type=int, default=None, metavar="K",
+                         help="tune, then confirm: the lr sweep runs the first K seeds, the "
+                              "other seeds run only at each optimizer's best lr (default: all)")
     compare.add_argument("--preset", default="full", choices=list(PRESETS),
                          help="lens preset of every run (default: full, every estimator)")
+    compare.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (default: torch's)")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
 

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,7 @@ def sweep_points(optimizers: Sequence[str], lr_factors: Sequence[float],
     """``(optimizer, lr)`` pairs: each optimizer's base lr (``lrs``, else the demo-scale
     :data:`gradlens.experiment.DEFAULT_LRS`, else the registry's published value) times every
     factor."""
-    from gradlens.experiment import default_lr
-    from gradlens.optim.registry import OPTIMIZERS
+    from gradlens.experiment import OPTIMIZERS, default_lr
 
     points = []
     for name in optimizers:
@@ -73,6 +72,7 @@ def run_compare(
     progress: bool = True,
     lrs: dict[str, float] | None = None,
     seeds: int = 1,
+    sweep_seeds: int | None = None,
     **config: Any,
 ) -> list[dict[str, Any]]:
     """Run the sweep (skipping finished runs), then write the table, curves and report.
@@ -81,11 +81,17 @@ def run_compare(
     directories ``<optimizer>-lr<lr>-seed<s>``, each resumable on its own); the table then
     has the mean, standard deviation and bootstrap 95% CI of the held-out loss over seeds,
     and the best lr is the one with the lowest seed mean (:func:`comparison_rows`).
+    ``sweep_seeds = K < seeds`` tunes first and confirms after: the lr sweep runs the first
+    ``K`` seeds, then the other ``seeds - K`` run only at each optimizer's best lr on the
+    ``K``-seed mean (the cost of ``K`` sweeps plus ``seeds - K`` runs per optimizer).
 
     Returns the comparison rows (one per optimizer, at its best lr).
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds!r}")
+    sweep_seeds = seeds if sweep_seeds is None else sweep_seeds
+    if not 1 <= sweep_seeds <= seeds:
+        raise ValueError(f"sweep_seeds must be in 1..seeds={seeds}, got {sweep_seeds!r}")
     from gradlens import GradLens
     from gradlens.data.batches import prepare_data
 
@@ -100,19 +106,28 @@ def run_compare(
     data = None
     session = f"{os.getpid()}-{time.time():.0f}"
     every = max(1, min(5, steps // 20))  # enough logged steps for the report's verdicts
-    runs = [(name, lr, seed + j) for name, lr in points for j in range(seeds)]
-    for i, (name, lr, run_seed) in enumerate(runs, start=1):
+    sweep = [(name, lr, seed + j) for name, lr in points for j in range(sweep_seeds)]
+    n_runs = len(sweep) + len(optimizers) * (seeds - sweep_seeds)
+
+    def confirm() -> list[tuple[str, float, int]]:  # the other seeds at each best lr
+        if sweep_seeds == seeds:
+            return []
+        tuned = _best_lrs(_load_results(out), [s for s in range(seed, seed + sweep_seeds)])
+        return [(name, tuned[name], seed + j) for name in optimizers
+                for j in range(sweep_seeds, seeds)]
+
+    for i, (name, lr, run_seed) in enumerate(_chain(sweep, confirm), start=1):
         run_dir = out / "runs" / (f"{name}-lr{_lr_tag(lr)}" if seeds == 1
                                   else f"{name}-lr{_lr_tag(lr)}-seed{run_seed}")
         if (run_dir / "result.json").is_file():
             if progress:
-                print(f"[{i}/{len(runs)}] {run_dir.name}: done already, skipped", flush=True)
+                print(f"[{i}/{n_runs}] {run_dir.name}: done already, skipped", flush=True)
             continue
         if data is None:
             data = prepare_data(cfg.corpus, cfg.tokenizer_vocab_size(), cfg.cache_dir,
                                 cfg.eval_fraction)
         if progress:
-            print(f"[{i}/{len(runs)}] {run_dir.name}", flush=True)
+            print(f"[{i}/{n_runs}] {run_dir.name}", flush=True)
         cfg.lrs = {name: lr}
         cfg.seed = run_seed
 
@@ -130,6 +145,12 @@ def run_compare(
     rows = comparison_rows(out)
     write_outputs(out, rows, progress=progress)
     return rows
+
+
+def _chain(first: list, then: Callable[[], list]):
+    """``first``'s items, then those of ``then()``, called only once ``first`` is done."""
+    yield from first
+    yield from then()
 
 
 def _load_results(out: Path) -> list[dict[str, Any]]:
@@ -163,25 +184,55 @@ def seed_summary(losses: Sequence[float], n_boot: int = 2000, seed: int = 0
             "n_seeds": len(x)}
 
 
-def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per optimizer at its best lr (lowest finite eval loss, or with several seeds
-    the lowest seed mean), relative to AdamW."""
-    results = _load_results(Path(out_dir))
+def _groups(results: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Finished runs by ``(optimizer, lr)``, each with ``_name``, ``_seed`` and ``_loss``
+    (+inf where the held-out loss is missing or not finite)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in results:
         name = r["info"].get("optimizer_name") or r["info"]["optimizer"].get("name")
         loss = r.get("eval_loss")
-        loss = math.inf if loss is None or not math.isfinite(loss) else loss
-        r["_loss"] = loss
-        r["_name"] = name
+        r["_loss"] = math.inf if loss is None or not math.isfinite(loss) else loss
+        r["_name"], r["_seed"] = name, r["info"].get("seed", 0)
         groups.setdefault((name, float(r["info"].get("lr") or 0.0)), []).append(r)
+    for members in groups.values():
+        members.sort(key=lambda m: m["_seed"])
+    return groups
+
+
+def _best_lrs(results: list[dict[str, Any]], seeds: Sequence[int] | None = None
+              ) -> dict[str, float]:
+    """Per optimizer, the lr of the lowest mean held-out loss over ``seeds`` (None: the
+    seeds that every lr of that optimizer has, so that a confirmation seed run at one lr
+    only does not decide)."""
+    groups = _groups(results)
+    names = dict.fromkeys(name for name, _ in groups)
+    best: dict[str, float] = {}
+    for name in names:
+        lrs = {lr: members for (n, lr), members in groups.items() if n == name}
+        common = (set(seeds) if seeds is not None
+                  else set.intersection(*({m["_seed"] for m in ms} for ms in lrs.values())))
+
+        def score(lr: float, common=common, lrs=lrs) -> float:
+            losses = [m["_loss"] for m in lrs[lr] if m["_seed"] in common]
+            return sum(losses) / len(losses) if losses else math.inf
+
+        best[name] = min(lrs, key=score)
+    return best
+
+
+def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per optimizer at its best lr (lowest finite eval loss; with several seeds the
+    lowest mean over the seeds every lr has), relative to AdamW; with several seeds the row's
+    mean, std and CI are over all seeds at that lr."""
+    results = _load_results(Path(out_dir))
+    groups = _groups(results)
     best: dict[str, dict[str, Any]] = {}
     summaries: dict[str, dict[str, float]] = {}
-    for (name, _), members in groups.items():
-        summary = seed_summary([m["_loss"] for m in members])
-        if name not in best or summary["loss_mean"] < summaries[name]["loss_mean"]:
-            members.sort(key=lambda m: m["info"].get("seed", 0))
-            best[name], summaries[name] = members[0], summary
+    curves: dict[str, list[list[float]]] = {}
+    for name, lr in _best_lrs(results).items():
+        members = groups[(name, lr)]
+        best[name], summaries[name] = members[0], seed_summary([m["_loss"] for m in members])
+        curves[name] = [m["losses"] for m in members]
     if "adamw" not in best:
         raise ValueError("no finished AdamW run to compare with")
     ref = best["adamw"]
@@ -208,6 +259,7 @@ def comparison_rows(out_dir: str | Path) -> list[dict[str, Any]]:
             if r["eval_loss"] is not None and ref["eval_loss"] else math.nan,
             "run_dir": r["run_dir"],
             "losses": r["losses"],
+            "seed_losses": curves[name],
         })
         if multi:  # several seeds: the seed means decide and compare
             rows[-1].update(summaries[name])
@@ -224,7 +276,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], progress: bool = True) 
 
     from gradlens.report.build import build_report
 
-    table = pd.DataFrame([{k: v for k, v in r.items() if k != "losses"} for r in rows])
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("losses", "seed_losses")}
+                          for r in rows])
     table.to_csv(out / "comparison.csv", index=False)
     cols = ["optimizer", "best_lr", "best_eval_loss", "eval_ppl", "loss_vs_adamw", "tokens",
             "optimizer_state_bytes", "weights_plus_state_vs_adamw", "step_time_vs_adamw"]
@@ -247,6 +300,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], progress: bool = True) 
 
 
 def _loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -254,11 +308,20 @@ def _loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for r in rows:
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"],
-                label=f"{r['optimizer']} (lr {r['best_lr']:.1e})")
+        runs = r.get("seed_losses") or [r["losses"]]
+        length = min(len(c) for c in runs)
+        curve = np.array([c[:length] for c in runs], dtype=float)
+        steps = np.arange(1, length + 1)
+        label = f"{r['optimizer']} (lr {r['best_lr']:.1e}" + (
+            f", {len(runs)} seeds)" if len(runs) > 1 else ")")
+        (line,) = ax.plot(steps, curve.mean(axis=0), label=label)
+        if len(runs) > 1:  # the band: seed mean +- one standard deviation
+            spread = curve.std(axis=0, ddof=1)
+            ax.fill_between(steps, curve.mean(axis=0) - spread, curve.mean(axis=0) + spread,
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("best run of each optimizer")
+    ax.set_title("best lr of each optimizer (band: +-1 std over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,3 +21,16 @@ def tiny_llama():
     from gradlens.data import build_llama
 
     return build_llama("tiny", seed=0)
+
+
+@pytest.fixture
+def corpus_file(tmp_path, monkeypatch):
+    """A small text file of random words (and a private tokenizer cache): runs that train."""
+    import numpy as np
+
+    monkeypatch.setenv("GRADLENS_CACHE", str(tmp_path / "cache"))
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "mind"]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words, 600)) for _ in range(4)))
+    return path

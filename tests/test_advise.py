@@ -139,3 +139,45 @@ def test_layers_without_evidence_get_no_advice():
     advice = advise_momentum(df)
     assert [(a.layer, a.momentum) for a in advice] == [("a", False), ("b", False)]
     assert all(math.isnan(a.noise_to_signal) for a in advice)
+
+
+def test_advisor_study_runs_scale_with_momentum_on_the_advised_matrices(tmp_path, corpus_file):
+    """scripts/advisor_study.py on a finished comparison: the probe, the advice table, and
+    the advised SCALE whose optimizer state is exactly one buffer per advised matrix."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from gradlens.compare import run_compare
+
+    out = tmp_path / "cmp"
+    run_compare(out, optimizers=("adamw", "scale"), lr_factors=(1.0,), steps=4, size="tiny",
+                corpus=str(corpus_file), preset="minimal", progress=False, seq_len=16,
+                batch_size=2, grad_accum=2, eval_batches=1, vocab_size=300,
+                model_overrides={"vocab_size": 300}, seeds=2)
+    script = Path(__file__).parents[1] / "scripts" / "advisor_study.py"
+    spec = importlib.util.spec_from_file_location("advisor_study", script)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    with pytest.raises(SystemExit, match="ran 4"):
+        study.main(["--out", str(out), "--steps", "5", "--quiet"])
+    assert study.main(["--out", str(out), "--seeds", "2", "--preset", "minimal", "--quiet"]) == 0
+
+    advice = pd.read_csv(out / "advisor" / "advice.csv")
+    assert advice["noise_to_signal"].notna().all()  # grad_lag evidence on every layer
+    assert set(advice["source"]) == {"grad_lag"}
+    table = pd.read_csv(out / "comparison.csv").set_index("optimizer")
+    assert set(table.index) == {"adamw", "scale", "scale_advised", "colnorm_sgd_momentum_all"}
+    assert (table["n_seeds"] == 2).all()
+    assert table.loc["scale_advised", "best_lr"] == table.loc["scale", "best_lr"]
+    advised = advice[advice["momentum"] & (advice["role"] != "vector")]
+    run = next(p for p in (out / "runs").glob("scale_advised-*/result.json"))
+    info = json.loads(run.read_text())["info"]["optimizer"]
+    assert info["momentum_layers"] == list(advised["layer"])
+    # SCALE's state: AdamW's two moments on 1-D tensors + one fp32 buffer per momentum matrix
+    output = advice.loc[advice["role"] == "output", "buffer_bytes"].sum()
+    expected = (table.loc["scale", "optimizer_state_bytes"] - output
+                + advised["buffer_bytes"].sum())
+    assert table.loc["scale_advised", "optimizer_state_bytes"] == expected

@@ -5,20 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gradlens.compare import comparison_rows, run_compare, sweep_points
-
-
-@pytest.fixture
-def corpus_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADLENS_CACHE", str(tmp_path / "cache"))
-    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "mind"]
-    rng = np.random.default_rng(0)
-    path = tmp_path / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words, 600)) for _ in range(4)))
-    return path
 
 
 def test_sweep_points_scale_the_default_lrs():
@@ -144,3 +133,41 @@ def test_compare_seeds_runs_and_resumes_each_seed(tmp_path, corpus_file, capsys)
     run_compare(out, **kw)
     printed = capsys.readouterr().out
     assert f"{dirs[0]}: done already, skipped" in printed and f"{dirs[1]}: done" not in printed
+
+
+def test_best_lr_is_chosen_on_the_seeds_every_lr_has(tmp_path):
+    """Tune on seed 0, confirm seeds 1-2 at the tuned lr: the confirmation seeds do not take
+    part in the choice (their worse mean would otherwise hand the win to the other lr), and
+    the row's statistics are over all three seeds of the chosen lr."""
+    runs = {("adamw", 1e-3): {0: 5.0, 1: 5.6, 2: 5.8}, ("adamw", 2e-3): {0: 5.1}}
+    for (name, lr), by_seed in runs.items():
+        for seed, loss in by_seed.items():
+            _fake_result(tmp_path / "runs" / f"{name}-lr{lr:.2e}-seed{seed}", name, lr, seed,
+                         loss)
+    row = comparison_rows(tmp_path)[0]
+    assert row["best_lr"] == 1e-3 and row["n_seeds"] == 3
+    assert row["loss_mean"] == pytest.approx((5.0 + 5.6 + 5.8) / 3)
+    assert len(row["seed_losses"]) == 3
+
+
+def test_sweep_seeds_tunes_then_confirms_at_the_best_lr(tmp_path, corpus_file, capsys):
+    out = tmp_path / "cmp"
+    kw = dict(optimizers=("adamw", "scale"), lr_factors=(0.5, 2.0), steps=2, size="tiny",
+              corpus=str(corpus_file), preset="minimal", progress=True, seq_len=16,
+              batch_size=2, grad_accum=1, eval_batches=1, vocab_size=300,
+              model_overrides={"vocab_size": 300}, seeds=3, sweep_seeds=1)
+    rows = run_compare(out, **kw)
+    results = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
+    assert len(results) == 2 * 2 + 2 * 2  # the sweep on seed 0, then seeds 1-2 at one lr each
+    for name in ("adamw", "scale"):
+        seed0 = {r["info"]["lr"]: r["eval_loss"] for r in results
+                 if r["info"]["optimizer_name"] == name and r["info"]["seed"] == 0}
+        tuned = min(seed0, key=seed0.get)
+        confirm = {r["info"]["lr"] for r in results
+                   if r["info"]["optimizer_name"] == name and r["info"]["seed"] > 0}
+        assert confirm == {tuned}
+        row = next(r for r in rows if r["optimizer"] == name)
+        assert row["best_lr"] == tuned and row["n_seeds"] == 3
+    assert "[8/8]" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="sweep_seeds"):
+        run_compare(out, **{**kw, "sweep_seeds": 4})
