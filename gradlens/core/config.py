@@ -64,6 +64,9 @@ class LensConfig:
             Gray et al. 2024; the ``gns`` preset).
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
+        background_io: the file sinks (table, TensorBoard) write on a writer thread
+            (:mod:`gradlens.core.writer`: ``close()`` waits for it; a SIGKILL loses the flushes
+            still queued, at most 4). False: every flush is on disk when ``step()`` returns.
     """
 
     preset: str = "standard"
@@ -84,6 +87,7 @@ class LensConfig:
     per_example_scope: str = "all"
     batch_dim: int = 0
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    background_io: bool = True
 
     @classmethod
     def from_preset(cls, preset: str = "standard", **overrides: object) -> LensConfig:

@@ -45,6 +45,7 @@ from gradlens.core.intermediates import Intermediates
 from gradlens.core.observer import Observer
 from gradlens.core.records import StepOutput, device_tensors, to_records
 from gradlens.core.selection import select_layers
+from gradlens.core.writer import BackgroundWriter
 from gradlens.families import Statistic, StepContext, builtin_families, register_statistic
 from gradlens.families.base import mask_layers
 from gradlens.families.guard import SpikeGuard
@@ -130,6 +131,7 @@ class GradLens(DeviceConstants):
         self.logdir = Path(logdir) if logdir is not None else None
         self.sinks, self.memory = R.default_sinks(self.logdir, list(sinks or []), table_format,
                                                   tensorboard)
+        self._writer = BackgroundWriter() if self.config.background_io else None
         self.step_count = 0
         self._closed = False
         self._stepped = False  # optimizer.step() ran since the scaler's last update()
@@ -187,6 +189,8 @@ class GradLens(DeviceConstants):
         try:
             self.flush()
         finally:
+            if self._writer is not None:
+                self._writer.close()  # every queued flush written before the sinks close
             for sink in self.sinks:
                 R.close_sink(sink, ended)
 
@@ -378,12 +382,20 @@ class GradLens(DeviceConstants):
 
     # ------------------------------------------------------------------ flush (host side)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         """Move pending statistics to the host in ONE transfer and hand them to the sinks.
 
         Under torch.distributed this first completes the steps since the last logged one
-        (ONE all-reduce): call it on every rank. Ranks other than 0 transfer nothing.
+        (ONE all-reduce): call it on every rank. Ranks other than 0 transfer nothing. The file
+        sinks write on the writer thread (``background_io``); ``wait=True`` returns once they
+        have (as ``close()`` does).
         """
+        if wait and self._writer is not None:
+            try:
+                self.flush()
+            finally:
+                self._writer.drain()
+            return
         if self._deferred:
             self._complete()
         if not self._pending:
@@ -396,4 +408,7 @@ class GradLens(DeviceConstants):
         host = flat.cpu().tolist() if flat is not None else []  # the one intentional sync
         rows, events, hists = to_records(self, pending, host)
         for sink in self.sinks:
-            R.write_sink(sink, rows, hists, events)
+            if sink.background and self._writer is not None:
+                self._writer.submit(sink, rows, hists, events)
+            else:
+                R.write_sink(sink, rows, hists, events)

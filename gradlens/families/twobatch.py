@@ -56,13 +56,16 @@ class TwoBatch(Statistic):
         self.unit: list[list[torch.Tensor]] = [[] for _ in range(L)]
 
     def _on_grad(self, k: int, g: torch.Tensor) -> None:
-        """One micro-batch's gradient of layer k (on logged steps)."""
+        """One micro-batch's gradient of layer k (on logged steps): one reduction, no copy; a
+        non-finite entry makes the layer's estimates NaN at that step (the step's
+        ``nonfinite`` event says why)."""
         if self.lens.matrix[k]:
-            u = S.unit_sq_norms(g, self.lens.layers[k].layout)
+            u = S.unit_sq_norms_propagating(g, self.lens.layers[k].layout)
             self.unit[k].append(u)
             self.sq[k].append(u.sum())
         else:
-            self.sq[k].append(S.finite_sq_norm(g))
+            self.sq[k].append(torch.linalg.vector_norm(
+                g, dtype=S.accumulation_dtype(g.dtype)).square())
 
     def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
         """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
@@ -125,6 +128,7 @@ class TwoBatch(Statistic):
         a = a / scale2
         y = raw / lam**2
         trace = (a - B * y) / (K - B * c)
+        trace = torch.where(torch.isfinite(a), trace, nan)  # a non-finite micro-batch
         signal = y - c * trace
         trace, signal = nan_where(trace, ok), nan_where(signal, ok)
         st = self.state

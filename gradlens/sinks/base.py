@@ -218,9 +218,12 @@ class Sink(ABC):
         ended: ``None`` while open, then the ``ended`` given to the first :meth:`close`.
         rows_dropped: rows (events, histograms) this sink could not write and gave up on; 0 for
             a sink that cannot fail.
+        background: the lens may write it on its writer thread (:mod:`gradlens.core.writer`):
+            only for sinks that nothing reads while the run trains (False by default).
     """
 
     meta: dict[str, Any]
+    background: bool = False
     _opened: bool = False
     _closed: bool = False
     ended: str | None = None

@@ -198,6 +198,8 @@ class TableSink(Sink):
             unwritten at :meth:`close`).
     """
 
+    background = True
+
     def __init__(
         self,
         logdir: str | os.PathLike[str],

@@ -94,6 +94,8 @@ class TensorBoardSink(Sink):
         rows_dropped: values given up on (backlog cap, or unwritten at :meth:`close`).
     """
 
+    background = True
+
     def __init__(
         self,
         logdir: str | os.PathLike[str],

@@ -25,6 +25,7 @@ from gradlens.stats.columns import (
     unit_fan_sq_norms,
     unit_rms,
     unit_sq_norms,
+    unit_sq_norms_propagating,
 )
 from gradlens.stats.norms import (
     SUMMARY_FIELDS,
@@ -133,6 +134,7 @@ __all__ = [
     "unit_noise_to_signal_ratios",
     "unit_rms",
     "unit_sq_norms",
+    "unit_sq_norms_propagating",
     "within_batch_trace",
     "zscore_init",
     "zscore_update",

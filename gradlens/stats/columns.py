@@ -49,6 +49,7 @@ __all__ = [
     "unit_fan_sq_norms",
     "unit_rms",
     "unit_sq_norms",
+    "unit_sq_norms_propagating",
 ]
 
 #: Order of the entries returned by :func:`spread` (schema names ``unit_rms_<field>``).
@@ -75,6 +76,16 @@ def unit_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
     """
     u = _units(finite_copy(g), layout)
     return u.square().sum(dim=1)
+
+
+def unit_sq_norms_propagating(g: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-output-unit squared norms ``sum_j G_ij**2`` in ONE reduction, without the finite
+    copy of :func:`unit_sq_norms`: a unit with a NaN/Inf entry is NaN/Inf (and so is the sum
+    of the vector), every other unit is the same. For the hot path of estimators that turn a
+    non-finite input into NaN anyway (a third of the memory traffic of the masked version).
+    """
+    acc = accumulation_dtype(g.dtype)
+    return torch.linalg.vector_norm(_units(g, layout), dim=1, dtype=acc).square()
 
 
 def fan_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:

@@ -56,3 +56,50 @@ def test_nan_step_in_warmup_leaves_the_detector_sharp():
     assert math.isnan(_value(dirty, 5, "2.weight", "grad_norm_z"))  # never scored
     for events in (clean_events, dirty_events):
         assert (40, "2.weight") in {(e.step, e.layer) for e in events if e.kind == "grad_norm"}
+
+
+def test_a_nan_micro_batch_makes_two_batch_nan_on_that_layer_only():
+    """One micro-batch of one layer carries a NaN entry (inserted in its backward, before
+    accumulation): that layer's two-batch trace, signal and per-element variance are NaN at
+    that step (not a sum over the
+    finite entries, which the masked norms of the step gradient would turn into a confident
+    number), the other layers' equal those of the same step without the NaN, and the
+    noise-scale EMA goes on afterwards."""
+    def run(poison: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 4))
+        armed = [False]
+
+        def nan_entry(grad):  # registered before the lens: its hooks see what this returns
+            if not armed[0]:
+                return grad
+            grad = grad.clone()
+            grad[0, 0] = math.nan
+            return grad
+
+        model[2].weight.register_hook(nan_entry)
+        lens = GradLens(model, preset="standard")
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 5):
+            for micro in range(2):
+                x = torch.randn(8, 8, generator=g)
+                armed[0] = poison and step == 3 and micro == 1
+                (model(x).pow(2).mean() / 2).backward()
+            armed[0] = False
+            lens.step()
+            model.zero_grad()
+        lens.flush()
+        df = lens.memory.frame()
+        lens.close()
+        return df
+
+    clean, dirty = run(False), run(True)
+    for stat in ("twobatch_trace", "twobatch_signal", "var_per_element", "unit_nsr_mean"):
+        if stat != "unit_nsr_mean":
+            assert math.isnan(_value(dirty, 3, "2.weight", stat)), stat
+        assert _value(dirty, 3, "0.weight", stat) == pytest.approx(
+            _value(clean, 3, "0.weight", stat), rel=1e-6)
+    # per unit, only the unit holding the NaN drops out: the others' mean stays a number
+    assert math.isfinite(_value(dirty, 3, "2.weight", "unit_nsr_mean"))
+    assert math.isfinite(_value(dirty, 4, "2.weight", "noise_scale"))

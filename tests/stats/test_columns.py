@@ -177,3 +177,27 @@ def test_batched_histograms_equal_individual():
     ref, _ = np.histogram(np64(rs[0]), bins=np64(hists[0][0]))
     np.testing.assert_array_equal(np64(hists[0][1])[1:], ref)
     assert float(hists[5][1].sum()) == 0.0 and float(moments[5][2]) == 0.0
+
+
+def test_unit_sq_norms_propagating_matches_the_masked_kernel_and_propagates():
+    import numpy as np
+
+    from gradlens import stats as S
+
+    rng = np.random.default_rng(4)
+    for layout, shape in (("linear", (6, 5)), ("conv1d", (5, 6)), ("embedding", (7, 3)),
+                          ("other", (4, 2, 3))):
+        g = torch.from_numpy(rng.standard_normal(shape))
+        units = g.reshape(g.shape[0], -1).numpy()
+        if layout in ("conv1d", "embedding"):
+            units = units.T
+        ref = (units.astype(np.float64) ** 2).sum(axis=1)
+        np.testing.assert_allclose(S.unit_sq_norms_propagating(g, layout).numpy(), ref,
+                                   rtol=1e-13)
+        np.testing.assert_allclose(S.unit_sq_norms(g, layout).numpy(), ref, rtol=1e-13)
+    g = torch.randn(4, 3)
+    g[1, 2] = float("inf")
+    out = S.unit_sq_norms_propagating(g, "linear")
+    assert torch.isinf(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
+    bf = torch.randn(4, 8).to(torch.bfloat16)
+    assert S.unit_sq_norms_propagating(bf, "linear").dtype == torch.float32
