@@ -141,15 +141,14 @@ class TwoBatch(Statistic):
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
         units_big = ctx.shared.units(red)
-        med, mean = [], []
+        med, mean = [nan] * L, [nan] * L
+        by_length: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for k in range(L):
             if f"tb_unit{k}" in red and has is not None:
                 u_a = torch.where(has[k], red[f"tb_unit{k}"], nan)
             elif self.unit[k] and units_big[k] is not None:
                 u_a = self._weighted(self.unit[k], w, nan)
             else:
-                med.append(nan)
-                mean.append(nan)
                 continue
             u_y = units_big[k]
             if unit_factor is not None:
@@ -157,9 +156,12 @@ class TwoBatch(Statistic):
                              and unit_factor.ndim else unit_factor)
             u_y = u_y / lam**2
             u_trace = (u_a / scale2 - B * u_y) / (K - B * c)
-            m, mu = S.noise_to_signal_summary(u_trace, u_y - c * u_trace)
-            med.append(m)
-            mean.append(mu)
+            by_length.setdefault(u_trace.numel(), []).append((k, u_trace, u_y - c * u_trace))
+        for group in by_length.values():  # layers of equal width: one sort for all of them
+            m, mu = S.noise_to_signal_summary(torch.stack([t for _, t, _ in group]),
+                                              torch.stack([s for _, _, s in group]))
+            for j, (k, _, _) in enumerate(group):
+                med[k], mean[k] = m[j], mu[j]
         out["unit_nsr_median"] = nan_where(torch.stack(med), ok)
         out["unit_nsr_mean"] = nan_where(torch.stack(mean), ok)
 

@@ -499,16 +499,18 @@ def unit_noise_to_signal(
 
 def noise_to_signal_summary(trace: torch.Tensor, signal: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(median, mean)`` over units of ``trace / signal``, units with a non-positive or
-    non-finite signal excluded (see :func:`unit_noise_to_signal`)."""
+    """``(median, mean)`` over units (the last dimension) of ``trace / signal``, units with a
+    non-positive or non-finite signal excluded (see :func:`unit_noise_to_signal`). Rows of a
+    ``(G, N)`` pair are summarized at once (one sort for G layers of N units): ``(G,)`` each.
+    """
     ok = torch.isfinite(signal) & torch.isfinite(trace) & (signal > 0)
     r = trace / torch.where(ok, signal, torch.ones_like(signal))
     r = torch.where(ok, r, torch.full_like(r, math.nan))
     ok = torch.isfinite(r)
-    n = ok.sum().to(r.dtype)
-    xs, _ = torch.sort(torch.where(ok, r, torch.full_like(r, math.inf)))
+    n = ok.sum(dim=-1).to(r.dtype)
+    xs, _ = torch.sort(torch.where(ok, r, torch.full_like(r, math.inf)), dim=-1)
     median = sorted_quantile(xs, n, 0.5)
-    mean = torch.where(ok, r, torch.zeros_like(r)).sum() / n
+    mean = torch.where(ok, r, torch.zeros_like(r)).sum(dim=-1) / n
     return median, mean
 
 

@@ -307,3 +307,22 @@ def test_sketched_temporal_close_to_exact():
     assert float(s[1]) == pytest.approx(float(e[1]), rel=0.1)
     assert abs(float(s[0]) - float(e[0])) < 0.1 * float(e[1])
     assert abs(float(s[2]) - float(e[2])) < 0.1 * 1200
+
+
+def test_noise_to_signal_summary_of_rows_is_each_row_against_numpy():
+    """A (G, N) pair is G independent summaries: numpy's median and mean of trace / signal over
+    the units whose signal is positive and finite, row by row (one row with none: NaN)."""
+    rng = np.random.default_rng(5)
+    trace = rng.standard_normal((4, 9))
+    signal = rng.standard_normal((4, 9))
+    signal[2] = -1.0  # no usable unit
+    signal[1, 3] = np.nan
+    med, mean = S.noise_to_signal_summary(torch.from_numpy(trace), torch.from_numpy(signal))
+    for g in range(4):
+        ok = np.isfinite(signal[g]) & (signal[g] > 0)
+        if not ok.any():
+            assert np.isnan(med[g].item()) and np.isnan(mean[g].item())
+            continue
+        r = trace[g][ok] / signal[g][ok]
+        assert med[g].item() == pytest.approx(np.median(r), rel=1e-12)
+        assert mean[g].item() == pytest.approx(r.mean(), rel=1e-12)
