@@ -258,8 +258,8 @@ def place(vec: torch.Tensor, span: Span | None, contributes: bool = True) -> tor
 def fan_finite_counts(g: torch.Tensor, layout: str) -> torch.Tensor:
     """Per-fan number of finite entries (over the units) of ``g``'s ``(units, fan)`` view,
     in the accumulation dtype: the denominator of :func:`gradlens.stats.fan_rms`."""
-    z = output_units_view(g * 0, layout)  # 0 where finite, NaN where not
-    return (z.shape[0] - torch.count_nonzero(z, dim=0)).to(accumulation_dtype(g.dtype))
+    z = output_units_view((g * 0).nan_to_num_(nan=1.0), layout)  # 0 where finite, 1 where not
+    return z.shape[0] - z.sum(dim=0, dtype=accumulation_dtype(g.dtype))
 
 
 def spam_counts(g: torch.Tensor, v: torch.Tensor,

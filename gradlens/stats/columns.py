@@ -75,7 +75,7 @@ def unit_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
     micro-batch gradient for the two-batch estimator's small-batch term).
     """
     u = _units(finite_copy(g), layout)
-    return u.square().sum(dim=1)
+    return u.square_().sum(dim=1)  # squared in the copy's own buffer
 
 
 def unit_sq_norms_propagating(g: torch.Tensor, layout: str) -> torch.Tensor:
@@ -91,20 +91,20 @@ def unit_sq_norms_propagating(g: torch.Tensor, layout: str) -> torch.Tensor:
 def fan_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
     """Per-fan (other axis) squared norms ``sum_i G_ij**2`` over finite entries, ``(fan,)``."""
     u = _units(finite_copy(g), layout)
-    return u.square().sum(dim=0)
+    return u.square_().sum(dim=0)
 
 
 def unit_fan_sq_norms(g: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(unit_sq_norms(g), fan_sq_norms(g))`` from one squared copy: one pass to square,
     one reduction per axis (half the memory traffic of calling both)."""
-    sq = _units(finite_copy(g), layout).square()
+    sq = _units(finite_copy(g), layout).square_()
     return sq.sum(dim=1), sq.sum(dim=0)
 
 
 def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:
     acc = accumulation_dtype(g.dtype)
-    z = _units(g * 0, layout)  # 0 where finite, NaN where not
-    return (z.shape[dim] - torch.count_nonzero(z, dim=dim)).to(acc)
+    z = _units((g * 0).nan_to_num_(nan=1.0), layout)  # 0 where finite, 1 where not
+    return z.shape[dim] - z.sum(dim=dim, dtype=acc)
 
 
 def unit_rms(g: torch.Tensor, layout: str) -> torch.Tensor:

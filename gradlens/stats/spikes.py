@@ -247,9 +247,10 @@ def spam_fraction(g: torch.Tensor, v: torch.Tensor, theta: float = 5000.0) -> to
     # (an entry whose square overflows counts as non-finite). Float passes only: boolean
     # comparisons are several times slower than arithmetic on CPU.
     x = torch.addcmul(v.to(acc), g.to(acc), g.to(acc), value=-1.0 / theta)
-    bad = torch.count_nonzero(x * 0)  # x * 0 is NaN exactly where x is not finite
-    hits = torch.count_nonzero(x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(max=0.0))
-    return hits.to(acc) / (x.numel() - bad).to(acc)
+    bad = (x * 0).nan_to_num_(nan=1.0).sum()  # x * 0 is NaN exactly where x is not finite
+    # -sign of the clamped values: 1 at a hit, 0 elsewhere (summed in place, no boolean)
+    hits = -x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(max=0.0).sign_().sum()
+    return hits / (x.numel() - bad)
 
 
 def spam_fractions(
