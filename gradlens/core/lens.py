@@ -287,7 +287,8 @@ class GradLens(DeviceConstants):
         micro = max(obs.micro_seen)
         g_list = [g.detach() if g is not None else self.const("zero") for g in grads]
         g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self.world)
-        summary = S.grad_summaries(g_list)  # (L, 4): finite sq, max |g|, non-finite, numel
+        # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel
+        summary = S.grad_summaries(g_list, max_abs=logging)
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
         if shards is not None:  # this rank's share of the sums (core.distributed)
             contrib = self.mask([s.contributes for s in shards])

@@ -40,6 +40,7 @@ multi-tensor launch per reduction) is the default; both paths agree to float64 r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -114,8 +115,9 @@ def finite_sum(x: torch.Tensor) -> torch.Tensor:
     return finite_copy(x).sum()
 
 
-def grad_summary(g: torch.Tensor) -> torch.Tensor:
-    """One gradient's summary: a ``(4,)`` tensor ``[sq_norm, max_abs, nonfinite, numel]``.
+def grad_summary(g: torch.Tensor, max_abs: bool = True) -> torch.Tensor:
+    """One gradient's summary: a ``(4,)`` tensor ``[sq_norm, max_abs, nonfinite, numel]``
+    (``max_abs=False`` skips that pass and leaves NaN in its place).
 
     - ``sq_norm = sum_{finite} g_i**2`` (``||g||_2**2`` over finite entries),
     - ``max_abs = max_{finite} |g_i|``,
@@ -131,13 +133,17 @@ def grad_summary(g: torch.Tensor) -> torch.Tensor:
     if c.numel() == 0:
         return torch.zeros(len(SUMMARY_FIELDS), dtype=acc, device=g.device)
     sq = torch.dot(c, c)
-    lo, hi = torch.aminmax(c)
+    if max_abs:
+        lo, hi = torch.aminmax(c)
+        largest = torch.maximum(-lo, hi)
+    else:
+        largest = torch.full((), math.nan, dtype=acc, device=g.device)
     # the count in the copy's buffer: g * 0 is 0 where finite and NaN where not, so with NaN
     # read as 1 its sum counts the non-finite entries (float sums beat boolean counts on CPU)
     count = torch.mul(g.reshape(-1), 0, out=c).nan_to_num_(nan=1.0).sum()
     return torch.stack([
         sq,
-        torch.maximum(-lo, hi),
+        largest,
         count,
         torch.full((), float(c.numel()), dtype=acc, device=g.device),
     ])
@@ -156,7 +162,8 @@ def _common_acc(grads: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.devic
     return acc, grads[0].device
 
 
-def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None) -> torch.Tensor:
+def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
+                   max_abs: bool = True) -> torch.Tensor:
     """Summaries of a list of gradients, stacked: an ``(L, 4)`` tensor.
 
     Columns follow :data:`SUMMARY_FIELDS`: ``[sq_norm, max_abs, nonfinite, numel]``; row ``k``
@@ -169,21 +176,24 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None) -
             the whole list) instead of one ``dot``/``aminmax`` per tensor. ``None`` (default):
             on for CUDA, off elsewhere (the CPU foreach kernels are slower, see the module
             docstring).
+        max_abs: False skips the ``max_abs`` pass (NaN column): the lens reads it on logged
+            steps only.
     """
     acc, device = _common_acc(grads)
     if foreach is None:
         foreach = device.type == "cuda"
     if not foreach or any(g.numel() == 0 for g in grads):
-        return torch.stack([grad_summary(g).to(acc) for g in grads])
+        return torch.stack([grad_summary(g, max_abs).to(acc) for g in grads])
     cleaned = [finite_copy(g).to(acc) for g in grads]
     if hasattr(torch, "_foreach_powsum"):
         sq = torch.stack(torch._foreach_powsum(cleaned, 2))
     else:  # older torch: the norm, squared
         sq = torch.stack(torch._foreach_norm(cleaned, 2)).square()
-    max_abs = torch.stack(torch._foreach_norm(cleaned, float("inf")))
+    largest = (torch.stack(torch._foreach_norm(cleaned, float("inf"))) if max_abs
+               else torch.full((len(grads),), math.nan, dtype=acc, device=device))
     zeroed = torch._foreach_mul(list(grads), 0.0)  # 0 where finite, NaN where not
     nonfinite = torch.stack(torch._foreach_norm(zeroed, 0, dtype=acc))  # L0 "norm": a count
     numel = torch.stack([
         torch.full((), float(g.numel()), dtype=acc, device=device) for g in grads
     ])
-    return torch.stack([sq, max_abs, nonfinite, numel], dim=1)
+    return torch.stack([sq, largest, nonfinite, numel], dim=1)

@@ -89,3 +89,17 @@ def test_finite_sum_skips_nonfinite():
     x = torch.tensor([1.0, math.nan, 2.5, math.inf, -0.5])
     assert float(S.finite_sum(x)) == 3.0
     assert float(S.nonfinite_count(x)) == 2.0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_grad_summaries_without_max_abs_keep_the_other_columns(foreach):
+    """``max_abs=False`` (the lens's unlogged steps) skips one pass: NaN in that column, the
+    other columns exactly as with it, non-finite entries included."""
+    g = [torch.randn(6, 5), torch.randn(7), torch.randn(3, 2, 2)]
+    g[0][1, 2] = float("nan")
+    g[2][0, 0, 1] = float("-inf")
+    full = S.grad_summaries(g, foreach=foreach)
+    lean = S.grad_summaries(g, foreach=foreach, max_abs=False)
+    assert torch.isnan(lean[:, 1]).all()
+    torch.testing.assert_close(lean[:, [0, 2, 3]], full[:, [0, 2, 3]], rtol=0, atol=0)
+    assert full[:, 2].tolist() == [1.0, 0.0, 1.0]
