@@ -51,7 +51,8 @@ import pandas as pd
 
 from gradlens.schema import GLOBAL
 
-__all__ = ["MomentumAdvice", "advise_momentum", "ema_mse_ratio", "momentum_table"]
+__all__ = ["MomentumAdvice", "advise_momentum", "ema_mse_ratio", "momentum_table",
+           "within_budget"]
 
 
 def ema_mse_ratio(beta: float, rho: float) -> float:
@@ -167,6 +168,31 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
         out.append(MomentumAdvice(str(layer), str(roles.get(layer, "")), bool(advise), n, rho,
                                   ratio, 4 * numels.get(str(layer), 0), ev))
     return out
+
+
+def within_budget(advice: list[MomentumAdvice], budget_bytes: int,
+                  roles: tuple[str, ...] = ("embedding", "hidden", "output")) -> list[str]:
+    """The advised layers (of ``roles``) that fit in ``budget_bytes`` of momentum buffers.
+
+    The gain of a layer's buffer is the drop of its squared direction error in units of its
+    ``|mu|^2``: ``n (1 - mse_ratio)`` (infinite where no signal is measurable, ``n = inf``).
+    Layers are taken greedily by gain per buffer byte (infinite gains first, smallest buffers
+    first among them) while the total fits. Returns their names in table order.
+    """
+    if budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes!r}")
+    cands = [a for a in advice if a.momentum and a.role in roles and a.buffer_bytes > 0]
+
+    def key(a: MomentumAdvice) -> tuple[int, float]:
+        gain = a.noise_to_signal * (1 - a.mse_ratio)
+        return (0, a.buffer_bytes) if math.isinf(gain) else (1, -gain / a.buffer_bytes)
+
+    chosen, used = set(), 0
+    for a in sorted(cands, key=key):
+        if used + a.buffer_bytes <= budget_bytes:
+            chosen.add(a.layer)
+            used += a.buffer_bytes
+    return [a.layer for a in advice if a.layer in chosen]
 
 
 def momentum_table(advice: list[MomentumAdvice]) -> pd.DataFrame:

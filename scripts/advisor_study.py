@@ -7,6 +7,8 @@ finished ``gradlens compare`` (whose table then has them beside the other optimi
 - ``scale_advised``: momentum exactly on the matrices :func:`gradlens.advise.advise_momentum` picks
   from a probe run (SCALE at the same lr, seed ``--seed``, the ``standard`` lens plus
   :class:`gradlens.families.lag.GradLag` on every step);
+- ``scale_budget``: the advised matrices that fit in the published choice's buffer bytes (the
+  output layer's), largest expected gain per byte first (:func:`gradlens.advise.within_budget`);
 - ``colnorm_sgd_momentum_all``: momentum on every matrix.
 
 Usage (after ``gradlens compare --out OUT --seeds 3 ...``, whose model, data, steps and
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gradlens import GradLens, scale_param_groups
-    from gradlens.advise import advise_momentum, momentum_table
+    from gradlens.advise import advise_momentum, momentum_table, within_budget
     from gradlens.compare import comparison_rows, run_compare
     from gradlens.experiment import OPTIMIZERS, RunConfig, register_optimizer, run_experiment
     from gradlens.families.lag import GradLag
@@ -76,19 +78,29 @@ def main(argv: list[str] | None = None) -> int:
         print(table.to_string(index=False))
         print(f"advised momentum on {len(layers)} layers: {layers}")
 
-    def advised(model, lr, **kw):
-        groups = scale_param_groups(model, lr=lr, lr_1d=kw.pop("lr_1d", 20.0 * lr),
-                                    momentum_roles=(), momentum_layers=layers)
-        return SCALE(groups), dict(name="scale_advised", lr=lr, momentum_layers=layers)
+    output_bytes = sum(a.buffer_bytes for a in advice if a.role == "output")
+    budget = within_budget(advice, output_bytes)
+    if not args.quiet:
+        print(f"within the output layer's {output_bytes} bytes: {budget}")
 
-    OPTIMIZERS.pop("scale_advised", None)
-    register_optimizer("scale_advised")(advised)
-    names = ["adamw", "scale", "scale_advised", "colnorm_sgd_momentum_all"]
+    def momentum_on(name: str, chosen: list[str]):
+        def build(model, lr, **kw):
+            groups = scale_param_groups(model, lr=lr, lr_1d=kw.pop("lr_1d", 20.0 * lr),
+                                        momentum_roles=(), momentum_layers=chosen)
+            return SCALE(groups), dict(name=name, lr=lr, momentum_layers=chosen)
+
+        OPTIMIZERS.pop(name, None)
+        register_optimizer(name)(build)
+
+    momentum_on("scale_advised", layers)
+    momentum_on("scale_budget", budget)
+    names = ["adamw", "scale", "scale_advised", "scale_budget", "colnorm_sgd_momentum_all"]
     size, steps = config.pop("size"), config.pop("steps")
     run_compare(out, optimizers=names, lr_factors=[1.0], steps=steps, size=size, seed=args.seed,
                 seeds=args.seeds, preset=args.preset, progress=not args.quiet,
                 lrs={"adamw": float(rows["adamw"]["best_lr"]), "scale": lr,
-                     "scale_advised": lr, "colnorm_sgd_momentum_all": lr}, **config)
+                     "scale_advised": lr, "scale_budget": lr, "colnorm_sgd_momentum_all": lr},
+                **config)
     return 0
 
 

@@ -142,8 +142,9 @@ def test_layers_without_evidence_get_no_advice():
 
 
 def test_advisor_study_runs_scale_with_momentum_on_the_advised_matrices(tmp_path, corpus_file):
-    """scripts/advisor_study.py on a finished comparison: the probe, the advice table, and
-    the advised SCALE whose optimizer state is exactly one buffer per advised matrix."""
+    """scripts/advisor_study.py on a finished comparison: the probe, the advice table, the
+    advised SCALE whose optimizer state is exactly one buffer per advised matrix, and the
+    budgeted one within the output layer's buffer bytes."""
     import importlib.util
     import json
     from pathlib import Path
@@ -169,7 +170,8 @@ def test_advisor_study_runs_scale_with_momentum_on_the_advised_matrices(tmp_path
     assert advice["noise_to_signal"].notna().all()  # grad_lag evidence on every layer
     assert set(advice["source"]) == {"grad_lag"}
     table = pd.read_csv(out / "comparison.csv").set_index("optimizer")
-    assert set(table.index) == {"adamw", "scale", "scale_advised", "colnorm_sgd_momentum_all"}
+    assert set(table.index) == {"adamw", "scale", "scale_advised", "scale_budget",
+                                "colnorm_sgd_momentum_all"}
     assert (table["n_seeds"] == 2).all()
     assert table.loc["scale_advised", "best_lr"] == table.loc["scale", "best_lr"]
     advised = advice[advice["momentum"] & (advice["role"] != "vector")]
@@ -181,3 +183,29 @@ def test_advisor_study_runs_scale_with_momentum_on_the_advised_matrices(tmp_path
     expected = (table.loc["scale", "optimizer_state_bytes"] - output
                 + advised["buffer_bytes"].sum())
     assert table.loc["scale_advised", "optimizer_state_bytes"] == expected
+    # the budgeted choice: never more buffer bytes than the published output-only choice
+    assert table.loc["scale_budget", "optimizer_state_bytes"] <= table.loc[
+        "scale", "optimizer_state_bytes"]
+
+
+def test_within_budget_takes_the_largest_gain_per_byte_that_fits():
+    from gradlens.advise import MomentumAdvice, within_budget
+
+    def adv(name, role, n, ratio, nbytes, momentum=True):
+        return MomentumAdvice(name, role, momentum, n, 0.0, ratio, nbytes)
+
+    advice = [
+        adv("emb", "embedding", math.inf, 0.05, 400),   # all noise, but large
+        adv("a", "hidden", math.inf, 0.05, 100),        # all noise, small: first
+        adv("b", "hidden", 10.0, 0.1, 100),             # gain 9 per 100 bytes
+        adv("c", "hidden", 40.0, 0.1, 200),             # gain 36 per 200: better per byte
+        adv("d", "hidden", 90.0, 0.1, 100, momentum=False),  # not advised
+        adv("g", "vector", math.inf, 0.05, 1),          # a 1-D tensor: AdamW's
+        adv("out", "output", 2.0, 0.5, 300),
+    ]
+    assert within_budget(advice, 300) == ["a", "c"]
+    assert within_budget(advice, 400) == ["a", "b", "c"]
+    assert within_budget(advice, 10_000) == ["emb", "a", "b", "c", "out"]
+    assert within_budget(advice, 0) == []
+    with pytest.raises(ValueError, match="budget_bytes"):
+        within_budget(advice, -1)
