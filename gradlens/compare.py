@@ -112,7 +112,7 @@ def run_compare(
     def confirm() -> list[tuple[str, float, int]]:  # the other seeds at each best lr
         if sweep_seeds == seeds:
             return []
-        tuned = _best_lrs(_load_results(out), [s for s in range(seed, seed + sweep_seeds)])
+        tuned = _best_lrs(_load_results(out), range(seed, seed + sweep_seeds))
         return [(name, tuned[name], seed + j) for name in optimizers
                 for j in range(sweep_seeds, seeds)]
 
@@ -314,11 +314,12 @@ def _loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
         steps = np.arange(1, length + 1)
         label = f"{r['optimizer']} (lr {r['best_lr']:.1e}" + (
             f", {len(runs)} seeds)" if len(runs) > 1 else ")")
-        (line,) = ax.plot(steps, curve.mean(axis=0), label=label)
+        mean = curve.mean(axis=0)
+        (line,) = ax.plot(steps, mean, label=label)
         if len(runs) > 1:  # the band: seed mean +- one standard deviation
             spread = curve.std(axis=0, ddof=1)
-            ax.fill_between(steps, curve.mean(axis=0) - spread, curve.mean(axis=0) + spread,
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(steps, mean - spread, mean + spread, color=line.get_color(),
+                            alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("best lr of each optimizer (band: +-1 std over seeds)")

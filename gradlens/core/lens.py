@@ -237,8 +237,11 @@ class GradLens(DeviceConstants):
     # ------------------------------------------------------------------ helpers for families
 
     def family(self, name: str) -> Statistic:
-        """The enabled family called ``name``."""
-        return next(f for f in self.families if f.name == name)
+        """The enabled family called ``name`` (a KeyError naming the enabled ones)."""
+        for f in self.families:
+            if f.name == name:
+                return f
+        raise KeyError(f"no family {name!r}; enabled: {[f.name for f in self.families]}")
 
     @property
     def step_count(self) -> int:  # optimizer steps finalized so far
