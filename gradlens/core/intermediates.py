@@ -6,8 +6,9 @@
   own state says whether the step gradient is unscaled). One common factor (norm clipping)
   is exact: every family describes the raw gradient. Per-layer factors that differ mean a non-uniform edit (value clipping,
   per-layer edits): the edited layers are invalid (NaN, with a validity event).
-- ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (one squared
-  copy for both axes); FSDP2 shards are placed into their global vectors and summed in the
+- ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (from the
+  step's summary pass, :func:`gradlens.stats.summary_and_axis_sq_norms`, where the columns
+  family runs); FSDP2 shards are placed into their global vectors and summed in the
   flush's collective.
 """
 
@@ -64,8 +65,10 @@ class Intermediates:
                     continue
                 if f"unit{k}" in red:
                     units[k] = red[f"unit{k}"]
-                elif self.need_fans:  # both axes from one squared copy
-                    units[k], self._fans[k] = S.unit_fan_sq_norms(ctx.grads[k], info.layout)
+                elif k in (ctx.data.get("axis_sq") or {}):  # from the step's summary pass
+                    units[k], fans = ctx.data["axis_sq"][k]
+                    if self.need_fans:
+                        self._fans[k] = fans
                 else:
                     units[k] = S.unit_sq_norms(ctx.grads[k], info.layout)
             self._units = units

@@ -290,8 +290,11 @@ class GradLens(DeviceConstants):
         micro = max(obs.micro_seen)
         g_list = [g.detach() if g is not None else self.const("zero") for g in grads]
         g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self.world)
-        # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel
-        summary = S.grad_summaries(g_list, max_abs=logging)
+        # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel; on logged steps
+        # the columns' per-unit and per-fan norms come from the same finite copy
+        axes = logging and self.config.columns and shards is None
+        summary, axis_sq = (self._summaries_with_axes(g_list, present) if axes
+                            else (S.grad_summaries(g_list, max_abs=logging), None))
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
         if shards is not None:  # this rank's share of the sums (core.distributed)
             contrib = self.mask([s.contributes for s in shards])
@@ -322,6 +325,7 @@ class GradLens(DeviceConstants):
         if logging:
             R.warn_untracked(self)
         ctx.data["host_invalid"] = host_invalid
+        ctx.data["axis_sq"] = axis_sq
         for f in self.families:
             f.observe(ctx)
         if not logging:
@@ -332,6 +336,21 @@ class GradLens(DeviceConstants):
         self._reset()
         if logging:
             self.flush()
+
+    def _summaries_with_axes(self, grads: list[torch.Tensor], present: list[bool]
+                             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
+        """:func:`gradlens.stats.grad_summaries` with, for every present matrix, its per-unit
+        and per-fan squared norms from the same pass (``{k: (units, fans)}``)."""
+        rows, axes = [], {}
+        for k, g in enumerate(grads):
+            if self.matrix[k] and present[k]:
+                row, units, fans = S.summary_and_axis_sq_norms(g, self.layers[k].layout)
+                axes[k] = (units, fans)
+            else:
+                row = S.grad_summary(g)
+            rows.append(row)
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return torch.stack([r.to(acc) for r in rows]), axes
 
     def _reset(self) -> None:
         self.observer.reset()

@@ -5,7 +5,8 @@ and noise-scale forms, and the per-element variance of ``G/r`` (what SCALE's upd
 exact buffer pair per matrix within ``temporal_budget_bytes`` (output and embedding first),
 a count sketch beyond it (:func:`gradlens.stats.temporal_init`). Describes the gradient the
 optimizer consumes. Off for FSDP2 shards (the per-unit RMS of ``G/r`` would need a collective
-at every step). A step with a non-finite gradient entry is absorbed as its finite part.
+at every step). A step with a non-finite gradient entry leaves that layer's EMAs as they were
+(its weight is a device-side 0).
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ class Temporal(Statistic):
             return
         if not self.buffers:
             self._allocate()
+        # the step summary says which gradients are finite (no entry, and no square, is not)
+        finite = (ctx.nonfinite == 0) & torch.isfinite(ctx.sq)
         for k, st in self.buffers.items():
             if ctx.present[k]:
                 S.temporal_update_(st, ctx.grads[k], self.lens.layers[k].layout,
-                                   self.lens.config.temporal_beta)
+                                   self.lens.config.temporal_beta, finite=finite[k])
 
     def emit(self, ctx: StepContext, red, out) -> None:
         if ctx.shards is not None:

@@ -136,6 +136,13 @@ class _Backlog:
         self.count = 0
 
 
+def _csv_fields(*fields: str) -> str:
+    """``fields`` as one CSV line fragment, quoted as :func:`csv.writer` quotes them."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(fields)  # "\n" inside a field is quoted
+    return buf.getvalue()[:-1]
+
+
 def _json_float(v: float) -> str:
     if math.isfinite(v):
         return repr(v)
@@ -227,6 +234,7 @@ class TableSink(Sink):
         self.rows_dropped = 0
         self.events_dropped = 0
         self._stats = _Backlog()
+        self._csv_mid: dict[tuple[str, str, str], str] = {}  # "layer,role,stat", CSV-quoted
         self._events = _Backlog()
         self.files = AppendFiles(fsync=fsync)  # the file seam (tests inject failures there)
         self._failing = False
@@ -365,10 +373,14 @@ class TableSink(Sink):
                 items: list[Any] = [(step, str(layer), str(role), str(stat), float(v))
                                     for _, layer, role, stat, v in group]
             elif self.format == "csv":
-                buf = io.StringIO()
-                csv.writer(buf, lineterminator="\n").writerows(
-                    (step, layer, role, stat, float(v)) for _, layer, role, stat, v in group)
-                items = [buf.getvalue()]
+                mids = self._csv_mid
+                lines = []
+                for _, layer, role, stat, v in group:
+                    mid = mids.get((layer, role, stat))
+                    if mid is None:
+                        mid = mids[(layer, role, stat)] = _csv_fields(layer, role, stat)
+                    lines.append(f"{step},{mid},{float(v)!r}\n")
+                items = ["".join(lines)]
             else:
                 dumps = json.dumps
                 items = [

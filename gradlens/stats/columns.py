@@ -46,7 +46,7 @@ __all__ = [
     "sorted_quantile",
     "spread",
     "spread_batched",
-    "unit_fan_sq_norms",
+    "summary_and_axis_sq_norms",
     "unit_rms",
     "unit_sq_norms",
     "unit_sq_norms_propagating",
@@ -85,7 +85,13 @@ def unit_sq_norms_propagating(g: torch.Tensor, layout: str) -> torch.Tensor:
     non-finite input into NaN anyway (a third of the memory traffic of the masked version).
     """
     acc = accumulation_dtype(g.dtype)
-    return torch.linalg.vector_norm(_units(g, layout), dim=1, dtype=acc).square()
+    u = _units(g, layout)
+    if u.device.type == "cpu" and u.stride(1) != 1:
+        # across a strided axis (embedding, Conv1D) CPU vector_norm is ~14x slower than a
+        # sum of squares (3.4 ms vs 0.24 ms for 4096 x 256, torch 2.13)
+        u = u.to(acc)
+        return (u * u).sum(dim=1)
+    return torch.linalg.vector_norm(u, dim=1, dtype=acc).square()
 
 
 def fan_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
@@ -94,11 +100,27 @@ def fan_sq_norms(g: torch.Tensor, layout: str) -> torch.Tensor:
     return u.square_().sum(dim=0)
 
 
-def unit_fan_sq_norms(g: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(unit_sq_norms(g), fan_sq_norms(g))`` from one squared copy: one pass to square,
-    one reduction per axis (half the memory traffic of calling both)."""
-    sq = _units(finite_copy(g), layout).square_()
-    return sq.sum(dim=1), sq.sum(dim=0)
+def summary_and_axis_sq_norms(g: torch.Tensor, layout: str
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_summary(g), unit_sq_norms(g), fan_sq_norms(g))`` of a matrix from one finite
+    copy: squared in place, one reduction per axis, the total from the unit sums; the copy's
+    buffer then holds the non-finite count (about half the memory traffic of the three calls).
+
+    ``summary = [sq_norm, max_abs, nonfinite, numel]`` as in
+    :func:`gradlens.stats.norms.grad_summary`; ``sq_norm`` is the sum of the unit norms.
+    """
+    acc = accumulation_dtype(g.dtype)
+    c = finite_copy(g)
+    if c.numel() == 0:
+        u = _units(c, layout)
+        return (torch.zeros(4, dtype=acc, device=g.device), u.sum(dim=1), u.sum(dim=0))
+    lo, hi = torch.aminmax(c)
+    sq = _units(c, layout).square_()
+    unit, fan = sq.sum(dim=1), sq.sum(dim=0)
+    count = torch.mul(g, 0, out=c).nan_to_num_(nan=1.0).sum()  # see grad_summary
+    summary = torch.stack([unit.sum(), torch.maximum(-lo, hi), count,
+                           torch.full((), float(c.numel()), dtype=acc, device=g.device)])
+    return summary, unit, fan
 
 
 def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:

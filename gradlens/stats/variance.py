@@ -665,7 +665,8 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
 
 
 def temporal_update_(
-    state: dict[str, Any], g: torch.Tensor, layout: str | None = None, beta: float = 0.9
+    state: dict[str, Any], g: torch.Tensor, layout: str | None = None, beta: float = 0.9,
+    finite: torch.Tensor | None = None,
 ) -> None:
     """Advance the temporal-variance state with this step's gradient ``g`` (in place).
 
@@ -674,7 +675,9 @@ def temporal_update_(
     the state tracks it (``layout`` is then required: ``linear``, ``conv1d``, ``embedding``,
     ``other``). A step whose gradient is not finite (``||g||**2`` is NaN/Inf) changes nothing
     but ``count``: its EMA weight is a device-side 0 (``w = (1-beta) [finite]``), no sync.
-    ``beta`` must stay the same across calls (the bias correction assumes it).
+    ``beta`` must stay the same across calls (the bias correction assumes it). ``finite``: a
+    0-d bool tensor, whether every entry of ``g`` and ``||g||**2`` are finite, when the caller
+    knows it already (saves the pass that checks it).
 
     Cost: one finite copy of ``g`` and a few fused passes (``lerp`` with a 0-d weight;
     ``m_n <- (1-w) m_n + (w/r) G`` as ``mul_`` + ``addcmul_`` with ``w/r`` broadcast per unit;
@@ -692,7 +695,8 @@ def temporal_update_(
     if normalized and layout is None:
         raise ValueError("this temporal state tracks G/r: pass the layer's layout")
     acc = state["mean"].dtype
-    finite = torch.isfinite(_sq(g.to(acc)))  # False too when a square overflows
+    if finite is None:
+        finite = torch.isfinite(_sq(g.to(acc)))  # False too when a square overflows
     ok = finite.to(acc)
     w = ok * (1.0 - beta)  # 0-d: this step's EMA weight, 0 for a non-finite step
     zero = torch.zeros((), dtype=acc, device=ok.device)

@@ -103,3 +103,36 @@ def test_a_nan_micro_batch_makes_two_batch_nan_on_that_layer_only():
     # per unit, only the unit holding the NaN drops out: the others' mean stays a number
     assert math.isfinite(_value(dirty, 3, "2.weight", "unit_nsr_mean"))
     assert math.isfinite(_value(dirty, 4, "2.weight", "noise_scale"))
+
+
+def test_temporal_skips_a_nonfinite_layer_step_as_its_kernel_does():
+    """The temporal family takes finiteness from the step summary; the kernel, run on the
+    same gradients with its own check, must give the same variance (a NaN entry in one
+    layer at step 3, an overflowing square in another at step 5)."""
+    from gradlens import stats as S
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    lens = GradLens(model, preset="full")
+    ref = {name: S.temporal_init(p) for name, p in model.named_parameters() if p.ndim == 2}
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, 9):
+        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        if step == 3:
+            model[0].weight.grad[1, 2] = math.nan
+        if step == 5:
+            model[2].weight.grad[0, 0] = 1e30  # finite, but its square is not
+        for name, p in model.named_parameters():
+            if name in ref:
+                S.temporal_update_(ref[name], p.grad, "linear", lens.config.temporal_beta)
+        lens.step()
+        model.zero_grad()
+    lens.flush()
+    df = lens.memory.frame()
+    lens.close()
+    for name, st in ref.items():
+        var, _, var_n = S.temporal_readout(st)
+        assert _value(df, 8, name, "temporal_var") == pytest.approx(float(var), rel=1e-6)
+        assert _value(df, 8, name, "temporal_var_normalized") == pytest.approx(
+            float(var_n) / st["mean"].numel(), rel=1e-6)
+        assert float(st["n"]) == 7  # one step skipped in each layer

@@ -272,3 +272,21 @@ def test_killed_mid_write_loses_only_the_last_line(tmp_path: Path, fmt: str, row
     with pytest.warns(TruncatedRunWarning, match="partial last line"):
         df = load_run(tmp_path)
     assert len(df) == len(rows) - 1
+
+
+def test_csv_lines_equal_the_csv_module(tmp_path: Path, meta) -> None:
+    """The cached "layer,role,stat" fragments quote as csv.writer does (commas, quotes,
+    newlines in names), and values are written as repr() writes them."""
+    import csv
+    import io
+
+    rows = [(1, 'a,b "c"', "x\ny", "grad_norm", 0.1), (1, "plain", "", "s", math.nan),
+            (2, 'a,b "c"', "x\ny", "grad_norm", -math.inf), (2, "plain", "", "s", 1e-300)]
+    sink = TableSink(tmp_path / "run")
+    sink.open(meta)
+    sink.write_stats(rows)
+    sink.close()
+    ref = io.StringIO()
+    csv.writer(ref, lineterminator="\n").writerows(rows)
+    text = (tmp_path / "run" / "stats.csv").read_text()
+    assert text.endswith(ref.getvalue()) and text.count("\n") == 1 + len(rows) + 2

@@ -35,9 +35,11 @@ def test_unit_and_fan_rms(layout, n_bad):
     fin = np.where(np.isfinite(m), m, 0.0)
     np.testing.assert_allclose(np64(S.unit_sq_norms(g, layout)), (fin**2).sum(1), rtol=1e-5)
     np.testing.assert_allclose(np64(S.fan_sq_norms(g, layout)), (fin**2).sum(0), rtol=1e-5)
-    both = S.unit_fan_sq_norms(g, layout)
-    np.testing.assert_allclose(np64(both[0]), (fin**2).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(np64(both[1]), (fin**2).sum(0), rtol=1e-5)
+    summary, unit, fan = S.summary_and_axis_sq_norms(g, layout)
+    np.testing.assert_allclose(np64(unit), (fin**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np64(fan), (fin**2).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(np64(summary), np64(S.grad_summary(g)), rtol=1e-5)
+    assert float(summary[2]) == n_bad and float(summary[3]) == g.numel()
     if n_bad == 0:  # the documented identity with SCALE's axis
         norm_dim = {"linear": 1, "conv1d": 0, "embedding": 0}.get(layout)
         if norm_dim is not None:
@@ -199,5 +201,16 @@ def test_unit_sq_norms_propagating_matches_the_masked_kernel_and_propagates():
     g[1, 2] = float("inf")
     out = S.unit_sq_norms_propagating(g, "linear")
     assert torch.isinf(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()
-    bf = torch.randn(4, 8).to(torch.bfloat16)
-    assert S.unit_sq_norms_propagating(bf, "linear").dtype == torch.float32
+    # the strided axis (units are columns) takes the sum-of-squares path: same propagation
+    g = torch.randn(5, 3)
+    g[2, 1] = float("nan")
+    out = S.unit_sq_norms_propagating(g, "embedding")
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    np.testing.assert_allclose(out[[0, 2]].numpy(), (g[:, [0, 2]].double() ** 2).sum(0).numpy(),
+                               rtol=1e-6)
+    for layout in ("linear", "embedding"):
+        bf = torch.randn(4, 8).to(torch.bfloat16)
+        out = S.unit_sq_norms_propagating(bf, layout)
+        units = bf.double() if layout == "linear" else bf.double().T
+        assert out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), (units ** 2).sum(1).numpy(), rtol=1e-6)
