@@ -31,6 +31,13 @@ def test_bench_lens_user_quick() -> None:
         assert 150 < float(rows[(opt, "full", "1")][-1].rstrip("%")) < 250  # 2x the matrices
 
 
+def test_bench_sinks_quick() -> None:
+    out = _run("benchmarks/bench_sinks.py", "--quick")
+    ratios = [float(line.split("template/reference")[1].split()[0])
+              for line in out.splitlines() if "template/reference" in line]
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
 def test_gpu_suite_on_cpu() -> None:
     out = _run("benchmarks/gpu_suite.py", "--device", "cpu", "--tiny")
     assert "FAILED" not in out
