@@ -2,28 +2,32 @@
 
 One copy of a LLaMA (``build_llama("small")``: hidden 256, 4 layers, vocabulary 4096,
 unless changed) per optimizer (AdamW, and SCALE with its published groups). A step is 2
-micro-batches of 8 x 128 random tokens (``loss / 2`` each). Every round times one block of
-``--block`` steps per configuration, in a random order: bare, bare again, and each preset and
-``log_every`` with a new lens attached to that optimizer's model (the default sinks,
-``stats.csv`` and a TensorBoard event file, in a temporary run directory; one untimed step
-first, then the block, its last flush written included; then the lens is closed, leaving no
-hook). The block is a multiple of every ``log_every``, so flushes are counted at their real
-rate. Each block's time is divided by the bare block's time with the same optimizer in the
-same round; the figure is the median of those per-round ratios. ``bare (again)`` gives the
-noise floor. All configurations of an optimizer share its model copy: two copies of the same
-model differ by up to 6% here (memory placement), more than the overheads measured. Wall time
-and CPU time (this process, every thread) are both shown, and the memory the lens keeps
-between steps, relative to the parameter bytes.
+micro-batches of 8 x 128 random tokens (``loss / 2`` each). Every round visits each
+configuration (a preset and ``log_every``) in a random order and times a pair of adjacent
+blocks of ``--block`` steps on that optimizer's model, in a random order: one bare, one with a
+new lens attached (the default sinks, ``stats.csv`` and a TensorBoard event file, in a
+temporary run directory; one untimed step first, then the block, its last flush's writing
+included; then the lens is closed, leaving no hook). The block is a multiple of every
+``log_every``, so flushes are counted at their real rate. The figure is the median over rounds
+of the pair's time ratio, with its quartiles; ``bare (again)`` (two bare blocks) is the noise
+floor. Why pairs of adjacent blocks on one model copy: two copies of the same model differed
+by up to 6% here (memory placement), and the machine's speed drifts over minutes, both more
+than the overheads measured. Wall time and CPU time (this process, every thread) are both
+shown, and the memory the lens keeps between steps, relative to the parameter bytes.
 
     python benchmarks/bench_lens_user.py [--threads 1] [--rounds 15] [--vocab 4096]
         [--layers 4] [--presets minimal standard full] [--log-every 1 10]
-        [--optimizers adamw scale] [--inline-io] [--quick]
+        [--optimizers adamw scale] [--io thread inline] [--quick]
+
+``--io inline`` adds each preset with ``background_io=False`` (the sinks write on the
+training thread), shown as ``<preset>:inline``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import shutil
 import statistics
@@ -126,8 +130,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", nargs="+", type=int, default=[1, 10])
     p.add_argument("--optimizers", nargs="+", choices=("adamw", "scale"),
                    default=["adamw", "scale"])
-    p.add_argument("--inline-io", action="store_true",
-                   help="the sinks write on the training thread (background_io=False)")
+    p.add_argument("--io", nargs="+", choices=("thread", "inline"), default=["thread"],
+                   help="where the sinks write: the writer thread (default) and/or the "
+                        "training thread (background_io=False)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 2 rounds of 2-step blocks: proves the script runs")
     args = p.parse_args(argv)
@@ -158,13 +163,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     root = Path(tempfile.mkdtemp(prefix="gradlens-bench-"))
     configs: list[tuple[str, str, str | None, int]] = []  # (name, optimizer, preset, every)
     for opt in args.optimizers:
-        configs += [(f"{opt}/bare", opt, None, 1), (f"{opt}/bare (again)", opt, None, 1)]
-        configs += [(f"{opt}/{preset}/{every}", opt, preset, every)
-                    for preset in args.presets for every in args.log_every]
+        configs.append((f"{opt}/bare (again)", opt, None, 1))
+        configs += [(f"{opt}/{preset}{'' if io == 'thread' else ':' + io}/{every}", opt,
+                     preset, every) for io in args.io for preset in args.presets
+                    for every in args.log_every]
     arms = {opt: Arm(model, opt) for opt in args.optimizers}
-    names = [c[0] for c in configs]
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {c[0]: [] for c in configs}  # per-round ratios
+    cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
+    bare_ms: dict[str, list[float]] = {opt: [] for opt in args.optimizers}
     mem: dict[str, int] = {}
     rng = random.Random(0)
     try:
@@ -173,36 +179,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             batches = [data[(start + i) % n_batches] for i in range(args.block + 1)]
             for name, opt, preset, every in rng.sample(configs, len(configs)):
                 arm = arms[opt]
-                lens = None
-                if preset is not None:
-                    lens = GradLens(arm.model, arm.opt, logdir=root / f"{len(wall[name])}-"
-                                    f"{name.replace('/', '_')}", preset=preset,
-                                    log_every=every, background_io=not args.inline_io)
-                    arm.steps(batches[:1], lens)  # untimed: the lens allocates its state
-                w, c = arm.steps(batches[1:], lens)
-                if lens is not None:
-                    mem[name] = lens_bytes(lens)
-                    lens.close()
-                    if arm.hooked():
-                        raise RuntimeError(f"{name}: the closed lens left hooks installed")
+                timed: dict[bool, tuple[float, float]] = {}
+                for with_lens in rng.sample([False, True], 2):  # the pair, in a random order
+                    lens = None
+                    if with_lens and preset is not None:
+                        lens = GradLens(arm.model, arm.opt, logdir=root / f"{r + args.warmup}-"
+                                        f"{name.replace('/', '_')}", preset=preset,
+                                        log_every=every, background_io=":inline" not in name)
+                        arm.steps(batches[:1], lens)  # untimed: the lens allocates its state
+                    timed[with_lens] = arm.steps(batches[1:], lens)
+                    if lens is not None:
+                        mem[name] = lens_bytes(lens)
+                        lens.close()
+                        if arm.hooked():
+                            raise RuntimeError(f"{name}: the closed lens left hooks installed")
                 if r >= 0:
-                    wall[name].append(w)
-                    cpu[name].append(c)
+                    wall[name].append(timed[True][0] / timed[False][0])
+                    cpu[name].append(timed[True][1] / timed[False][1])
+                    bare_ms[opt].append(1e3 * timed[False][0] / args.block)
             if not args.quick and r >= 0:
                 print(f"round {r + 1}/{args.rounds}", flush=True)
         rows = []
         for name, opt, preset, every in configs:
-            base = f"{opt}/bare"
-
-            def ratio(times: dict[str, list[float]], n: str = name, b: str = base) -> float:
-                return statistics.median(t / u for t, u in zip(times[n], times[b], strict=True))
-
-            rows.append(dict(config=name, optimizer=opt, preset=preset or "-",
+            q = statistics.quantiles(wall[name], n=4) if len(wall[name]) > 1 else [math.nan] * 3
+            rows.append(dict(config=name, optimizer=opt,
+                             preset=name.split("/")[1] if preset else "bare (again)",
                              log_every=every if preset else "-",
-                             wall=ratio(wall), cpu=ratio(cpu),
-                             floor_wall=ratio(wall, f"{opt}/bare (again)"),
-                             floor_cpu=ratio(cpu, f"{opt}/bare (again)"),
-                             ms=1e3 * statistics.median(wall[name]) / args.block,
+                             wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
+                             q1=q[0], q3=q[2], ms=statistics.median(bare_ms[opt]),
                              mem=100 * mem.get(name, 0) / param_bytes))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -211,18 +215,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     print(f"\nLLaMA ({shape}; {param_bytes / 1e6:.1f} MB of parameters), steps of 2 x "
           f"{args.batch // 2} x {args.seq} tokens, {args.threads} thread(s), default sinks "
           f"(CSV + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
-          "median over rounds of (block time / bare block time, same optimizer and round).")
-    print(f"{'optimizer':9s} {'preset':9s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
-          f"{'floor wall':>10s} {'floor CPU':>9s} {'bare ms/step':>12s} {'lens memory':>11s}")
-    for row in rows:
-        if row["preset"] == "-" and not str(row["config"]).endswith("(again)"):
-            print(f"{row['optimizer']:9s} {'bare':9s} {'-':>9s} {'1':>7s} {'1':>7s} "
-                  f"{row['floor_wall']:10.3f} {row['floor_cpu']:9.3f} {row['ms']:12.1f} "
-                  f"{'-':>11s}")
-        elif row["preset"] != "-":
-            print(f"{row['optimizer']:9s} {row['preset']:9s} {row['log_every']!s:>9s} "
-                  f"{row['wall']:7.3f} {row['cpu']:7.3f} {'':10s} {'':9s} {'':12s} "
-                  f"{row['mem']:10.2f}%")
+          "median over rounds of (block time / the adjacent bare block's time, same model "
+          "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor.")
+    print(f"{'optimizer':9s} {'preset':15s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
+          f"{'wall IQR':>13s} {'lens memory':>11s}")
+    for opt in args.optimizers:
+        print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>11s}   "
+              f"({statistics.median(bare_ms[opt]):.1f} ms/step)")
+        for row in rows:
+            if row["optimizer"] == opt:
+                print(f"{opt:9s} {row['preset']:15s} {row['log_every']!s:>9s} "
+                      f"{row['wall']:7.3f} {row['cpu']:7.3f} "
+                      f"{row['q1']:6.3f}-{row['q3']:6.3f} "
+                      + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
     return rows
 
 

@@ -292,8 +292,8 @@ class GradLens(DeviceConstants):
         g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self.world)
         # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel; on logged steps
         # the columns' per-unit and per-fan norms come from the same finite copy
-        axes = logging and self.config.columns and shards is None
-        summary, axis_sq = (self._summaries_with_axes(g_list, present) if axes
+        with_axes = logging and self.config.columns and shards is None
+        summary, axis_sq = (self._summaries_with_axes(g_list, present) if with_axes
                             else (S.grad_summaries(g_list, max_abs=logging), None))
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
         if shards is not None:  # this rank's share of the sums (core.distributed)
