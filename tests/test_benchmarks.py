@@ -38,6 +38,13 @@ def test_bench_sinks_quick() -> None:
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
 
 
+def test_profile_lens_quick() -> None:
+    out = _run("benchmarks/profile_lens.py", "--quick", "--top", "3")
+    share = float(out.split("the lens ")[1].split("%")[0])
+    assert 0 < share < 100
+    assert "_on_optimizer_step" in out  # the step hook is an entry point
+
+
 def test_gpu_suite_on_cpu() -> None:
     out = _run("benchmarks/gpu_suite.py", "--device", "cpu", "--tiny")
     assert "FAILED" not in out

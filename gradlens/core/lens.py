@@ -309,7 +309,7 @@ class GradLens(DeviceConstants):
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         ctx = StepContext(
             step=self.step_count, logging=logging, skipped=skipped, present=present,
-            micro=micro, micro_seen=list(obs.micro_seen), sizes=sizes, calls=obs.calls(),
+            micro=micro, micro_seen=list(obs.micro_seen), sizes=sizes,
             loss_scale=None if scale is None else scale.detach().to(self.dtype).reshape(()),
             grads=g_list, shards=shards, sq=sq, max_abs=max_abs, nonfinite=nonfinite,
             world=self.world, edited=edited, pre_sq=pre_sq, loss=self._loss,

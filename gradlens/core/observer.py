@@ -218,10 +218,6 @@ class Observer:
                     "batch_dim= if that is wrong")
         return list(best), note
 
-    def calls(self) -> list[int | None]:
-        return [len(self.module_sizes.get(id(m), ())) if m is not None else None
-                for m in self._module_of_layer]
-
     def edits(self, grads: list[torch.Tensor | None]) -> tuple[list[bool] | None, bool]:
         """Per layer whether ``p.grad`` changed after the last backward, and whether the
         squared norms before the change were measured this step."""

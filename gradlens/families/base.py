@@ -58,7 +58,6 @@ class StepContext:
         micro_seen: per layer, backward passes in which its parameter got a gradient.
         sizes: examples of each micro-batch, in order (from the tracked layers' inputs or
             the ``batch_size`` option); empty when nothing told.
-        calls: per layer, forward calls of its module in the step (``None``: not observed).
         loss_scale: the GradScaler's scale (0-d tensor) when one was given, else None.
         grads: the gradients at the step (FSDP2: local shards); None once no family needs
             them (steps that are not logged, after ``observe``).
@@ -81,7 +80,6 @@ class StepContext:
     micro: int
     micro_seen: list[int]
     sizes: list[int]
-    calls: list[int | None]
     loss_scale: torch.Tensor | None
     grads: list[torch.Tensor] | None
     shards: list[D.Sharding] | None

@@ -214,3 +214,16 @@ def test_unit_sq_norms_propagating_matches_the_masked_kernel_and_propagates():
         units = bf.double() if layout == "linear" else bf.double().T
         assert out.dtype == torch.float32
         np.testing.assert_allclose(out.numpy(), (units ** 2).sum(1).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_summary_and_axis_sq_norms_16bit_in_float32(dtype):
+    g = heavy(SHAPES["embedding"], seed=5, n_bad=3, dtype=dtype)
+    summary, unit, fan = S.summary_and_axis_sq_norms(g, "embedding")
+    assert summary.dtype == unit.dtype == fan.dtype == torch.float32
+    m = units(np64(g), "embedding")
+    fin = np.where(np.isfinite(m), m, 0.0)
+    np.testing.assert_allclose(np64(unit), (fin**2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(np64(fan), (fin**2).sum(0), rtol=1e-5)
+    np.testing.assert_allclose(np64(summary), [(fin**2).sum(), np.abs(fin).max(), 3, m.size],
+                               rtol=1e-5)
