@@ -293,8 +293,12 @@ class GradLens(DeviceConstants):
         # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel; on logged steps
         # the columns' per-unit and per-fan norms come from the same finite copy
         with_axes = logging and self.config.columns and shards is None
-        summary, axis_sq = (self._summaries_with_axes(g_list, present) if with_axes
-                            else (S.grad_summaries(g_list, max_abs=logging), None))
+        if with_axes:
+            summary, axis_sq = S.grad_summaries_with_axes(g_list, [
+                info.layout if self.matrix[k] and present[k] else None
+                for k, info in enumerate(self.layers)])
+        else:
+            summary, axis_sq = S.grad_summaries(g_list, max_abs=logging), None
         sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
         if shards is not None:  # this rank's share of the sums (core.distributed)
             contrib = self.mask([s.contributes for s in shards])
@@ -336,21 +340,6 @@ class GradLens(DeviceConstants):
         self._reset()
         if logging:
             self.flush()
-
-    def _summaries_with_axes(self, grads: list[torch.Tensor], present: list[bool]
-                             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
-        """:func:`gradlens.stats.grad_summaries` with, for every present matrix, its per-unit
-        and per-fan squared norms from the same pass (``{k: (units, fans)}``)."""
-        rows, axes = [], {}
-        for k, g in enumerate(grads):
-            if self.matrix[k] and present[k]:
-                row, units, fans = S.summary_and_axis_sq_norms(g, self.layers[k].layout)
-                axes[k] = (units, fans)
-            else:
-                row = S.grad_summary(g)
-            rows.append(row)
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.stack([r.to(acc) for r in rows]), axes
 
     def _reset(self) -> None:
         self.observer.reset()

@@ -1,11 +1,12 @@
-"""TensorBoard scalar events encoded from a cached template, with numpy.
+"""TensorBoard scalar events encoded from a template of their tags, with numpy.
 
 A step's scalars are one ``Event`` holding one ``Summary`` of many ``Value(tag, simple_value)``.
 A run writes the same tags at every logged step, so the bytes of the summary are the same but
-for the 4 bytes of each float. The template (every value's framing and tag, once per tag list)
-is built on first use; a step then costs one float32 cast and one scatter of the value bytes,
-instead of one protobuf object per value (with the CRC and the group aggregates, the
-TensorBoard sink's host time for a ``standard`` step is 0.61x, ``benchmarks/bench_sinks.py``).
+for the 4 bytes of each float. The template (every value's framing and tag) is built once
+per tag list and kept by the caller; a step then costs one float32 cast and one scatter of
+the value bytes, instead of one protobuf object per value (with the CRC and the group
+aggregates, the TensorBoard sink's host time for a ``standard`` step is 0.61x,
+``benchmarks/bench_sinks.py``).
 Values can be left out (``keep``) without a new template. The wire format, field by field:
 
     Event:   1 wall_time (double), 2 step (varint, omitted when 0), 5 summary (bytes)
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ScalarEvents"]
+__all__ = ["ScalarTemplate"]
 
 
 def _varint(n: int) -> bytes:
@@ -43,8 +44,9 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-class _Template:
-    """The summary bytes of one tag list, with the offsets of its floats and values."""
+class ScalarTemplate:
+    """The summary bytes of one tag list, with the offsets of its values and their floats;
+    :meth:`event` fills in one step's values."""
 
     def __init__(self, tags: Sequence[str]) -> None:
         parts, starts, floats = [], [], []
@@ -61,7 +63,16 @@ class _Template:
         self.lengths = np.diff(np.append(self.starts, at))
         self.float_bytes = np.asarray(floats, dtype=np.int64)[:, None] + np.arange(4)
 
-    def summary(self, values: np.ndarray, keep: np.ndarray | None) -> bytes:
+    def event(self, values: np.ndarray, step: int, wall_time: float,
+              keep: np.ndarray | None = None) -> bytes:
+        """The serialized ``Event``: ``tags[i]`` with ``float32(values[i])`` where
+        ``keep[i]`` (all when None)."""
+        head = b"\x09" + struct.pack("<d", wall_time)
+        if step:
+            head += b"\x10" + _varint(int(step))
+        return head + _field(5, self._summary(np.asarray(values, dtype=np.float64), keep))
+
+    def _summary(self, values: np.ndarray, keep: np.ndarray | None) -> bytes:
         buf = self.bytes.copy()
         with np.errstate(over="ignore"):  # beyond float32: inf, as TensorBoard stores it
             f32 = values.astype("<f4")
@@ -72,26 +83,3 @@ class _Template:
         # the byte indices of the kept values: each start, then its run of bytes
         offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
         return buf[offsets + np.arange(int(lengths.sum()))].tobytes()
-
-
-class ScalarEvents:
-    """Encode scalar events; templates are cached per tag list (a few at most per run)."""
-
-    def __init__(self, max_templates: int = 16) -> None:
-        self._templates: dict[tuple[str, ...], _Template] = {}
-        self.max_templates = max_templates
-
-    def encode(self, tags: tuple[str, ...], values: np.ndarray, step: int, wall_time: float,
-               keep: np.ndarray | None = None) -> bytes:
-        """The serialized ``Event``: ``tags[i]`` with ``float32(values[i])`` where
-        ``keep[i]`` (all when None)."""
-        template = self._templates.get(tags)
-        if template is None:
-            if len(self._templates) >= self.max_templates:
-                self._templates.clear()
-            template = self._templates[tags] = _Template(tags)
-        summary = template.summary(np.asarray(values, dtype=np.float64), keep)
-        head = b"\x09" + struct.pack("<d", wall_time)
-        if step:
-            head += b"\x10" + _varint(int(step))
-        return head + _field(5, summary)

@@ -51,7 +51,7 @@ from gradlens.schema import (
 )
 from gradlens.sinks import _crc32c as _crc
 from gradlens.sinks._files import AppendFiles
-from gradlens.sinks._scalar_events import ScalarEvents
+from gradlens.sinks._scalar_events import ScalarTemplate
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Histogram,
@@ -132,8 +132,7 @@ class TensorBoardSink(Sink):
         self._failing = False
         self._warn = WarnOnce()
         self._layout_record = b""
-        self._scalars = ScalarEvents()
-        self._layouts: dict[tuple, tuple[tuple[str, ...], np.ndarray, int]] = {}
+        self._layouts: dict[tuple, tuple[ScalarTemplate, np.ndarray, int]] = {}
         # the file's first record; written again (with the layout) if the file is recreated
         self._version_record = _record(_event(file_version="brain.Event:2"))
         self._drain()
@@ -215,7 +214,7 @@ class TensorBoardSink(Sink):
             by_step[int(row[0])].append(row)
         for step in sorted(by_step):
             step_rows = by_step[step]
-            tags, group_of, n_groups = self._tag_layout(
+            template, group_of, n_groups = self._tag_layout(
                 tuple((layer, role, stat) for _, layer, role, stat, _ in step_rows))
             values = np.fromiter((float(r[4]) for r in step_rows), dtype=np.float64,
                                  count=len(step_rows))
@@ -225,14 +224,14 @@ class TensorBoardSink(Sink):
                 values = np.concatenate([values, aggregates])
                 keep = np.concatenate([np.ones(len(step_rows), dtype=bool),
                                        np.repeat(present, 3)])
-            event = self._scalars.encode(tags, values, step, time.time(), keep)
+            event = template.event(values, step, time.time(), keep)
             self._add_record(_crc.record(event), step,
                              len(values) if keep is None else int(keep.sum()))
 
     def _tag_layout(self, key: tuple[tuple[str, str, str], ...]
-                    ) -> tuple[tuple[str, ...], np.ndarray, int]:
-        """``(tags, group_of, n_groups)`` of one step's rows ``(layer, role, stat)``: the
-        rows' tags then ``mean, min, max`` of each (stat, dashboard group) in order of first
+                    ) -> tuple[ScalarTemplate, np.ndarray, int]:
+        """``(template, group_of, n_groups)`` of one step's rows ``(layer, role, stat)``: the
+        event template of the rows' tags then ``mean, min, max`` of each (stat, dashboard group) in order of first
         appearance; ``group_of[i]`` is row i's aggregate (-1: none, a run-level row). Cached:
         the rows are the same at every logged step."""
         layout = self._layouts.get(key)
@@ -249,7 +248,7 @@ class TensorBoardSink(Sink):
                      for agg in ("mean", "min", "max")]
             if len(self._layouts) >= 16:
                 self._layouts.clear()
-            layout = self._layouts[key] = (tuple(tags), group_of, len(groups))
+            layout = self._layouts[key] = (ScalarTemplate(tags), group_of, len(groups))
         return layout
 
     def write_histograms(self, hists: Sequence[Histogram]) -> None:

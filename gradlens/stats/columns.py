@@ -32,13 +32,14 @@ from collections.abc import Sequence
 import torch
 
 from gradlens.roles import output_units_view
-from gradlens.stats.norms import accumulation_dtype, finite_copy
+from gradlens.stats.norms import _common_acc, accumulation_dtype, finite_copy, grad_summary
 
 __all__ = [
     "HISTOGRAM_MOMENT_FIELDS",
     "SPREAD_FIELDS",
     "fan_rms",
     "fan_sq_norms",
+    "grad_summaries_with_axes",
     "histogram_moments",
     "histograms_moments",
     "log_histogram",
@@ -121,6 +122,23 @@ def summary_and_axis_sq_norms(g: torch.Tensor, layout: str
     summary = torch.stack([unit.sum(), torch.maximum(-lo, hi), count,
                            torch.full((), float(c.numel()), dtype=acc, device=g.device)])
     return summary, unit, fan
+
+
+def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+                             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
+    """:func:`gradlens.stats.grad_summaries` (``(L, 4)``, same dtype rule) with, for every
+    ``k`` whose ``layouts[k]`` is a matrix layout, its per-unit and per-fan squared norms from
+    the same pass (:func:`summary_and_axis_sq_norms`): ``{k: (units, fans)}``."""
+    acc, _ = _common_acc(grads)
+    rows, axes = [], {}
+    for k, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
+        if layout is None:
+            rows.append(grad_summary(g).to(acc))
+            continue
+        row, units, fans = summary_and_axis_sq_norms(g, layout)
+        rows.append(row.to(acc))
+        axes[k] = (units, fans)
+    return torch.stack(rows), axes
 
 
 def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:

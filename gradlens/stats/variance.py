@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from gradlens.stats.columns import sorted_quantile
+from gradlens.stats.columns import sorted_quantile, unit_sq_norms_propagating
 from gradlens.stats.norms import accumulation_dtype, finite_copy
 
 __all__ = [
@@ -682,8 +682,8 @@ def temporal_update_(
     Cost: one finite copy of ``g`` and a few fused passes (``lerp`` with a 0-d weight;
     ``m_n <- (1-w) m_n + (w/r) G`` as ``mul_`` + ``addcmul_`` with ``w/r`` broadcast per unit;
     ``||G/r||**2 = sum_i ||G_i||**2 / r_i**2`` from the per-unit norms). Exact states make no
-    temporary beyond the copy, except a squared copy where units are columns (``conv1d``,
-    ``embedding``: summing squares down columns beats a strided norm).
+    temporary beyond the copy, except on the CPU a squared copy where units are columns
+    (``conv1d``, ``embedding``: see :func:`gradlens.stats.unit_sq_norms_propagating`).
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
@@ -705,8 +705,7 @@ def temporal_update_(
     if normalized:
         rows = c.reshape(c.shape[0], -1)
         by_column = layout in ("conv1d", "embedding")  # units are columns, else rows
-        unit_sq = rows.square().sum(0) if by_column else \
-            torch.linalg.vector_norm(rows, dim=1).square()
+        unit_sq = unit_sq_norms_propagating(c, layout)  # c is finite: the masked norms
         fan = rows.shape[0] if by_column else rows.shape[1]
         sq = unit_sq.sum()
     else:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gradlens.sinks._scalar_events import ScalarEvents
+from gradlens.sinks._scalar_events import ScalarTemplate
 
 pytest.importorskip("tensorboard")
 
@@ -28,14 +28,14 @@ def test_bytes_equal_protobuf(step):
     # tags of every varint length class (a tag > 127 bytes, a value message > 127 bytes)
     tags = tuple(f"gradlens/{'x' * n}/layer{k}" for k, n in enumerate((1, 20, 130, 300, 5)))
     values = np.array([rng.standard_normal(), 0.0, math.inf, -1e-42, 3e38 * 2])
-    enc = ScalarEvents()
-    got = enc.encode(tags, values, step, 1764000000.123456)
+    enc = ScalarTemplate(tags)
+    got = enc.event(values, step, 1764000000.123456)
     with np.errstate(over="ignore"):
         f32 = [float(np.float32(v)) for v in values]
     assert got == reference(tags, f32, step, 1764000000.123456)
-    # the cached template, new values
+    # the same template, new values
     values2 = rng.standard_normal(len(tags))
-    assert enc.encode(tags, values2, step + 1, 5.5) == reference(
+    assert enc.event(values2, step + 1, 5.5) == reference(
         tags, [float(np.float32(v)) for v in values2], step + 1, 5.5)
 
 
@@ -43,15 +43,15 @@ def test_left_out_values_and_nan():
     tags = ("a", "bb", "ccc", "dddd")
     values = np.array([1.0, math.nan, 2.5, -4.0])
     keep = np.array([True, False, True, False])
-    got = ScalarEvents().encode(tags, values, 9, 2.0, keep)
+    got = ScalarTemplate(tags).event(values, 9, 2.0, keep)
     assert got == reference(("a", "ccc"), [1.0, 2.5], 9, 2.0)
-    assert ScalarEvents().encode(tags, values, 9, 2.0, np.ones(4, bool)) != got
+    assert ScalarTemplate(tags).event(values, 9, 2.0, np.ones(4, bool)) != got
     from tensorboard.compat.proto import event_pb2
 
-    ev = event_pb2.Event.FromString(ScalarEvents().encode(tags, values, 9, 2.0))
+    ev = event_pb2.Event.FromString(ScalarTemplate(tags).event(values, 9, 2.0))
     assert math.isnan(ev.summary.value[1].simple_value) and ev.summary.value[3].tag == "dddd"
 
 
 def test_negative_step_as_protobuf_writes_it():
-    assert ScalarEvents().encode(("t",), np.ones(1), -3, 1.0) == reference(("t",), [1.0], -3,
-                                                                           1.0)
+    assert ScalarTemplate(("t",)).event(np.ones(1), -3, 1.0) == reference(("t",), [1.0], -3,
+                                                                          1.0)

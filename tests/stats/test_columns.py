@@ -227,3 +227,18 @@ def test_summary_and_axis_sq_norms_16bit_in_float32(dtype):
     np.testing.assert_allclose(np64(fan), (fin**2).sum(0), rtol=1e-5)
     np.testing.assert_allclose(np64(summary), [(fin**2).sum(), np.abs(fin).max(), 3, m.size],
                                rtol=1e-5)
+
+
+def test_grad_summaries_with_axes_equals_the_separate_kernels():
+    grads = [heavy(SHAPES["linear"], seed=6, n_bad=2, dtype=torch.float32),
+             heavy((7,), seed=7, n_bad=1, dtype=torch.float32),
+             heavy(SHAPES["embedding"], seed=8, n_bad=0, dtype=torch.float64)]
+    layouts = ["linear", None, "embedding"]
+    summary, axes = S.grad_summaries_with_axes(grads, layouts)
+    assert summary.dtype == torch.float64 and sorted(axes) == [0, 2]  # the float64 rule
+    np.testing.assert_allclose(np64(summary), np64(S.grad_summaries(grads)), rtol=1e-6)
+    for k in (0, 2):
+        np.testing.assert_allclose(np64(axes[k][0]), np64(S.unit_sq_norms(grads[k], layouts[k])),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(np64(axes[k][1]), np64(S.fan_sq_norms(grads[k], layouts[k])),
+                                   rtol=1e-6)

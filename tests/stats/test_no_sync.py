@@ -45,6 +45,8 @@ CASES: dict[str, Callable[[Make], object]] = {
     "nonfinite_count": lambda mk: S.nonfinite_count(mk(7)),
     "unit_sq_norms": lambda mk: S.unit_sq_norms(mk(5, 4), "conv1d"),
     "unit_sq_norms_propagating": lambda mk: S.unit_sq_norms_propagating(mk(5, 4), "linear"),
+    "grad_summaries_with_axes": lambda mk: S.grad_summaries_with_axes(
+        [mk(5, 4), mk(3)], ["linear", None]),
     "summary_and_axis_sq_norms": lambda mk: S.summary_and_axis_sq_norms(mk(5, 4), "linear"),
     "unit_rms": lambda mk: S.unit_rms(mk(5, 4), "embedding"),
     "fan_rms": lambda mk: S.fan_rms(mk(5, 2, 2), "other"),
