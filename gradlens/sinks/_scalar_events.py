@@ -5,7 +5,7 @@ A run writes the same tags at every logged step, so the bytes of the summary are
 for the 4 bytes of each float. The template (every value's framing and tag) is built once
 per tag list and kept by the caller; a step then costs one float32 cast and one scatter of
 the value bytes, instead of one protobuf object per value (with the CRC and the group
-aggregates, the TensorBoard sink's host time for a ``standard`` step is 0.61x,
+aggregates, the TensorBoard sink's host time for a ``standard`` step is 0.60x,
 ``benchmarks/bench_sinks.py``).
 Values can be left out (``keep``) without a new template. The wire format, field by field:
 
