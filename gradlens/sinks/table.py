@@ -445,6 +445,7 @@ class TableSink(Sink):
                 rows_dropped=self.rows_dropped,
                 events_written=self.events_written,
                 events_dropped=self.events_dropped,
+                flushes_coalesced=self.flushes_coalesced,
             )
             self._write_meta()
 
