@@ -44,7 +44,7 @@ class _Pending:
     """The records of one or more flushes waiting for one sink, as the flushes' own lists
     (shared between sinks: never mutated, only referenced)."""
 
-    __slots__ = ("sink", "rows", "hists", "events", "n", "dropped", "coalesced")
+    __slots__ = ("coalesced", "dropped", "events", "hists", "n", "rows", "sink")
 
     def __init__(self, sink: Any, rows: list, hists: list, events: list) -> None:
         self.sink = sink
