@@ -24,6 +24,7 @@ Figures failing to draw do not stop the report: they are listed in it (and in
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -586,7 +587,8 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
     table_paths: dict[str, Path] = {}
     for name, t in tables.items():
         table_paths[name] = out / f"{name}.csv"
-        t.to_csv(table_paths[name], index=False)
+        # every string quoted: a layer name with a lone "\r" reads back whole
+        t.to_csv(table_paths[name], index=False, quoting=csv.QUOTE_NONNUMERIC)
 
     figs = _figure_plan(runs, all_df, n_boot)
     problems = _render(figs, out, progress)

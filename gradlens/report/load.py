@@ -239,7 +239,7 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
 
     skipped = _Skipped(path)
     rows: list[tuple[int, str, str, str, float]] = []
-    for lineno, raw in enumerate(data.split(b"\n")[1:-1], start=2):
+    for lineno, raw in _csv_records(data):
         line = raw.rstrip(b"\r")
         if not line:
             continue  # blank lines (pandas skips them too)
@@ -249,10 +249,12 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
         else:
             try:
                 text = line.decode("utf-8")
+                fields = next(csv.reader([text], strict=True), [])
             except UnicodeDecodeError:
                 problem = "not UTF-8 text"
+            except csv.Error as err:
+                problem = f"bad CSV quoting ({err})"
             else:
-                fields = next(csv.reader([text]), [])
                 problem = _csv_problem(fields)
         if problem:
             skipped.add(lineno, problem)
@@ -263,6 +265,24 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
     if not rows:
         return _empty_stats()
     return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
+
+
+def _csv_records(data: bytes, most: int = 16) -> list[tuple[int, bytes]]:
+    """``(line number, record)`` of the rows after the header: a record goes on past a newline
+    inside a quoted field (a layer name with a newline) until its quotes close, over at most
+    ``most`` lines (past that the line stands alone: damaged, not a name)."""
+    lines = data.split(b"\n")[1:-1]
+    out: list[tuple[int, bytes]] = []
+    i = 0
+    while i < len(lines):
+        j, quotes = i, lines[i].count(b'"')
+        while quotes % 2 and j + 1 < min(len(lines), i + most):
+            j += 1
+            quotes += lines[j].count(b'"')
+        j = j if quotes % 2 == 0 else i
+        out.append((i + 2, b"\n".join(lines[i:j + 1])))
+        i = j + 1
+    return out
 
 
 def _csv_problem(fields: list[str]) -> str | None:

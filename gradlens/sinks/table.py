@@ -139,8 +139,8 @@ class _Backlog:
 def _csv_fields(*fields: str) -> str:
     """``fields`` as one CSV line fragment, quoted as :func:`csv.writer` quotes them."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(fields)  # "\n" inside a field is quoted
-    return buf.getvalue()[:-1]
+    csv.writer(buf, lineterminator="\r\n").writerow(fields)  # a "\r" or "\n" in a field: quoted
+    return buf.getvalue()[:-2]
 
 
 def _json_float(v: float) -> str:
