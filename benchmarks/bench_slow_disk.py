@@ -14,7 +14,9 @@ pre-hook). The figure is the median of the per-round ratios of median step times
 
 ``--stall S`` then measures a disk that stalls once for ``S`` seconds: the first write blocks
 until the stall ends while training goes on for ``S + 2`` seconds; it prints the longest
-``optimizer.step()`` during the stall against the longest of a fast run of as many steps.
+``optimizer.step()`` during the stall against the longest of a fast run of as many steps, and
+the longest hand-over of a flush to the writer thread (the only place a step could wait for
+the disk).
 
     python benchmarks/bench_slow_disk.py [--rounds 5] [--steps 10] [--delay 1] [--stall 60]
 """
@@ -106,6 +108,16 @@ def stall(root: Path, seconds: float) -> None:
 
     slow = Copy(root / "stall", block=block)
     fast = Copy(root / "stall_fast")
+    waits = [0.0]  # the hand-over to the writer thread: where a step could wait for the disk
+    writer = slow.lens._writer
+    submit = writer.submit
+
+    def timed_submit(*args):
+        t0 = time.perf_counter()
+        submit(*args)
+        waits[0] = max(waits[0], time.perf_counter() - t0)
+
+    writer.submit = timed_submit
     for c in (slow, fast):
         c.step()
     opt_times, step_times = [], []
@@ -121,6 +133,8 @@ def stall(root: Path, seconds: float) -> None:
     print(f"  longest optimizer.step(): stalled {1e3 * max(opt_times):.1f} ms, fast disk "
           f"{1e3 * max(fast_opt):.1f} ms; longest whole step {1e3 * max(step_times):.1f} ms; "
           f"median whole step {1e3 * statistics.median(step_times):.1f} ms")
+    print(f"  longest hand-over to the writer (the step's wait for the disk): "
+          f"{1e3 * waits[0]:.2f} ms")
     meta = slow.close()
     fast.close()
     print(f"  run.json rows_written {meta.get('rows_written')} rows_dropped "

@@ -66,8 +66,9 @@ class LensConfig:
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
         background_io: the file sinks (table, TensorBoard) write on a writer thread
-            (:mod:`gradlens.core.writer`: ``close()`` waits for it; a SIGKILL loses the flushes
-            still queued, at most 4). False: every flush is on disk when ``step()`` returns.
+            (:mod:`gradlens.core.writer`: ``close()`` waits for it; the training never waits
+            for a slow disk, later flushes are coalesced; a SIGKILL loses the flushes still
+            queued). False: every flush is on disk when ``step()`` returns.
     """
 
     preset: str = "standard"
