@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.report.csv_records import csv_records
 from gradlens.schema import (
     RUN_META_FILE,
     SPIKE_FIELDS,
@@ -239,7 +240,7 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
 
     skipped = _Skipped(path)
     rows: list[tuple[int, str, str, str, float]] = []
-    for lineno, raw in _csv_records(data):
+    for lineno, raw in csv_records(data, len(STAT_COLUMNS)):
         line = raw.rstrip(b"\r")
         if not line:
             continue  # blank lines (pandas skips them too)
@@ -265,24 +266,6 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
     if not rows:
         return _empty_stats()
     return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
-
-
-def _csv_records(data: bytes, most: int = 16) -> list[tuple[int, bytes]]:
-    """``(line number, record)`` of the rows after the header: a record goes on past a newline
-    inside a quoted field (a layer name with a newline) until its quotes close, over at most
-    ``most`` lines (past that the line stands alone: damaged, not a name)."""
-    lines = data.split(b"\n")[1:-1]
-    out: list[tuple[int, bytes]] = []
-    i = 0
-    while i < len(lines):
-        j, quotes = i, lines[i].count(b'"')
-        while quotes % 2 and j + 1 < min(len(lines), i + most):
-            j += 1
-            quotes += lines[j].count(b'"')
-        j = j if quotes % 2 == 0 else i
-        out.append((i + 2, b"\n".join(lines[i:j + 1])))
-        i = j + 1
-    return out
 
 
 def _csv_problem(fields: list[str]) -> str | None:

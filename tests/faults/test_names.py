@@ -138,3 +138,14 @@ def test_every_name_round_trips_through_tensorboard_the_plugin_and_the_report(
     paths = build_report([run], tmp_path / "report", progress=False)
     ranks = pd.read_csv(paths.tables["rankings"], keep_default_na=False)
     assert set(ranks.loc[ranks["stat"] == "grad_norm", "layer"]) == EXPECTED
+
+
+def test_a_stray_quote_costs_its_own_line_only(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text('{"name": "t"}')
+    good = [f'{s},"multi\nline",hidden,grad_norm,{s}.5\n' for s in range(1, 21)]
+    (tmp_path / "stats.csv").write_text(
+        "step,layer,role,stat,value\n" + '0,"unclosed,hidden,grad_norm,1.0\n' + "".join(good))
+    with pytest.warns(CorruptLineWarning, match="line 2"):
+        df = load_run(tmp_path)
+    assert list(df["step"]) == list(range(1, 21)) and set(df["layer"]) == {"multi\nline"}
+    assert list(df["value"]) == [s + 0.5 for s in range(1, 21)]
