@@ -151,3 +151,35 @@ def test_past_the_cap_the_oldest_rows_are_dropped_and_counted_events_kept() -> N
     assert sink.rows_dropped == 40 - 12
     assert [e.step for e in sink.events] == list(range(1, 11))
     assert sink.flushes_coalesced == 10 - 1 - 2
+
+
+def test_detectors_and_the_guard_act_while_the_sink_is_stalled() -> None:
+    """A 1000x gradient at step 30 is flagged and its step skipped by the guard, on device,
+    while every write of the run waits on a stalled sink; the event lands when it resumes."""
+    from gradlens import SpikeGuard
+    from gradlens.optim import GatedOptimizer
+    from gradlens.stats import SpikeConfig
+
+    torch.set_num_threads(1)
+    model = _model()
+    opt = GatedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01))
+    slow = BlockingSink()
+    lens = GradLens(model, opt, sinks=[slow], preset="minimal", output="2",
+                    guard=SpikeGuard("skip"), spikes=SpikeConfig(warmup=10))
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    with recorded():
+        for step in range(1, 41):
+            nn.functional.mse_loss(model(x), y).backward()
+            if step == 30:
+                model[2].weight.grad.mul_(1000.0)
+            before = model[2].weight.detach().clone()
+            opt.step()
+            opt.zero_grad()
+            assert torch.equal(model[2].weight, before) == (step == 30)  # skipped, only it
+        assert slow.writes == 0  # all of it inside the stall
+        slow.gate.set()
+        lens.close()
+    guarded = [e for e in slow.events if e.kind == "guarded_step"]
+    assert [e.step for e in guarded] == [30] and guarded[0].value == 0.0
+    assert any(e.step == 30 and e.layer == "2.weight" for e in slow.events
+               if e.kind == "grad_norm")
