@@ -413,7 +413,8 @@ class TableSink(Sink):
         """Flush, close the files and record in ``run.json`` how the run ended: ``finished``
         (true only for ``ended="finished"``), ``ended`` (``"finished"`` or
         ``"interrupted"``), ``ended_at``, ``last_step``, ``rows_written`` /
-        ``events_written`` (by this session) and ``rows_dropped`` / ``events_dropped``.
+        ``events_written`` (by this session), ``rows_dropped`` / ``events_dropped`` and
+        ``flushes_coalesced`` (flushes the lens's writer merged while the disk was behind).
         Idempotent; never raises a write error."""
         ended = check_ended(ended)
         if self._closed:
