@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
 from gradlens.core.config import PRESETS
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]`` (a clear message naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            rng = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {rng}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from gradlens.compare import run_compare
 
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
@@ -68,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small LLaMA with SCALE and AdamW under the lens, "
                                        "then write the report")
     demo.add_argument("--out", default="gradlens_demo", help="output directory")
-    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    demo.add_argument("--steps", type=_int_in(1), default=None, help="optimizer steps per run")
     demo.add_argument("--size", default="demo", choices=model_sizes(),
                       help="model size (demo: hidden 128, 4 layers; tiny: hidden 32, 2 layers; "
                            "small: hidden 256, 4 layers; the papers' 60m .. 1b)")
@@ -76,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimizers to run one after the other")
     demo.add_argument("--corpus", default=None,
                       help="a text file or directory (default: Shakespeare's plays)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_int_in(0), default=0)
     demo.add_argument("--preset", default="full", choices=list(PRESETS),
                       help="lens preset (default: full, every estimator and verdict)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -89,21 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="gradlens_compare", help="output directory "
                          "(finished runs in it are not redone)")
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS))
-    compare.add_argument("--lr-factors", nargs="+", type=float, default=list(DEFAULT_LR_FACTORS),
+    compare.add_argument("--lr-factors", nargs="+", type=_positive_float, default=list(DEFAULT_LR_FACTORS),
                          help="multipliers of each optimizer's default lr")
-    compare.add_argument("--steps", type=int, default=COMPARE_STEPS)
+    compare.add_argument("--steps", type=_int_in(1), default=COMPARE_STEPS)
     compare.add_argument("--size", default="demo", choices=model_sizes())
     compare.add_argument("--corpus", default=None)
-    compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--seeds", type=int, default=1,
+    compare.add_argument("--seed", type=_int_in(0), default=0)
+    compare.add_argument("--seeds", type=_int_in(1), default=1,
                          help="seeds per (optimizer, lr): mean +- std and a bootstrap 95%% CI "
                               "of the held-out loss, best lr on the seed mean")
-    compare.add_argument("--sweep-seeds", type=int, default=None, metavar="K",
+    compare.add_argument("--sweep-seeds", type=_int_in(1), default=None, metavar="K",
                          help="tune, then confirm: the lr sweep runs the first K seeds, the "
                               "other seeds run only at each optimizer's best lr (default: all)")
     compare.add_argument("--preset", default="full", choices=list(PRESETS),
                          help="lens preset of every run (default: full, every estimator)")
-    compare.add_argument("--threads", type=int, default=None,
+    compare.add_argument("--threads", type=_int_in(1), default=None,
                          help="torch CPU threads (default: torch's)")
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
@@ -117,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dashboard", help="serve a run directory with TensorBoard")
     dash.add_argument("run_dir")
-    dash.add_argument("--port", type=int, default=None)
+    dash.add_argument("--port", type=_int_in(1, 65535), default=None)
     dash.set_defaults(func=_dashboard)
     return parser
 

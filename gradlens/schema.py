@@ -23,7 +23,10 @@ TensorBoard tags besides ``tb_tag(stat, layer)`` (written by ``sinks.tensorboard
     gradlens/<hist>/<layer>  raw histograms (``tb_tag`` of the histogram's stat name)
 
 Layer names are the parameter names of the model (``model.layers.0.mlp.up_proj.weight``);
-run-level rows use the layer ``"global"`` with role ``"global"``.
+run-level rows use the layer ``"global"`` with role ``"global"``. A parameter named ``global``
+itself (an attribute of the root module) is recorded as ``.global`` (:func:`layer_name`): no
+qualified parameter name starts with a dot, so no name is ever taken for another. Names are
+otherwise kept as they are (newlines, quotes, commas, unicode included).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ RUN_META_FILE = "run.json"
 STATS_BASENAME = "stats"  # stats.csv | stats.jsonl | stats-<n>.parquet
 SPIKES_FILE = "spikes.jsonl"
 TABLE_FORMATS = ("csv", "jsonl", "parquet")
+
+
+def layer_name(param_name: str) -> str:
+    """The layer name a parameter is recorded under: its own, but ``.global`` for a parameter
+    named like the reserved run-level row (a qualified parameter name never starts with a dot)."""
+    return "." + param_name if param_name == GLOBAL else param_name
 
 
 def tb_tag(stat: str, layer: str) -> str:

@@ -52,3 +52,15 @@ def test_gpu_suite_on_cpu() -> None:
         assert f"adamw {preset}" in out and f"scale {preset}" in out
         assert f"{preset}: 5 steps without a sync" in out
     assert "scale vs adamw tiny" in out
+
+
+def test_bench_slow_disk_quick() -> None:
+    out = _run("benchmarks/bench_slow_disk.py", "--quick", "--stall", "1")
+    ratios = [float(line.split("/fast")[1].split()[0]) for line in out.splitlines()
+              if "/fast " in line]
+    assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios)
+    written = [line.split("rows_written")[1].split()[0] for line in out.splitlines()
+               if "rows_written" in line]
+    assert len(written) == 4 and len(set(written[:3])) == 1  # slow disk: no row lost
+    assert "rows_dropped 0" in out.splitlines()[-1]
+    assert "longest hand-over to the writer" in out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gradlens import _args as A
 from gradlens.stats.spikes import SpikeConfig
 
 PRESETS = ("minimal", "standard", "gns", "full")
@@ -65,8 +66,9 @@ class LensConfig:
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
         background_io: the file sinks (table, TensorBoard) write on a writer thread
-            (:mod:`gradlens.core.writer`: ``close()`` waits for it; a SIGKILL loses the flushes
-            still queued, at most 4). False: every flush is on disk when ``step()`` returns.
+            (:mod:`gradlens.core.writer`: ``close()`` waits for it; the training never waits
+            for a slow disk, later flushes are coalesced; a SIGKILL loses the flushes still
+            queued). False: every flush is on disk when ``step()`` returns.
     """
 
     preset: str = "standard"
@@ -91,7 +93,10 @@ class LensConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "standard", **overrides: object) -> LensConfig:
-        if preset not in PRESETS:
+        """The preset's flags, then ``overrides``: an option given explicitly wins over the
+        preset (``preset="minimal", per_example=True`` is ``minimal`` plus the per-example
+        estimators)."""
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
         flags = {
             "minimal": dict(columns=False, microbatch=False),
@@ -127,26 +132,18 @@ class LensConfig:
         return names
 
     def validate(self) -> None:
-        if not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {self.log_every!r}")
-        if self.loss_reduction not in ("mean", "global_mean", "sum"):
-            raise ValueError("loss_reduction must be 'mean', 'global_mean' or 'sum', got "
-                             f"{self.loss_reduction!r}")
-        if self.per_example_scope not in ("all", "norms"):
-            raise ValueError("per_example_scope must be 'all' or 'norms', got "
-                             f"{self.per_example_scope!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                            or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
-            raise ValueError(f"batch_dim must be a non-negative integer, got {self.batch_dim!r}")
+        """Every field's type and range: a clear error naming the field (gradlens._args)."""
+        A.check_int("log_every", self.log_every, 1)
+        for flag in ("columns", "microbatch", "per_example", "temporal", "histograms", "spam",
+                     "background_io"):
+            A.check_bool(flag, getattr(self, flag))
         for name in ("temporal_beta", "noise_ema"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if self.sketch_dim < 1:
-            raise ValueError(f"sketch_dim must be >= 1, got {self.sketch_dim!r}")
-        if self.histogram_bins < 2:
-            raise ValueError(f"histogram_bins must be >= 2, got {self.histogram_bins!r}")
-        if not isinstance(self.spikes, SpikeConfig):
-            raise ValueError("spikes must be a gradlens.stats.SpikeConfig")
+            A.check_real(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        A.check_int("temporal_budget_bytes", self.temporal_budget_bytes, 0, none_ok=True)
+        A.check_int("sketch_dim", self.sketch_dim, 1)
+        A.check_int("histogram_bins", self.histogram_bins, 2)
+        A.check_choice("loss_reduction", self.loss_reduction, ("mean", "global_mean", "sum"))
+        A.check_int("batch_size", self.batch_size, 1, none_ok=True)
+        A.check_choice("per_example_scope", self.per_example_scope, ("all", "norms"))
+        A.check_int("batch_dim", self.batch_dim, 0)
+        A.check_type("spikes", self.spikes, SpikeConfig, "a gradlens.stats.SpikeConfig")

@@ -39,6 +39,7 @@ from torch import nn
 from gradlens import stats as S
 from gradlens.core import distributed as D
 from gradlens.core import run as R
+from gradlens.core.arguments import check_lens_arguments
 from gradlens.core.config import LensConfig
 from gradlens.core.constants import DeviceConstants
 from gradlens.core.intermediates import Intermediates
@@ -69,7 +70,8 @@ class GradLens(DeviceConstants):
             each step in a step pre-hook. Without one, call :meth:`step` after each backward.
         logdir: run directory (TensorBoard events, the long table, spikes.jsonl, run.json).
             ``None`` keeps everything in memory (``lens.memory``).
-        preset: ``minimal`` | ``standard`` | ``full`` (see :mod:`gradlens.core.config`).
+        preset: ``minimal`` | ``standard`` | ``full`` (see :mod:`gradlens.core.config`); an
+            option given explicitly wins over the preset's flags.
         log_every: record statistics every this many steps.
         include, exclude: fnmatch patterns on parameter names; roles: roles to track.
         overrides, output: role overrides, passed to :func:`gradlens.roles.discover_layers`.
@@ -113,6 +115,7 @@ class GradLens(DeviceConstants):
         guard: SpikeGuard | None = None,
         **options: Any,
     ) -> None:
+        check_lens_arguments(locals())
         self.config = LensConfig.from_preset(preset, log_every=log_every, **options)
         from torch._dynamo.eval_frame import OptimizedModule
 

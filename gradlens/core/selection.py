@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 
 from gradlens.roles import LayerInfo, Role
+from gradlens.schema import layer_name
 
 
 def select_layers(
@@ -39,7 +41,8 @@ def select_layers(
             continue
         if wanted_roles is not None and info.role not in wanted_roles:
             continue
-        kept.append(info)
+        name = layer_name(info.name)
+        kept.append(info if name == info.name else dataclasses.replace(info, name=name))
     if not kept:
         raise ValueError("the layer selection is empty: no parameter matches include/exclude/roles")
     return kept

@@ -24,11 +24,11 @@ Figures failing to draw do not stop the report: they are listed in it (and in
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from gradlens.report import plots as P
 from gradlens.report import verdicts as V
+from gradlens.report.replace import replaced_dir
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
 
 __all__ = ["ReportPaths", "build_report"]
@@ -103,22 +104,6 @@ class _Fig:
 
 
 # --------------------------------------------------------------------------- input / output
-
-
-def _prepare_out(out_dir: str | Path) -> Path:
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"report directory {str(out)!r} exists and is not a directory; "
-                         "pass a directory path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "figures").mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".gradlens-write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"cannot write the report to {str(out)!r}: {err.strerror or err}; "
-                         "pass a writable directory") from err
-    return out
 
 
 def _load_runs(run_dirs: Sequence[str | Path]) -> list[_Run]:
@@ -543,15 +528,29 @@ def build_report(
 
     Each run directory is read by :mod:`gradlens.report.load` (which raises a clear error on a
     missing or empty run); the run's label is ``name`` from run.json, or the directory name.
-    ``progress`` shows a tqdm bar over the figures. Raises ``ValueError`` for an empty list of
-    runs or an out directory that cannot be created or written.
+    ``progress`` shows a tqdm bar over the figures. The report is written beside ``out_dir``
+    and renamed into place (:mod:`gradlens.report.replace`): a killed or failing report leaves
+    the previous one whole. Raises ``ValueError`` for an empty list of runs, an out directory
+    that cannot be written, or one that is not empty and holds no report.
     """
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     run_dirs = list(run_dirs)
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory; got an empty list")
-    out = _prepare_out(out_dir)
+    target = Path(out_dir).expanduser()
+    with replaced_dir(target) as tmp:
+        paths = _write_report(run_dirs, tmp, title, progress)
+    moved = lambda p: target / p.relative_to(tmp)  # noqa: E731
+    return ReportPaths(
+        out_dir=target, html=moved(paths.html), markdown=moved(paths.markdown),
+        figures={k: moved(v) for k, v in paths.figures.items()},
+        tables={k: moved(v) for k, v in paths.tables.items()}, problems=paths.problems)
+
+
+def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
+                  progress: bool) -> ReportPaths:
+    (out / "figures").mkdir()
     runs = _load_runs(run_dirs)
     all_df = pd.concat([r.df for r in runs], ignore_index=True)
     n_boot = N_BOOT
@@ -588,7 +587,8 @@ def build_report(
     table_paths: dict[str, Path] = {}
     for name, t in tables.items():
         table_paths[name] = out / f"{name}.csv"
-        t.to_csv(table_paths[name], index=False)
+        # every string quoted: a layer name with a lone "\r" reads back whole
+        t.to_csv(table_paths[name], index=False, quoting=csv.QUOTE_NONNUMERIC)
 
     figs = _figure_plan(runs, all_df, n_boot)
     problems = _render(figs, out, progress)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.report.csv_records import csv_records
 from gradlens.schema import (
     RUN_META_FILE,
     SPIKE_FIELDS,
@@ -239,7 +240,7 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
 
     skipped = _Skipped(path)
     rows: list[tuple[int, str, str, str, float]] = []
-    for lineno, raw in enumerate(data.split(b"\n")[1:-1], start=2):
+    for lineno, raw in csv_records(data, len(STAT_COLUMNS)):
         line = raw.rstrip(b"\r")
         if not line:
             continue  # blank lines (pandas skips them too)
@@ -249,10 +250,12 @@ def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
         else:
             try:
                 text = line.decode("utf-8")
+                fields = next(csv.reader([text], strict=True), [])
             except UnicodeDecodeError:
                 problem = "not UTF-8 text"
+            except csv.Error as err:
+                problem = f"bad CSV quoting ({err})"
             else:
-                fields = next(csv.reader([text]), [])
                 problem = _csv_problem(fields)
         if problem:
             skipped.add(lineno, problem)

@@ -218,6 +218,8 @@ class Sink(ABC):
         ended: ``None`` while open, then the ``ended`` given to the first :meth:`close`.
         rows_dropped: rows (events, histograms) this sink could not write and gave up on; 0 for
             a sink that cannot fail.
+        flushes_coalesced: flushes the lens's writer thread merged into a later write because
+            the disk was behind (:mod:`gradlens.core.writer`); nothing lost.
         background: the lens may write it on its writer thread (:mod:`gradlens.core.writer`):
             only for sinks that nothing reads while the run trains (False by default).
     """
@@ -228,6 +230,7 @@ class Sink(ABC):
     _closed: bool = False
     ended: str | None = None
     rows_dropped: int = 0
+    flushes_coalesced: int = 0
 
     def open(self, meta: Mapping[str, Any]) -> None:
         """Receive the run metadata; called once, before any write."""

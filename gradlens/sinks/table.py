@@ -139,8 +139,8 @@ class _Backlog:
 def _csv_fields(*fields: str) -> str:
     """``fields`` as one CSV line fragment, quoted as :func:`csv.writer` quotes them."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(fields)  # "\n" inside a field is quoted
-    return buf.getvalue()[:-1]
+    csv.writer(buf, lineterminator="\r\n").writerow(fields)  # a "\r" or "\n" in a field: quoted
+    return buf.getvalue()[:-2]
 
 
 def _json_float(v: float) -> str:
@@ -413,7 +413,8 @@ class TableSink(Sink):
         """Flush, close the files and record in ``run.json`` how the run ended: ``finished``
         (true only for ``ended="finished"``), ``ended`` (``"finished"`` or
         ``"interrupted"``), ``ended_at``, ``last_step``, ``rows_written`` /
-        ``events_written`` (by this session) and ``rows_dropped`` / ``events_dropped``.
+        ``events_written`` (by this session), ``rows_dropped`` / ``events_dropped`` and
+        ``flushes_coalesced`` (flushes the lens's writer merged while the disk was behind).
         Idempotent; never raises a write error."""
         ended = check_ended(ended)
         if self._closed:
@@ -445,6 +446,7 @@ class TableSink(Sink):
                 rows_dropped=self.rows_dropped,
                 events_written=self.events_written,
                 events_dropped=self.events_dropped,
+                flushes_coalesced=self.flushes_coalesced,
             )
             self._write_meta()
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradlens import _args as A
 from gradlens.stats.norms import accumulation_dtype
 
 __all__ = [
@@ -99,22 +100,15 @@ class SpikeConfig:
     top_k: int = 3
 
     def __post_init__(self) -> None:
+        A.check_real("SpikeConfig.threshold", self.threshold, 0.0, low_open=True)
         for name in ("alpha", "level_alpha"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if not 0.0 <= self.trend <= 1.0:
-            raise ValueError(f"trend must be in [0, 1], got {self.trend!r}")
-        if not self.threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {self.threshold!r}")
-        if self.warmup < 1:
-            raise ValueError(f"warmup must be >= 1, got {self.warmup!r}")
-        if self.min_std < 0:
-            raise ValueError(f"min_std must be >= 0, got {self.min_std!r}")
-        if not self.spam_theta > 0:
-            raise ValueError(f"spam_theta must be > 0, got {self.spam_theta!r}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k!r}")
+            A.check_real(f"SpikeConfig.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        A.check_real("SpikeConfig.trend", self.trend, 0.0, 1.0)
+        A.check_int("SpikeConfig.warmup", self.warmup, 1)
+        A.check_real("SpikeConfig.min_std", self.min_std, 0.0)
+        A.check_bool("SpikeConfig.clip", self.clip)
+        A.check_real("SpikeConfig.spam_theta", self.spam_theta, 0.0, low_open=True)
+        A.check_int("SpikeConfig.top_k", self.top_k, 1)
 
 
 _DEFAULT = SpikeConfig()

@@ -4,6 +4,7 @@ that raises on it costs that flush, never the training or the writer."""
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import pytest
@@ -25,10 +26,10 @@ class _Recording(Sink):
 
     def write_stats(self, rows) -> None:
         self.threads.add(threading.current_thread().name)
-        step = rows[0][0]
-        if step == self.fail_at:
+        steps = list(dict.fromkeys(r[0] for r in rows))  # one flush, or several coalesced
+        if self.fail_at in steps:
             raise ValueError("a bug in a sink")
-        self.steps.append(step)
+        self.steps.extend(steps)
 
     def write_events(self, events) -> None:
         pass
@@ -67,26 +68,28 @@ def test_a_sink_that_raises_on_the_writer_loses_that_flush_only(tmp_path):
     assert len(messages) == 1 and "a bug in a sink" in messages[0]
 
 
-def test_the_queue_is_bounded_and_close_drains_it():
+def test_a_full_queue_coalesces_instead_of_waiting_and_close_drains_it():
     gate = threading.Event()
     written: list[int] = []
 
     class Slow(_Recording):
         def write_stats(self, rows) -> None:
             gate.wait(5)
-            written.append(rows[0][0])
+            written.extend(r[0] for r in rows)
 
     writer, sink = BackgroundWriter(max_pending=2), Slow()
     writer.submit(sink, [(1, "l", "hidden", "grad_norm", 1.0)], [], [])
+    while writer.backlog:  # until the writer has taken flush 1 (and blocks on it)
+        time.sleep(0.01)
     blocked = threading.Thread(target=lambda: [writer.submit(
         sink, [(s, "l", "hidden", "grad_norm", 1.0)], [], []) for s in (2, 3, 4)])
     blocked.start()
-    blocked.join(0.3)
-    assert blocked.is_alive()  # 1 being written, 2 queued: the 4th submit waits
+    blocked.join(3)
+    assert not blocked.is_alive()  # 1 being written, 2 and 3 queued: 4 joins 3, no wait
+    assert writer.backlog == 2
     gate.set()
-    blocked.join(5)
     writer.close()
-    assert written == [1, 2, 3, 4]
+    assert written == [1, 2, 3, 4] and sink.flushes_coalesced == 1 and sink.rows_dropped == 0
 
 
 @pytest.mark.parametrize("background", [True, False])
