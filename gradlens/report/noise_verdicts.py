@@ -18,13 +18,13 @@ from gradlens.report.verdicts import (
     Verdict,
     _fmt,
     _fmt_p,
-    _lag1,
     layer_roles,
     missing_reason,
     select_run,
     wide_table,
 )
 from gradlens.schema import GLOBAL
+from gradlens.stats.noise_scale import lag1_autocorrelation
 
 # --------------------------------------------------------------------------- question 4: GNS
 
@@ -172,7 +172,8 @@ def norm_gns_verdict(
     rel_iqr = (q75 - q25) / med
     total_range = float(math.exp(np.ptp(lt)))
     slope, icpt = np.polyfit(lt, ln, 1) if np.ptp(lt) > 0 else (0.0, float(np.mean(ln)))
-    ac = _lag1(ln - (icpt + slope * lt))  # dependence of the residuals, not of the trend
+    # the dependence of the residuals, not of the trend
+    ac = lag1_autocorrelation(ln - (icpt + slope * lt))
     r_ac = min(max(ac, 0.0), 0.95) if math.isfinite(ac) else 0.0
     n_eff = n * (1 - r_ac) / (1 + r_ac)
     base.update(first_step=int(steps[pos].min()), last_step=int(steps[pos].max()),

@@ -42,6 +42,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
+from gradlens.stats.noise_scale import circular_block_indices, lag1_autocorrelation
 
 __all__ = [
     "ANSWERS",
@@ -291,20 +292,13 @@ def bootstrap_indices(n: int, n_boot: int, seed: int = 0, block: int | str | Non
     ``block="auto"`` uses ``ceil(n ** (1/3))``, the usual rate for block length; ``1`` or ``None``
     is the plain i.i.d. bootstrap. Seeded: the same arguments give the same indices.
     """
-    if n < 1 or n_boot < 1:
-        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
     if block in (None, "auto"):
-        b = 1 if block is None else max(1, math.ceil(n ** (1 / 3)))
+        b = 1 if block is None else max(1, math.ceil(max(n, 1) ** (1 / 3)))
     else:
         b = int(block)
         if b < 1:
             raise ValueError(f"block must be >= 1 or 'auto', got {block!r}")
-    b = min(b, n)
-    rng = np.random.default_rng(seed)
-    k = math.ceil(n / b)
-    starts = rng.integers(0, n, size=(n_boot, k))
-    idx = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, k * b)[:, :n]
-    return idx % n
+    return circular_block_indices(n, n_boot, b, np.random.default_rng(seed))
 
 
 def _counts(idx: np.ndarray, n: int) -> np.ndarray:
@@ -473,12 +467,6 @@ def _all_nan_reason(one: pd.DataFrame, stat: str) -> str:
             "non-finite gradients)")
 
 
-def _lag1(d: np.ndarray) -> float:
-    if d.size < 3 or np.std(d[:-1]) == 0 or np.std(d[1:]) == 0:
-        return math.nan
-    return float(np.corrcoef(d[:-1], d[1:])[0, 1])
-
-
 def _rank_biserial(d: np.ndarray) -> float:
     """Matched-pairs rank-biserial correlation ``(W+ - W-) / (W+ + W-)``, zeros dropped."""
     d = d[d != 0]
@@ -597,7 +585,7 @@ def output_highest_verdict(
     p_l = float(sps.wilcoxon(d, alternative="less").pvalue)
     res = sps.wilcoxon(d)
     med = float(np.median(d))
-    ac = _lag1(d)
+    ac = lag1_autocorrelation(d)
     base.update(
         median_log_ratio=med, median_ratio=math.exp(med), rank_biserial=_rank_biserial(d),
         wilcoxon_W=float(res.statistic), p_value=p_g, p_less=p_l, p_two_sided=float(res.pvalue),
@@ -776,7 +764,7 @@ def column_spread_verdict(
         chi2, p_s = sps.friedmanchisquare(*x.T)
         effect = float(chi2) / (n_steps * (k - 1))
         effect_name, stat_txt = "Kendall's W", f"Friedman chi2 = {_fmt(float(chi2))},"
-    ac = _lag1(x[:, 0] - np.median(x[:, 1:], axis=1))
+    ac = lag1_autocorrelation(x[:, 0] - np.median(x[:, 1:], axis=1))
     numbers.update(test="friedman" if k > 2 else "wilcoxon", p_steps=float(p_s),
                    effect=effect, n_steps=n_steps, lag1_autocorr=ac)
     answer = "yes" if p_s < alpha else "no"

@@ -61,7 +61,7 @@ def two_batch(grads: Sequence[torch.Tensor], sizes: Sequence[int], reduction: st
     y = float(total.pow(2).sum()) / lam**2
     T = (A - B * y) / (K - B * c)
     S = y - c * T
-    kT = (A + B * y) / abs(A - B * y) if A != B * y else math.inf
+    kT = (A + B * y) / abs(A - B * y) if B * y != A else math.inf
     kS = (y + c * abs(T) * kT) / abs(S) if S != 0 else math.inf
     out: dict[str, object] = {"T": T, "S": S, "y": y, "A": A, "kT": kT, "kS": kS, "c": c}
     u_y = _units_sq(total, layout)
