@@ -9,7 +9,7 @@ e.g. the lens's per-example pair ``pe_trace`` / ``pe_signal``
 
     tr_t = B/(B-1) (mean_b |g_b|**2 - |G_B|**2),      s_t = |G_B|**2 - tr_t / B,
 
-or the two-batch pair ``twobatch_trace`` / ``twobatch_signal`` (methods.md section 4). Either
+or the two-batch pair ``twobatch_trace`` / ``twobatch_signal`` (McCandlish et al., arXiv 1812.06162). Either
 may be negative on a step (the signal especially, when ``|G|**2 << tr(Sigma)/B``): never drop
 or clip such steps, that would bias the readout upward.
 
