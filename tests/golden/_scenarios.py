@@ -195,17 +195,12 @@ def golden(name: str, run: dict[str, Any]) -> dict[str, Any]:
             "events": run["events"], "histograms": run["histograms"], "hist_slack": slack}
 
 
-def dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=0, sort_keys=True,
-                      default=lambda v: repr(v))
-
-
 def write(names: list[str]) -> None:
     torch.set_num_threads(1)
     for name in names:
         doc = golden(name, run_scenario(name))
         doc["cond"] = {k: (v if math.isfinite(v) else repr(v)) for k, v in doc["cond"].items()}
-        golden_path(name).write_text(dumps(doc))
+        golden_path(name).write_text(json.dumps(doc, indent=0, sort_keys=True))
         print("wrote", golden_path(name))
 
 
