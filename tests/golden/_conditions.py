@@ -31,9 +31,12 @@ file (computed here from the run's own values and the float64 reference of ``_tw
   unit's sign test may flip (the value is then compared for its NaN pattern only: it is
   compared with the same-run float64 reference instead, ``test_golden``).
 
-Counts (exact): ``nonfinite_count``, ``microbatches``, ``batch_size`` (kappa 0). Statistics of
-a discontinuous kind (``spam_fraction``, a threshold count) and the spike z-scores (NaN in
-these short runs: the detectors are warming up) are compared for their NaN pattern only.
+Counts (exact): ``nonfinite_count``, ``microbatches``, ``batch_size`` (kappa 0). Counts past a
+threshold have no condition number: a histogram count or ``spam_fraction`` may change only by
+the entries the golden run found within rounding of an edge or of SPAM's threshold (stored as
+``hist_slack`` / ``count_slack``; ``spam_fraction`` is compared for its NaN pattern only where
+none was stored, in the distributed files). The spike z-scores are NaN in these short runs (the
+detectors are warming up): their NaN pattern is compared.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def _run(preset: str, micro: int, steps: int, log_every: int, optimizer: str,
     data = _batches(steps * micro, seed)
     refs: dict[int, dict[str, Any]] = {}
     units: dict[int, dict[str, torch.Tensor]] = {}
+    spam: dict[int, dict[str, torch.Tensor]] = {}
     reduction = options.get("loss_reduction", "mean")
     for s in range(1, steps + 1):
         for name in seen:
@@ -103,6 +104,8 @@ def _run(preset: str, micro: int, steps: int, log_every: int, optimizer: str,
         if s % log_every == 0:
             units[s] = {i.name: _unit_rms(i.param.grad, i.layout) for i in lens.layers
                         if i.param.grad is not None and i.layout not in (None, "vector")}
+            spam[s] = {i.name: _spam_margins(i.param.grad, opt.state[i.param]["exp_avg_sq"])
+                       for i in lens.layers if "exp_avg_sq" in opt.state.get(i.param, {})}
         opt.step()
         opt.zero_grad(set_to_none=True)
     for h in hooks:
@@ -110,8 +113,19 @@ def _run(preset: str, micro: int, steps: int, log_every: int, optimizer: str,
     lens.flush()
     out = snapshot(lens)
     lens.close()
-    out["_refs"], out["_units"] = refs, units
+    out["_refs"], out["_units"], out["_spam"] = refs, units, spam
     return out
+
+
+def _spam_margins(g: torch.Tensor, v: torch.Tensor, theta: float = 5000.0) -> torch.Tensor:
+    """Per entry of SPAM's test ``g^2 > theta v`` (``gradlens.stats.spam_fraction``): the
+    relative distance from the threshold, ``|v - g^2/theta| / (v + g^2/theta)`` (finite
+    entries; ``g = v = 0`` is structural, an embedding row no token used: no hit anywhere)."""
+    g, v = g.detach().double(), v.detach().double()
+    q = g * g / theta
+    m = (v - q).abs() / (v + q)
+    keep = torch.isfinite(g) & torch.isfinite(v)
+    return torch.nan_to_num(m[keep], nan=math.inf)
 
 
 def _unit_rms(g: torch.Tensor, layout: str) -> torch.Tensor:
@@ -190,9 +204,18 @@ def golden(name: str, run: dict[str, Any]) -> dict[str, Any]:
         s = C.histogram_slack(run["_units"][int(step)][layer].numpy(), edges, d)
         if any(s):
             slack[key] = s
+    # spam_fraction: an entry may cross SPAM's threshold when its relative distance from it
+    # is within the move of the difference v - g^2/theta, 2 d (v + g^2/theta)
+    spam = {}
+    for step, layers in run["_spam"].items():
+        d = C.drift(step, m["n"], m["u"])
+        for layer, margin in layers.items():
+            spam[f"{step}|{layer}|spam_fraction"] = [int((margin <= 2 * d).sum()),
+                                                     int(margin.numel())]
     return {"header": header(), "rounding": {"n": m["n"], "u": m["u"]},
             "rows": run["rows"], "cond": C.conditions(run["rows"], run["_refs"], m),
-            "events": run["events"], "histograms": run["histograms"], "hist_slack": slack}
+            "events": run["events"], "histograms": run["histograms"], "hist_slack": slack,
+            "count_slack": spam}
 
 
 def write(names: list[str]) -> None:

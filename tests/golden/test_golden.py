@@ -29,12 +29,16 @@ def _f(v: Any) -> float:
 
 
 def compare_rows(got: Mapping[str, Any], want: Mapping[str, Any], cond: Mapping[str, Any],
-                 rounding: Mapping[str, float], floor: float, what: str) -> list[str]:
+                 rounding: Mapping[str, float], floor: float, what: str,
+                 count_slack: Mapping[str, Any] | None = None) -> list[str]:
     """Failures of ``got`` against a golden document's rows: the same keys and NaN pattern;
     each value within ``max(kappa 2 d(step), floor)`` relative (``kappa`` from ``cond``,
     ``d`` from ``rounding``); counts (kappa 0) equal; a value whose bound exceeds
-    ``C.BEYOND`` is compared for its NaN pattern only."""
+    ``C.BEYOND`` is compared for its NaN pattern only. A fraction of entries past a threshold
+    in ``count_slack`` (``[entries near the threshold, entries]``) may move by that many
+    entries."""
     out = []
+    count_slack = count_slack or {}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         out.append(f"{what}: keys differ: missing {missing[:5]} ({len(missing)}), new "
@@ -48,6 +52,12 @@ def compare_rows(got: Mapping[str, Any], want: Mapping[str, Any], cond: Mapping[
         if math.isinf(g) or math.isinf(w):
             if g != w:
                 out.append(f"{what} {key}: golden {w}, now {g}")
+            continue
+        if key in count_slack:
+            near, n = count_slack[key]
+            if not abs(g - w) * n < near + 0.5:  # whole entries
+                out.append(f"{what} {key}: golden {w!r}, now {g!r}: more than {near} of {n} "
+                           "entries crossed the threshold")
             continue
         kappa = _f(cond[key])
         tol = kappa * 2 * C.drift(int(key.split("|")[0]), rounding["n"], rounding["u"])
@@ -105,7 +115,8 @@ def check_scenario(name: str, run: dict[str, Any] | None = None) -> list[str]:
     doc = json.loads(G.golden_path(name).read_text())
     run = run if run is not None else G.run_scenario(name)
     fl = floor_of(name)
-    return (compare_rows(run["rows"], doc["rows"], doc["cond"], doc["rounding"], fl, name)
+    return (compare_rows(run["rows"], doc["rows"], doc["cond"], doc["rounding"], fl, name,
+                         doc["count_slack"])
             + compare_events(run["events"], doc["events"], doc["rounding"], fl, name)
             + compare_histograms(run["histograms"], doc, fl, name))
 
