@@ -120,14 +120,14 @@ def interval_cond(value: float, lo: float, hi: float, d: float) -> float:
     return max(hi - value, value - lo, 0.0) / (2 * d * abs(value))
 
 
-def ema_ratio(num: Sequence[float], den: Sequence[float], beta: float
-              ) -> tuple[float, float]:
+def ema_ratio(num: Sequence[tuple[float, float]], den: Sequence[tuple[float, float]],
+              beta: float) -> tuple[float, float]:
     """``(EMA(num) / EMA(den), condition)`` over the steps where both are finite (the lens's
-    ratio of EMAs; NaN where no step counted or ``EMA(den) <= 0``). ``num``, ``den``: pairs
-    ``(value, its condition number)``."""
+    ratio of EMAs, ``gradlens.stats.ema_ratio_update``; NaN where no step counted or
+    ``EMA(den) <= 0``). ``num``, ``den``: per step ``(value, its condition number)``."""
     en = ed = bn = bd = 0.0
     seen = False
-    for (n, kn), (s, ks) in zip(num, den, strict=True):  # type: ignore[misc]
+    for (n, kn), (s, ks) in zip(num, den, strict=True):
         if not (math.isfinite(n) and math.isfinite(s)):
             continue
         seen = True
