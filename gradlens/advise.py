@@ -88,7 +88,7 @@ def _frame(run: str | Path | pd.DataFrame, meta: dict[str, Any] | None
            ) -> tuple[pd.DataFrame, dict[str, int]]:
     if isinstance(run, pd.DataFrame):
         return run, _numels(meta)
-    from gradlens.report import load_meta, load_run
+    from gradlens.report.load import load_meta, load_run  # the files, not the report
 
     return load_run(run), _numels(meta if meta is not None else load_meta(run))
 

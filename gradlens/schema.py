@@ -87,7 +87,7 @@ _STATS = [
             ("gini", "Gini coefficient"),
         )
     ],
-    # variance estimators (methods.md section 4)
+    # variance estimators (McCandlish et al., arXiv 1812.06162)
     StatInfo("twobatch_trace", "variance", "tr(Sigma) from micro-batch (or rank-local) vs full-batch "
              "squared norms (McCandlish et al.)", "twobatch_trace"),
     StatInfo("twobatch_signal", "variance", "|G|^2 estimated by the two-batch estimator", None),

@@ -419,7 +419,9 @@ class GradLens(DeviceConstants):
         if not self.sinks:
             return  # a rank that writes nothing needs no transfer
         tensors = device_tensors(pending)
-        flat = torch.cat([t.detach().float().reshape(-1) for t in tensors]) if tensors else None
+        # in the accumulation dtype: a float64 model's statistics reach the host unrounded
+        flat = (torch.cat([t.detach().to(self.dtype).reshape(-1) for t in tensors])
+                if tensors else None)
         host = flat.cpu().tolist() if flat is not None else []  # the one intentional sync
         rows, events, hists = to_records(self, pending, host)
         for sink in self.sinks:

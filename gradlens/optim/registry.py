@@ -139,8 +139,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "stable_spam", "Stable-SPAM: AdaClip + AdaGN + momentum reset + AdamW "
             "(arXiv 2502.17055)",
-            1e-3, False, "Adam-family 1e-3 (Stable-SPAM's own tuned lr for these sizes is not in "
-            "methods.md); g1/g2/g3/DeltaT are the published code defaults; the cosine decay of "
+            1e-3, False, "Adam-family 1e-3 (not a Stable-SPAM lr tuned for these sizes); "
+            "g1/g2/g3/DeltaT are the published code defaults; the cosine decay of "
             "gamma1/beta1 is off unless total_T=<steps> is passed",
             _stable_spam,
         ),

@@ -43,7 +43,7 @@ Choices, where the sources leave room:
       ``k = W`` (the factors differ by at most 0.006 at W = 150); here ``w`` is continuous at
       ``k = W``. Stable-SPAM's public code restarts its step counter at a reset instead (which
       also restarts the AdaClip/AdaGN bias corrections) and has no cosine warm-up; this module
-      follows SPAM, as methods.md section 3 asks.
+      follows SPAM (Huang et al., arXiv 2501.06842).
     - ``eps`` is added after the second-moment bias correction (torch ``AdamW`` and the
       Stable-SPAM code), and AdaGN reuses the same ``eps``.
     - Weight decay is decoupled and uses the scheduled ``lr`` without the warm-up factor.

@@ -12,8 +12,8 @@ with two stateless operators and takes an SGD step::
 ``std_row`` is the population standard deviation (divide by n). ``s = sqrt(max(m, n))`` when
 ``rms_scale`` (the default in :class:`gradlens.optim.SWAN`), else 1: the whitened matrix has
 every singular value 1, hence an entry RMS of ``1/sqrt(max(m, n))``; ``s`` makes that RMS 1, so
-``lr`` is the RMS size of the step, as for SCALE and (roughly) Adam. methods.md gives no step
-scale; ``rms_scale=False`` is the bare formula.
+``lr`` is the RMS size of the step, as for SCALE and (roughly) Adam. The SWAN paper (arXiv 2412.13148) gives no
+step scale; ``rms_scale=False`` is the bare formula.
 
 What whitening computes. With the SVD ``G = U S V^T``, ``(G G^T)^(-1/2) G = U V^T`` (the
 orthogonal polar factor, what Muon approximates); when ``m > n`` the ``m x m`` Gram ``G G^T`` is

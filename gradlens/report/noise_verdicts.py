@@ -13,18 +13,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from gradlens.report.verdicts import (
-    _ROLE_ORDER,
+from gradlens.report.verdict_base import (
+    ROLE_ORDER,
     Verdict,
-    _fmt,
-    _fmt_p,
-    _lag1,
+    fmt,
+    fmt_p,
     layer_roles,
     missing_reason,
     select_run,
     wide_table,
 )
 from gradlens.schema import GLOBAL
+from gradlens.stats.noise_scale import lag1_autocorrelation
 
 # --------------------------------------------------------------------------- question 4: GNS
 
@@ -172,7 +172,8 @@ def norm_gns_verdict(
     rel_iqr = (q75 - q25) / med
     total_range = float(math.exp(np.ptp(lt)))
     slope, icpt = np.polyfit(lt, ln, 1) if np.ptp(lt) > 0 else (0.0, float(np.mean(ln)))
-    ac = _lag1(ln - (icpt + slope * lt))  # dependence of the residuals, not of the trend
+    # the dependence of the residuals, not of the trend
+    ac = lag1_autocorrelation(ln - (icpt + slope * lt))
     r_ac = min(max(ac, 0.0), 0.95) if math.isfinite(ac) else 0.0
     n_eff = n * (1 - r_ac) / (1 + r_ac)
     base.update(first_step=int(steps[pos].min()), last_step=int(steps[pos].max()),
@@ -192,10 +193,10 @@ def norm_gns_verdict(
                 spearman_p=float(sr.pvalue), spearman_ci_low=lo, spearman_ci_high=hi)
     where = f"steps {base['first_step']}..{base['last_step']} (n={n}, effective {n_eff:.0f})"
     head = (f"over {len(norms)} norm-gain layer(s) of {tr.shape[1]}: log GNS correlation "
-            f"Spearman {rho:.2f} ({100 * (1 - alpha):g}% CI {_fmt(lo, 2)}..{_fmt(hi, 2)}, p = "
-            f"{_fmt_p(float(sr.pvalue))}), Pearson {float(pr.statistic):.2f}; norm/total GNS "
-            f"median {_fmt(med)} (IQR {_fmt(q25)}..{_fmt(q75)}), total GNS spans "
-            f"x{_fmt(total_range)} over {where}")
+            f"Spearman {rho:.2f} ({100 * (1 - alpha):g}% CI {fmt(lo, 2)}..{fmt(hi, 2)}, p = "
+            f"{fmt_p(float(sr.pvalue))}), Pearson {float(pr.statistic):.2f}; norm/total GNS "
+            f"median {fmt(med)} (IQR {fmt(q25)}..{fmt(q75)}), total GNS spans "
+            f"x{fmt(total_range)} over {where}")
     if total_range < 1.25:
         answer = "cannot tell"
         head += "; the total GNS hardly varies, so a correlation has little to explain"
@@ -299,7 +300,7 @@ def critical_batch_size_verdict(
     lo_step = int(steps[-r.n_steps:][0]) if r.n_steps else None
     win = tr.index >= lo_step if lo_step is not None else np.ones(len(tr.index), bool)
     for role in sorted({roles.get(c, "") for c in tr.columns} - {""},
-                       key=lambda x: _ROLE_ORDER.get(x, 9)):
+                       key=lambda x: ROLE_ORDER.get(x, 9)):
         cols = [c for c in tr.columns if roles.get(c) == role]
         t_r, s_r = _layer_sums(tr.loc[win], sg.loc[win], cols)
         good = t_r.notna() & s_r.notna()
@@ -308,11 +309,11 @@ def critical_batch_size_verdict(
                                     (math.inf if good.any() else math.nan))
     pct = f"{100 * ci:g}%"
     span = f"steps {lo_step}..{r.step} (n={r.n_steps}, {source} estimates)"
-    interval = f"~{_fmt(r.estimate)} ({pct} CI {_fmt(r.ci_low)}..{_fmt(r.ci_high)})"
+    interval = f"~{fmt(r.estimate)} ({pct} CI {fmt(r.ci_low)}..{fmt(r.ci_high)})"
     if not math.isfinite(r.estimate):
         return Verdict(question, "cannot tell", base,
                        f"no detectable gradient signal over {span}: the mean |G|^2 estimate is "
-                       f"{_fmt(r.mean_signal)} <= 0, so the noise scale is unbounded; the batch "
+                       f"{fmt(r.mean_signal)} <= 0, so the noise scale is unbounded; the batch "
                        f"size B={bsz:g} is not compared", **mk)
     if bsz < r.ci_low:
         answer, where = "yes", "below"
@@ -321,6 +322,6 @@ def critical_batch_size_verdict(
     else:
         answer, where = "cannot tell", "within the interval of"
     reason = (f"the batch size B={bsz:g} is {where} the critical batch size {interval} at step "
-              f"{r.step}; ratio of means over {span}, smoothed B_simple {_fmt(r.smoothed)}. "
+              f"{r.step}; ratio of means over {span}, smoothed B_simple {fmt(r.smoothed)}. "
               "B_crit ~ B_simple assumes a Hessian close to a multiple of the identity.")
     return Verdict(question, answer, base, reason, **mk)

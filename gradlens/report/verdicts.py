@@ -34,14 +34,31 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from gradlens.report.noise_verdicts import (
+    critical_batch_size_verdict,
+    norm_gain_layers,
+    norm_gns_verdict,
+)
+from gradlens.report.verdict_base import (
+    ANSWERS,
+    Verdict,
+    estimator_family,
+    layer_roles,
+    missing_reason,
+    select_run,
+    wide_table,
+)
+from gradlens.report.verdict_base import ROLE_ORDER as _ROLE_ORDER
+from gradlens.report.verdict_base import fmt as _fmt
+from gradlens.report.verdict_base import fmt_p as _fmt_p
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
+from gradlens.stats.noise_scale import circular_block_indices, lag1_autocorrelation
 
 __all__ = [
     "ANSWERS",
@@ -70,72 +87,11 @@ __all__ = [
     "wide_table",
 ]
 
-ANSWERS = ("yes", "no", "cannot tell", "not computable")
 SPREAD_STATS = tuple(s.name for s in STATS.values() if s.family == "columns")
-_ROLE_ORDER = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
 _MAX_CHUNK = 4_000_000  # elements per bootstrap chunk (bounds memory on long runs)
 
 
-@dataclass
-class Verdict:
-    """The answer to one question about one run.
-
-    Attributes:
-        question: the question, in words.
-        answer: ``"yes"``, ``"no"``, ``"cannot tell"`` or ``"not computable"``.
-        numbers: the numbers behind the answer (JSON-serializable scalars).
-        reason: one or two sentences saying why, with the key numbers.
-        kind: ``"output_highest"``, ``"column_spread"``, ``"instability"``, ``"norm_gns"`` or
-            ``"critical_batch"``.
-        stat: the statistic the verdict is about (``None`` for instability).
-        run: the run label, when known.
-    """
-
-    question: str
-    answer: str
-    numbers: dict[str, Any] = field(default_factory=dict)
-    reason: str = ""
-    kind: str = ""
-    stat: str | None = None
-    run: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.answer not in ANSWERS:
-            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
-        self.numbers = {str(k): _plain(v) for k, v in self.numbers.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``numbers`` kept as a dict)."""
-        return asdict(self)
-
-
 # --------------------------------------------------------------------------- table helpers
-
-
-def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
-    """The rows of one run. Without ``run``, ``df`` must hold a single run (or no ``run`` column)."""
-    if df is None:
-        raise ValueError("expected a DataFrame, got None")
-    if "run" not in df.columns:
-        if run is not None:
-            raise ValueError(f"run={run!r} given, but the table has no 'run' column")
-        return df
-    runs = list(pd.unique(df["run"]))
-    if run is None:
-        if len(runs) > 1:
-            raise ValueError(f"the table holds {len(runs)} runs {runs}; pass run=<one of them>")
-        return df
-    if run not in runs:
-        raise ValueError(f"run {run!r} not in the table; it holds {runs}")
-    return df[df["run"] == run]
-
-
-def layer_roles(df: pd.DataFrame) -> dict[str, str]:
-    """``{layer: role}`` from the long table (first role seen per layer)."""
-    if df.empty:
-        return {}
-    first = df.drop_duplicates("layer")
-    return dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
 
 
 def _block_index(name: str) -> float:
@@ -245,40 +201,6 @@ def short_labels(names: Iterable[str]) -> dict[str, str]:
     return {n: (s if counts[s] == 1 else n) for n, s in short.items()}
 
 
-def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:
-    """The step x layer matrix of one statistic (non-finite values as NaN, last row wins); layers
-    without any finite value are dropped."""
-    sub = df[(df["stat"] == stat) & (df["layer"] != GLOBAL)]
-    if sub.empty:
-        return pd.DataFrame()
-    sub = sub.drop_duplicates(["step", "layer"], keep="last")
-    wide = sub.pivot(index="step", columns="layer", values="value").astype(float).sort_index()
-    wide = wide.where(np.isfinite(wide))
-    return wide.loc[:, wide.notna().any()]  # layers that never have a value are not compared
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else v
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}g}"
-
-
-def _fmt_p(p: float | None) -> str:
-    if p is None or not math.isfinite(p):
-        return "n/a"
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
-
-
 # --------------------------------------------------------------------------- bootstrap
 
 
@@ -291,20 +213,13 @@ def bootstrap_indices(n: int, n_boot: int, seed: int = 0, block: int | str | Non
     ``block="auto"`` uses ``ceil(n ** (1/3))``, the usual rate for block length; ``1`` or ``None``
     is the plain i.i.d. bootstrap. Seeded: the same arguments give the same indices.
     """
-    if n < 1 or n_boot < 1:
-        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
     if block in (None, "auto"):
-        b = 1 if block is None else max(1, math.ceil(n ** (1 / 3)))
+        b = 1 if block is None else max(1, math.ceil(max(n, 1) ** (1 / 3)))
     else:
         b = int(block)
         if b < 1:
             raise ValueError(f"block must be >= 1 or 'auto', got {block!r}")
-    b = min(b, n)
-    rng = np.random.default_rng(seed)
-    k = math.ceil(n / b)
-    starts = rng.integers(0, n, size=(n_boot, k))
-    idx = (starts[:, :, None] + np.arange(b)[None, None, :]).reshape(n_boot, k * b)[:, :n]
-    return idx % n
+    return circular_block_indices(n, n_boot, b, np.random.default_rng(seed))
 
 
 def _counts(idx: np.ndarray, n: int) -> np.ndarray:
@@ -400,63 +315,6 @@ def layer_ranking(
 # --------------------------------------------------------------------------- question 1
 
 
-_FAMILY_NEEDS = {
-    "twobatch": "no micro-batches, so no two-batch variance: {est} needs >= 2 micro-batches per "
-                "step (gradient accumulation) or >= 2 data-parallel ranks, under the standard "
-                "or full preset",
-    "per_example": "no per-example variance: {est} needs the `full` preset (per-example norms "
-                   "from layer inputs and output gradients)",
-    "temporal": "no temporal variance: {est} needs the `full` preset's temporal buffers (EMA "
-                "of the gradient across steps)",
-}
-
-
-def _estimator_family(est: str) -> str:
-    if est.startswith("pe_"):
-        return "per_example"
-    if est.startswith("temporal_"):
-        return "temporal"
-    return "twobatch"
-
-
-def missing_reason(estimator: str, df: pd.DataFrame | None = None,
-                   meta: Mapping[str, Any] | None = None) -> str:
-    """Why a variance estimator has no rows: the condition that produces its family.
-
-    Two-batch estimators (``twobatch_*``, ``noise_scale``, ``var_per_element``, ``unit_nsr_*``)
-    need >= 2 micro-batches or >= 2 data-parallel ranks; ``pe_*`` needs the ``full`` preset;
-    ``temporal_*`` needs the ``full`` preset's temporal buffers. What the run's metadata and
-    ``microbatches`` rows say is appended.
-    """
-    family = _estimator_family(estimator)
-    text = _FAMILY_NEEDS[family].format(est=estimator)
-    preset = str(meta.get("preset")) if meta and meta.get("preset") else None
-    world = meta.get("world_size") if meta else None
-    mb_max: int | None = None
-    if df is not None and not df.empty:
-        mb = pd.to_numeric(df.loc[(df["stat"] == "microbatches") & (df["layer"] == GLOBAL),
-                                  "value"], errors="coerce").dropna()
-        mb_max = int(mb.max()) if not mb.empty else None
-    ctx = []
-    if preset:
-        ctx.append(f"preset {preset!r}")
-    if family == "twobatch":
-        if isinstance(world, (int, float)):
-            ctx.append(f"world size {int(world)}")
-        if mb_max:  # 0: the preset does not count micro-batches
-            ctx.append(f"at most {mb_max} micro-batch(es) per step")
-    ctx_text = f" (this run: {', '.join(ctx)})" if ctx else ""
-    condition_met = (
-        (family == "twobatch" and ((mb_max or 0) >= 2 or (isinstance(world, (int, float))
-                                                          and world >= 2)))
-        or (family != "twobatch" and preset == "full")
-    )
-    if condition_met:
-        return (f"no {estimator} rows, although the run met the condition for them{ctx_text}: "
-                "the statistic was not selected, or the layers it covers were excluded")
-    return text + ctx_text
-
-
 def _all_nan(one: pd.DataFrame, stat: str) -> bool:
     """``stat`` has rows, and not one finite value."""
     if one.empty:
@@ -471,12 +329,6 @@ def _all_nan_reason(one: pd.DataFrame, stat: str) -> str:
             "the lens recorded the statistic but could not compute it at any step (see the "
             "run's events and warnings for the reason, e.g. unequal micro-batches or "
             "non-finite gradients)")
-
-
-def _lag1(d: np.ndarray) -> float:
-    if d.size < 3 or np.std(d[:-1]) == 0 or np.std(d[1:]) == 0:
-        return math.nan
-    return float(np.corrcoef(d[:-1], d[1:])[0, 1])
 
 
 def _rank_biserial(d: np.ndarray) -> float:
@@ -597,7 +449,7 @@ def output_highest_verdict(
     p_l = float(sps.wilcoxon(d, alternative="less").pvalue)
     res = sps.wilcoxon(d)
     med = float(np.median(d))
-    ac = _lag1(d)
+    ac = lag1_autocorrelation(d)
     base.update(
         median_log_ratio=med, median_ratio=math.exp(med), rank_biserial=_rank_biserial(d),
         wilcoxon_W=float(res.statistic), p_value=p_g, p_less=p_l, p_two_sided=float(res.pvalue),
@@ -776,7 +628,7 @@ def column_spread_verdict(
         chi2, p_s = sps.friedmanchisquare(*x.T)
         effect = float(chi2) / (n_steps * (k - 1))
         effect_name, stat_txt = "Kendall's W", f"Friedman chi2 = {_fmt(float(chi2))},"
-    ac = _lag1(x[:, 0] - np.median(x[:, 1:], axis=1))
+    ac = lag1_autocorrelation(x[:, 0] - np.median(x[:, 1:], axis=1))
     numbers.update(test="friedman" if k > 2 else "wilcoxon", p_steps=float(p_s),
                    effect=effect, n_steps=n_steps, lag1_autocorr=ac)
     answer = "yes" if p_s < alpha else "no"
@@ -1009,7 +861,7 @@ def not_computable_line(verdicts: Iterable[Verdict]) -> str:
                                "data-parallel ranks",
                    "per_example": "per-example estimators: need preset full",
                    "temporal": "temporal estimators: need preset full"}[
-                _estimator_family(v.stat)]
+                estimator_family(v.stat)]
             if "met the condition" in v.reason:
                 why = "not selected, or their layers excluded, although the run met the condition"
         else:
@@ -1028,10 +880,3 @@ def verdicts_table(verdicts: Iterable[Verdict]) -> pd.DataFrame:
             for v in verdicts]
     return pd.DataFrame(rows, columns=["run", "kind", "stat", "question", "answer", "reason",
                                        "numbers"])
-
-
-from gradlens.report.noise_verdicts import (  # noqa: E402  (they build on the helpers above)
-    critical_batch_size_verdict,
-    norm_gain_layers,
-    norm_gns_verdict,
-)

@@ -1,6 +1,6 @@
 """Column-norm spread: per-output-unit RMS of a gradient matrix and how unequal it is.
 
-methods.md section 5. For a 2-D gradient ``G`` viewed as ``(units, fan)`` with
+The axis is SCALE's (arXiv 2506.16659). For a 2-D gradient ``G`` viewed as ``(units, fan)`` with
 :func:`gradlens.roles.output_units_view` (one row per output unit: a row of a Linear weight, a
 column of a GPT-2 ``Conv1D``, a feature of the embedding), the per-unit RMS
 
@@ -155,7 +155,7 @@ def unit_rms(g: torch.Tensor, layout: str) -> torch.Tensor:
     the unit's finite entries (NaN for a unit with none). SCALE clamps ``r`` at 1e-8 before
     dividing; this function does not clamp.
 
-    Reference: SCALE (Glentis et al., arXiv 2506.16659), authors' code; methods.md section 1.
+    Reference: SCALE (Glentis et al., arXiv 2506.16659), authors' code.
     """
     sq = unit_sq_norms(g, layout)
     return (sq / _finite_counts(g, layout, dim=1)).sqrt()

@@ -9,7 +9,7 @@ e.g. the lens's per-example pair ``pe_trace`` / ``pe_signal``
 
     tr_t = B/(B-1) (mean_b |g_b|**2 - |G_B|**2),      s_t = |G_B|**2 - tr_t / B,
 
-or the two-batch pair ``twobatch_trace`` / ``twobatch_signal`` (methods.md section 4). Either
+or the two-batch pair ``twobatch_trace`` / ``twobatch_signal`` (McCandlish et al., arXiv 1812.06162). Either
 may be negative on a step (the signal especially, when ``|G|**2 << tr(Sigma)/B``): never drop
 or clip such steps, that would bias the readout upward.
 
@@ -57,6 +57,7 @@ __all__ = [
     "block_length",
     "circular_block_indices",
     "group_sums",
+    "lag1_autocorrelation",
     "noise_scale_by_group",
     "noise_scale_readout",
     "ratio_of_means_interval",
@@ -127,9 +128,15 @@ def smoothed_noise_scale(trace: Any, signal: Any, beta: float = 0.95) -> np.ndar
     return out
 
 
-def _lag1(z: np.ndarray) -> float:
-    if z.size < 3 or np.std(z[:-1]) == 0 or np.std(z[1:]) == 0:
-        return 0.0
+def lag1_autocorrelation(x: Any) -> float:
+    """Lag-1 autocorrelation ``corr(x[:-1], x[1:])`` (Pearson, as ``numpy.corrcoef``).
+
+    NaN where it is undefined: fewer than 3 values, a constant ``x[:-1]`` or ``x[1:]``, or a
+    non-finite value (a caller that needs a number decides what "no estimate" means).
+    """
+    z = np.asarray(x, dtype=np.float64).reshape(-1)
+    if z.size < 3 or not np.isfinite(z).all() or np.ptp(z[:-1]) == 0 or np.ptp(z[1:]) == 0:
+        return math.nan
     return float(np.corrcoef(z[:-1], z[1:])[0, 1])
 
 
@@ -149,15 +156,20 @@ def block_length(trace: Any, signal: Any) -> int:
         return 1
     r_hat = float(_ratio(tr.mean(), s.mean()))
     z = tr - (r_hat if math.isfinite(r_hat) else 0.0) * s
-    r = min(max(_lag1(z), 0.0), 0.9)
+    r = lag1_autocorrelation(z)
+    r = min(max(r, 0.0), 0.9) if math.isfinite(r) else 0.0  # no estimate: no dependence
     b = math.ceil(max(n ** (1.0 / 3.0), (1.0 + r) / (1.0 - r)))
     return int(min(b, max(1, n // 4)))
 
 
 def circular_block_indices(n: int, n_boot: int, block: int,
                            rng: np.random.Generator) -> np.ndarray:
-    """``(n_boot, n)`` indices: blocks of ``block`` consecutive steps (wrapping around) at
-    uniform random starts."""
+    """``(n_boot, n)`` indices of a circular block bootstrap (Politis and Romano, 1992): each
+    replicate strings together blocks of ``block`` consecutive steps (wrapping around) that
+    start at uniform random positions, so short-range dependence survives resampling;
+    ``block=1`` is the i.i.d. bootstrap. ``block`` is clipped to ``[1, n]``."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
     b = max(1, min(int(block), n))
     k = math.ceil(n / b)
     starts = rng.integers(0, n, size=(n_boot, k))

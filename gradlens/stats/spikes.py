@@ -1,4 +1,4 @@
-"""Spike detectors (methods.md section 3), vectorized over layers, state kept on device.
+"""Spike detectors, vectorized over layers, state kept on device (papers cited per detector).
 
 Every detector is a functional update: it takes this step's values (one per layer, a ``(L,)``
 tensor, plus the global entry if the caller appends it) and the previous state tensors, and

@@ -1,4 +1,4 @@
-"""Gradient-variance estimators (methods.md section 4), as pure tensor functions.
+"""Gradient-variance estimators (McCandlish et al., arXiv 1812.06162), as pure tensor functions.
 
 Notation: for one layer, ``g_b`` is the gradient of example ``b``'s own loss, ``G = mean_b g_b``
 the batch gradient over ``n`` examples, ``Sigma`` the per-example covariance, so that
@@ -484,7 +484,7 @@ def unit_noise_to_signal(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Median and mean over output units of ``tr(Sigma_i) / |G_i|**2``: ``(median, mean)``.
 
-    Per-unit noise-to-signal along SCALE's axis (methods.md section 4): SCALE normalizes each
+    Per-unit noise-to-signal along SCALE's axis (arXiv 2506.16659): SCALE normalizes each
     unit separately, so this is the noise its update carries unit by unit (rare-token rows of
     the output layer are the natural suspects). Units with a non-positive (or non-finite)
     signal estimate are **excluded** (NaN-masked, static shapes); the median is numpy's

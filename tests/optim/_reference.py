@@ -1,4 +1,4 @@
-"""An independent float64 numpy reference of SCALE (methods.md section 1), for the tests.
+"""An independent float64 numpy reference of SCALE (arXiv 2506.16659), for the tests.
 
 Written from the formulas, sharing no code with gradlens.optim.
 """

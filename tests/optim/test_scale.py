@@ -351,7 +351,7 @@ def _lambda_warmup(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSch
 @pytest.mark.parametrize(("make_sched", "peak"),
                          [(_one_cycle, 0.1), (_warmup_cosine, 0.05), (_lambda_warmup, 0.05)])
 def test_1d_lr_has_the_main_lr_shape_under_schedulers(make_sched, peak: float) -> None:
-    """lr_1d_t = lr_1d * lr_t / lr_max at every step (methods.md section 1), checked on the
+    """lr_1d_t = lr_1d * lr_t / lr_max at every step (SCALE's code, arXiv 2506.16659), checked on the
     update itself against the float64 reference; it peaks at lr_1d and never exceeds it."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))

@@ -27,7 +27,7 @@ INTERVAL, WARMUP = 4, 3
 
 @dataclass
 class RefTensor:
-    """One tensor of the reference, written from the formulas of methods.md section 3."""
+    """One tensor of the reference, written from the formulas of arXiv 2502.17055."""
 
     w: np.ndarray
     m: np.ndarray = field(init=False)

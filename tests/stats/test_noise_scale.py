@@ -170,6 +170,49 @@ def test_block_length_follows_autocorrelation():
     assert N.block_length([1.0, 2.0], [1.0, 1.0]) == 1
 
 
+def test_lag1_autocorrelation_against_numpy_and_its_degenerate_rule():
+    rng = np.random.default_rng(3)
+    ar = np.zeros(400)
+    for t in range(1, ar.size):
+        ar[t] = 0.6 * ar[t - 1] + rng.normal()
+    for x in (ar, rng.normal(size=50), np.array([1.0, 3.0, 2.0])):
+        z0, z1 = x[:-1] - x[:-1].mean(), x[1:] - x[1:].mean()  # Pearson, written out
+        want = float((z0 * z1).sum() / np.sqrt((z0**2).sum() * (z1**2).sum()))
+        assert N.lag1_autocorrelation(x) == pytest.approx(want, rel=1e-12)
+    assert N.lag1_autocorrelation(ar) == pytest.approx(0.6, abs=0.1)
+    # undefined: too short, a constant part, a non-finite value
+    for x in ([1.0, 2.0], [], [2.0, 2.0, 2.0, 5.0], [1.0, 2.0, np.nan, 4.0], [1.0, np.inf, 3.0]):
+        assert math.isnan(N.lag1_autocorrelation(x)), x
+    # block_length reads "undefined" as no dependence
+    assert N.block_length([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [1.0] * 8) == 2
+
+
+def test_circular_block_indices_are_wrapped_blocks_at_uniform_starts():
+    n, b = 10, 3
+    idx = N.circular_block_indices(n, 4000, b, np.random.default_rng(0))
+    assert idx.shape == (4000, n) and idx.min() >= 0 and idx.max() < n
+    for j in range(0, n, b):  # within each block, consecutive modulo n
+        blk = idx[:, j:j + b]
+        assert np.all((blk[:, 1:] - blk[:, :-1]) % n == 1)
+    # starts are uniform: every step equally likely in every position (chi-square, 9 dof)
+    counts = np.bincount(idx[:, 0], minlength=n)
+    chi2 = float(((counts - 400) ** 2 / 400).sum())
+    assert chi2 < 27.9  # the 0.999 quantile of chi-square(9)
+    np.testing.assert_array_equal(N.circular_block_indices(n, 5, 1, np.random.default_rng(1)),
+                                  np.random.default_rng(1).integers(0, n, size=(5, n)))
+    with pytest.raises(ValueError, match="n >= 1"):
+        N.circular_block_indices(0, 5, 2, np.random.default_rng(0))
+
+
+def test_the_report_bootstrap_is_the_stats_one():
+    from gradlens.report.verdicts import bootstrap_indices
+
+    for n, block, b in ((30, "auto", 4), (30, None, 1), (7, 3, 3), (5, 9, 5)):
+        np.testing.assert_array_equal(
+            bootstrap_indices(n, 50, seed=2, block=block),
+            N.circular_block_indices(n, 50, b, np.random.default_rng(2)))
+
+
 def test_group_sums_and_by_group():
     tr = np.array([[1.0, 2.0, 3.0], [2.0, np.nan, 4.0], [3.0, 1.0, 1.0]])
     s = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 2.0], [2.0, 1.0, 1.0]])

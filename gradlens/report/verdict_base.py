@@ -1,0 +1,174 @@
+"""What every verdict module shares: the :class:`Verdict` record, the long table's helpers
+(one run, roles, the step x layer matrix), number formatting, and why an estimator is missing.
+
+Everything takes DataFrames in the schema of :mod:`gradlens.schema`, never a live training
+process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlens.schema import GLOBAL
+
+__all__ = ["ANSWERS", "ROLE_ORDER", "Verdict", "estimator_family", "fmt", "fmt_p",
+           "layer_roles", "missing_reason", "select_run", "wide_table"]
+
+ANSWERS = ("yes", "no", "cannot tell", "not computable")
+ROLE_ORDER = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
+
+
+@dataclass
+class Verdict:
+    """The answer to one question about one run.
+
+    Attributes:
+        question: the question, in words.
+        answer: ``"yes"``, ``"no"``, ``"cannot tell"`` or ``"not computable"``.
+        numbers: the numbers behind the answer (JSON-serializable scalars).
+        reason: one or two sentences saying why, with the key numbers.
+        kind: ``"output_highest"``, ``"column_spread"``, ``"instability"``, ``"norm_gns"`` or
+            ``"critical_batch"``.
+        stat: the statistic the verdict is about (``None`` for instability).
+        run: the run label, when known.
+    """
+
+    question: str
+    answer: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    kind: str = ""
+    stat: str | None = None
+    run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+        self.numbers = {str(k): _plain(v) for k, v in self.numbers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``numbers`` kept as a dict)."""
+        return asdict(self)
+
+
+def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
+    """The rows of one run. Without ``run``, ``df`` must hold a single run (or no ``run`` column)."""
+    if df is None:
+        raise ValueError("expected a DataFrame, got None")
+    if "run" not in df.columns:
+        if run is not None:
+            raise ValueError(f"run={run!r} given, but the table has no 'run' column")
+        return df
+    runs = list(pd.unique(df["run"]))
+    if run is None:
+        if len(runs) > 1:
+            raise ValueError(f"the table holds {len(runs)} runs {runs}; pass run=<one of them>")
+        return df
+    if run not in runs:
+        raise ValueError(f"run {run!r} not in the table; it holds {runs}")
+    return df[df["run"] == run]
+
+
+def layer_roles(df: pd.DataFrame) -> dict[str, str]:
+    """``{layer: role}`` from the long table (first role seen per layer)."""
+    if df.empty:
+        return {}
+    first = df.drop_duplicates("layer")
+    return dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+
+
+def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:
+    """The step x layer matrix of one statistic (non-finite values as NaN, last row wins); layers
+    without any finite value are dropped."""
+    sub = df[(df["stat"] == stat) & (df["layer"] != GLOBAL)]
+    if sub.empty:
+        return pd.DataFrame()
+    sub = sub.drop_duplicates(["step", "layer"], keep="last")
+    wide = sub.pivot(index="step", columns="layer", values="value").astype(float).sort_index()
+    wide = wide.where(np.isfinite(wide))
+    return wide.loc[:, wide.notna().any()]  # layers that never have a value are not compared
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+_FAMILY_NEEDS = {
+    "twobatch": "no micro-batches, so no two-batch variance: {est} needs >= 2 micro-batches per "
+                "step (gradient accumulation) or >= 2 data-parallel ranks, under the standard "
+                "or full preset",
+    "per_example": "no per-example variance: {est} needs the `full` preset (per-example norms "
+                   "from layer inputs and output gradients)",
+    "temporal": "no temporal variance: {est} needs the `full` preset's temporal buffers (EMA "
+                "of the gradient across steps)",
+}
+
+
+def estimator_family(est: str) -> str:
+    if est.startswith("pe_"):
+        return "per_example"
+    if est.startswith("temporal_"):
+        return "temporal"
+    return "twobatch"
+
+
+def missing_reason(estimator: str, df: pd.DataFrame | None = None,
+                   meta: Mapping[str, Any] | None = None) -> str:
+    """Why a variance estimator has no rows: the condition that produces its family.
+
+    Two-batch estimators (``twobatch_*``, ``noise_scale``, ``var_per_element``, ``unit_nsr_*``)
+    need >= 2 micro-batches or >= 2 data-parallel ranks; ``pe_*`` needs the ``full`` preset;
+    ``temporal_*`` needs the ``full`` preset's temporal buffers. What the run's metadata and
+    ``microbatches`` rows say is appended.
+    """
+    family = estimator_family(estimator)
+    text = _FAMILY_NEEDS[family].format(est=estimator)
+    preset = str(meta.get("preset")) if meta and meta.get("preset") else None
+    world = meta.get("world_size") if meta else None
+    mb_max: int | None = None
+    if df is not None and not df.empty:
+        mb = pd.to_numeric(df.loc[(df["stat"] == "microbatches") & (df["layer"] == GLOBAL),
+                                  "value"], errors="coerce").dropna()
+        mb_max = int(mb.max()) if not mb.empty else None
+    ctx = []
+    if preset:
+        ctx.append(f"preset {preset!r}")
+    if family == "twobatch":
+        if isinstance(world, (int, float)):
+            ctx.append(f"world size {int(world)}")
+        if mb_max:  # 0: the preset does not count micro-batches
+            ctx.append(f"at most {mb_max} micro-batch(es) per step")
+    ctx_text = f" (this run: {', '.join(ctx)})" if ctx else ""
+    condition_met = (
+        (family == "twobatch" and ((mb_max or 0) >= 2 or (isinstance(world, (int, float))
+                                                          and world >= 2)))
+        or (family != "twobatch" and preset == "full")
+    )
+    if condition_met:
+        return (f"no {estimator} rows, although the run met the condition for them{ctx_text}: "
+                "the statistic was not selected, or the layers it covers were excluded")
+    return text + ctx_text

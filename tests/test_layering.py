@@ -1,0 +1,188 @@
+"""The package's runtime imports run one way and make no cycle.
+
+Layers (lower first): ``schema``, ``roles`` < ``stats`` < ``families`` < ``core`` < ``sinks``,
+``integrations``; ``optim`` stands alone (an optimizer never imports the collector); the file
+readers (``report``, ``advise``, ``tb_plugin``) read what the sinks wrote and import only the
+schema, roles, pure statistics and each other. Every ``import`` statement counts (those inside
+functions too: they run when called), except under ``if TYPE_CHECKING:``. An import of
+``gradlens.a.b`` is an edge to module ``gradlens.a.b``.
+
+``KNOWN`` lists the violations that stand today in modules under reconstruction; an entry that
+no longer holds fails the test, so remove it with the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).parents[1] / "gradlens"
+RANK = {"schema": 0, "roles": 0, "stats": 1, "families": 2, "core": 3, "sinks": 4,
+        "integrations": 4}
+READERS = {"report", "advise", "tb_plugin"}
+READS = {"schema", "roles", "stats"} | READERS
+OPTIM_READS = {"optim", "roles", "schema"}
+
+# (importer, imported) module edges that break the layering today, in modules being rebuilt
+KNOWN = {
+    ("gradlens.families.base", "gradlens.core.distributed"),
+    ("gradlens.families.spam", "gradlens.core.distributed"),
+    ("gradlens.families.twobatch", "gradlens.core.distributed"),
+    ("gradlens.families.per_example", "gradlens.core.observer"),
+    ("gradlens.core.lens", "gradlens.sinks.base"),
+    ("gradlens.core.records", "gradlens.sinks.base"),
+    ("gradlens.core.run", "gradlens.sinks.base"),
+    ("gradlens.core.run", "gradlens.sinks.memory"),
+    ("gradlens.core.run", "gradlens.sinks.table"),
+    ("gradlens.core.run", "gradlens.sinks.tensorboard"),
+    ("gradlens.core.run", "gradlens"),  # the top-level package, which imports core
+}
+KNOWN_CYCLES = [{"gradlens", "gradlens.core.lens", "gradlens.core.run", "gradlens.core.writer"}]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: modules it imports}`` within gradlens."""
+    mods = _modules()
+
+    def resolve(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    edges: dict[str, set[str]] = defaultdict(set)
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                edges[mod] |= {resolve(a.name) for a in node.names
+                               if a.name.split(".")[0] == "gradlens"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                if base.split(".")[0] != "gradlens":
+                    continue
+                for a in node.names:  # ``from pkg import module`` imports the module
+                    full = f"{base}.{a.name}"
+                    edges[mod].add(full if full in mods else resolve(base))
+        edges[mod].discard(mod)
+    return edges
+
+
+def _area(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "gradlens"
+
+
+def _allowed(pa: str, pb: str) -> bool:
+    """May a module of area ``pa`` import one of area ``pb``?"""
+    if pa == pb:
+        return True
+    if pa in RANK:
+        return pb == "optim" or (pb in RANK and RANK[pb] < RANK[pa])
+    if pa in READERS:
+        return pb in READS
+    if pa == "optim":
+        return pb in OPTIM_READS
+    return True  # the applications: cli, demo, experiment, compare, dashboard, data
+
+
+def violations(edges: dict[str, set[str]]) -> set[tuple[str, str]]:
+    return {(a, b) for a, targets in edges.items() for b in targets
+            if not _allowed(_area(a), _area(b))}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_is_read():
+    edges = import_graph()
+    assert "gradlens.core.lens" in edges["gradlens"]
+    assert "gradlens.report.verdict_base" in edges["gradlens.report.noise_verdicts"]
+    assert "gradlens.core.distributed" in edges["gradlens.families.twobatch"]
+
+
+def test_imports_follow_the_layers():
+    bad = violations(import_graph())
+    new = sorted(bad - KNOWN)
+    assert not new, f"imports against the layering: {new}"
+    stale = sorted(KNOWN - bad)
+    assert not stale, f"fixed, remove from KNOWN: {stale}"
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph())
+    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}"
+    stale = [sorted(c) for c in KNOWN_CYCLES if c not in found]
+    assert not stale, f"fixed, remove from KNOWN_CYCLES: {stale}"
+
+
+def test_the_checks_can_fail():
+    edges = {"gradlens.stats.a": {"gradlens.core.b"}, "gradlens.core.b": {"gradlens.stats.a"},
+             "gradlens.report.x": {"gradlens.sinks.y"}, "gradlens.optim.z": {"gradlens.core.b"}}
+    assert violations(edges) == {("gradlens.stats.a", "gradlens.core.b"),
+                                 ("gradlens.report.x", "gradlens.sinks.y"),
+                                 ("gradlens.optim.z", "gradlens.core.b")}
+    assert cycles(edges) == [{"gradlens.stats.a", "gradlens.core.b"}]
+
+
+@pytest.mark.xfail(strict=True, reason="gradlens/__init__ imports the collector eagerly "
+                   "(the package's public API); the report subpackage itself imports none")
+def test_importing_the_report_does_not_import_the_collector():
+    code = ("import sys, gradlens.report\n"
+            "sys.exit(1 if 'gradlens.core.lens' in sys.modules else 0)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
