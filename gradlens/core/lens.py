@@ -306,10 +306,7 @@ class GradLens(DeviceConstants):
             nonfinite = torch.where(contrib, nonfinite, 0.0)
         sizes, size_note = obs.sizes(micro) if obs.track_sizes and logging else ([], None)
         edited, measured = obs.edits(grads)
-        pre_sq = None
-        if edited is not None and any(edited) and measured:
-            pre_sq = torch.stack([v if v is not None else self.const("nan")
-                                  for v in obs.pre_sq]).to(self.dtype)
+        pre_sq = obs.pre_sq.to(self.dtype) if any(edited) and measured else None
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         ctx = StepContext(
             step=self.step_count, logging=logging, skipped=skipped, present=present,
@@ -321,11 +318,9 @@ class GradLens(DeviceConstants):
         host_invalid: dict[str, dict[int, str]] = {}
         if size_note:
             host_invalid["batch_size"] = {-1: size_note}
-        if logging and edited is not None:
-            if any(edited) and not measured:
-                for fam in self.consistency_families:
-                    host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
-            obs.measure_pre = any(edited)
+        if logging and any(edited) and not measured:
+            for fam in self.consistency_families:
+                host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
         if logging:
             R.warn_untracked(self)
         ctx.data["host_invalid"] = host_invalid

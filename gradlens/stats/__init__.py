@@ -38,6 +38,7 @@ from gradlens.stats.norms import (
     grad_summaries,
     grad_summary,
     nonfinite_count,
+    sq_norms,
 )
 from gradlens.stats.per_example_vector import (
     NORM_KINDS,
@@ -110,6 +111,7 @@ __all__ = [
     "max_ratio_update",
     "noise_to_signal_summary",
     "nonfinite_count",
+    "sq_norms",
     "norm_kind",
     "normalized_input",
     "per_example_cross_linear",

@@ -229,10 +229,15 @@ def test_spike_reported_at_its_step_and_layer_and_clean_run_is_quiet():
     data = batches(8, seed=11)
     data = [data[i % 8] for i in range(240)]
 
-    def inject(step, m):
-        if step == 200:
-            dict(m.named_parameters())[target].grad.mul_(100.0)
+    step = [0]
 
+    def inject(s, m):
+        step[0] = s + 1  # the next step's backward
+
+    # the spike is in the raw gradient (the detectors read it): made by the backward itself
+    dict(model.named_parameters())[target].register_hook(
+        lambda g: g * 100.0 if step[0] == 200 else None)
+    step[0] = 1
     lens = GradLens(model, preset="minimal", log_every=10)
     train(model, lens, steps=240, lr=1e-3, data=data, inject=inject)
     lens.flush()
