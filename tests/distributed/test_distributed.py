@@ -85,8 +85,7 @@ def references(runs) -> dict[str, Any]:
 def assert_same_rows(got: dict, want: dict, skip: set[str] = frozenset(), rel: float = 1e-6,
                      ) -> None:
     """Equal rows (values go to the host as float32: a few ulps of float32 apart)."""
-    # grad_norm_preclip: one process checks edits between backward and step, ranks do not
-    keys = {k for k in want if k[2] not in skip and k[2] != "grad_norm_preclip"}
+    keys = {k for k in want if k[2] not in skip}
     assert keys <= set(got), sorted(keys - set(got))[:10]
     bad = []
     for k in sorted(keys):
