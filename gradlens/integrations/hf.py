@@ -2,30 +2,24 @@
 
     trainer = Trainer(model, args, ..., callbacks=[GradLensCallback(preset="standard")])
 
-What the lens sees: ``on_pre_optimizer_step`` runs after ``loss.backward()`` of every
-micro-batch of the step (gradient accumulation included) and **after gradient clipping**
-(``max_grad_norm``): ``grad_norm`` describes the clipped gradient the optimizer consumes, and
-the lens measures the raw ``grad_norm_preclip`` itself (per layer and global, every preset;
-the Trainer's logged ``grad_norm`` is that global value over the tracked layers): the spike
-detectors and the variance estimators read the raw gradient, so they stay right under the
-Trainer's defaults. The loss: a forward hook on the model takes the loss it returns in
-training (``outputs["loss"]`` or ``outputs[0]``, as the Trainer's ``compute_loss`` reads it;
-no copy, no sync) and hands the step's loss to the lens at the step, with the Trainer's
-scaling, for ``loss``, ``loss_z`` and loss spikes. Chosen over the Trainer's logs (a host
-float averaged over ``logging_steps``, too late and too coarse for a per-step detector) and
-its private running loss; a loss computed outside the model (``compute_loss_func``, label
-smoothing, a ``compute_loss`` override) is not seen. The lens gets the Trainer's optimizer
-(for ``spam_fraction`` and run.json).
-Statistics follow the Trainer's ``logging_steps`` and go to ``<output_dir>/gradlens`` unless
-``logdir`` is given; only the main process writes.
+What the lens sees: ``on_pre_optimizer_step`` runs after every micro-batch's backward and
+**after clipping** (``max_grad_norm``): ``grad_norm`` is the clipped norm the optimizer
+consumes; the lens measures the raw ``grad_norm_preclip`` itself (per layer and global, every
+preset), which the spike detectors and the variance estimators read. The loss: a forward hook
+takes the loss the model returns in training (``outputs["loss"]`` or ``outputs[0]``, as the
+Trainer's ``compute_loss`` reads it; no copy, no sync), and the step's loss goes to the lens,
+scaled as the Trainer scales it (for ``loss_z`` and loss spikes). Chosen over the Trainer's
+logs (a host float averaged over ``logging_steps``) and its private running loss; a loss made
+outside the model (``compute_loss_func``, label smoothing) is not seen. Statistics follow
+``logging_steps`` and go to ``<output_dir>/gradlens`` unless ``logdir`` is given; only the
+main process writes.
 
 Loss convention: a model whose ``forward`` takes ``**kwargs`` (every HF LM; or whose
-``accepts_loss_kwargs`` says so) gets the Trainer's ``num_items_in_batch``: each micro-batch's
-loss is its token sum over the step's total, the lens's ``loss_reduction="global_mean"``
-(chosen here unless given; exact per example when examples count equal tokens). Otherwise
-the Trainer divides each micro-batch's mean loss by the accumulation steps: ``"mean"``. The
-lens's ``loss`` is the step's: the micro-batches' model losses summed (``global_mean``; times
-the ranks when the Trainer averages tokens across devices, as it does) or averaged (``mean``).
+``accepts_loss_kwargs`` says so) gets ``num_items_in_batch``: each micro-batch's loss is its
+token sum over the step's total, ``loss_reduction="global_mean"`` (chosen unless given; the
+step's loss is the sum, times the ranks when the Trainer averages tokens across devices).
+Otherwise the Trainer divides each micro-batch's mean loss by the accumulation steps:
+``"mean"`` (the step's loss is the mean).
 """
 
 from __future__ import annotations

@@ -269,8 +269,10 @@ class _NoSync:
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("preset", ["standard", "full"])
-def test_no_host_sync_outside_flush(preset):
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("preset", ["minimal", "standard", "full"])
+def test_no_host_sync_outside_flush(preset, clip):
+    """Backward (the raw norms measured at its end while the loop clips) and the step."""
     model = build_llama("tiny", seed=7)
     lens = GradLens(model, preset=preset, log_every=3)
     data = batches(12, seed=3)
@@ -291,12 +293,15 @@ def test_no_host_sync_outside_flush(preset):
             lens.step()  # the flush step may convert
         else:
             with _NoSync():
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                 lens.step()
         with torch.no_grad():
             for p in model.parameters():
                 p.grad = None
     df = frame(lens)
     assert sorted(df.step.unique()) == [3, 6]
+    assert len(df[(df.stat == "grad_norm_preclip") & (df.layer == "global")]) == 2
     lens.close()
 
 
