@@ -242,3 +242,29 @@ def test_refused_under_torch_distributed(monkeypatch):
     with pytest.raises(ValueError, match="single process"):
         GradLens(model, make_optimizer("scale", model), preset="minimal", tensorboard=False,
                  guard=SpikeGuard("skip"))
+
+
+def test_guard_acts_on_the_raw_gradient_under_clipping():
+    """``clip_grad_norm_(1.0)`` at every step caps the consumed norm; the guard reads the raw
+    one: the spike's step is skipped (no parameter moves), the steps around it are taken."""
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer("adamw", model)
+    data = markov_batches(model.config.vocab_size, 32, seed=1)
+    lens = GradLens(model, opt, preset="minimal", tensorboard=False, guard=SpikeGuard("skip"))
+    moved = []
+    for s in range(32):
+        loss = model(input_ids=data[s], labels=data[s]).loss
+        opt.zero_grad(set_to_none=True)
+        with spiked(dict(model.named_parameters())[LAYER], s == 30):
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        moved.append(not all(torch.equal(a, p) for a, p in
+                             zip(before, model.parameters(), strict=True)))
+    lens.close()
+    assert [e.step for e in lens.memory.events if e.kind == "guarded_step"] == [31]
+    assert moved == [True] * 30 + [False, True]
+    clipped = [v for s, layer, _, stat, v in lens.memory.rows
+               if s == 31 and layer == "global" and stat == "grad_norm"]
+    assert clipped[0] <= 1.0 + 1e-5  # what the optimizer would have taken: clipped

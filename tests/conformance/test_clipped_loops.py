@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
         return batch
 
     class Spike(TrainerCallback):  # weights before each step; the spike's hooks
-        handles: list = []
+        handles: ClassVar[list] = []
 
         def on_step_begin(self, args, state, control, model=None, **kw):
             if state.global_step + 1 == SPIKE:
