@@ -67,6 +67,8 @@ class Observer:
         self._edits_seen = False
         self._armed = False
         self._module_of_layer = [lens.module_of(k) for k in range(L)]
+        self._params = [info.param for info in lens.layers]
+        self._sharded = any(D.is_dtensor(p) for p in self._params)
         self.reset()
 
     # ------------------------------------------------------------------ installation
@@ -209,12 +211,12 @@ class Observer:
         """The gradient after the backward and its data-parallel reduction, before any edit:
         identities and versions, and (while the loop edits) the raw squared norms."""
         self._armed = False
-        grads = [info.param.grad for info in self.lens.layers]
+        grads = [p.grad for p in self._params]
         self._accumulated = [None if g is None else (id(g), g._version) for g in grads]
-        if self.measure_pre and any(g is not None for g in grads):
-            local = [None if g is None else D.local_tensor(g).detach() for g in grads]
-            ref = next(g for g in local if g is not None)
-            self.pre_sq = S.sq_norms(local, S.accumulation_dtype(ref.dtype))
+        if self.measure_pre:
+            if self._sharded:
+                grads = [None if g is None else D.local_tensor(g) for g in grads]
+            self.pre_sq = S.sq_norms(grads)
 
     # ------------------------------------------------------------------ readouts
 
