@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import ClassVar
 
 import pytest
 import torch
@@ -131,10 +130,11 @@ class _Tokens(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("preset", ["minimal", "standard", "full"])
 def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
-    """The Trainer at its defaults (``max_grad_norm=1.0``, no accumulation), every parameter's
-    gradient times 100 in the backward of step SPIKE: the raw norms, the consumed norms and
-    the step's loss (fed to the lens by the callback) against a float64 shadow at every
-    step, ``loss_z`` on every step after the warm-up, and the global spike event."""
+    """The Trainer at its defaults (``max_grad_norm=1.0``, no accumulation); at step SPIKE a
+    forward hook multiplies the model's loss by 100 (the gradient and the loss spike): the raw
+    norms, the consumed norms and the step's loss (fed to the lens by the callback) against a
+    float64 shadow at every step, ``loss_z`` on every step after the warm-up, the global
+    gradient spike event and the loss spike event."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from gradlens.integrations.hf import GradLensCallback
@@ -149,19 +149,21 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
         seen.append({k: v.clone() for k, v in batch.items()})
         return batch
 
-    class Spike(TrainerCallback):  # weights before each step; the spike's hooks
-        handles: ClassVar[list] = []
+    step = [0]
 
-        def on_step_begin(self, args, state, control, model=None, **kw):
-            if state.global_step + 1 == SPIKE:
-                self.handles = [p.register_hook(lambda g: g * 100.0)
-                                for p in model.parameters()]
+    def spike(module, args, out):  # registered before the callback's hook: it sees this
+        if module.training and step[0] == SPIKE:
+            out["loss"] = out["loss"] * 100.0
+        return out
+
+    model.register_forward_hook(spike)
+
+    class Spike(TrainerCallback):  # the step's number; the weights before each step
+        def on_step_begin(self, args, state, control, **kw):
+            step[0] = state.global_step + 1
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             states.append(copy.deepcopy(model.state_dict()))
-            for h in self.handles:
-                h.remove()
-            self.handles = []
 
     memory = MemorySink()
     lens_cb = GradLensCallback(preset=preset, sinks=[memory], tensorboard=False,
@@ -177,10 +179,12 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
     names = [i.name for i in lens.layers]
     rows = {(s, layer, stat): v for s, layer, _, stat, v in memory.rows}
     for s in range(1, STEPS + 1):
-        raw, loss = raw_norms(states[s - 1], [seen[s - 1]], [100.0 if s == SPIKE else 1.0],
-                              names)
+        factor = 100.0 if s == SPIKE else 1.0
+        raw, loss = raw_norms(states[s - 1], [seen[s - 1]], [factor], names)
         check_step(rows, s, raw, CLIP)
-        assert rows[(s, "global", "loss")] == pytest.approx(loss, rel=1e-5)
+        assert rows[(s, "global", "loss")] == pytest.approx(loss * factor, rel=1e-5)
         if s > 25:  # armed after the warm-up
             assert math.isfinite(rows[(s, "global", "loss_z")])
-    check_spike(list(memory.events), rows)
+    events = list(memory.events)
+    check_spike(events, rows)
+    assert [(e.step, e.layer) for e in events if e.kind == "loss"] == [(SPIKE, "global")]
