@@ -150,6 +150,7 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
         return batch
 
     step = [0]
+    trainer_norms: dict[int, float] = {}
 
     def spike(module, args, out):  # registered before the callback's hook: it sees this
         if module.training and step[0] == SPIKE:
@@ -164,6 +165,10 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             states.append(copy.deepcopy(model.state_dict()))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "grad_norm" in logs:  # the Trainer's own pre-clip global norm
+                trainer_norms[state.global_step] = float(logs["grad_norm"])
 
     memory = MemorySink()
     lens_cb = GradLensCallback(preset=preset, sinks=[memory], tensorboard=False,
@@ -185,6 +190,8 @@ def test_hf_trainer_defaults_clip_and_spike(tmp_path, preset):
         assert rows[(s, "global", "loss")] == pytest.approx(loss * factor, rel=1e-5)
         if s > 25:  # armed after the warm-up
             assert math.isfinite(rows[(s, "global", "loss_z")])
+        assert rows[(s, "global", "grad_norm_preclip")] == pytest.approx(trainer_norms[s],
+                                                                         rel=1e-5)
     events = list(memory.events)
     check_spike(events, rows)
     assert [(e.step, e.layer) for e in events if e.kind == "loss"] == [(SPIKE, "global")]
