@@ -89,4 +89,3 @@ class Intermediates:
     def raw(self, red: dict[str, torch.Tensor]):
         """:func:`raw_sq` of this step."""
         return raw_sq(self.lens, self.ctx, red)
-

@@ -248,7 +248,8 @@ class Observer:
         for k, g in enumerate(grads):
             seen = self._accumulated[k]
             edited.append(g is not None and seen is not None
-                          and (seen[0] != id(g) or seen[1] != g._version or D.is_dtensor(g)))
+                          and (seen[0] != id(g) or seen[1] != g._version
+                               or (self._sharded and D.is_dtensor(g))))
         self._edits_seen = self._edits_seen or any(edited)
         measured = self.pre_sq is not None
         self.measure_pre = self._edits_seen

@@ -6,7 +6,8 @@ finite entries (NaN when every entry is non-finite, or the layer has no gradient
 pass and its data-parallel reduction (DDP's all-reduce, FSDP2's reduce-scatter), before
 clipping or any other edit, unscaled by the GradScaler (equal to ``grad_norm`` when nothing
 edited the gradient; NaN where an edit was first seen at this step and nothing was measured
-before it, or where the raw gradient had a non-finite entry). The spike detectors read the
+before it; not finite where an edited layer's raw gradient had a non-finite entry, a step
+the ``nonfinite`` event reports and no detector reads). The spike detectors read the
 raw norm. On logged steps also ``grad_rms = ||g|| / sqrt(numel)`` and ``grad_max_abs``. The
 global row (last entry) is the norm of all tracked layers together; NaN when a layer is.
 """
