@@ -115,14 +115,17 @@ _STATS = [
     StatInfo("temporal_var_normalized", "variance", "temporal variance of SCALE's normalized "
              "gradient G/r, per element", "temporal_var_normalized", size_fair=True),
     # spikes (every preset)
-    StatInfo("grad_norm_z", "spikes", "z-score of log grad_norm against its EMA mean/variance"),
-    StatInfo("grad_norm_ratio_max", "spikes", "grad_norm / running maximum of earlier steps"),
+    StatInfo("grad_norm_z", "spikes", "z-score of log grad_norm_preclip (the raw norm) against "
+             "its forecast"),
+    StatInfo("grad_norm_ratio_max", "spikes", "grad_norm_preclip / running maximum of earlier "
+             "steps"),
     StatInfo("spam_fraction", "spikes", "fraction of entries with g^2 > theta * v (Adam's v)"),
     # global rows
     StatInfo("loss", "global", "training loss handed to the lens"),
     StatInfo("loss_z", "global", "z-score of the loss against its EMA mean/variance"),
-    StatInfo("grad_norm_preclip", "norms", "||g||_2 at the end of the last backward, before "
-             "clipping or any other edit, unscaled (per layer and global)"),
+    StatInfo("grad_norm_preclip", "norms", "raw ||g||_2: after the last backward and the "
+             "data-parallel reduction, before clipping or any other edit, unscaled (per layer "
+             "and global, every preset)"),
     StatInfo("microbatches", "global", "micro-batches (backward passes) in the step"),
     StatInfo("skipped_step", "global", "1 when AMP's GradScaler skipped the step (inf/NaN)"),
     StatInfo("batch_size", "global", "examples per optimizer step (all micro-batches and ranks): "

@@ -36,6 +36,18 @@ def make_optimizer(name: str, model: torch.nn.Module):
     return StableSPAM(model.parameters(), lr=3e-3)
 
 
+@contextlib.contextmanager
+def spiked(param: torch.Tensor, on: bool):
+    """A 100x spike of ``param``'s raw gradient, made in the backward (the detectors and the
+    guard read the gradient before any edit between backward and step)."""
+    handle = param.register_hook(lambda g: g * 100.0) if on else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def train(name: str, guard: SpikeGuard | None, spike: bool, steps: int = STEPS):
     """Per-step training losses and the lens's events."""
     torch.manual_seed(0)
@@ -48,9 +60,8 @@ def train(name: str, guard: SpikeGuard | None, spike: bool, steps: int = STEPS):
         for s in range(steps):
             loss = model(input_ids=data[s], labels=data[s]).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if spike and s == INJECT:
-                target.grad.mul_(100.0)
+            with spiked(target, spike and s == INJECT):
+                loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
     return torch.tensor(losses, dtype=torch.float64), lens.memory.events
@@ -142,11 +153,9 @@ def test_guard_takes_no_host_sync(name):
         with contextlib.nullcontext() if flush else _NoSync():
             loss = model(input_ids=data[s], labels=data[s]).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s == 30:
-                target[LAYER].grad.mul_(100.0)  # damped
-            if s == 33:
-                target["model.layers.0.mlp.up_proj.weight"].grad.mul_(100.0)  # skipped
+            with spiked(target[LAYER], s == 30), \
+                    spiked(target["model.layers.0.mlp.up_proj.weight"], s == 33):
+                loss.backward()  # damped at 31, skipped at 34
             if name == "scale":
                 opt.step()
             else:
@@ -189,9 +198,8 @@ def test_guarded_steps_reach_the_report_and_tensorboard(tmp_path):
         for s in range(40):
             loss = model(input_ids=data[s], labels=data[s]).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s == 35:
-                dict(model.named_parameters())[LAYER].grad.mul_(100.0)
+            with spiked(dict(model.named_parameters())[LAYER], s == 35):
+                loss.backward()
             opt.step()
     sp = load_spikes(tmp_path / "run")
     g = sp[sp["kind"] == "guarded_step"]
@@ -213,9 +221,8 @@ def test_close_takes_the_gate_out(name):
     for s in range(31):
         loss = model(input_ids=data[s], labels=data[s]).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if s == 30:
-            dict(model.named_parameters())[LAYER].grad.mul_(100.0)
+        with spiked(dict(model.named_parameters())[LAYER], s == 30):
+            loss.backward()
         before = [p.detach().clone() for p in model.parameters()]
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
@@ -235,3 +242,29 @@ def test_refused_under_torch_distributed(monkeypatch):
     with pytest.raises(ValueError, match="single process"):
         GradLens(model, make_optimizer("scale", model), preset="minimal", tensorboard=False,
                  guard=SpikeGuard("skip"))
+
+
+def test_guard_acts_on_the_raw_gradient_under_clipping():
+    """``clip_grad_norm_(1.0)`` at every step caps the consumed norm; the guard reads the raw
+    one: the spike's step is skipped (no parameter moves), the steps around it are taken."""
+    model = build_llama("tiny", seed=0)
+    opt = make_optimizer("adamw", model)
+    data = markov_batches(model.config.vocab_size, 32, seed=1)
+    lens = GradLens(model, opt, preset="minimal", tensorboard=False, guard=SpikeGuard("skip"))
+    moved = []
+    for s in range(32):
+        loss = model(input_ids=data[s], labels=data[s]).loss
+        opt.zero_grad(set_to_none=True)
+        with spiked(dict(model.named_parameters())[LAYER], s == 30):
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        moved.append(not all(torch.equal(a, p) for a, p in
+                             zip(before, model.parameters(), strict=True)))
+    lens.close()
+    assert [e.step for e in lens.memory.events if e.kind == "guarded_step"] == [31]
+    assert moved == [True] * 30 + [False, True]
+    clipped = [v for s, layer, _, stat, v in lens.memory.rows
+               if s == 31 and layer == "global" and stat == "grad_norm"]
+    assert clipped[0] <= 1.0 + 1e-5  # what the optimizer would have taken: clipped

@@ -7,6 +7,9 @@ What each rank sees (checked by ``tests/distributed``):
   *rank-local* gradient of this micro-batch (also inside ``no_sync()``, where nothing is
   reduced). ``p.grad`` at the optimizer step is the all-reduced **mean** over ranks, i.e. the
   gradient of the global batch: every per-step statistic is already global on every rank.
+  The raw (pre-clip) norms are read from an autograd final callback queued behind the
+  reducer's own (``core.observer``), so they describe that all-reduced gradient too; under
+  ``no_sync()`` only the last backward reduces, and only its measurement is kept.
   Only the quantities built from the hooks (micro-batch squared norms, per-unit vectors,
   per-example sums) and the observed loss are rank-local and need a reduction.
 - **FSDP2** (``fully_shard``). Parameters are ``DTensor`` shards; forward and backward run on
@@ -16,7 +19,11 @@ What each rank sees (checked by ``tests/distributed``):
   reduce-scatter (also with ``set_requires_gradient_sync(False)``), exactly as under DDP. The
   lens registers its micro-batch hooks on the unsharded parameters from a forward pre-hook of
   the owning module. ``p.grad`` at the optimizer step is this rank's **shard** of the mean
-  gradient (``Shard(0)``): every per-step statistic is a partial sum.
+  gradient (``Shard(0)``): every per-step statistic is a partial sum (the raw norms too, read
+  after FSDP2's post-backward wait and summed in the flush's collective). In-place edits of a
+  DTensor gradient (clipping) bump no version counter: FSDP2 gradients count as edited at
+  every step, and the step's norms are compared with the raw ones (a common factor of 1 is
+  no edit).
 
 Sharding-correct statistics, for a gradient ``G`` split into disjoint pieces ``G^(r)``:
 

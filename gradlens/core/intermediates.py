@@ -1,11 +1,7 @@
 """Per-step intermediates shared by several families, each computed once per layer per step.
 
-- ``raw``: the squared norm of the gradient *before* any edit between the last backward and
-  the step (clipping), and the per-layer factor ``c2 = after / before``, unscaled with the
-  GradScaler's scale (whose in-place unscaling leaves no trace on the tensors: the scaler's
-  own state says whether the step gradient is unscaled). One common factor (norm clipping)
-  is exact: every family describes the raw gradient. Per-layer factors that differ mean a non-uniform edit (value clipping,
-  per-layer edits): the edited layers are invalid (NaN, with a validity event).
+- ``raw``: the squared norms of the gradient before any edit between backward and step
+  (:mod:`gradlens.families.raw`, computed every step for the detectors).
 - ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (from the
   step's summary pass, :func:`gradlens.stats.summary_and_axis_sq_norms`, where the columns
   family runs); FSDP2 shards are placed into their global vectors and summed in the
@@ -20,7 +16,8 @@ import torch
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
-from gradlens.families.base import StepContext, edit_tolerance
+from gradlens.families.base import StepContext
+from gradlens.families.raw import raw_sq
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
@@ -34,7 +31,6 @@ class Intermediates:
         self.need_units, self.need_fans = need_units or need_fans, need_fans
         self._units: list[torch.Tensor | None] | None = None
         self._fans: dict[int, torch.Tensor] = {}
-        self._raw: tuple | None = None
 
     def contribute(self, pack: D.Pack) -> None:
         """FSDP2: this rank's pieces of the per-unit / per-fan vectors of sharded layers."""
@@ -91,41 +87,5 @@ class Intermediates:
         return (u / (self.lens.numel[k] // u.numel())).sqrt()
 
     def raw(self, red: dict[str, torch.Tensor]):
-        """``(raw_sq, unit_factor, ok)``: squared norms before edits, unscaled when a
-        GradScaler was given; the factor that turns the step gradient's per-unit squared
-        norms into raw ones (None: 1); and the validity mask (None: all valid)."""
-        if self._raw is not None:
-            return self._raw
-        ctx, lens = self.ctx, self.lens
-        sq = ctx.sq_reduced
-        factor = ok = None
-        scaled = False  # raw still carries the loss scale
-        if ctx.world > 1 or ctx.edited is None or not any(ctx.edited):
-            raw = sq  # not checked under torch.distributed (see the README)
-            scaled = not ctx.step_unscaled
-        elif ctx.pre_sq is None:  # edited where nothing was measured: unknown
-            raw = sq
-            scaled = not ctx.step_unscaled
-            ok = lens.mask([not e for e in ctx.edited])
-        else:
-            pre = ctx.pre_sq
-            edited = lens.mask(ctx.edited)
-            c2 = torch.where(edited & (pre > 0), sq / pre, torch.ones_like(sq))
-            both = torch.where(edited, sq, lens.const("zero")).nansum()
-            ref = both / torch.where(edited, pre, lens.const("zero")).nansum()
-            tol = edit_tolerance(lens.grad_dtype)
-            spread = torch.where(edited, (c2 / ref - 1).abs(), lens.const("zero"))
-            ok = (spread <= tol).all() | ~edited
-            # unedited layers: their step gradient is what backward left (scaled or not)
-            raw = torch.where(edited, pre, sq)
-            factor = 1.0 / c2
-            if ctx.loss_scale is not None:
-                s2 = ctx.loss_scale**2
-                unedited_scaled = not ctx.step_unscaled
-                raw = torch.where(edited | unedited_scaled, raw / s2, raw)
-                factor = torch.where(edited | unedited_scaled, factor / s2, factor)
-        if scaled and ctx.loss_scale is not None:
-            raw = raw / ctx.loss_scale**2
-            factor = 1.0 / ctx.loss_scale**2
-        self._raw = (raw, factor, ok)
-        return self._raw
+        """:func:`raw_sq` of this step."""
+        return raw_sq(self.lens, self.ctx, red)

@@ -4,19 +4,22 @@ Event flow of one optimizer step::
 
     forward            pre-hooks read the batch size; [full] forward hooks keep layer inputs
     loss.backward()    parameter hooks count micro-batches and hand their gradients to the
-                       families that need them (logged steps); post-accumulate hooks note
-                       each p.grad's version, to see edits between backward and step
+                       families that need them (logged steps); at its end (after DDP's
+                       all-reduce / FSDP2's reduce-scatter) each p.grad's version is noted
+                       and, while the loop edits, the raw norms measured (one reduction)
     optimizer.step()   step pre-hook: the step context is filled, every family observes
                        (norms and detectors every step; the rest on logged steps), on device
     every log_every    ONE device->host transfer (and one all-reduce under torch.distributed),
                        rows and events to the sinks
 
-Which gradient: norms, spreads, temporal and SPAM statistics describe the gradient the
-optimizer consumes (after clipping and unscaling); the variance estimators describe the raw
-stochastic gradient (before clipping, unscaled by the GradScaler given as ``scaler``), which
-the lens measures at the end of the backward pass whenever the loop edits the gradient. One
-common factor (norm clipping, unscaling) is exact; any other edit makes the estimators NaN
-with a ``validity`` event. The families and their conditions: :mod:`gradlens.families`.
+Which gradient: ``grad_norm``, spreads, temporal and SPAM statistics describe the gradient
+the optimizer consumes (after clipping and unscaling); ``grad_norm_preclip`` (every step,
+every preset), the spike detectors, the guard and the variance estimators describe the raw
+gradient (after the data-parallel reduction, before clipping, unscaled by the GradScaler
+given as ``scaler``), measured at the end of the backward pass whenever the loop edits the
+gradient (:mod:`gradlens.families.raw`). One common factor (norm clipping, unscaling) is
+exact; any other edit makes the estimators NaN with a ``validity`` event, in one process and
+under torch.distributed. The families and their conditions: :mod:`gradlens.families`.
 
 Scaling conventions (``loss_reduction``): ``mean`` (each micro-batch's mean loss / K),
 ``global_mean`` (HF's ``num_items_in_batch``), ``sum``; unequal micro-batches are exact.
@@ -24,7 +27,7 @@ Scaling conventions (``loss_reduction``): ``mean`` (each micro-batch's mean loss
 Data parallelism (DDP, FSDP2; :mod:`gradlens.core.distributed`): create the lens after
 wrapping the model, on every rank. Everything rank-local is reduced with ONE all-reduce per
 flush (the detectors of the steps in between run after it), so ``flush()`` and ``close()``
-are collective; only rank 0 writes; edits between backward and step are not checked.
+are collective; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ __all__ = ["GradLens"]
 
 _UNMEASURED = ("the gradient was edited between backward and step (first seen at this "
                "step) and its value before the edit was not measured; it is from the next "
-               "logged step on")
+               "step on")
 
 
 class GradLens(DeviceConstants):
@@ -309,10 +312,7 @@ class GradLens(DeviceConstants):
             nonfinite = torch.where(contrib, nonfinite, 0.0)
         sizes, size_note = obs.sizes(micro) if obs.track_sizes and logging else ([], None)
         edited, measured = obs.edits(grads)
-        pre_sq = None
-        if edited is not None and any(edited) and measured:
-            pre_sq = torch.stack([v if v is not None else self.const("nan")
-                                  for v in obs.pre_sq]).to(self.dtype)
+        pre_sq = obs.pre_sq.to(self.dtype) if any(edited) and measured else None
         scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
         ctx = StepContext(
             step=self.step_count, logging=logging, skipped=skipped, present=present,
@@ -324,11 +324,9 @@ class GradLens(DeviceConstants):
         host_invalid: dict[str, dict[int, str]] = {}
         if size_note:
             host_invalid["batch_size"] = {-1: size_note}
-        if logging and edited is not None:
-            if any(edited) and not measured:
-                for fam in self.consistency_families:
-                    host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
-            obs.measure_pre = any(edited)
+        if logging and any(edited) and not measured:
+            for fam in self.consistency_families:
+                host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
         if logging:
             R.warn_untracked(self)
         ctx.data["host_invalid"] = host_invalid

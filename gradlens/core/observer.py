@@ -9,11 +9,17 @@
   a checkpoint's recomputation in backward is not counted). The micro-batch sizes
   are the list most modules agree on; modules that ran more often (shared, checkpointed)
   are not counted, and a disagreement is reported once.
-- **Edits between backward and step**: a post-accumulate hook records each ``p.grad``'s
-  identity and version counter (free); at the step a different tensor or version means
-  clipping, unscaling or another edit. The squared norm before the edit is measured at the
-  end of each backward on logged steps while the loop is known to edit (and on the first
-  logged step, to find out).
+- **The raw gradient, and edits between backward and step**: the first post-accumulate hook
+  of a backward queues an autograd final callback, which queues a second one: that runs
+  after every callback queued during the backward, DDP's reducer finalization (the
+  all-reduced ``p.grad``) and FSDP2's reduce-scatter wait included. It records each
+  ``p.grad``'s identity and version counter (a Python loop, no tensor work) and, while the
+  loop is known to edit (from the first step on, and for good once an edit was seen), the
+  squared norms of every tracked gradient in ONE multi-tensor reduction: the raw norms. At
+  the step a different tensor or version means clipping, unscaling or another edit. FSDP2's
+  sharded gradients are DTensors whose in-place edits bump no version counter: they count
+  as edited at every step, so their raw norms are always measured and the step compares
+  norms (a common factor of 1 is "no edit").
 - **torch.compile**: the forward hooks do nothing while dynamo traces them (reading or
   growing their lists would add guards, and a recompile per micro-batch count); the sizes
   then come from the ``torch.compile(model)`` wrapper's own pre-hook, which runs eagerly.
@@ -57,9 +63,12 @@ class Observer:
         self.count_micro = bool(needs & {"microbatch_grads", "consistent_grad", "batch_size"}) \
             or lens.scaler is not None  # a skipped step is seen by its backward passes
         self.track_sizes = bool(needs & {"batch_size", "microbatch_grads"})
-        self.check_edits = "consistent_grad" in needs and lens.world == 1
-        self.measure_pre = True  # until a logged step shows the loop does not edit
+        self.measure_pre = True  # until a step shows the loop does not edit; then on an edit
+        self._edits_seen = False
+        self._armed = False
         self._module_of_layer = [lens.module_of(k) for k in range(L)]
+        self._params = [info.param for info in lens.layers]
+        self._sharded = any(D.is_dtensor(p) for p in self._params)
         self.reset()
 
     # ------------------------------------------------------------------ installation
@@ -84,14 +93,12 @@ class Observer:
                     seen.add(id(module))
                     self.add(module.register_forward_pre_hook(self._size_hook(id(module)),
                                                               with_kwargs=True))
-        if self.count_micro:
-            for k, info in enumerate(lens.layers):
-                if not D.is_dtensor(info.param):  # FSDP2 shards: see _install_unsharded
+        for k, info in enumerate(lens.layers):
+            if not D.is_dtensor(info.param):  # FSDP2 shards: see _install_unsharded
+                if self.count_micro:
                     self.add(info.param.register_hook(self._micro_hook(k)))
-                    if self.check_edits:
-                        self.add(info.param.register_post_accumulate_grad_hook(
-                            self._accumulated_hook(k)))
-            self._install_unsharded()
+                self.add(info.param.register_post_accumulate_grad_hook(self._arm))
+        self._install_unsharded()
 
     def _install_unsharded(self) -> None:
         lens = self.lens
@@ -115,7 +122,9 @@ class Observer:
                     if ref is not None and ref() is p:
                         continue
                     self._unsharded[id(p)] = weakref.ref(p)
-                    self.add(p.register_hook(self._micro_hook(k)))
+                    if self.count_micro:
+                        self.add(p.register_hook(self._micro_hook(k)))
+                    self.add(p.register_hook(self._arm_unsharded))
 
             self.add(module.register_forward_pre_hook(pre_hook))
 
@@ -132,8 +141,8 @@ class Observer:
         self.module_sizes: dict[int, list[int]] = {}
         self.model_sizes: list[int] = []
         self._accumulated: list[tuple[int, int] | None] = [None] * L
-        self.pre_sq: list[torch.Tensor | None] = [None] * L
-        self._pre_measured = False
+        self.pre_sq: torch.Tensor | None = None
+        self._armed = False
 
     def step_open(self) -> bool:
         return any(self.micro_seen)
@@ -184,17 +193,30 @@ class Observer:
         for fn in self._subscribers:
             fn(k, g)
 
-    def _accumulated_hook(self, k: int):
-        def hook(param: torch.Tensor) -> None:
-            g = param.grad
-            if g is None:
-                return
-            self._accumulated[k] = (id(g), g._version)
-            if self.measure_pre and self.lens.logging_step():
-                self.pre_sq[k] = S.finite_sq_norm(g.detach())
-                self._pre_measured = True
+    def _arm(self, param: torch.Tensor | None = None) -> None:
+        """The first gradient of a backward: have :meth:`_end_of_backward` run after it."""
+        if not self._armed:
+            self._armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_last)
 
-        return hook
+    def _arm_unsharded(self, grad: torch.Tensor) -> None:
+        self._arm()
+
+    def _queue_last(self) -> None:
+        # queued from a final callback: runs after every callback queued during the backward
+        # (DDP's finalize_backward, FSDP2's post-backward wait)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """The gradient after the backward and its data-parallel reduction, before any edit:
+        identities and versions, and (while the loop edits) the raw squared norms."""
+        self._armed = False
+        grads = [p.grad for p in self._params]
+        self._accumulated = [None if g is None else (id(g), g._version) for g in grads]
+        if self.measure_pre:
+            if self._sharded:
+                grads = [None if g is None else D.local_tensor(g) for g in grads]
+            self.pre_sq = S.sq_norms(grads)
 
     # ------------------------------------------------------------------ readouts
 
@@ -218,14 +240,17 @@ class Observer:
                     "batch_dim= if that is wrong")
         return list(best), note
 
-    def edits(self, grads: list[torch.Tensor | None]) -> tuple[list[bool] | None, bool]:
-        """Per layer whether ``p.grad`` changed after the last backward, and whether the
-        squared norms before the change were measured this step."""
-        if not self.check_edits:
-            return None, False
+    def edits(self, grads: list[torch.Tensor | None]) -> tuple[list[bool], bool]:
+        """Per layer whether ``p.grad`` changed after the last backward (DTensors: always, see
+        the module docstring), and whether the squared norms at the end of that backward were
+        measured. Decides whether the next steps measure: from the first edit on, for good."""
         edited = []
         for k, g in enumerate(grads):
             seen = self._accumulated[k]
             edited.append(g is not None and seen is not None
-                          and (seen[0] != id(g) or seen[1] != g._version))
-        return edited, self._pre_measured
+                          and (seen[0] != id(g) or seen[1] != g._version
+                               or (self._sharded and D.is_dtensor(g))))
+        self._edits_seen = self._edits_seen or any(edited)
+        measured = self.pre_sq is not None
+        self.measure_pre = self._edits_seen
+        return edited, measured

@@ -5,7 +5,7 @@ family          statistics                                       needs
 ==============  ===============================================  ===========================
 norms           grad_norm/rms/max_abs, nonfinite_count,          p.grad at the step
                 grad_norm_preclip
-spikes          grad_norm_z, grad_norm_ratio_max, loss, loss_z   the norms; the loss
+spikes          grad_norm_z, grad_norm_ratio_max, loss, loss_z   the raw norms; the loss
 columns         unit_/fan_rms_{cv,max_min,p99_p50,gini}          p.grad at the step
 twobatch        twobatch_*, noise_scale, var_per_element,        micro-batch gradients,
                 unit_nsr_*                                       sizes, consistent gradient

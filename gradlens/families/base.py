@@ -65,8 +65,9 @@ class StepContext:
         sq, max_abs, nonfinite: ``(L,)`` finite squared norms, largest finite ``|g_i|``
             and non-finite counts of ``grads`` (rank-local contributions when sharded).
         edited: per layer, whether ``p.grad`` changed between the last backward and the step
-            (host-known from the tensor's version counter); None when not checked.
-        pre_sq: finite squared norms at the end of the last backward, where measured.
+            (host-known from the tensor's version counter; FSDP2's DTensors: always True).
+        pre_sq: squared norms at the end of the last backward and its data-parallel
+            reduction (rank-local partial sums under FSDP2), where measured; else None.
         loss: the summed micro-batch losses (rank-local), or None.
         world: ranks in the run.
         key: prefix of this step's entries in the flush's collective.

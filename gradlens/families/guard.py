@@ -9,9 +9,11 @@ detector's flags ``f_k`` (per layer ``k`` and the global norm) and each layer's 
     damp:  g_k <- d_k g_k,   d_k = min(1, exp(l_k) / ||g_k||)   where f_k and a_k = damp
 
 ``l_k`` is the detector's forecast of ``log ||g_k||`` made before this step (level plus
-slope, :func:`gradlens.stats.zscore_update`), so a damped gradient has the norm the
-detector expected. A flagged global norm with action ``damp`` scales every tracked gradient
-by ``min(1, exp(l_global) / ||g'||)``, ``g'`` the gradient after the per-layer damping. A step
+slope, :func:`gradlens.stats.zscore_update`), and ``||g_k||`` the raw norm the detector
+reads (before clipping): without an edit a damped gradient has the norm the detector
+expected; after clipping the consumed gradient is scaled by the same ratio. A flagged global
+norm with action ``damp`` scales every tracked gradient by ``min(1, exp(l_global) /
+||g'||)``, ``g'`` the raw gradient after the per-layer damping. A step
 whose gradient has a non-finite entry (which never enters a detector) is skipped when
 ``nonfinite="skip"``. Everything is a device tensor: nothing is read on the host; the gate
 is written in place into the tensor the optimizer reads (``step_gate`` groups of the
@@ -165,7 +167,7 @@ class SpikeGuard(Statistic):
         lens = self.lens
         L = len(lens.layers)
         flags = out["_flags"]  # (L+1,) 0/1 floats, from the spikes family
-        norm = out["grad_norm"]
+        norm = out["grad_norm_preclip"]  # what the detector judged: the raw norm
         one = torch.ones((), dtype=flags.dtype, device=flags.device)
         skip_w = lens.flags([a == "skip" for a in self.actions]).to(flags.dtype)
         damp_w = lens.flags([a == "damp" for a in self.actions]).to(flags.dtype)
@@ -182,7 +184,7 @@ class SpikeGuard(Statistic):
             ratio = torch.where(norm > 0, level / norm, one).clamp(max=1.0).nan_to_num(1.0)
             factor = torch.where((layer_f * damp_w) > 0, ratio[:L], factor)
             if self.global_action == "damp":
-                sq = torch.nan_to_num(ctx.sq.to(flags.dtype)) * factor.square()
+                sq = torch.nan_to_num(norm[:L].square()) * factor.square()
                 g_ratio = (level[L] / sq.sum().sqrt()).clamp(max=1.0).nan_to_num(1.0)
                 factor = factor * torch.where(flags[L] > 0, g_ratio, one)
             grads = [i.param.grad for i in lens.layers]

@@ -1,6 +1,9 @@
-"""Spike detectors on the per-layer and global gradient norms and on the loss, every step.
+"""Spike detectors on the per-layer and global raw gradient norms and on the loss, every step.
 
-A forecast z-score on ``log(grad_norm)`` (:func:`gradlens.stats.zscore_update`) and the ratio
+The gradient detectors read ``grad_norm_preclip`` (before clipping and other edits, after
+the data-parallel reduction, unscaled; :mod:`gradlens.families.norms`): clipping caps the
+consumed norm, so a detector on it would be blind exactly where loops clip. A forecast
+z-score on ``log(grad_norm_preclip)`` (:func:`gradlens.stats.zscore_update`) and the ratio
 to the running maximum; the loss gets the z-score on its value. A step that the GradScaler
 skipped, or whose gradient has a non-finite entry, never enters a detector's state: its
 z-scores are NaN and the warm-up counts valid steps only (the ``nonfinite`` and
@@ -50,7 +53,7 @@ class Spikes(Statistic):
 
     def emit(self, ctx: StepContext, red, out) -> None:
         ok = ctx.step_ok & (not ctx.skipped)
-        z, flags, ratio = self._detect("grad", out["grad_norm"], ok)
+        z, flags, ratio = self._detect("grad", out["grad_norm_preclip"], ok)
         out["grad_norm_z"] = z
         out["_flags"] = flags.float()
         if ctx.logging:
@@ -67,7 +70,7 @@ class Spikes(Statistic):
         names = [i.name for i in self.lens.layers]
         L = len(names)
         out: list[SpikeEvent] = []
-        flags, z, norm = values["_flags"], values["grad_norm_z"], values["grad_norm"]
+        flags, z, norm = values["_flags"], values["grad_norm_z"], values["grad_norm_preclip"]
         out.extend(SpikeEvent(step, names[k], "grad_norm", norm[k], z[k])
                    for k in range(L) if present[k] and flags[k] > 0)
         if flags[L] > 0:

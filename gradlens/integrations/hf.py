@@ -2,20 +2,24 @@
 
     trainer = Trainer(model, args, ..., callbacks=[GradLensCallback(preset="standard")])
 
-What the lens sees: ``on_pre_optimizer_step`` runs after ``loss.backward()`` of every
-micro-batch of the step (gradient accumulation included) and **after gradient clipping**
-(``max_grad_norm``): ``grad_norm`` describes the clipped gradient the optimizer consumes, the
-lens measures ``grad_norm_preclip`` itself (per layer and global), and its variance
-estimators describe the raw gradient before clipping, so they stay right under the Trainer's
-defaults. The lens gets the Trainer's optimizer (for ``spam_fraction`` and run.json).
-Statistics follow the Trainer's ``logging_steps`` and go to ``<output_dir>/gradlens`` unless
-``logdir`` is given; only the main process writes.
+What the lens sees: ``on_pre_optimizer_step`` runs after every micro-batch's backward and
+**after clipping** (``max_grad_norm``): ``grad_norm`` is the clipped norm the optimizer
+consumes; the lens measures the raw ``grad_norm_preclip`` itself (per layer and global, every
+preset), which the spike detectors and the variance estimators read. The loss: a forward hook
+takes the loss the model returns in training (``outputs["loss"]`` or ``outputs[0]``, as the
+Trainer's ``compute_loss`` reads it; no copy, no sync), and the step's loss goes to the lens,
+scaled as the Trainer scales it (for ``loss_z`` and loss spikes). Chosen over the Trainer's
+logs (a host float averaged over ``logging_steps``) and its private running loss; a loss made
+outside the model (``compute_loss_func``, label smoothing) is not seen. Statistics follow
+``logging_steps`` and go to ``<output_dir>/gradlens`` unless ``logdir`` is given; only the
+main process writes.
 
 Loss convention: a model whose ``forward`` takes ``**kwargs`` (every HF LM; or whose
-``accepts_loss_kwargs`` says so) gets the Trainer's ``num_items_in_batch``: each micro-batch's
-loss is its token sum over the step's total, the lens's ``loss_reduction="global_mean"``
-(chosen here unless given; exact per example when examples count equal tokens). Otherwise
-the Trainer divides each micro-batch's mean loss by the accumulation steps: ``"mean"``.
+``accepts_loss_kwargs`` says so) gets ``num_items_in_batch``: each micro-batch's loss is its
+token sum over the step's total, ``loss_reduction="global_mean"`` (chosen unless given; the
+step's loss is the sum, times the ranks when the Trainer averages tokens across devices).
+Otherwise the Trainer divides each micro-batch's mean loss by the accumulation steps:
+``"mean"`` (the step's loss is the mean).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ try:
 except ImportError as err:  # pragma: no cover - transformers is a core dependency
     raise ImportError("GradLensCallback needs transformers: pip install 'gradlens[hf]'") from err
 
+import torch
+
+from gradlens.core import distributed as D
 from gradlens.core.lens import GradLens
 
 
@@ -79,20 +86,31 @@ class GradLensCallback(TrainerCallback):
         # resume_from_checkpoint: the lens step is the optimizer step, so it continues from
         # the Trainer's global step
         self.lens.step_count = int(state.global_step)
+        self._losses: list[torch.Tensor] = []
+        self._loss_factor = float(D.world_size()) if (
+            kwargs["loss_reduction"] == "global_mean"
+            and getattr(args, "average_tokens_across_devices", False)) else 1.0
+        self._hook = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, args, outputs) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation
+        loss = outputs.get("loss") if isinstance(outputs, dict) else (
+            outputs[0] if isinstance(outputs, tuple) and outputs else None)
+        if torch.is_tensor(loss) and loss.numel() == 1:
+            self._losses.append(loss.detach())
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.lens is not None:
-            self.lens.step()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.lens is None or not logs:
+        if self.lens is None:
             return
-        scalars = {}
-        if "loss" in logs:
-            scalars["loss"] = float(logs["loss"])
-        if scalars:
-            self.lens.log_scalars(scalars, step=state.global_step)
+        if self._losses:  # the step's loss: summed shares (global_mean) or mean (mean)
+            total = torch.stack(self._losses).sum()
+            n = 1 if self.lens.config.loss_reduction == "global_mean" else len(self._losses)
+            self.lens.observe_loss(total * (self._loss_factor / n))
+            self._losses = []
+        self.lens.step()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.lens is not None:
+            self._hook.remove()
             self.lens.close()

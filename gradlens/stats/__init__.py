@@ -38,6 +38,7 @@ from gradlens.stats.norms import (
     grad_summaries,
     grad_summary,
     nonfinite_count,
+    sq_norms,
 )
 from gradlens.stats.per_example_vector import (
     NORM_KINDS,
@@ -124,6 +125,7 @@ __all__ = [
     "spam_fractions",
     "spread",
     "spread_batched",
+    "sq_norms",
     "summary_and_axis_sq_norms",
     "temporal_init",
     "temporal_readout",

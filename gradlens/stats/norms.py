@@ -55,6 +55,7 @@ __all__ = [
     "grad_summaries",
     "grad_summary",
     "nonfinite_count",
+    "sq_norms",
 ]
 
 #: Column order of :func:`grad_summary` / :func:`grad_summaries`.
@@ -197,3 +198,24 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
         torch.full((), float(g.numel()), dtype=acc, device=device) for g in grads
     ])
     return torch.stack([sq, largest, nonfinite, numel], dim=1)
+
+
+def sq_norms(grads: Sequence[torch.Tensor | None],
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(L,)`` squared L2 norms ``||g_k||^2``, NaN where ``g_k`` is None, from ONE multi-tensor
+    reduction (``torch._foreach_norm``; no per-tensor Python work beyond building the list),
+    in ``dtype`` (None: float64 if any input is, else float32). Unlike :func:`grad_summaries`
+    nothing is masked: a non-finite entry makes its tensor's value non-finite (the caller
+    reads that as "unknown")."""
+    present = [g for g in grads if g is not None]
+    if dtype is None:
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in present) \
+            else torch.float32
+    if not present:
+        return torch.full((len(grads),), math.nan, dtype=dtype)
+    sq = torch.stack(torch._foreach_norm(present, 2, dtype=dtype)).square()
+    if len(present) == len(grads):
+        return sq
+    out = torch.full((len(grads),), math.nan, dtype=dtype, device=sq.device)
+    idx = [k for k, g in enumerate(grads) if g is not None]
+    return out.index_copy_(0, torch.tensor(idx, device=sq.device), sq)

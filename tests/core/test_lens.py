@@ -229,10 +229,15 @@ def test_spike_reported_at_its_step_and_layer_and_clean_run_is_quiet():
     data = batches(8, seed=11)
     data = [data[i % 8] for i in range(240)]
 
-    def inject(step, m):
-        if step == 200:
-            dict(m.named_parameters())[target].grad.mul_(100.0)
+    step = [0]
 
+    def inject(s, m):
+        step[0] = s + 1  # the next step's backward
+
+    # the spike is in the raw gradient (the detectors read it): made by the backward itself
+    dict(model.named_parameters())[target].register_hook(
+        lambda g: g * 100.0 if step[0] == 200 else None)
+    step[0] = 1
     lens = GradLens(model, preset="minimal", log_every=10)
     train(model, lens, steps=240, lr=1e-3, data=data, inject=inject)
     lens.flush()
@@ -264,8 +269,10 @@ class _NoSync:
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.parametrize("preset", ["standard", "full"])
-def test_no_host_sync_outside_flush(preset):
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("preset", ["minimal", "standard", "full"])
+def test_no_host_sync_outside_flush(preset, clip):
+    """Backward (the raw norms measured at its end while the loop clips) and the step."""
     model = build_llama("tiny", seed=7)
     lens = GradLens(model, preset=preset, log_every=3)
     data = batches(12, seed=3)
@@ -286,12 +293,15 @@ def test_no_host_sync_outside_flush(preset):
             lens.step()  # the flush step may convert
         else:
             with _NoSync():
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                 lens.step()
         with torch.no_grad():
             for p in model.parameters():
                 p.grad = None
     df = frame(lens)
     assert sorted(df.step.unique()) == [3, 6]
+    assert len(df[(df.stat == "grad_norm_preclip") & (df.layer == "global")]) == 2
     lens.close()
 
 

@@ -24,6 +24,8 @@ PER_RANK = 2
 SEQ = 12
 VOCAB = 128
 LR = 1e-2
+CLIP = 0.1  # below the tiny model's global norm (~1): the clipping is active
+SPIKE, SPIKE_STEPS = 30, 31  # a 100x gradient spike after the detectors' warm-up (25)
 
 
 def global_batches(n: int, seed: int) -> list[torch.Tensor]:
@@ -50,6 +52,11 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def rows_of(lens: Any) -> dict[tuple[int, str, str], float]:
     lens.flush()
     return {(int(s), layer, stat): float(v) for s, layer, _, stat, v in lens.memory.rows}
+
+
+def events_of(lens: Any) -> list[tuple]:
+    lens.flush()
+    return [(e.step, e.layer, e.kind, e.family, e.reason) for e in lens.memory.events]
 
 
 def histograms_of(lens: Any) -> dict[tuple[int, str], tuple[list[float], list[float]]]:
@@ -87,10 +94,11 @@ class CollectiveCounter:
 
 
 def reference_run(batches: list[torch.Tensor], *, micro: int, steps: int, log_every: int,
-                  preset: str, dtype: torch.dtype = torch.float64,
+                  preset: str, dtype: torch.dtype = torch.float64, clip: float | None = None,
                   **options: Any) -> dict[str, Any]:
     """The run a distributed one must reproduce: one process, the global micro-batches, plus
-    the exact per-(rank, micro-batch) and per-example gradients of every step."""
+    the exact per-(rank, micro-batch) and per-example gradients of every step (``clip``: a
+    ``clip_grad_norm_`` before each step, so that the weights follow the clipped run)."""
     from gradlens import GradLens
 
     model = make_model(dtype)
@@ -123,6 +131,8 @@ def reference_run(batches: list[torch.Tensor], *, micro: int, steps: int, log_ev
             loss = model(input_ids=ids, labels=ids).loss / micro
             loss.backward()
             lens.observe_loss(loss)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {"rows": rows_of(lens), "hists": histograms_of(lens), "small": small,
@@ -138,15 +148,22 @@ def reference_run(batches: list[torch.Tensor], *, micro: int, steps: int, log_ev
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, lens: Any, rank: int,
            batches: list[torch.Tensor], micro: int, steps: int,
-           sync: Callable[[int], Any], counter: CollectiveCounter) -> list[dict[str, int]]:
+           sync: Callable[[int], Any], counter: CollectiveCounter, clip: float | None = None,
+           value_clip: float | None = None, spike: int | None = None) -> list[dict[str, int]]:
+    """``clip`` / ``value_clip``: ``clip_grad_norm_`` / ``clip_grad_value_`` before each step;
+    ``spike``: the step (1-based) whose loss is multiplied by 100 (a 100x raw gradient)."""
     counts = []
     for s in range(steps):
         for k in range(micro):
             x = rank_rows(batches[s * micro + k], rank)
             with sync(k):
                 loss = model(input_ids=x, labels=x).loss / micro
-                loss.backward()
+                (loss * (100.0 if s + 1 == spike else 1.0)).backward()
             lens.observe_loss(loss)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if value_clip is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), value_clip)
         with counter():
             opt.step()  # the lens finalizes in the step pre-hook
         counts.append(counter.take())
@@ -155,7 +172,8 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, lens: Any, rank: 
 
 
 def ddp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: str,
-                 seed: int, **options: Any) -> dict[str, Any]:
+                 seed: int, edits: dict[str, Any] | None = None,
+                 **options: Any) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from gradlens import GradLens
@@ -171,10 +189,11 @@ def ddp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: s
         return model.no_sync() if k < micro - 1 else contextlib.nullcontext()
 
     counts = _train(model, opt, lens, rank, global_batches(steps * micro, seed), micro, steps,
-                    sync, CollectiveCounter())
+                    sync, CollectiveCounter(), **(edits or {}))
     handle.remove()
     out = {"rows": rows_of(lens) if rank == 0 else None,
            "hists": histograms_of(lens) if rank == 0 else None, "counts": counts,
+           "events": events_of(lens) if rank == 0 else None,
            "params": {n: p.detach().clone() for n, p in model.module.named_parameters()},
            "hook_seen": seen}
     lens.close()
@@ -182,7 +201,8 @@ def ddp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: s
 
 
 def fsdp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: str,
-                  seed: int, **options: Any) -> dict[str, Any]:
+                  seed: int, edits: dict[str, Any] | None = None,
+                  **options: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     from gradlens import GradLens
@@ -199,11 +219,12 @@ def fsdp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: 
         return contextlib.nullcontext()
 
     counts = _train(model, opt, lens, rank, global_batches(steps * micro, seed), micro, steps,
-                    sync, CollectiveCounter())
+                    sync, CollectiveCounter(), **(edits or {}))
     placements = {n: str(tuple(p.placements)) for n, p in model.named_parameters()}
     params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}  # collective
     out = {"rows": rows_of(lens) if rank == 0 else None,
            "hists": histograms_of(lens) if rank == 0 else None, "counts": counts,
+           "events": events_of(lens) if rank == 0 else None,
            "params": params, "placements": placements}
     lens.close()
     return out
@@ -312,6 +333,19 @@ def run(rank: int, port: int, outdir: str) -> None:
             "fsdp": fsdp_scenario(rank, micro=2, steps=2, log_every=2, preset="full", seed=3,
                                   temporal=False),
             "bf16": bf16_scenario(rank),
+            # clipping between the no_sync accumulation and the step: corrected exactly
+            "ddp_clip": ddp_scenario(rank, micro=2, steps=2, log_every=1, preset="full",
+                                     seed=4, edits={"clip": CLIP}),
+            # value clipping: not one common factor, NaN with a validity event
+            "ddp_value_clip": ddp_scenario(rank, micro=2, steps=1, log_every=1,
+                                           preset="standard", seed=5,
+                                           edits={"value_clip": 1e-3}),
+            "fsdp_clip": fsdp_scenario(rank, micro=2, steps=2, log_every=1, preset="full",
+                                       seed=6, temporal=False, edits={"clip": CLIP}),
+            **{f"ddp_spike_{preset}": ddp_scenario(
+                rank, micro=2, steps=SPIKE_STEPS, log_every=1, preset=preset, seed=7,
+                edits={"clip": 1.0, "spike": SPIKE}) for preset in ("minimal", "standard",
+                                                                    "full")},
         }
         if rank == 0:
             torch.save(results, Path(outdir) / "results.pt")

@@ -66,6 +66,12 @@ def runs(tmp_path_factory) -> dict[str, Any]:
                                      preset="full"),
         "fsdp": W.reference_run(W.global_batches(4, 3), micro=2, steps=2, log_every=2,
                                 preset="full", temporal=False),
+        "ddp_clip": W.reference_run(W.global_batches(4, 4), micro=2, steps=2, log_every=1,
+                                    preset="full", clip=W.CLIP),
+        "ddp_value_clip": W.reference_run(W.global_batches(2, 5), micro=2, steps=1,
+                                          log_every=1, preset="minimal"),
+        "fsdp_clip": W.reference_run(W.global_batches(4, 6), micro=2, steps=2, log_every=1,
+                                     preset="full", temporal=False, clip=W.CLIP),
     }
     group.join()
     results = torch.load(Path(out) / "results.pt", weights_only=False)
@@ -86,8 +92,7 @@ def assert_same_rows(got: dict, want: dict, skip: set[str] = frozenset(), rel: f
                      ) -> None:
     """Equal rows, a few float32 ulps apart: HF LLaMA computes its RMSNorm and loss in float32,
     and each rank reduces its half of the batch on its own."""
-    # grad_norm_preclip: one process checks edits between backward and step, ranks do not
-    keys = {k for k in want if k[2] not in skip and k[2] != "grad_norm_preclip"}
+    keys = {k for k in want if k[2] not in skip}
     assert keys <= set(got), sorted(keys - set(got))[:10]
     bad = []
     for k in sorted(keys):
@@ -292,3 +297,73 @@ def test_rows_equal_golden(results, references, scenario):
     failures = compare_rows(doc["rows"], want["rows"], want["cond"], want["rounding"],
                             2 * 2.0**-24, scenario)
     assert not failures, "\n".join(failures[:15])
+
+
+# ----------------------------------------------------------------------------- clipping
+
+
+def exact_norms(ref: dict, step: int) -> dict[str, float]:
+    """Each layer's raw (pre-clip) gradient norm: the mean of the (rank, micro-batch) means."""
+    return {name: float(torch.stack([m[name].double() for m in ref["small"][step - 1]])
+                        .mean(0).pow(2).sum().sqrt())
+            for name, _, _ in ref["layers"]}
+
+
+def check_clipped(got: dict, ref: dict, steps: tuple[int, ...], micro: int,
+                  clip: float | None) -> None:
+    """Under clipping (or none): the raw norms, the consumed norms and every variance estimator
+    against the float64 references, at each logged step; no validity event."""
+    rows = got["rows"]
+    for step in steps:
+        raw = exact_norms(ref, step)
+        total = math.sqrt(sum(v * v for v in raw.values()))
+        coef = 1.0 if clip is None else min(1.0, clip / (total + 1e-6))
+        assert coef < 1 or clip is None  # the clipping is active
+        for name, want in raw.items():
+            assert rows[(step, name, "grad_norm_preclip")] == pytest.approx(want, rel=1e-5)
+            assert rows[(step, name, "grad_norm")] == pytest.approx(want * coef, rel=1e-5)
+        assert rows[(step, "global", "grad_norm_preclip")] == pytest.approx(total, rel=1e-5)
+        assert rows[(step, "global", "grad_norm")] == pytest.approx(total * coef, rel=1e-5)
+        check_two_batch(rows, ref, step, micro)
+        for name, want in exact_per_example(ref, step).items():
+            assert rows[(step, name, "pe_trace")] == pytest.approx(want, rel=1e-5), name
+    assert not [e for e in got["events"] if e[2] == "validity"], got["events"]
+
+
+def test_ddp_no_sync_accumulation_with_clipping_is_exact(results, references):
+    """DDP, no_sync() accumulation, clip_grad_norm_ between the last backward and the step:
+    every estimator describes the raw all-reduced gradient (the clip factor corrected)."""
+    got, ref = results["ddp_clip"], references["ddp_clip"]
+    check_clipped(got, ref, (1, 2), micro=2, clip=W.CLIP)
+    assert_same_rows(got["rows"], ref["rows"], skip=TWO_BATCH)  # as one process clipping
+
+
+def test_fsdp_with_clipping_is_exact(results, references):
+    """FSDP2's DTensor gradients bump no version counter when clipped: their raw norms are
+    measured at every step and compared with the step's."""
+    got, ref = results["fsdp_clip"], references["fsdp_clip"]
+    check_clipped(got, ref, (1, 2), micro=2, clip=W.CLIP)
+
+
+def test_ddp_value_clipping_is_nan_with_a_reason(results, references):
+    got, ref = results["ddp_value_clip"], references["ddp_value_clip"]
+    rows = got["rows"]
+    names = [name for name, _, _ in ref["layers"]]
+    assert all(math.isnan(rows[(1, n, "twobatch_trace")]) for n in names)
+    reasons = [e[4] for e in got["events"] if e[2] == "validity" and e[3] == "twobatch"]
+    assert len(reasons) == 1 and "not one common factor" in reasons[0]
+    for name, want in exact_norms(ref, 1).items():  # the raw norms stay known
+        assert rows[(1, name, "grad_norm_preclip")] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["minimal", "standard", "full"])
+def test_ddp_spike_under_clipping_is_a_global_event(results, preset):
+    got = results[f"ddp_spike_{preset}"]
+    glob = [e[0] for e in got["events"] if e[1] == "global" and e[2] == "grad_norm_global"]
+    assert glob == [W.SPIKE]
+    for step in range(1, W.SPIKE_STEPS + 1):
+        assert math.isfinite(got["rows"][(step, "global", "grad_norm_preclip")])
+    ratio = got["rows"][(W.SPIKE, "global", "grad_norm_preclip")] / got["rows"][
+        (W.SPIKE - 1, "global", "grad_norm_preclip")]
+    assert 30 < ratio < 300  # the 100x spike, as the raw norm saw it
+    assert got["rows"][(W.SPIKE, "global", "grad_norm")] <= 1.0 + 1e-6  # consumed: clipped

@@ -16,14 +16,15 @@ def _run(nan_at: int | None, spike_at: int, steps: int = 45):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     lens = GradLens(model, preset="minimal")
     g = torch.Generator().manual_seed(1)
+    now = [0]  # a spike of the raw gradient, made in the backward (the detectors read it)
+    model[2].weight.register_hook(lambda grad: grad * 100.0 if now[0] == spike_at else None)
     for step in range(1, steps + 1):
+        now[0] = step
         x = torch.randn(16, 8, generator=g)
         model(x).pow(2).mean().backward()
         if step == nan_at:
             for p in model.parameters():
                 p.grad.fill_(math.nan)  # a NaN loss: every gradient entry NaN
-        if step == spike_at:
-            model[2].weight.grad.mul_(100.0)
         lens.step()
         model.zero_grad()
     lens.flush()

@@ -38,6 +38,10 @@ def test_hf_trainer_callback(tmp_path):
         p = float(pre[pre.step == step].value.iloc[0])
         g = float(post[post.step == step].value.iloc[0])
         assert g == pytest.approx(min(p, 1.0), rel=1e-3)
+    # the callback feeds the loss detector (values: tests/conformance/test_clipped_loops.py)
+    loss = df[(df.stat == "loss") & (df.layer == "global")]
+    assert list(loss.step) == [2, 4] and (loss.value > 3.0).all()
+    assert list(df[df.stat == "loss_z"].step) == [2, 4]
     meta = load_meta(run)
     assert meta["framework"] == "transformers.Trainer"
     assert meta["gradient_accumulation_steps"] == 2
@@ -53,6 +57,7 @@ def test_lightning_callback(tmp_path):
     assert set(df[df.stat == "microbatches"].value) == {2.0}
     loss = df[(df.stat == "loss")].value.to_numpy()
     assert len(loss) == 2 and np.all(np.isfinite(loss)) and np.all(loss > 3.0)
+    assert list(df[df.stat == "loss_z"].step) == [2, 4]
     # Lightning hands the lens the gradient before clipping (clip value 0.05)
     norms = df[(df.stat == "grad_norm") & (df.layer == "global")].value
     assert (norms > 0.2).all()

@@ -103,3 +103,26 @@ def test_grad_summaries_without_max_abs_keep_the_other_columns(foreach):
     assert torch.isnan(lean[:, 1]).all()
     torch.testing.assert_close(lean[:, [0, 2, 3]], full[:, [0, 2, 3]], rtol=0, atol=0)
     assert full[:, 2].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_sq_norms_matches_float64_numpy():
+    """One multi-tensor reduction: each tensor's squared norm (float64 numpy), NaN for None,
+    bf16 accumulated in float32, a non-finite entry non-finite (not masked)."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(7, 5, generator=g), None, torch.randn(3, generator=g) * 1e3,
+          torch.randn(2, 3, 4, generator=g).to(torch.bfloat16)]
+    got = S.sq_norms(xs, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    for k, x in enumerate(xs):
+        if x is None:
+            assert math.isnan(float(got[k]))
+            continue
+        want = float((x.double().numpy() ** 2).sum())
+        assert float(got[k]) == pytest.approx(want, rel=1e-6)
+    f64 = [torch.randn(9, generator=g, dtype=torch.float64)]
+    assert float(S.sq_norms(f64, torch.float64)[0]) == pytest.approx(
+        float((f64[0].numpy() ** 2).sum()), rel=1e-14)
+    bad = torch.ones(4)
+    bad[1] = float("inf")
+    assert not math.isfinite(float(S.sq_norms([bad, torch.ones(2)], torch.float32)[0]))
+    assert math.isnan(float(S.sq_norms([None, None], torch.float32)[1]))
