@@ -38,6 +38,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
+from gradlens.core import optimizers as O
 from gradlens.core import run as R
 from gradlens.core.config import LensConfig
 from gradlens.core.constants import DeviceConstants
@@ -65,8 +66,11 @@ class GradLens(DeviceConstants):
 
     Args:
         model: any ``nn.Module`` (HF causal LMs get their roles from their embeddings).
-        optimizer: the optimizer whose ``step()`` consumes the gradients; the lens finalizes
-            each step in a step pre-hook. Without one, call :meth:`step` after each backward.
+        optimizer: the optimizer whose ``step()`` consumes the gradients, or a list of them
+            (Muon + AdamW): the lens finalizes each step in a step pre-hook, before any of
+            them steps; wrappers such as accelerate's are hooked on their inner optimizer
+            (:mod:`gradlens.core.optimizers`). Without one, call :meth:`step` after each
+            backward.
         logdir: run directory (TensorBoard events, the long table, spikes.jsonl, run.json).
             ``None`` keeps everything in memory (``lens.memory``).
         preset: ``minimal`` | ``standard`` | ``full`` (see :mod:`gradlens.core.config`).
@@ -92,7 +96,7 @@ class GradLens(DeviceConstants):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
         logdir: str | Path | None = None,
         preset: str = "standard",
         log_every: int = 1,
@@ -119,7 +123,10 @@ class GradLens(DeviceConstants):
         self.compiled = model if isinstance(model, OptimizedModule) else None
         self.model = model = D.unwrap_model(model)  # DDP, compile: the inner module
         self.world = D.world_size()
-        self.optimizer = optimizer
+        optimizers = O.as_list(optimizer)
+        self.optimizers = optimizers
+        self.optimizer = (optimizers[0] if len(optimizers) == 1
+                          else O.OptimizerSet(optimizers) if optimizers else None)
         self.scaler = scaler
         infos = discover_layers(model, overrides=overrides, output=output)
         self.layers: list[LayerInfo] = [i for i in select_layers(infos, include, exclude, roles)
@@ -144,6 +151,7 @@ class GradLens(DeviceConstants):
         self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
         self.grad_dtype = torch.float32
         self._consts: dict[str, torch.Tensor] = {}
+        self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
         self.families = builtin_families(self.config)
         for extra in statistics:
             cls = extra if isinstance(extra, type) else type(extra)
@@ -160,8 +168,8 @@ class GradLens(DeviceConstants):
         self.observer.install()
         for f in self.families:
             f.install(self)
-        if optimizer is not None and step_hook:
-            self.observer.add(optimizer.register_step_pre_hook(self._on_optimizer_step))
+        if self.hooks is not None:
+            self.hooks.install()
         if scaler is not None:
             R.attach_scaler(scaler, self)
         R.open_sinks(self, name, meta)
@@ -268,11 +276,6 @@ class GradLens(DeviceConstants):
 
     # ------------------------------------------------------------------ the step (on device)
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple,
-                           kwargs: dict) -> None:
-        self._stepped = True
-        self._finalize(skipped=False)
-
     def _finalize(self, skipped: bool) -> None:
         grads = [i.param.grad for i in self.layers]
         present = [g is not None for g in grads]
@@ -328,6 +331,10 @@ class GradLens(DeviceConstants):
             obs.measure_pre = any(edited)
         if logging:
             R.warn_untracked(self)
+        if self.hooks is not None:  # layers it cannot see: NaN rows and global rows
+            for k, why in self.hooks.blind(present, obs.micro_seen).items():
+                for f in self.families:
+                    host_invalid.setdefault(f.name, {}).setdefault(k, why)
         ctx.data["host_invalid"] = host_invalid
         ctx.data["axis_sq"] = axis_sq
         for f in self.families:

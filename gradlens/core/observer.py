@@ -55,7 +55,8 @@ class Observer:
         self._unsharded: dict[int, Any] = {}
         L = len(lens.layers)
         self.count_micro = bool(needs & {"microbatch_grads", "consistent_grad", "batch_size"}) \
-            or lens.scaler is not None  # a skipped step is seen by its backward passes
+            or lens.scaler is not None or len(lens.optimizers) > 1  # a skipped step, and
+        # which optimizer steps first after a backward, are seen by the backward passes
         self.track_sizes = bool(needs & {"batch_size", "microbatch_grads"})
         self.check_edits = "consistent_grad" in needs and lens.world == 1
         self.measure_pre = True  # until a logged step shows the loop does not edit
@@ -167,6 +168,7 @@ class Observer:
     def _micro_hook(self, k: int):
         param = self.lens.layers[k].param
 
+        @torch.compiler.disable  # eager: a hook dynamo traced would guard on the lens's state
         def hook(grad: torch.Tensor) -> None:
             self.micro_seen[k] += 1
             if not (self._subscribers and self.lens.logging_step()):
@@ -185,6 +187,7 @@ class Observer:
             fn(k, g)
 
     def _accumulated_hook(self, k: int):
+        @torch.compiler.disable
         def hook(param: torch.Tensor) -> None:
             g = param.grad
             if g is None:
