@@ -214,6 +214,7 @@ class GradLens(DeviceConstants):
 
     # ------------------------------------------------------------------ user calls
 
+    @torch.compiler.disable  # eager inside a compiled step: no guard on the lens's state
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Hand over the loss you call ``backward()`` on (a tensor, no sync; or a number). The
         step's micro-batch losses are summed (with ``loss / K`` that is the step's mean) and

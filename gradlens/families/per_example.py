@@ -121,8 +121,8 @@ class PerExample(Statistic):
                 if kind == "gain" and x_hat is None:
                     x_hat = S.normalized_input(module, a)
             pad = getattr(module, "padding_idx", None)
-            output.register_hook(lambda d: self._on_output_grad(items, source, a, x_hat, pad,
-                                                                d.detach()))
+            output.register_hook(torch.compiler.disable(  # eager: no guard on this state
+                lambda d: self._on_output_grad(items, source, a, x_hat, pad, d.detach())))
 
         return forward_hook
 
