@@ -103,6 +103,7 @@ class PerExample(Statistic):
         self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _forward_hook(self, items: list[tuple[int, str]]):
+        @torch.compiler.disable  # eager: one graph break, no guard on this state
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not (torch.is_grad_enabled() and torch.is_tensor(output)
                     and output.requires_grad and self.lens.logging_step()) or in_backward():
