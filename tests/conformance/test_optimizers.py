@@ -11,6 +11,7 @@ import torch
 
 from gradlens import GradLens
 from gradlens.data import build_llama
+from gradlens.stats import SpikeConfig
 from tests.conformance._harness import compare, validity, value
 from tests.conformance._reference import Case, causal_shares, hf_loss, reference
 
@@ -145,3 +146,49 @@ def test_optimizer_argument_is_checked():
         GradLens(model, [torch.optim.SGD(model.parameters(), lr=0.1), object()])
     with pytest.raises(ValueError, match="empty list"):
         GradLens(model, [])
+
+
+def test_spam_fraction_reads_each_optimizers_state():
+    """``spam_fraction`` with two AdamW on disjoint layers: each layer's fraction is computed
+    from its own optimizer's ``exp_avg_sq`` before the step (numpy, float64, by hand), at a
+    theta that gives fractions strictly between 0 and 1."""
+    import numpy as np
+
+    model = build_llama("tiny", seed=7).double()
+    hidden, rest = _split(model)
+    opt_a = torch.optim.AdamW(hidden, lr=1e-2)
+    opt_b = torch.optim.AdamW(rest, lr=1e-2)
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def capture(opt, args, kwargs):  # registered first: runs before the lens's pre-hook
+        for o in (opt_a, opt_b):
+            for p in (q for g in o.param_groups for q in g["params"]):
+                v = o.state.get(p, {}).get("exp_avg_sq")
+                if v is not None and p.grad is not None and id(p) not in seen:
+                    seen[id(p)] = (p.grad.numpy().copy(), v.numpy().copy())
+
+    opt_a.register_step_pre_hook(capture)
+    opt_b.register_step_pre_hook(capture)
+    theta = 2.0
+    lens = GradLens(model, [opt_a, opt_b], preset="minimal", spam=True,
+                    spikes=SpikeConfig(spam_theta=theta))
+    for step in range(2):
+        seen.clear()
+        for batch in _batches(step):
+            (model(**batch).loss / 2).backward()
+        for opt in (opt_b, opt_a):
+            opt.step()
+            opt.zero_grad()
+    lens.close()
+    rows = lens.memory.frame()
+    rows = rows[(rows.step == 2) & (rows.stat == "spam_fraction")]
+    checked = set()
+    for info in lens.layers:
+        g, v = seen[id(info.param)]
+        want = float(np.mean(g.astype(np.float64) ** 2 > theta * v))
+        got = value(rows, info.name, "spam_fraction")
+        assert abs(got - want) <= 1e-7, (info.name, got, want)
+        checked.add(any(info.param is p for p in hidden))
+    assert checked == {True, False}  # layers of both optimizers
+    fractions = rows.value.to_numpy()
+    assert (fractions > 0).any() and (fractions < 1).any()
