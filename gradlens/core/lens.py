@@ -6,8 +6,10 @@ Event flow of one optimizer step::
     loss.backward()    parameter hooks count micro-batches and hand their gradients to the
                        families that need them (logged steps); post-accumulate hooks note
                        each p.grad's version, to see edits between backward and step
-    optimizer.step()   step pre-hook: the step context is filled, every family observes
-                       (norms and detectors every step; the rest on logged steps), on device
+    optimizer.step()   step pre-hook (of the first of several optimizers to step; of the
+                       inner optimizer of a wrapper, :mod:`gradlens.core.optimizers`): the
+                       step context is filled, every family observes (norms and detectors
+                       every step; the rest on logged steps), on device
     every log_every    ONE device->host transfer (and one all-reduce under torch.distributed),
                        rows and events to the sinks
 
