@@ -56,9 +56,10 @@ class Observer:
         self._subscribers: list[Callable[[int, torch.Tensor], None]] = []
         self._unsharded: dict[int, Any] = {}
         L = len(lens.layers)
+        # backward passes are also counted for a GradScaler (a skipped step has them) and for
+        # several optimizers (the first to step after a backward finalizes the lens step)
         self.count_micro = bool(needs & {"microbatch_grads", "consistent_grad", "batch_size"}) \
-            or lens.scaler is not None or len(lens.optimizers) > 1  # a skipped step, and
-        # which optimizer steps first after a backward, are seen by the backward passes
+            or lens.scaler is not None or len(lens.optimizers) > 1
         self.track_sizes = bool(needs & {"batch_size", "microbatch_grads"})
         self.check_edits = "consistent_grad" in needs and lens.world == 1
         self.measure_pre = True  # until a logged step shows the loop does not edit
