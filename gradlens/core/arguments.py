@@ -18,10 +18,9 @@ def check_lens_arguments(args: Mapping[str, Any]) -> None:
     from gradlens.sinks.base import Sink
 
     A.check_type("model", args["model"], nn.Module, "a torch.nn.Module")
-    optimizer = args["optimizer"]
-    if optimizer is not None and not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got "
-                        f"{type(optimizer).__name__}")
+    from gradlens.core.optimizers import as_list
+
+    as_list(args["optimizer"])  # None, an optimizer (or a wrapper of one), or a list of them
     A.check_path("logdir", args["logdir"])
     for name in ("include", "exclude"):
         A.check_strings(name, args[name])

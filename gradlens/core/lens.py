@@ -7,8 +7,10 @@ Event flow of one optimizer step::
                        families that need them (logged steps); at its end (after DDP's
                        all-reduce / FSDP2's reduce-scatter) each p.grad's version is noted
                        and, while the loop edits, the raw norms measured (one reduction)
-    optimizer.step()   step pre-hook: the step context is filled, every family observes
-                       (norms and detectors every step; the rest on logged steps), on device
+    optimizer.step()   step pre-hook (of the first of several optimizers to step; of the
+                       inner optimizer of a wrapper, :mod:`gradlens.core.optimizers`): the
+                       step context is filled, every family observes (norms and detectors
+                       every step; the rest on logged steps), on device
     every log_every    ONE device->host transfer (and one all-reduce under torch.distributed),
                        rows and events to the sinks
 
@@ -41,6 +43,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
+from gradlens.core import optimizers as O
 from gradlens.core import run as R
 from gradlens.core.arguments import check_lens_arguments
 from gradlens.core.config import LensConfig
@@ -69,8 +72,11 @@ class GradLens(DeviceConstants):
 
     Args:
         model: any ``nn.Module`` (HF causal LMs get their roles from their embeddings).
-        optimizer: the optimizer whose ``step()`` consumes the gradients; the lens finalizes
-            each step in a step pre-hook. Without one, call :meth:`step` after each backward.
+        optimizer: the optimizer whose ``step()`` consumes the gradients, or a list of them
+            (Muon + AdamW): the lens finalizes each step in a step pre-hook, before any of
+            them steps; wrappers such as accelerate's are hooked on their inner optimizer
+            (:mod:`gradlens.core.optimizers`). Without one, call :meth:`step` after each
+            backward.
         logdir: run directory (TensorBoard events, the long table, spikes.jsonl, run.json).
             ``None`` keeps everything in memory (``lens.memory``).
         preset: ``minimal`` | ``standard`` | ``full`` (see :mod:`gradlens.core.config`); an
@@ -97,7 +103,7 @@ class GradLens(DeviceConstants):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
         logdir: str | Path | None = None,
         preset: str = "standard",
         log_every: int = 1,
@@ -125,7 +131,10 @@ class GradLens(DeviceConstants):
         self.compiled = model if isinstance(model, OptimizedModule) else None
         self.model = model = D.unwrap_model(model)  # DDP, compile: the inner module
         self.world = D.world_size()
-        self.optimizer = optimizer
+        optimizers = O.as_list(optimizer)
+        self.optimizers = optimizers
+        self.optimizer = (optimizers[0] if len(optimizers) == 1
+                          else O.OptimizerSet(optimizers) if optimizers else None)
         self.scaler = scaler
         infos = discover_layers(model, overrides=overrides, output=output)
         self.layers: list[LayerInfo] = [i for i in select_layers(infos, include, exclude, roles)
@@ -150,6 +159,7 @@ class GradLens(DeviceConstants):
         self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
         self.grad_dtype = torch.float32
         self._consts: dict[str, torch.Tensor] = {}
+        self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
         self.families = builtin_families(self.config)
         for extra in statistics:
             cls = extra if isinstance(extra, type) else type(extra)
@@ -166,8 +176,8 @@ class GradLens(DeviceConstants):
         self.observer.install()
         for f in self.families:
             f.install(self)
-        if optimizer is not None and step_hook:
-            self.observer.add(optimizer.register_step_pre_hook(self._on_optimizer_step))
+        if self.hooks is not None:
+            self.hooks.install()
         if scaler is not None:
             R.attach_scaler(scaler, self)
         R.open_sinks(self, name, meta)
@@ -212,6 +222,7 @@ class GradLens(DeviceConstants):
 
     # ------------------------------------------------------------------ user calls
 
+    @torch.compiler.disable  # eager inside a compiled step: no guard on the lens's state
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Hand over the loss you call ``backward()`` on (a tensor, no sync; or a number). The
         step's micro-batch losses are summed (with ``loss / K`` that is the step's mean) and
@@ -274,11 +285,6 @@ class GradLens(DeviceConstants):
 
     # ------------------------------------------------------------------ the step (on device)
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple,
-                           kwargs: dict) -> None:
-        self._stepped = True
-        self._finalize(skipped=False)
-
     def _finalize(self, skipped: bool) -> None:
         grads = [i.param.grad for i in self.layers]
         present = [g is not None for g in grads]
@@ -329,6 +335,10 @@ class GradLens(DeviceConstants):
                 host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
         if logging:
             R.warn_untracked(self)
+        if self.hooks is not None:  # layers it cannot see: NaN rows and global rows
+            for k, why in self.hooks.blind(present, obs.micro_seen).items():
+                for f in self.families:
+                    host_invalid.setdefault(f.name, {}).setdefault(k, why)
         ctx.data["host_invalid"] = host_invalid
         ctx.data["axis_sq"] = axis_sq
         for f in self.families:

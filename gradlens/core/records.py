@@ -135,10 +135,13 @@ def validity_events(lens: GradLens, step: int, values: dict[str, list[float]],
 
 
 def _first_time(lens: GradLens, family: str, reason: str) -> bool:
-    """True the first time (family, reason) is seen in this run; warns then."""
+    """True the first time (family, reason) is seen in this run; warns the first time the
+    reason is seen (several families may share one)."""
     if (family, reason) in lens._validity_seen:
         return False
+    warned = any(r == reason for _, r in lens._validity_seen)  # one warning per reason
     lens._validity_seen.add((family, reason))
-    warnings.warn(f"gradlens: {family} statistics are NaN where {reason}", RuntimeWarning,
-                  stacklevel=4)
+    if not warned:
+        warnings.warn(f"gradlens: {family} statistics are NaN where {reason}",
+                      RuntimeWarning, stacklevel=4)
     return True

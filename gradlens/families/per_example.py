@@ -103,6 +103,7 @@ class PerExample(Statistic):
         self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _forward_hook(self, items: list[tuple[int, str]]):
+        @torch.compiler.disable  # eager: one graph break, no guard on this state
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not (torch.is_grad_enabled() and torch.is_tensor(output)
                     and output.requires_grad and self.lens.logging_step()) or in_backward():
@@ -121,8 +122,8 @@ class PerExample(Statistic):
                 if kind == "gain" and x_hat is None:
                     x_hat = S.normalized_input(module, a)
             pad = getattr(module, "padding_idx", None)
-            output.register_hook(lambda d: self._on_output_grad(items, source, a, x_hat, pad,
-                                                                d.detach()))
+            output.register_hook(torch.compiler.disable(  # eager: no guard on this state
+                lambda d: self._on_output_grad(items, source, a, x_hat, pad, d.detach())))
 
         return forward_hook
 
