@@ -34,6 +34,7 @@ from torch import nn
 from gradlens.stats.norms import accumulation_dtype
 
 __all__ = [
+    "HF_RMS_NAMES",
     "NORM_KINDS",
     "norm_kind",
     "normalized_input",
@@ -43,24 +44,27 @@ __all__ = [
 
 #: HF RMSNorm classes whose forward is the LLaMA one (float32 normalization, cast back to the
 #: input dtype before the gain; eps inside the square root, attribute ``variance_epsilon``).
-_HF_RMS_NAMES = frozenset({
+HF_RMS_NAMES = frozenset({
     "LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
     "Phi3RMSNorm", "OlmoRMSNorm", "Olmo2RMSNorm", "GraniteRMSNorm", "Qwen2MoeRMSNorm",
+    "Qwen3MoeRMSNorm",
 })
 
 #: The module kinds :func:`normalized_input` understands.
-NORM_KINDS = ("hf_rms_norm", "rms_norm", "layer_norm")
+NORM_KINDS = ("hf_rms_norm", "t5_rms_norm", "rms_norm", "layer_norm")
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """``"hf_rms_norm"`` (HF ``LlamaRMSNorm`` and its copies), ``"rms_norm"``
+    """``"hf_rms_norm"`` (HF ``LlamaRMSNorm`` and its copies), ``"t5_rms_norm"``, ``"rms_norm"``
     (``torch.nn.RMSNorm``), ``"layer_norm"`` (``torch.nn.LayerNorm``, also GPT-2's), or None."""
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
     if isinstance(module, nn.RMSNorm):
         return "rms_norm"
-    if type(module).__name__ in _HF_RMS_NAMES and hasattr(module, "variance_epsilon"):
+    if type(module).__name__ in HF_RMS_NAMES and hasattr(module, "variance_epsilon"):
         return "hf_rms_norm"
+    if type(module).__name__ == "T5LayerNorm" and hasattr(module, "variance_epsilon"):
+        return "t5_rms_norm"
     return None
 
 
@@ -72,6 +76,8 @@ def normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
       The normalization runs in float32 even for a float64 input, and the cast back to the
       input dtype happens *before* the gain: both are reproduced, so ``x_hat`` is bit-equal
       to what the gain sees.
+    - HF ``T5LayerNorm`` (no mean, no bias): the mean square in float32, ``x_hat = x *
+      rsqrt(ms + eps)`` in the promoted dtype, cast to the weight's dtype when that is 16-bit.
     - ``torch.nn.RMSNorm``: ``x * rsqrt(mean(x**2) + eps)`` over ``normalized_shape``;
       ``eps=None`` means ``torch.finfo(x.dtype).eps``, as torch does.
     - ``torch.nn.LayerNorm``: ``(x - mean) / sqrt(var + eps)`` over ``normalized_shape``,
@@ -89,6 +95,11 @@ def normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             h = x.to(torch.float32)
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
             return h.to(x.dtype)
+        if kind == "t5_rms_norm":
+            ms = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            h = x * torch.rsqrt(ms + module.variance_epsilon)
+            w = module.weight.dtype
+            return h.to(w) if w in (torch.float16, torch.bfloat16) else h
         shape = tuple(module.normalized_shape)
         dims = tuple(range(-len(shape), 0))
         h = x.to(accumulation_dtype(x.dtype))
