@@ -1,6 +1,7 @@
 """Pure tensor -> tensor gradient statistics: norms, column spread, variance, spikes.
 
 Per-example norms of 1-D parameters (norm gains, biases): :mod:`gradlens.stats.per_example_vector`.
+Per-unit noise-to-signal with its rounding floor: :mod:`gradlens.stats.unit_noise`.
 Host-side (numpy) noise-scale and critical-batch-size readout of logged values:
 :mod:`gradlens.stats.noise_scale` (not re-exported here: it works on arrays, not tensors).
 
@@ -62,7 +63,6 @@ from gradlens.stats.variance import (
     ema_debiased,
     ema_ratio_update,
     ema_update,
-    noise_to_signal_summary,
     per_example_cross_linear,
     per_example_sq_norms_bias,
     per_example_sq_norms_embedding,
@@ -74,14 +74,20 @@ from gradlens.stats.variance import (
     temporal_update_,
     token_grams,
     two_batch_estimates,
+    within_batch_trace,
+)
+from gradlens.stats.unit_noise import (
+    FLOOR,
+    noise_to_signal_summary,
+    signal_floor,
     two_batch_unit_estimates,
     unit_noise_to_signal,
     unit_noise_to_signal_ratios,
-    within_batch_trace,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMS",
+    "FLOOR",
     "HISTOGRAM_MOMENT_FIELDS",
     "NORM_KINDS",
     "SPREAD_FIELDS",
@@ -118,6 +124,7 @@ __all__ = [
     "per_example_sq_norms_embedding",
     "per_example_sq_norms_linear",
     "per_example_sq_norms_norm_gain",
+    "signal_floor",
     "sketch_apply",
     "sorted_quantile",
     "spam_fraction",

@@ -10,8 +10,8 @@ Contents:
   from their inputs and output gradients, without per-example gradients
   (:func:`per_example_sq_norms_linear`, :func:`per_example_sq_norms_embedding`,
   :func:`per_example_sq_norms_bias`), and the within-batch trace :func:`within_batch_trace`;
-- the two-batch-size estimator of McCandlish et al. (:func:`two_batch_estimates`, its per-unit
-  form and :func:`unit_noise_to_signal`), with ratio-of-EMAs smoothing (:func:`ema_update`,
+- the two-batch-size estimator of McCandlish et al. (:func:`two_batch_estimates`; its per-unit
+  form: :mod:`gradlens.stats.unit_noise`), with ratio-of-EMAs smoothing (:func:`ema_update`,
   :func:`ema_debiased`, :func:`ema_ratio_update`);
 - temporal variance across steps, exact or through a count sketch (:func:`temporal_init`,
   :func:`temporal_update_`, :func:`temporal_readout`, :func:`temporal_step`).
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from gradlens.stats.columns import sorted_quantile, unit_sq_norms_propagating
+from gradlens.stats.columns import unit_sq_norms_propagating
 from gradlens.stats.norms import accumulation_dtype, finite_copy
 
 __all__ = [
@@ -62,9 +62,6 @@ __all__ = [
     "temporal_update_",
     "token_grams",
     "two_batch_estimates",
-    "two_batch_unit_estimates",
-    "unit_noise_to_signal",
-    "unit_noise_to_signal_ratios",
     "within_batch_trace",
 ]
 
@@ -436,82 +433,6 @@ def two_batch_estimates(
     signal = (b_big * g - b_small * s) / (b_big - b_small)
     trace = (s - g) / (1.0 / b_small - 1.0 / b_big)
     return signal, trace
-
-
-def two_batch_unit_estimates(
-    unit_small_sq: torch.Tensor,
-    unit_big_sq: torch.Tensor,
-    b_small: float | torch.Tensor,
-    b_big: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-unit two-batch estimates: ``(signal_i, trace_i)``, each ``(units,)``.
-
-    Inputs are per-unit squared norms (:func:`gradlens.stats.columns.unit_sq_norms`) of the
-    small-batch gradients (mean over the small batches) and of the big-batch gradient; the
-    math is :func:`two_batch_estimates`, applied unit by unit (tr(Sigma_i) is the noise in
-    unit ``i``'s slice of the gradient).
-    """
-    if unit_small_sq.shape != unit_big_sq.shape or unit_small_sq.ndim != 1:
-        raise ValueError(
-            "two_batch_unit_estimates needs two (units,) vectors of equal length, got "
-            f"{tuple(unit_small_sq.shape)} and {tuple(unit_big_sq.shape)}"
-        )
-    return two_batch_estimates(unit_small_sq, unit_big_sq, b_small, b_big)
-
-
-def unit_noise_to_signal_ratios(
-    unit_small_sq: torch.Tensor,
-    unit_big_sq: torch.Tensor,
-    b_small: float | torch.Tensor,
-    b_big: float | torch.Tensor,
-) -> torch.Tensor:
-    """Per-unit noise-to-signal ``tr(Sigma_i) / |G_i|**2``, ``(units,)``, NaN where excluded.
-
-    A unit whose signal estimate is not positive (or not finite) has no meaningful ratio: its
-    entry is NaN (static shape; a single step's estimate of a small signal is often negative).
-    """
-    signal, trace = two_batch_unit_estimates(unit_small_sq, unit_big_sq, b_small, b_big)
-    ok = torch.isfinite(signal) & torch.isfinite(trace) & (signal > 0)
-    ratio = trace / torch.where(ok, signal, torch.ones_like(signal))
-    return torch.where(ok, ratio, torch.full_like(ratio, math.nan))
-
-
-def unit_noise_to_signal(
-    unit_small_sq: torch.Tensor,
-    unit_big_sq: torch.Tensor,
-    b_small: float | torch.Tensor,
-    b_big: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Median and mean over output units of ``tr(Sigma_i) / |G_i|**2``: ``(median, mean)``.
-
-    Per-unit noise-to-signal along SCALE's axis (methods.md section 4): SCALE normalizes each
-    unit separately, so this is the noise its update carries unit by unit (rare-token rows of
-    the output layer are the natural suspects). Units with a non-positive (or non-finite)
-    signal estimate are **excluded** (NaN-masked, static shapes); the median is numpy's
-    (average of the two middle values), the mean is over the remaining units; both NaN when
-    every unit is excluded. Per-unit traces may be negative (unbiased noise): they are kept.
-    The fraction of excluded units grows when the signal is weak relative to the noise (small
-    batches): read it from :func:`unit_noise_to_signal_ratios`.
-    """
-    signal, trace = two_batch_unit_estimates(unit_small_sq, unit_big_sq, b_small, b_big)
-    return noise_to_signal_summary(trace, signal)
-
-
-def noise_to_signal_summary(trace: torch.Tensor, signal: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(median, mean)`` over units (the last dimension) of ``trace / signal``, units with a
-    non-positive or non-finite signal excluded (see :func:`unit_noise_to_signal`). Rows of a
-    ``(G, N)`` pair are summarized at once (one sort for G layers of N units): ``(G,)`` each.
-    """
-    ok = torch.isfinite(signal) & torch.isfinite(trace) & (signal > 0)
-    r = trace / torch.where(ok, signal, torch.ones_like(signal))
-    r = torch.where(ok, r, torch.full_like(r, math.nan))
-    ok = torch.isfinite(r)
-    n = ok.sum(dim=-1).to(r.dtype)
-    xs, _ = torch.sort(torch.where(ok, r, torch.full_like(r, math.inf)), dim=-1)
-    median = sorted_quantile(xs, n, 0.5)
-    mean = torch.where(ok, r, torch.zeros_like(r)).sum(dim=-1) / n
-    return median, mean
 
 
 # ----------------------------------------------------------------------------- EMA helpers
