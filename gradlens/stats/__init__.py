@@ -57,6 +57,14 @@ from gradlens.stats.spikes import (
     zscore_init,
     zscore_update,
 )
+from gradlens.stats.unit_noise import (
+    FLOOR,
+    noise_to_signal_summary,
+    signal_floor,
+    two_batch_unit_estimates,
+    unit_noise_to_signal,
+    unit_noise_to_signal_ratios,
+)
 from gradlens.stats.variance import (
     DEFAULT_CHUNK_ELEMS,
     choose_per_example_method,
@@ -75,14 +83,6 @@ from gradlens.stats.variance import (
     token_grams,
     two_batch_estimates,
     within_batch_trace,
-)
-from gradlens.stats.unit_noise import (
-    FLOOR,
-    noise_to_signal_summary,
-    signal_floor,
-    two_batch_unit_estimates,
-    unit_noise_to_signal,
-    unit_noise_to_signal_ratios,
 )
 
 __all__ = [
