@@ -142,7 +142,8 @@ def reference(case: Case, layers: Sequence[tuple[str, str]], *, clip: float | No
         pe_tr = (m - y) / (1 - c) if B > 1 else math.nan
         row = {"grad_norm": math.sqrt(y) * coef, "grad_norm_preclip": math.sqrt(y),
                "twobatch_trace": tr, "twobatch_signal": y - c * tr,
-               "pe_trace": pe_tr, "pe_signal": y - c * pe_tr, "unit_nsr_median": math.nan}
+               "pe_trace": pe_tr, "pe_signal": y - c * pe_tr, "unit_nsr_median": math.nan,
+               "unit_nsr_mean": math.nan}
         if layout != "vector" and K > 1:
             u_y = S.unit_sq_norms(G, layout).numpy()
             u_a = sum(b * S.unit_sq_norms(g[i], layout).numpy()
@@ -155,6 +156,8 @@ def reference(case: Case, layers: Sequence[tuple[str, str]], *, clip: float | No
             with np.errstate(divide="ignore", invalid="ignore"):
                 r = np.where(u_sig > floor, u_tr / u_sig, np.nan)
             row["unit_nsr_median"] = _median(r)
+            fin = r[np.isfinite(r)]
+            row["unit_nsr_mean"] = float(fin.mean()) if fin.size else math.nan
         out[name] = row
     return out
 
