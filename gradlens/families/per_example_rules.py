@@ -121,6 +121,16 @@ def unregister_per_example_rule(cls: type[nn.Module]) -> None:
     _REGISTERED.pop(cls, None)
 
 
+def _name(cls: type) -> str:
+    """``torch.nn.Linear``-style: the public module path when the class is exported there."""
+    for public in ("torch.nn", "transformers"):
+        if cls.__module__.startswith(public + ".") and getattr(
+                __import__(public.split(".")[0]) if public == "transformers" else nn,
+                cls.__name__, None) is cls:
+            return f"{public}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     """``(rule, "")`` for a module whose forward a rule describes, else ``(None, why)``."""
     cls = type(module)
@@ -130,9 +140,9 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
             continue
         if base is cls or cls.forward is base.forward:
             return rule, ""
-        return None, (f"{cls.__qualname__} subclasses {base.__qualname__} but overrides "
-                      f"forward: the per-example rule of {base.__qualname__} assumes its "
-                      "forward (register one with gradlens.register_per_example_rule)")
-    return None, (f"{cls.__qualname__} is not a module kind with a per-example rule (Linear, "
+        return None, (f"{_name(cls)} subclasses {_name(base)} but overrides forward: the "
+                      f"per-example rule of {base.__qualname__} assumes its forward "
+                      "(register one with gradlens.register_per_example_rule)")
+    return None, (f"{_name(cls)} is not a module kind with a per-example rule (Linear, "
                   "Conv1D, Embedding, LayerNorm/RMSNorm; register one with "
                   "gradlens.register_per_example_rule)")

@@ -79,6 +79,13 @@ class PlainLinear(nn.Linear):
     """A project's own Linear that keeps nn.Linear's forward."""
 
 
+class Linear(nn.Linear):
+    """A project's own ``Linear`` (torch's class name) with a muP multiplier in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.4
+
+
 class RawLinear(nn.Module):
     """A raw parameter used through F.linear (no Linear module)."""
 

@@ -40,10 +40,10 @@ def _hf_causal(sizes, seq=8, seed=51):
     return [{"input_ids": x, "labels": x} for x in _ids(sizes, seq, seed)]
 
 
-def _seq2seq(sizes, seed=52):
+def _seq2seq(sizes, seed=52, src=7, tgt=5):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, M.VOCAB, (b, 7), generator=g),
-             "labels": torch.randint(3, M.VOCAB, (b, 5), generator=g)} for b in sizes]
+    return [{"input_ids": torch.randint(3, M.VOCAB, (b, src), generator=g),
+             "labels": torch.randint(3, M.VOCAB, (b, tgt), generator=g)} for b in sizes]
 
 
 def _n(batch) -> int:
@@ -69,6 +69,9 @@ def _no_ckpt(model, batch):
 CELLS = {
     "t5": (M.t5, _seq2seq((3, 2)), M.seq2seq_shares,
            _pe("shared.weight", TIED) | _pe("*relative_attention_bias*", BUILT_INSIDE), None),
+    "t5_T_eq_B": (M.t5, _seq2seq((4, 4), src=4, tgt=4), M.seq2seq_shares,
+                  _pe("shared.weight", TIED) | _pe("*relative_attention_bias*", BUILT_INSIDE),
+                  None),
     "bart": (M.bart, _seq2seq((3, 2)), M.seq2seq_shares,
              _pe("model.shared.weight", TIED) | _pe("*embed_positions*", OVERRIDES), None),
     "mixtral": (M.mixtral, _hf_causal((3, 3)), causal_shares,
@@ -84,6 +87,8 @@ CELLS = {
                        | _pe("*ln_*", NOT_A_KIND), None),
     "linear_subclass": (lambda: M.TokenMLP(M.PlainLinear), _ids((3, 2), 6, 55), M.token_shares,
                         {}, None),
+    "linear_named_Linear_forward": (lambda: M.TokenMLP(M.Linear), _ids((3, 2), 6, 56),
+                                    M.token_shares, _pe("up.*", OVERRIDES), None),
     "linear_subclass_forward": (lambda: M.TokenMLP(M.mup_example().ScaledLinear), _ids((3, 2), 6, 56),
                                 M.token_shares, _pe("up.*", OVERRIDES), None),
     "linear_subclass_registered": (lambda: M.TokenMLP(M.mup_example().ScaledLinear), _ids((3, 2), 6, 56),
