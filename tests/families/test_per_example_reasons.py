@@ -67,7 +67,7 @@ def test_register_refuses_silent_overwrite():
         assert rule_for(Mine(2, 2))[0] is other
     finally:
         gradlens.unregister_per_example_rule(Mine)
-    with pytest.raises(TypeError, match="cls must be an nn.Module subclass"):
+    with pytest.raises(TypeError, match=r"cls must be an nn\.Module subclass"):
         gradlens.register_per_example_rule(int, rule)
 
 
