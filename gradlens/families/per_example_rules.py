@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from gradlens.stats.per_example_vector import normalized_input
+from gradlens.stats.per_example_vector import has_llama_rms_forward, normalized_input
 
 __all__ = ["Elementwise", "Lookup", "Outer", "Rule", "Summed", "register_per_example_rule",
            "rule_for", "unregister_per_example_rule"]
@@ -86,9 +86,7 @@ def _builtin(cls: type) -> Rule | None:
         return _TORCH[cls]
     if not cls.__module__.startswith("transformers."):
         return None
-    from gradlens.stats.per_example_vector import HF_RMS_NAMES
-
-    if cls.__name__ in HF_RMS_NAMES:
+    if has_llama_rms_forward(cls):
         return _norm
     return _HF.get(cls.__name__)
 

@@ -28,27 +28,37 @@ Pure and host-sync free: the module kind is read from the Python object, never f
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from gradlens.stats.norms import accumulation_dtype
 
 __all__ = [
-    "HF_RMS_NAMES",
     "NORM_KINDS",
+    "has_llama_rms_forward",
     "norm_kind",
     "normalized_input",
     "per_example_grads_norm_gain",
     "per_example_sq_norms_norm_gain",
 ]
 
-#: HF RMSNorm classes whose forward is the LLaMA one (float32 normalization, cast back to the
-#: input dtype before the gain; eps inside the square root, attribute ``variance_epsilon``).
-HF_RMS_NAMES = frozenset({
-    "LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
-    "Phi3RMSNorm", "OlmoRMSNorm", "Olmo2RMSNorm", "GraniteRMSNorm", "Qwen2MoeRMSNorm",
-    "Qwen3MoeRMSNorm",
-})
+@functools.cache
+def has_llama_rms_forward(cls: type) -> bool:
+    """Whether a transformers class's ``forward`` is ``LlamaRMSNorm.forward``, source for source
+    (the copies in Qwen2/3, Qwen2/3-MoE, Mistral, Mixtral, Phi3, Granite, DeepSeek-V3, ...;
+    Gemma's ``1 + w`` and OLMo2's gain-before-cast differ, and are not)."""
+    if not cls.__module__.startswith("transformers."):
+        return False
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        return inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward)
+    except (ImportError, OSError, TypeError):
+        return False
+
 
 #: The module kinds :func:`normalized_input` understands.
 NORM_KINDS = ("hf_rms_norm", "t5_rms_norm", "rms_norm", "layer_norm")
@@ -61,7 +71,7 @@ def norm_kind(module: nn.Module) -> str | None:
         return "layer_norm"
     if isinstance(module, nn.RMSNorm):
         return "rms_norm"
-    if type(module).__name__ in HF_RMS_NAMES and hasattr(module, "variance_epsilon"):
+    if hasattr(module, "variance_epsilon") and has_llama_rms_forward(type(module)):
         return "hf_rms_norm"
     if type(module).__name__ == "T5LayerNorm" and hasattr(module, "variance_epsilon"):
         return "t5_rms_norm"
