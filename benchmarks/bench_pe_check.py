@@ -6,7 +6,10 @@ check's worst case) and AdamW: ``off``, ``on`` and ``off2`` (a second copy with 
 the noise floor). They are timed in paired, interleaved rounds (the order rotates each
 round), one thread; each step is zero_grad, forward and backward of ``--micro`` micro-batches,
 and the optimizer step (the lens's work runs in its step hook). Reported: the medians and
-quartiles of the per-round ratios on/off and off2/off.
+quartiles of the per-round ratios on/off and off2/off, and the check's own share of the
+``on`` step, timed inside it: the thread CPU time of its calls (hooks and the step's
+comparison) over the step's thread CPU time (on the CPU every operation runs synchronously in
+this thread, so this is its cost, free of the waits a loaded machine adds to wall times).
 
     .venv/bin/python benchmarks/bench_pe_check.py [--size small] [--batch 8] [--seq 128]
         [--micro 2] [--rounds 20] [--quick]
@@ -33,6 +36,22 @@ def _copy(size: str, check: bool, vocab: int | None):
         warnings.simplefilter("ignore")
         lens = gradlens.GradLens(model, opt, preset="full", per_example_check=check)
     return model, opt, lens
+
+
+def _timed(check) -> list[float]:
+    """Wrap the check's two entry points with a wall clock; returns the running total."""
+    total = [0.0]
+    for name in ("add", "on_grad", "ok"):
+        fn = getattr(check, name)
+
+        def timed(*a, fn=fn):
+            start = time.thread_time()
+            out = fn(*a)
+            total[0] += time.thread_time() - start
+            return out
+
+        setattr(check, name, timed)
+    return total
 
 
 def _step(model, opt, batches) -> None:
@@ -68,14 +87,19 @@ def main() -> None:
                for _ in range(args.micro)]
     names = list(copies)
     times: dict[str, list[float]] = {n: [] for n in names}
+    inside = _timed(copies["on"][2].family("per_example").check)
+    shares: list[float] = []
     for r in range(args.warmup + args.rounds):
         order = names[r % 3:] + names[:r % 3]
         for name in order:
             model, opt, _ = copies[name]
+            before, cpu = inside[0], time.thread_time()
             start = time.perf_counter()
             _step(model, opt, batches)
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+                if name == "on":
+                    shares.append((inside[0] - before) / (time.thread_time() - cpu))
     for _, _, lens in copies.values():
         lens.close()
     on = [a / b for a, b in zip(times["on"], times["off"], strict=True)]
@@ -86,6 +110,8 @@ def main() -> None:
     for label, xs in (("check on / off", on), ("noise floor off2 / off", floor)):
         q1, med, q3 = _quartiles(xs)
         print(f"{label:24s} median {med:.4f}  quartiles {q1:.4f} {q3:.4f}")
+    q1, med, q3 = _quartiles(shares)
+    print(f"{'check CPU share of step':24s} median {med:.2%}  quartiles {q1:.2%} {q3:.2%}")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ tokens, ``width`` the widest feature dimension, ``eps`` the machine epsilon of t
 precise of the factors and the gradient (bf16 under autocast); ``||G||_F`` is estimated by
 ``||u^T G||``, the intermediate of ``u^T G v``. A random probe sees a relative error ``r`` of
 the decomposition as ``~ r ||G||_F``, so any mismatch above ~``16 eps`` is caught (a muP
-multiplier, a weight also used outside the module). Two matrix-vector products per call and
-one per gradient, all on device, no sync: the verdict travels with the flush
-(``_pe_check``).
+multiplier, a weight also used outside the module). The first backward pass of each logged step is
+checked (the decomposition is a property of the forward, not of the data: one pass shows a
+wrong rule, and the cost does not grow with gradient accumulation): two matrix-vector products
+per call and two per gradient; the comparison runs once per step, vectorized over every (layer, backward
+pass), on device, no sync: the verdict travels with the flush (``_pe_check``).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -37,40 +37,63 @@ def _eps(*dtypes: torch.dtype) -> float:
 
 
 class DecompositionCheck:
-    """Accumulates, per layer and backward pass, the hooks' probe sum and compares it with
-    the parameter's gradient when its hook fires."""
+    """Collects, per layer and backward pass, the hooks' probe sums and the gradient's probe
+    product; :meth:`ok` compares them all at once."""
 
     def __init__(self, n_layers: int, seed: int = 0) -> None:
         self.seed = seed
         self.probes: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._vectors: dict[tuple, torch.Tensor] = {}
         self.flat: dict[int, bool] = {}
         self.n = n_layers
         self.reset()
 
     def reset(self) -> None:
-        self.pending: dict[int, list] = {}  # k -> [s, R^2, tokens, eps] of this backward
-        self.err: dict[int, torch.Tensor] = {}
-        self.tol: dict[int, torch.Tensor] = {}
+        self.passes = [0] * self.n  # gradients seen per layer in this step
+        # the first pass's hooks: layer -> [per-token terms of each call], width, eps
+        self.hooked: dict[int, list] = {}
+        self.grads: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # k, w * v, w, eps
+        self._inputs: list[tuple] = []
 
     def _probe(self, k: int, shape: torch.Size, device, dtype) -> tuple:
         """``(u, v)``: Rademacher vectors over the rows and the other dimensions of a matrix
-        parameter; ``(u, None)`` over every entry of a vector one (gains, biases)."""
+        parameter; ``(u, None)`` over every entry of a vector one (gains, biases). Drawn once
+        per (length, side), so layers reading one input share its probe (and its product)."""
         p = self.probes.get(k)
         if p is None or p[0].device != device or p[0].dtype != dtype:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
             flat = self.flat.get(k, len(shape) < 2)
-            rows = shape.numel() if flat else shape[0]
-            cols = 0 if flat else shape[1:].numel()
-
-            def rad(m):
-                return (torch.randint(0, 2, (m,), generator=g) * 2 - 1).to(device, dtype)
-
-            p = (rad(rows), rad(cols) if cols else None)
+            if flat:
+                p = (self._rad(shape.numel(), 0, device, dtype), None)
+            else:
+                p = (self._rad(shape[0], 0, device, dtype),
+                     self._rad(shape[1:].numel(), 1, device, dtype))
             self.probes[k] = p
         return p
 
+    def _rad(self, m: int, side: int, device, dtype) -> torch.Tensor:
+        key = (m, side, device, dtype)
+        vec = self._vectors.get(key)
+        if vec is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * m + side)
+            vec = (torch.randint(0, 2, (m,), generator=g) * 2 - 1).to(device, dtype)
+            self._vectors[key] = vec
+        return vec
+
+    def _input_side(self, a: torch.Tensor, a2: torch.Tensor, probe: torch.Tensor):
+        """``A probe`` of an input shared by the layers reading it (q/k/v, gate/up): the last
+        two inputs are kept (with a reference, so their storage is not reused meanwhile)."""
+        key = (a.data_ptr(), tuple(a.shape), a._version, id(probe))
+        for cached, value, _ in self._inputs:
+            if cached == key:
+                return value
+        value = a2 @ probe
+        self._inputs = [*self._inputs[-1:], (key, value, a)]
+        return value
+
     def add(self, k: int, param: torch.Tensor, factor) -> None:
         """The hooks' side of one call of layer k (in the accumulation dtype)."""
+        if self.passes[k]:
+            return  # the first backward pass of the step is the one checked
         d = factor.d
         acc = S.accumulation_dtype(d.dtype)
         self.flat[k] = isinstance(factor, Elementwise | Summed)
@@ -80,13 +103,17 @@ class DecompositionCheck:
         width, eps = F, _eps(d.dtype)
         if isinstance(factor, Outer):
             a2 = factor.a.reshape(-1, factor.a.shape[-1]).to(acc)
-            terms = a2 @ u * (d2 @ v) if factor.transposed else d2 @ u * (a2 @ v)
+            if factor.transposed:
+                terms = self._input_side(factor.a, a2, u) * (d2 @ v)
+            else:
+                terms = (d2 @ u) * self._input_side(factor.a, a2, v)
             width, eps = max(F, a2.shape[-1]), max(eps, _eps(factor.a.dtype))
         elif isinstance(factor, Lookup):
+            ids = factor.ids.reshape(-1)
             dv = d2 @ v
             if factor.padding_idx is not None:
-                dv = dv * (factor.ids.reshape(-1) != factor.padding_idx).to(acc)
-            terms = u[factor.ids.reshape(-1)] * dv
+                dv = dv * (ids != factor.padding_idx).to(acc)
+            terms = u[ids] * dv
         elif isinstance(factor, Elementwise):
             terms = (d2 * factor.x.reshape(-1, F).to(acc)) @ u
             eps = max(eps, _eps(factor.x.dtype))
@@ -94,44 +121,60 @@ class DecompositionCheck:
             terms = d2 @ u
         else:
             raise TypeError(f"unknown per-example factor {type(factor).__name__}")
-        terms = S.finite_copy(terms)
-        # E[term_t^2] = ||d_t||^2 ||a_t||^2 for Rademacher probes: sum terms^2 estimates R^2
-        s, r2 = terms.sum(), terms.square().sum()
-        entry = self.pending.get(k)
-        if entry is None:
-            self.pending[k] = [s, r2, terms.numel(), width, eps]
-        else:
-            entry[0], entry[1] = entry[0] + s, entry[1] + r2
-            entry[2] += terms.numel()
-            entry[3], entry[4] = max(entry[3], width), max(entry[4], eps)
+        entry = self.hooked.setdefault(k, [[], 0, 0.0])
+        entry[0].append(terms)
+        entry[1], entry[2] = max(entry[1], width), max(entry[2], eps)
 
     def on_grad(self, k: int, g: torch.Tensor) -> None:
-        """The parameter's gradient of this backward pass (its tensor hook):
-        ``|s_hooks - u^T G v| <= 16 eps (||G||_F + sqrt(n + width) R)``, with ``||u^T G||``
-        (whose square has expectation ``||G||_F^2``) standing for ``||G||_F``."""
-        entry = self.pending.pop(k, None)
+        """The parameter's gradient of one backward pass (its tensor hook): ``u^T G v`` and
+        ``||u^T G||^2`` (whose expectation is ``||G||_F^2``)."""
+        self.passes[k] += 1
+        if self.passes[k] > 1:
+            return
         acc = S.accumulation_dtype(g.dtype)
-        if entry is None:  # a gradient with no hooked call: all of it is unexplained
-            zero = g.new_zeros((), dtype=acc)
-            entry = [zero, zero, 0, 0, 0.0]
-        s, r2, n, width, eps = entry
         u, v = self._probe(k, g.shape, g.device, acc)
         g2 = g.detach().to(acc)
-        if v is None:
-            g1 = g2.reshape(-1)
-            sg, gnorm = g1 @ u, g1.square().sum().sqrt()
-        else:
-            w = u @ g2.reshape(u.shape[0], -1)
-            sg, gnorm = w @ v, w.square().sum().sqrt()
-        eps = max(eps, _eps(g.dtype))
-        tol = _C * eps * (gnorm + math.sqrt(n + width) * r2.to(acc).sqrt())
-        err = (s.to(acc) - sg).abs()
-        err = torch.where(torch.isfinite(err), err, torch.zeros_like(err))  # norms report it
-        self.err[k] = err + self.err[k] if k in self.err else err
-        self.tol[k] = tol + self.tol[k] if k in self.tol else tol
+        # w = u^T G (a matrix) or u * g (a vector): u^T G v = sum(w v), ||w||^2 ~ ||G||_F^2
+        w = g2.reshape(-1) * u if v is None else u @ g2.reshape(u.shape[0], -1)
+        self.grads.append((k, w if v is None else w * v, w, _eps(g.dtype)))
 
-    def ok(self, device, dtype) -> torch.Tensor:
-        """``(L,)``: 1 where every checked backward pass matched (or nothing was checked)."""
-        one = torch.ones((), device=device, dtype=dtype)
-        return torch.stack([(self.err[k] <= self.tol[k]).to(dtype) if k in self.err else one
-                            for k in range(self.n)])
+    def ok(self, device, dtype) -> torch.Tensor | None:
+        """``(L,)``: 1 where the checked backward pass matched, ``|s_hooks - u^T G v| <= 16 eps
+        (||G||_F + sqrt(n + width) R)`` (None: nothing checked), all layers at once:
+        ``E[term_t^2] = ||d_t||^2 ||a_t||^2`` for Rademacher probes, so ``sum_t term_t^2``
+        estimates ``R^2``. A gradient with no hooked call is all unexplained."""
+        if not self.grads:
+            return None
+        terms, t_seg, wv, w, g_seg, scale, layer = [], [], [], [], [], [], []
+        for k, wv_k, w_k, eps_g in self.grads:
+            parts, width, eps = self.hooked.get(k, [[], 0, 0.0])
+            n = sum(p.numel() for p in parts)
+            terms += parts
+            t_seg.append(n)
+            wv.append(wv_k)
+            w.append(w_k)
+            g_seg.append(w_k.numel())
+            scale.append((_C * max(eps, eps_g), (n + width) ** 0.5))
+            layer.append(k)
+        G = len(self.grads)
+
+        def segment_sums(xs: list, counts: list[int]) -> torch.Tensor:
+            if not xs:
+                return torch.zeros(G, device=device, dtype=dtype)
+            ids = torch.repeat_interleave(torch.arange(G, device=device),
+                                          torch.tensor(counts, device=device))
+            return torch.zeros(G, device=device, dtype=dtype).index_add_(
+                0, ids, torch.cat(xs).to(dtype))
+
+        t = torch.cat(terms).to(dtype) if terms else None
+        s_hooks = segment_sums([t] if terms else [], t_seg)
+        r2 = segment_sums([t * t] if terms else [], t_seg)
+        s_grad = segment_sums(wv, g_seg)
+        g_sq = segment_sums([x * x for x in w], g_seg)
+        c = torch.tensor(scale, device=device, dtype=dtype)
+        err = (s_hooks - s_grad).abs()
+        tol = c[:, 0] * (g_sq.sqrt() + c[:, 1] * r2.sqrt())
+        bad = torch.isfinite(err) & (err > tol)  # non-finite gradients: the norms report it
+        fails = torch.zeros(self.n, device=device, dtype=dtype).index_add_(
+            0, torch.tensor(layer, device=device), bad.to(dtype))
+        return (fails == 0).to(dtype)
