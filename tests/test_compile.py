@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 #: graph breaks the ``full`` preset adds to the tiny model's forward: its per-example hooks
 #: register a hook on each tracked Linear / Embedding output, which dynamo cannot trace
-FULL_BREAKS_TINY = 20
+FULL_BREAKS_TINY = 16
 
 
 def _breaks(preset: str | None) -> int:

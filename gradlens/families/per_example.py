@@ -107,8 +107,8 @@ class PerExample(Statistic):
             self.tracked[k] = leaf
             by_module.setdefault(id(module), (module, rule, []))[2].append((k, leaf))
         for module, rule, items in by_module.values():
-            lens.observer.add(module.register_forward_hook(self._forward_hook(rule, items),
-                                                           with_kwargs=True))
+            lens.observer.add(module.register_forward_hook(
+                self._forward_hook(rule, items, id(module)), with_kwargs=True))
         if self.check is not None:
             for k in self.tracked:
                 param = lens.layers[k].param
@@ -145,14 +145,10 @@ class PerExample(Statistic):
                 if torch.is_tensor(t) and not t.is_floating_point():
                     self._inputs[t.untyped_storage().data_ptr()] = t
 
-    def _forward_hook(self, rule: Rule, items: list[tuple[int, str]]):
+    def _forward_hook(self, rule: Rule, items: list[tuple[int, str]], key: int):
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.lens.logging_step():
-                return
-            live = [(k, leaf) for k, leaf in items if self.lens.layers[k].param.requires_grad]
-            if not live:
-                return  # frozen: nothing to say
-            key = id(module)
+                return  # (no per-layer reads here: dynamo would guard on each module's items)
             if not torch.is_grad_enabled():
                 if not in_backward():  # a reentrant checkpoint's first forward
                     self._nograd[key] = self._nograd.get(key, 0) + 1
@@ -162,7 +158,7 @@ class PerExample(Statistic):
                     return
                 self._nograd[key] -= 1
             if not torch.is_tensor(output):
-                for k, _ in live:
+                for k, _ in items:
                     self.notes.setdefault(k, f"{type(module).__qualname__} returned a "
                                           f"{type(output).__name__}, not one tensor")
                 return
@@ -171,10 +167,10 @@ class PerExample(Statistic):
             source = args[0] if args else next(
                 (v for v in kwargs.values() if torch.is_tensor(v)), None)
             if source is None:
-                for k, _ in live:
+                for k, _ in items:
                     self.notes[k] = "no tensor input seen in the module's forward"
                 return
-            output.register_hook(lambda d: self._on_output_grad(module, rule, live, source,
+            output.register_hook(lambda d: self._on_output_grad(module, rule, items, source,
                                                                 d.detach()))
 
         return forward_hook
@@ -188,6 +184,9 @@ class PerExample(Statistic):
 
     def _on_output_grad(self, module, rule: Rule, items, source: torch.Tensor,
                         d: torch.Tensor) -> None:
+        items = [(k, leaf) for k, leaf in items if self.lens.layers[k].param.requires_grad]
+        if not items:
+            return  # frozen (since the lens was made): nothing to say
         x = source.detach()
         if getattr(module, "scale_grad_by_freq", False):
             for k, _ in items:
