@@ -138,6 +138,31 @@ def test_cell(name):
         ("per_example", i.name) in reasons for i in lens.layers)
 
 
+def test_compiled_in_place_unknown_batch_sizes():
+    """``model.compile()`` in place: the forward hooks stand aside while dynamo traces, so batch
+    sizes are unknown and the model's inputs unseen. The layers' numbers are still right (the
+    kernels take the examples from the inputs' shapes), and the embedding, whose rows cannot be
+    matched to examples without its inputs, is NaN with a reason (not T positions as
+    examples)."""
+    torch._dynamo.reset()
+
+    def build():
+        model = M.TokenMLP()
+        model.compile(backend="eager")
+        return model
+
+    case = Case(build, _ids((3, 2), 6, 60), lambda m, b: M.token_shares(m, b).sum(),
+                M.token_shares, _n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df, events, lens = run_lens(case)
+    ref = full_reference(case, lens, shadow=M.TokenMLP())
+    compare(df, events, lens, ref, tol=1e-5, optional_pe=(), floor=1.0,
+            stats=("grad_norm_preclip", *PE), expect_nan=_pe("emb.weight", "inputs were not seen"),
+            label="coverage compiled in place")
+    torch._dynamo.reset()
+
+
 def measure(name: str) -> tuple[float, float, dict[str, int]]:
     """``(max rel err of per-example stats, of unit_nsr_*, {reason or 'no reason': layers})``
     over the layers with a number / NaN, without asserting (for before/after tables)."""
