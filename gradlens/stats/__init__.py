@@ -40,6 +40,16 @@ from gradlens.stats.norms import (
     grad_summary,
     nonfinite_count,
 )
+from gradlens.stats.per_example import (
+    DEFAULT_CHUNK_ELEMS,
+    choose_per_example_method,
+    per_example_cross_linear,
+    per_example_sq_norms_bias,
+    per_example_sq_norms_embedding,
+    per_example_sq_norms_linear,
+    token_grams,
+    within_batch_trace,
+)
 from gradlens.stats.per_example_vector import (
     NORM_KINDS,
     norm_kind,
@@ -66,23 +76,15 @@ from gradlens.stats.unit_noise import (
     unit_noise_to_signal_ratios,
 )
 from gradlens.stats.variance import (
-    DEFAULT_CHUNK_ELEMS,
-    choose_per_example_method,
     ema_debiased,
     ema_ratio_update,
     ema_update,
-    per_example_cross_linear,
-    per_example_sq_norms_bias,
-    per_example_sq_norms_embedding,
-    per_example_sq_norms_linear,
     sketch_apply,
     temporal_init,
     temporal_readout,
     temporal_step,
     temporal_update_,
-    token_grams,
     two_batch_estimates,
-    within_batch_trace,
 )
 
 __all__ = [

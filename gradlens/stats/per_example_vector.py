@@ -8,7 +8,7 @@ output gradient is ``d_bt`` (the gradient of the loss w.r.t. the module output, 
   ``x_hat`` is the normalized input *before* the gain (:func:`normalized_input` computes it
   from the module's input exactly as the module's forward does).
 - **Bias** (LayerNorm bias, ``Linear`` bias, GPT-2 ``Conv1D`` bias): ``g_b = sum_t d_bt``
-  (:func:`gradlens.stats.variance.per_example_sq_norms_bias`).
+  (:func:`gradlens.stats.per_example.per_example_sq_norms_bias`).
 
 Both need only ``O(B x F)`` extra memory beyond one temporary of the inputs' size: the
 per-example gradient of a vector parameter is itself a vector, so it is formed (``(B, F)``)
@@ -18,7 +18,7 @@ Padding: with labels ``-100`` (ignored by the cross-entropy), padded tokens rece
 output gradient and drop out of every sum by themselves; no mask is needed. ``token_mask``
 (``(B, ...)`` of 0/1 or bool, 1 = keep) is for losses that do not zero them.
 
-Scaling pitfalls are those of :func:`gradlens.stats.variance.per_example_sq_norms_linear`:
+Scaling pitfalls are those of :func:`gradlens.stats.per_example.per_example_sq_norms_linear`:
 ``d`` carries the loss reduction (``1/B`` for a mean over examples, ``1/N`` for a mean over
 tokens, ``1/K`` with ``K`` accumulated micro-batches, the loss scale under AMP); multiply the
 squared norms by the square of the undoing factor.
