@@ -56,6 +56,7 @@ from gradlens.families.per_example_rules import (
     Outer,
     Rule,
     Summed,
+    may_look_up,
     rule_for,
 )
 
@@ -114,10 +115,16 @@ class PerExample(Statistic):
                 param = lens.layers[k].param
                 if not _is_dtensor(param):
                     lens.observer.add(param.register_hook(self._grad_hook(k)))
-        if self.tracked:
-            for m in {id(m): m for m in (lens.model, lens.compiled) if m is not None}.values():
-                lens.observer.add(m.register_forward_pre_hook(self._model_inputs,
-                                                              with_kwargs=True))
+        # the inputs of every module enclosing a lookup (the model, a Lightning module's
+        # inner model, an embeddings block): ids that share their storage are examples' ids
+        lookups = {lens.layers[k].module_name for k in self.tracked
+                   if may_look_up(by_module[id(lens.module_of(k))][1])}
+        names = {".".join(n.split(".")[:i]) for n in lookups for i in range(n.count(".") + 1)}
+        modules = dict(lens.model.named_modules())
+        outer = [modules[n] for n in names if n in modules]
+        outer += [lens.compiled] if lookups and lens.compiled is not None else []
+        for m in {id(m): m for m in outer}.values():
+            lens.observer.add(m.register_forward_pre_hook(self._model_inputs, with_kwargs=True))
 
     def reset(self) -> None:
         L = len(self.lens.layers)
@@ -135,8 +142,9 @@ class PerExample(Statistic):
     # ------------------------------------------------------------------ hooks
 
     def _model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The model's tensor inputs on logged steps: an embedding whose ids share their
-        storage is a per-example lookup."""
+        """Integer tensors handed to a module enclosing a lookup, on logged steps: an
+        embedding whose ids share their storage with one of them is a per-example lookup
+        (ids built inside, such as ``arange(T)``, are not handed in from outside)."""
         if torch.compiler.is_compiling() or not self.lens.logging_step():
             return
         for v in (*args, *kwargs.values()):

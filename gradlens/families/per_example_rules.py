@@ -91,6 +91,11 @@ def _builtin(cls: type) -> Rule | None:
     return _HF.get(cls.__name__)
 
 
+def may_look_up(rule: Rule) -> bool:
+    """Whether a rule can give :class:`Lookup` factors (an embedding's, or a registered one)."""
+    return rule not in (_linear, _conv1d, _norm)
+
+
 def register_per_example_rule(cls: type[nn.Module], rule: Rule, *,
                               replace: bool = False) -> None:
     """Give modules of class ``cls`` (and its subclasses that keep its ``forward``) a
