@@ -31,10 +31,10 @@ A Linear module called several times in a micro-batch (shared weights, a block a
 is exact: its per-example gradient is ``sum_c D_c^T A_c``, and the cross terms between calls
 are added in the same backward. A checkpointed module's recomputation is not counted (under
 reentrant checkpointing, whose first forward runs without gradients, the recomputation is the
-one counted). Valid when: the embedding's rows are examples (its ids are a model input or
-expanded along the batch, ``ids.expand(B, -1)``: a lookup of ids built inside the model,
-``wpe(arange(T))``, a relative-position bias, is NaN with a reason whatever T and B are), it
-is looked up once per micro-batch, ``scale_grad_by_freq`` is off, and the gradient at the
+one counted). Valid when: the embedding's rows are examples (its ids are an integer input of
+a module enclosing it, or expanded along the batch, ``ids.expand(B, -1)``: a lookup of ids
+built inside the model, ``wpe(arange(T))``, a relative-position bias, is NaN with a reason
+whatever T and B are), it is looked up once per micro-batch, ``scale_grad_by_freq`` is off, and the gradient at the
 step is the hooks' sum up to a common factor.
 """
 
