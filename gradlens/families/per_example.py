@@ -34,8 +34,8 @@ reentrant checkpointing, whose first forward runs without gradients, the recompu
 one counted). Valid when: the embedding's rows are examples (its ids are an integer input of
 a module enclosing it, or expanded along the batch, ``ids.expand(B, -1)``: a lookup of ids
 built inside the model, ``wpe(arange(T))``, a relative-position bias, is NaN with a reason
-whatever T and B are), it is looked up once per micro-batch, ``scale_grad_by_freq`` is off, and the gradient at the
-step is the hooks' sum up to a common factor.
+whatever T and B are), it is looked up once per micro-batch, ``scale_grad_by_freq`` is off,
+and the gradient at the step is the hooks' sum up to a common factor.
 """
 
 from __future__ import annotations
