@@ -282,7 +282,17 @@ def discover_layers(
             new_infos.append(LayerInfo(i.name, i.param, role, layout, i.module_name,
                                        i.module_type, i.aliases))
         infos = new_infos
-    if warn and not any(i.role is Role.OUTPUT for i in infos):
+    frozen_out = out_weight is not None and not out_weight.requires_grad and not include_frozen
+    if warn and frozen_out:
+        name = next((f"{n}.weight" for n, m in modules.items() if m is out_module), "?")
+        warnings.warn(
+            f"gradlens: the output layer ({name}) is frozen (requires_grad=False), so no "
+            "tracked parameter has role 'output' (statistics cover the trainable parameters, "
+            "e.g. adapters): nothing to do unless it is meant to train.",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif warn and not any(i.role is Role.OUTPUT for i in infos):
         warnings.warn(
             "gradlens: no output layer found (no get_output_embeddings(), no Linear named "
             f"{'/'.join(OUTPUT_NAME_HINTS)}). Name it with output='<module name>' or "

@@ -63,6 +63,10 @@ class LensConfig:
         per_example_scope: ``all`` (Linear / Conv1D / Embedding weights, norm gains, biases)
             or ``norms`` (norm gains only: a gradient noise scale for a small cost, after
             Gray et al. 2024; the ``gns`` preset).
+        per_example_check: on logged steps, check that each layer's per-example factors sum
+            to the gradient autograd computes, along fixed random probe directions
+            (``u^T G v`` against ``sum_b (D_b u)^T (A_b v)``); a mismatch beyond rounding makes
+            the layer's per-example statistics NaN with a reason.
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
         background_io: the file sinks (table, TensorBoard) write on a writer thread
@@ -87,6 +91,7 @@ class LensConfig:
     loss_reduction: str = "mean"
     batch_size: int | None = None
     per_example_scope: str = "all"
+    per_example_check: bool = True
     batch_dim: int = 0
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     background_io: bool = True

@@ -124,24 +124,44 @@ def validity_events(lens: GradLens, step: int, values: dict[str, list[float]],
             for k, ok in enumerate(edit_ok):
                 if ok == 0 and out.present[k]:
                     reasons.setdefault(fam, {}).setdefault(k, why)
+    for family in lens.families:
+        fn = getattr(family, "device_reasons", None)
+        if fn is not None:
+            for k, why in fn(values).items():
+                if out.present[k]:
+                    reasons.setdefault(family.name, {}).setdefault(k, why)
     found: list[SpikeEvent] = []
     for fam, bad in reasons.items():
+        by_reason: dict[str, list[str]] = {}
         for k, reason in bad.items():
             layer = GLOBAL if k < 0 else lens.layers[k].name
-            if _first_time(lens, fam, reason):
-                found.append(SpikeEvent(step, layer, "validity", math.nan, math.nan,
-                                        family=fam, reason=reason))
+            if (fam, reason, layer) in lens._validity_seen:
+                continue
+            lens._validity_seen.add((fam, reason, layer))
+            by_reason.setdefault(reason, []).append(layer)
+            found.append(SpikeEvent(step, layer, "validity", math.nan, math.nan,
+                                    family=fam, reason=reason))
+        for reason, layers in by_reason.items():
+            _warn(lens, fam, reason, layers)
     return found
 
 
-def _first_time(lens: GradLens, family: str, reason: str) -> bool:
-    """True the first time (family, reason) is seen in this run; warns the first time the
-    reason is seen (several families may share one)."""
-    if (family, reason) in lens._validity_seen:
-        return False
-    warned = any(r == reason for _, r in lens._validity_seen)  # one warning per reason
-    lens._validity_seen.add((family, reason))
-    if not warned:
-        warnings.warn(f"gradlens: {family} statistics are NaN where {reason}",
-                      RuntimeWarning, stacklevel=4)
-    return True
+def name_layers(layers: list[str], shown: int = 3) -> str:
+    """``a, b, c and 5 more``."""
+    more = f" and {len(layers) - shown} more" if len(layers) > shown else ""
+    return ", ".join(layers[:shown]) + more
+
+
+def _warn(lens: GradLens, family: str, reason: str, layers: list[str]) -> None:
+    """One warning per reason in a run (several families may share one), naming the layers
+    it covers (a few, then a count); a later step's new layers get their events, not a second
+    warning."""
+    if ("warned", reason) in lens._validity_seen:
+        return
+    lens._validity_seen.add(("warned", reason))
+    where = "" if layers == [GLOBAL] else f" ({name_layers(layers)})"
+    if family == "batch_size":  # a note on how sizes were read: nothing is NaN for it
+        msg = f"gradlens: batch sizes{where}: {reason}"
+    else:
+        msg = f"gradlens: {family} statistics are NaN{where} where {reason}"
+    warnings.warn(msg, RuntimeWarning, stacklevel=5)

@@ -18,6 +18,10 @@ micro-batch's loss is normalized per example, so the per-example definition here
 example's share of the micro-batch loss, times b_k": with ragged padding, examples with more
 tokens weigh more (stated in the README).
 
+Which modules: :mod:`gradlens.families.per_example_rules` (decided by the module's forward,
+not its name; custom modules register a rule). Every tracked layer is also checked on logged
+steps: :mod:`gradlens.families.per_example_check`.
+
 1-D parameters: a norm's gain gets ``g_b = sum_t d_bt * x_hat_bt`` (``x_hat`` recomputed from
 the module's input as its forward does), a bias ``g_b = sum_t d_bt``
 (:mod:`gradlens.stats.per_example_vector`). ``per_example_scope="norms"`` tracks the norm
@@ -25,10 +29,13 @@ gains only (the cheap gradient-noise-scale path of Gray et al. 2024).
 
 A Linear module called several times in a micro-batch (shared weights, a block applied twice)
 is exact: its per-example gradient is ``sum_c D_c^T A_c``, and the cross terms between calls
-are added in the same backward. A checkpointed module's recomputation is not counted. Valid
-when: the embedding lookup has one row of ids per example (a broadcast ``(1, T)`` position
-lookup is NaN with a reason), it is looked up once per micro-batch, ``scale_grad_by_freq`` is
-off, and the gradient at the step is the hooks' sum up to a common factor.
+are added in the same backward. A checkpointed module's recomputation is not counted (under
+reentrant checkpointing, whose first forward runs without gradients, the recomputation is the
+one counted). Valid when: the embedding's rows are examples (its ids are an integer input of
+a module enclosing it, or expanded along the batch, ``ids.expand(B, -1)``: a lookup of ids
+built inside the model, ``wpe(arange(T))``, a relative-position bias, is NaN with a reason
+whatever T and B are), it is looked up once per micro-batch, ``scale_grad_by_freq`` is off,
+and the gradient at the step is the hooks' sum up to a common factor.
 """
 
 from __future__ import annotations
@@ -39,26 +46,30 @@ import torch
 from torch import nn
 
 from gradlens import stats as S
+from gradlens.core.distributed import is_dtensor as _is_dtensor
 from gradlens.core.observer import in_backward
 from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where
+from gradlens.families.per_example_check import DecompositionCheck
+from gradlens.families.per_example_rules import (
+    Elementwise,
+    Lookup,
+    Outer,
+    Rule,
+    Summed,
+    may_look_up,
+    rule_for,
+)
 
-_MATRIX_MODULES = ("Linear", "Conv1D", "Embedding")
-_BIAS_MODULES = ("Linear", "Conv1D", "LayerNorm")
-
-
-def _kind(module: nn.Module, leaf: str, param: torch.Tensor, layout: str) -> str | None:
-    """How layer ``module.<leaf>`` gets per-example norms: ``matrix`` (Linear / Conv1D
-    weight), ``embedding``, ``gain`` (a norm's weight), ``bias``; None: not supported."""
-    if getattr(module, leaf, None) is not param:
-        return None
-    name = type(module).__name__
-    if leaf == "weight" and layout != "vector" and name in _MATRIX_MODULES:
-        return "embedding" if layout == "embedding" else "matrix"
-    if leaf == "weight" and S.norm_kind(module) is not None:
-        return "gain"
-    if leaf == "bias" and (name in _BIAS_MODULES or isinstance(module, nn.LayerNorm)):
-        return "bias"
-    return None
+CHECK_FAILED = ("the decomposition self-check failed: the per-example factors summed over the "
+                "micro-batch are not the gradient autograd computed (probe directions u, v: "
+                "sum_b (D_b u)^T (A_b v) != u^T G v beyond rounding); the module's forward is "
+                "not what its per-example rule assumes, or its weight is also used outside it")
+TIED = ("a tied tensor (two uses, e.g. embedding and output layer): its per-example gradient "
+        "sums both, which the hooks do not pair")
+_COMPUTED_IDS = ("the lookup's ids are built inside the model (not a model input, not "
+                 "expanded along the batch), so its rows cannot be matched to examples (a "
+                 "position lookup such as wpe(arange(T)), a relative-position bias); pass the "
+                 "ids as a model input of shape (B, T), e.g. position_ids=ids.expand(B, -1)")
 
 
 class PerExample(Statistic):
@@ -69,30 +80,51 @@ class PerExample(Statistic):
 
     def bind(self, lens) -> None:
         super().bind(lens)
-        self.tracked: dict[int, str] = {}
-        self.tied: set[int] = set()
+        self.tracked: dict[int, str] = {}  # layer -> its leaf name in the module
+        self.unsupported: dict[int, str] = {}  # layer -> why it has no per-example values
         self.state: dict[str, torch.Tensor] = {}
+        self.check = DecompositionCheck(len(lens.layers)) if lens.config.per_example_check \
+            else None
         self.reset()
 
     def install(self, lens) -> None:
-        scope = lens.config.per_example_scope
-        by_module: dict[int, tuple[nn.Module, list[tuple[int, str]]]] = {}
+        norms_only = lens.config.per_example_scope == "norms"
+        by_module: dict[int, tuple[nn.Module, Rule, list[tuple[int, str]]]] = {}
         for k, info in enumerate(lens.layers):
             if info.aliases:
-                self.tied.add(k)  # a tied tensor mixes two uses: NaN with a reason
+                self.unsupported[k] = TIED
                 continue
             module = lens.module_of(k)
             if module is None:
                 continue
             leaf = info.name[len(info.module_name) + 1:] if info.module_name else info.name
-            kind = _kind(module, leaf, info.param, info.layout)
-            if kind is None or (scope == "norms" and kind != "gain"):
+            if norms_only and not (leaf == "weight" and S.norm_kind(module) is not None):
                 continue
-            self.tracked[k] = kind
-            by_module.setdefault(id(module), (module, []))[1].append((k, kind))
-        for module, items in by_module.values():
-            lens.observer.add(module.register_forward_hook(self._forward_hook(items),
-                                                           with_kwargs=True))
+            rule, why = rule_for(module)
+            if rule is None or getattr(module, leaf, None) is not info.param:
+                self.unsupported[k] = why or (f"{info.name} is not an attribute of its module "
+                                              f"{type(module).__qualname__}")
+                continue
+            self.tracked[k] = leaf
+            by_module.setdefault(id(module), (module, rule, []))[2].append((k, leaf))
+        for module, rule, items in by_module.values():
+            lens.observer.add(module.register_forward_hook(
+                self._forward_hook(rule, items, id(module)), with_kwargs=True))
+        if self.check is not None:
+            for k in self.tracked:
+                param = lens.layers[k].param
+                if not _is_dtensor(param):
+                    lens.observer.add(param.register_hook(self._grad_hook(k)))
+        # the inputs of every module enclosing a lookup (the model, a Lightning module's
+        # inner model, an embeddings block): ids that share their storage are examples' ids
+        lookups = {lens.layers[k].module_name for k in self.tracked
+                   if may_look_up(by_module[id(lens.module_of(k))][1])}
+        names = {".".join(n.split(".")[:i]) for n in lookups for i in range(n.count(".") + 1)}
+        modules = dict(lens.model.named_modules())
+        outer = [modules[n] for n in names if n in modules]
+        outer += [lens.compiled] if lookups and lens.compiled is not None else []
+        for m in {id(m): m for m in outer}.values():
+            lens.observer.add(m.register_forward_pre_hook(self._model_inputs, with_kwargs=True))
 
     def reset(self) -> None:
         L = len(self.lens.layers)
@@ -100,49 +132,99 @@ class PerExample(Statistic):
         self.totals: list[dict[int, list]] = [{} for _ in range(L)]
         self._open: list[tuple[int, list]] = [(-1, []) for _ in range(L)]
         self.notes: dict[int, str] = {}
+        self.kinds: dict[int, type] = {}
         self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._inputs: dict[int, torch.Tensor] = {}  # storage pointer -> a model input
+        self._nograd: dict[int, int] = {}  # module -> forwards run without gradients
+        if self.check is not None:
+            self.check.reset()
 
-    def _forward_hook(self, items: list[tuple[int, str]]):
+    # ------------------------------------------------------------------ hooks
+
+    def _model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Integer tensors handed to a module enclosing a lookup, on logged steps: an
+        embedding whose ids share their storage with one of them is a per-example lookup
+        (ids built inside, such as ``arange(T)``, are not handed in from outside)."""
+        if torch.compiler.is_compiling() or not self.lens.logging_step():
+            return
+        for v in (*args, *kwargs.values()):
+            for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple)
+                      else (v,)):
+                if torch.is_tensor(t) and not t.is_floating_point():
+                    self._inputs[t.untyped_storage().data_ptr()] = t
+
+    def _forward_hook(self, rule: Rule, items: list[tuple[int, str]], key: int):
         @torch.compiler.disable  # eager: one graph break, no guard on this state
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not (torch.is_grad_enabled() and torch.is_tensor(output)
-                    and output.requires_grad and self.lens.logging_step()) or in_backward():
-                return  # in_backward: a checkpoint's recomputation; the first call counts
+            if not self.lens.logging_step():
+                return
+            if not torch.is_grad_enabled():
+                if not in_backward():  # a reentrant checkpoint's first forward
+                    self._nograd[key] = self._nograd.get(key, 0) + 1
+                return
+            if in_backward():  # a checkpoint's recomputation: counted when the first was not
+                if not self._nograd.get(key):
+                    return
+                self._nograd[key] -= 1
+            if not torch.is_tensor(output):
+                for k, _ in items:
+                    self.notes.setdefault(k, f"{type(module).__qualname__} returned a "
+                                          f"{type(output).__name__}, not one tensor")
+                return
+            if not output.requires_grad:
+                return
             source = args[0] if args else next(
                 (v for v in kwargs.values() if torch.is_tensor(v)), None)
             if source is None:
                 for k, _ in items:
                     self.notes[k] = "no tensor input seen in the module's forward"
                 return
-            a = source.detach()
-            x_hat = None
-            for k, kind in items:
-                if kind == "embedding" and getattr(module, "scale_grad_by_freq", False):
-                    self.notes[k] = "scale_grad_by_freq: per-example gradients are not a sum"
-                if kind == "gain" and x_hat is None:
-                    x_hat = S.normalized_input(module, a)
-            pad = getattr(module, "padding_idx", None)
             output.register_hook(torch.compiler.disable(  # eager: no guard on this state
-                lambda d: self._on_output_grad(items, source, a, x_hat, pad, d.detach())))
+                lambda d: self._on_output_grad(module, rule, items, source, d.detach())))
 
         return forward_hook
 
-    def _on_output_grad(self, items, source, a, x_hat, pad, d: torch.Tensor) -> None:
-        dim = self.lens.config.batch_dim
-        if dim:  # sequence-first: the kernels take the batch dimension first
-            a, d = a.movedim(dim, 0), d.movedim(dim, 0)
-            x_hat = None if x_hat is None else x_hat.movedim(dim, 0)
-        if a.shape[0] != d.shape[0]:
+    def _grad_hook(self, k: int):
+        def hook(g: torch.Tensor) -> None:
+            if self.lens.logging_step():
+                self.check.on_grad(k, g)
+
+        return hook
+
+    def _on_output_grad(self, module, rule: Rule, items, source: torch.Tensor,
+                        d: torch.Tensor) -> None:
+        items = [(k, leaf) for k, leaf in items if self.lens.layers[k].param.requires_grad]
+        if not items:
+            return  # frozen (since the lens was made): nothing to say
+        x = source.detach()
+        if getattr(module, "scale_grad_by_freq", False):
             for k, _ in items:
-                self.notes[k] = "the input's batch dimension is not the output gradient's"
+                self.notes[k] = "scale_grad_by_freq: per-example gradients are not a sum"
             return
-        for k, kind in items:
+        factors = rule(module, x, d)
+        dim = self.lens.config.batch_dim
+        for k, leaf in items:
             if k in self.notes:
                 continue
-            if kind in ("gain", "bias"):
-                sq = self._vector_sq(k, kind, x_hat, d)
-            else:
-                sq = self._matrix_sq(k, kind, source, a, d, pad)
+            f = factors.get(leaf)
+            if f is None:
+                self.notes[k] = (f"the per-example rule of {type(module).__qualname__} gives "
+                                 f"no factors for {leaf!r}")
+                continue
+            if self.check is not None:
+                self.check.add(k, self.lens.layers[k].param, f)
+            if isinstance(f, Lookup) and (why := self._rows_unmatched(f.ids)):
+                self.notes[k] = why
+                continue
+            if dim:  # sequence-first: the kernels take the batch dimension first
+                f = type(f)(*(t.movedim(dim, 0) if torch.is_tensor(t) else t for t in f))
+            lead = f[0].shape[0]
+            if lead != f.d.shape[0]:
+                self.notes[k] = "the input's batch dimension is not the output gradient's"
+                continue
+            self.kinds[k] = type(f)
+            sq = self._vector_sq(k, f) if isinstance(f, Elementwise | Summed) \
+                else self._matrix_sq(k, f, source)
             if sq is None:
                 continue
             total = S.finite_sum(sq)
@@ -153,6 +235,23 @@ class PerExample(Statistic):
             else:
                 entry[0] = entry[0] + total
 
+    def _rows_unmatched(self, ids: torch.Tensor) -> str | None:
+        """Why an embedding's rows are not examples (None: they are). From the layout: the
+        ids are a model input (or a view of one) or expanded along the batch dimension."""
+        dim = self.lens.config.batch_dim
+        if ids.ndim <= dim:
+            return _COMPUTED_IDS
+        if ids.stride(dim) == 0 and ids.shape[dim] > 1:
+            return None  # one row per example, expanded: ids.expand(B, -1)
+        try:
+            ptr = ids.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a traced tensor
+            ptr = None
+        if ptr is None or not self._inputs:
+            return ("the model's inputs were not seen on this step (a compiled step?), so the "
+                    "lookup's rows cannot be matched to examples")
+        return None if ptr in self._inputs else _COMPUTED_IDS
+
     def _earlier(self, k: int) -> list:
         """The earlier calls of layer k in this backward pass (a repeated module)."""
         idx = self.lens.observer.micro_seen[k]
@@ -162,11 +261,17 @@ class PerExample(Statistic):
             self._open[k] = (idx, earlier)
         return earlier
 
-    def _vector_sq(self, k: int, kind: str, x_hat, d: torch.Tensor) -> torch.Tensor:
+    def _vector_sq(self, k: int, f: Elementwise | Summed) -> torch.Tensor:
         """A 1-D parameter's per-example gradient is a vector ``(B, F)``: formed, squared,
         and dotted with the earlier calls' (a repeated module's cross terms)."""
-        g = S.per_example_grads_norm_gain(x_hat, d) if kind == "gain" else \
-            d.reshape(d.shape[0], -1, d.shape[-1]).to(self.lens.dtype).sum(1)
+        numel = self.lens.layers[k].param.numel()
+        if isinstance(f, Elementwise):
+            g = S.per_example_grads_norm_gain(f.x, f.d, feature_ndim=f.x.ndim - 1) \
+                if f.x.shape[1:].numel() == numel else \
+                S.per_example_grads_norm_gain(f.x.reshape(f.x.shape[0], -1, numel),
+                                              f.d.reshape(f.d.shape[0], -1, numel))
+        else:
+            g = f.d.reshape(f.d.shape[0], -1, numel).to(self.lens.dtype).sum(1)
         sq = g.square().sum(-1)
         earlier = self._earlier(k)
         for prev in earlier:
@@ -174,21 +279,23 @@ class PerExample(Statistic):
         earlier.append(g)
         return sq
 
-    def _matrix_sq(self, k, kind, source, a, d, pad) -> torch.Tensor | None:
+    def _matrix_sq(self, k, f: Outer | Lookup, source) -> torch.Tensor | None:
         """``||g_b||^2`` contributions of this call; a second call of the same module in the
         same backward adds its cross terms with the earlier ones: the per-example gradient
         of a module called c times is ``sum_c D_c^T A_c`` (tokens concatenated), so
         ``||.||^2 = sum_c ||D_c^T A_c||^2 + 2 sum_{c<c'} <D_c^T A_c, D_c'^T A_c'>``."""
-        if kind == "embedding":
-            if pad is not None:  # padding rows get no gradient (nn.Embedding's padding_idx)
-                d = d * (a != pad).unsqueeze(-1).to(d.dtype)
-            sq = S.per_example_sq_norms_embedding(a, d)
-        else:
-            sq = S.per_example_sq_norms_linear(a, d, a_gram=self._input_gram(source, a, d))
         earlier = self._earlier(k)
-        if earlier and kind == "embedding":
-            self.notes[k] = "an embedding looked up more than once in a micro-batch"
-            return None
+        if isinstance(f, Lookup):
+            if earlier:
+                self.notes[k] = "an embedding looked up more than once in a micro-batch"
+                return None
+            d = f.d
+            if f.padding_idx is not None:  # padding rows get no gradient
+                d = d * (f.ids != f.padding_idx).unsqueeze(-1).to(d.dtype)
+            earlier.append(None)
+            return S.per_example_sq_norms_embedding(f.ids, d)
+        a, d = f.a, f.d
+        sq = S.per_example_sq_norms_linear(a, d, a_gram=self._input_gram(source, a, d))
         for a_prev, d_prev in earlier:
             sq = sq + 2 * S.per_example_cross_linear(a_prev, d_prev, a, d)
         earlier.append((a, d))
@@ -210,23 +317,36 @@ class PerExample(Statistic):
         return gram
 
     def invalid(self, ctx: StepContext) -> dict[int, str]:
-        bad = {k: "a tied tensor (two uses, e.g. embedding and output layer): its "
-                  "per-example gradient sums both, which the hooks do not pair"
-               for k in self.tied if ctx.present[k]}
-        bad.update(self.notes)
-        for k, totals in enumerate(self.totals):
-            if not totals or k in bad:
+        bad = {k: why for k, why in {**self.unsupported, **self.notes}.items()
+               if ctx.present[k]}
+        for k in self.tracked:
+            totals = self.totals[k]
+            if k in bad or not ctx.present[k]:
                 continue
             sizes = [b for _, b in self._ordered(k)]
-            if len(totals) != ctx.micro:
+            if not totals:
+                bad[k] = ("the module's forward was not seen with gradients on this step "
+                          "(no output gradient reached the hooks)")
+            elif len(totals) != ctx.micro:
                 bad[k] = (f"the module's gradient came in {len(totals)} of {ctx.micro} "
                           "micro-batch(es)")
             elif len(ctx.sizes) == ctx.micro and sizes != ctx.sizes:
                 bad[k] = (f"the module's input has batch size {sizes[0]} where the "
-                          f"micro-batch has {ctx.sizes[0]} examples (a broadcast lookup such "
-                          "as position ids of shape (1, T), or flattened tokens); pass "
-                          "expanded ids (ids.expand(B, -1)) to get per-example values")
+                          f"micro-batch has {ctx.sizes[0]} examples: " + (
+                              "a broadcast lookup such as position ids of shape (1, T); pass "
+                              "expanded ids (ids.expand(B, -1))"
+                              if self.kinds.get(k) is Lookup else
+                              "flattened tokens (B*T, features) or another layout; the "
+                              "example must be the input's batch_dim"))
+            elif sum(sizes) * ctx.world < 2:
+                bad[k] = "one example in the step: a per-example variance needs two"
         return bad
+
+    def device_reasons(self, values: dict[str, list[float]]) -> dict[int, str]:
+        """Reasons found on device (the self-check), read from the flushed values."""
+        flags = values.get("_pe_check")
+        return {} if flags is None else {k: CHECK_FAILED for k, ok in enumerate(flags)
+                                         if ok == 0}
 
     def _ordered(self, k: int) -> list:
         return [self.totals[k][i] for i in sorted(self.totals[k])]
@@ -278,6 +398,11 @@ class PerExample(Statistic):
             signal.append(y - c * t)
         trace_t = nan_where(torch.stack(trace), ok)
         signal_t = nan_where(torch.stack(signal), ok)
+        passed = None if self.check is None else self.check.ok(lens.device, lens.dtype)
+        if passed is not None:
+            out["_pe_check"] = passed
+            trace_t = nan_where(trace_t, passed > 0)
+            signal_t = nan_where(signal_t, passed > 0)
         out["pe_trace"] = trace_t
         out["pe_signal"] = signal_t
         out["pe_noise_scale"] = trace_t / signal_t

@@ -19,7 +19,8 @@ With independent examples, ``E||G_k||^2 = |G|^2 + tr/b_k`` and ``E||G||^2 = |G|^
 unbiased for any sizes; equal sizes give the two-batch formula (``B c = 1``). With W ranks
 the (rank, micro-batch) pairs are the small batches: ``K -> W K``, ``B -> W B``, ``c -> c/W``
 (ranks must have equal micro-batch sizes). The per-unit noise-to-signal applies the same
-estimator to each output unit. Valid when: >= 2 small batches in the step; the gradient at
+estimator to each output unit, excluding units whose signal is zero within rounding
+(:mod:`gradlens.stats.unit_noise`). Valid when: >= 2 small batches in the step; the gradient at
 the step is the sum of what the hooks saw up to a common factor; micro-batch sizes are known
 (from the tracked layers' inputs, or the ``batch_size`` option).
 """
@@ -156,11 +157,15 @@ class TwoBatch(Statistic):
                              and unit_factor.ndim else unit_factor)
             u_y = u_y / lam**2
             u_trace = (u_a / scale2 - B * u_y) / (K - B * c)
-            by_length.setdefault(u_trace.numel(), []).append((k, u_trace, u_y - c * u_trace))
+            # signal = (K y - c a) / (K - B c): zero within the rounding of its two terms
+            floor = S.signal_floor(K * u_y, c * u_a / scale2, K - B * c, lens.grad_dtype)
+            by_length.setdefault(u_trace.numel(), []).append(
+                (k, u_trace, u_y - c * u_trace, floor))
         for group in by_length.values():  # layers of equal width: one sort for all of them
-            m, mu = S.noise_to_signal_summary(torch.stack([t for _, t, _ in group]),
-                                              torch.stack([s for _, _, s in group]))
-            for j, (k, _, _) in enumerate(group):
+            m, mu = S.noise_to_signal_summary(torch.stack([g[1] for g in group]),
+                                              torch.stack([g[2] for g in group]),
+                                              torch.stack([g[3] for g in group]))
+            for j, (k, *_) in enumerate(group):
                 med[k], mean[k] = m[j], mu[j]
         out["unit_nsr_median"] = nan_where(torch.stack(med), ok)
         out["unit_nsr_mean"] = nan_where(torch.stack(mean), ok)

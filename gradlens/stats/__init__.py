@@ -1,6 +1,7 @@
 """Pure tensor -> tensor gradient statistics: norms, column spread, variance, spikes.
 
 Per-example norms of 1-D parameters (norm gains, biases): :mod:`gradlens.stats.per_example_vector`.
+Per-unit noise-to-signal with its rounding floor: :mod:`gradlens.stats.unit_noise`.
 Host-side (numpy) noise-scale and critical-batch-size readout of logged values:
 :mod:`gradlens.stats.noise_scale` (not re-exported here: it works on arrays, not tensors).
 
@@ -40,6 +41,16 @@ from gradlens.stats.norms import (
     nonfinite_count,
     sq_norms,
 )
+from gradlens.stats.per_example import (
+    DEFAULT_CHUNK_ELEMS,
+    choose_per_example_method,
+    per_example_cross_linear,
+    per_example_sq_norms_bias,
+    per_example_sq_norms_embedding,
+    per_example_sq_norms_linear,
+    token_grams,
+    within_batch_trace,
+)
 from gradlens.stats.per_example_vector import (
     NORM_KINDS,
     norm_kind,
@@ -57,32 +68,29 @@ from gradlens.stats.spikes import (
     zscore_init,
     zscore_update,
 )
+from gradlens.stats.unit_noise import (
+    FLOOR,
+    noise_to_signal_summary,
+    signal_floor,
+    two_batch_unit_estimates,
+    unit_noise_to_signal,
+    unit_noise_to_signal_ratios,
+)
 from gradlens.stats.variance import (
-    DEFAULT_CHUNK_ELEMS,
-    choose_per_example_method,
     ema_debiased,
     ema_ratio_update,
     ema_update,
-    noise_to_signal_summary,
-    per_example_cross_linear,
-    per_example_sq_norms_bias,
-    per_example_sq_norms_embedding,
-    per_example_sq_norms_linear,
     sketch_apply,
     temporal_init,
     temporal_readout,
     temporal_step,
     temporal_update_,
-    token_grams,
     two_batch_estimates,
-    two_batch_unit_estimates,
-    unit_noise_to_signal,
-    unit_noise_to_signal_ratios,
-    within_batch_trace,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMS",
+    "FLOOR",
     "HISTOGRAM_MOMENT_FIELDS",
     "NORM_KINDS",
     "SPREAD_FIELDS",
@@ -119,6 +127,7 @@ __all__ = [
     "per_example_sq_norms_embedding",
     "per_example_sq_norms_linear",
     "per_example_sq_norms_norm_gain",
+    "signal_floor",
     "sketch_apply",
     "sorted_quantile",
     "spam_fraction",

@@ -8,7 +8,7 @@ output gradient is ``d_bt`` (the gradient of the loss w.r.t. the module output, 
   ``x_hat`` is the normalized input *before* the gain (:func:`normalized_input` computes it
   from the module's input exactly as the module's forward does).
 - **Bias** (LayerNorm bias, ``Linear`` bias, GPT-2 ``Conv1D`` bias): ``g_b = sum_t d_bt``
-  (:func:`gradlens.stats.variance.per_example_sq_norms_bias`).
+  (:func:`gradlens.stats.per_example.per_example_sq_norms_bias`).
 
 Both need only ``O(B x F)`` extra memory beyond one temporary of the inputs' size: the
 per-example gradient of a vector parameter is itself a vector, so it is formed (``(B, F)``)
@@ -18,7 +18,7 @@ Padding: with labels ``-100`` (ignored by the cross-entropy), padded tokens rece
 output gradient and drop out of every sum by themselves; no mask is needed. ``token_mask``
 (``(B, ...)`` of 0/1 or bool, 1 = keep) is for losses that do not zero them.
 
-Scaling pitfalls are those of :func:`gradlens.stats.variance.per_example_sq_norms_linear`:
+Scaling pitfalls are those of :func:`gradlens.stats.per_example.per_example_sq_norms_linear`:
 ``d`` carries the loss reduction (``1/B`` for a mean over examples, ``1/N`` for a mean over
 tokens, ``1/K`` with ``K`` accumulated micro-batches, the loss scale under AMP); multiply the
 squared norms by the square of the undoing factor.
@@ -28,6 +28,9 @@ Pure and host-sync free: the module kind is read from the Python object, never f
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
@@ -35,32 +38,43 @@ from gradlens.stats.norms import accumulation_dtype
 
 __all__ = [
     "NORM_KINDS",
+    "has_llama_rms_forward",
     "norm_kind",
     "normalized_input",
     "per_example_grads_norm_gain",
     "per_example_sq_norms_norm_gain",
 ]
 
-#: HF RMSNorm classes whose forward is the LLaMA one (float32 normalization, cast back to the
-#: input dtype before the gain; eps inside the square root, attribute ``variance_epsilon``).
-_HF_RMS_NAMES = frozenset({
-    "LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
-    "Phi3RMSNorm", "OlmoRMSNorm", "Olmo2RMSNorm", "GraniteRMSNorm", "Qwen2MoeRMSNorm",
-})
+@functools.cache
+def has_llama_rms_forward(cls: type) -> bool:
+    """Whether a transformers class's ``forward`` is ``LlamaRMSNorm.forward``, source for source
+    (the copies in Qwen2/3, Qwen2/3-MoE, Mistral, Mixtral, Phi3, Granite, DeepSeek-V3, ...;
+    Gemma's ``1 + w`` and OLMo2's gain-before-cast differ, and are not)."""
+    if not cls.__module__.startswith("transformers."):
+        return False
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        return inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward)
+    except (ImportError, OSError, TypeError):
+        return False
+
 
 #: The module kinds :func:`normalized_input` understands.
-NORM_KINDS = ("hf_rms_norm", "rms_norm", "layer_norm")
+NORM_KINDS = ("hf_rms_norm", "t5_rms_norm", "rms_norm", "layer_norm")
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """``"hf_rms_norm"`` (HF ``LlamaRMSNorm`` and its copies), ``"rms_norm"``
+    """``"hf_rms_norm"`` (HF ``LlamaRMSNorm`` and its copies), ``"t5_rms_norm"``, ``"rms_norm"``
     (``torch.nn.RMSNorm``), ``"layer_norm"`` (``torch.nn.LayerNorm``, also GPT-2's), or None."""
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
     if isinstance(module, nn.RMSNorm):
         return "rms_norm"
-    if type(module).__name__ in _HF_RMS_NAMES and hasattr(module, "variance_epsilon"):
+    if hasattr(module, "variance_epsilon") and has_llama_rms_forward(type(module)):
         return "hf_rms_norm"
+    if type(module).__name__ == "T5LayerNorm" and hasattr(module, "variance_epsilon"):
+        return "t5_rms_norm"
     return None
 
 
@@ -72,6 +86,8 @@ def normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
       The normalization runs in float32 even for a float64 input, and the cast back to the
       input dtype happens *before* the gain: both are reproduced, so ``x_hat`` is bit-equal
       to what the gain sees.
+    - HF ``T5LayerNorm`` (no mean, no bias): the mean square in float32, ``x_hat = x *
+      rsqrt(ms + eps)`` in the promoted dtype, cast to the weight's dtype when that is 16-bit.
     - ``torch.nn.RMSNorm``: ``x * rsqrt(mean(x**2) + eps)`` over ``normalized_shape``;
       ``eps=None`` means ``torch.finfo(x.dtype).eps``, as torch does.
     - ``torch.nn.LayerNorm``: ``(x - mean) / sqrt(var + eps)`` over ``normalized_shape``,
@@ -89,6 +105,11 @@ def normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             h = x.to(torch.float32)
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
             return h.to(x.dtype)
+        if kind == "t5_rms_norm":
+            ms = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+            h = x * torch.rsqrt(ms + module.variance_epsilon)
+            w = module.weight.dtype
+            return h.to(w) if w in (torch.float16, torch.bfloat16) else h
         shape = tuple(module.normalized_shape)
         dims = tuple(range(-len(shape), 0))
         h = x.to(accumulation_dtype(x.dtype))

@@ -67,7 +67,8 @@ def validity(events: list) -> dict[tuple[str, str], str]:
 
 
 FAMILY = {"twobatch_trace": "twobatch", "twobatch_signal": "twobatch",
-          "unit_nsr_median": "twobatch", "pe_trace": "per_example", "pe_signal": "per_example"}
+          "unit_nsr_median": "twobatch", "unit_nsr_mean": "twobatch", "pe_trace": "per_example",
+          "pe_signal": "per_example"}
 
 
 def compare(df: pd.DataFrame, events: list, lens: GradLens, ref: Mapping[str, Mapping[str, float]],

@@ -15,7 +15,8 @@ b_k``:
     twobatch_signal = ||G||^2 - c twobatch_trace
     pe_trace        = (mean_b ||g_b||^2 - ||G||^2) / (1 - c)
     pe_signal       = ||G||^2 - c pe_trace
-    unit_nsr_median = median over units of trace_i / signal_i (same estimator per unit)
+    unit_nsr_median = median over units of trace_i / signal_i (same estimator per unit; units
+                      whose signal is zero within rounding, 32 eps of its terms, excluded)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from gradlens import stats as S
 
+UNIT_FLOOR = 32.0  # multiples of eps: the rounding floor of a unit's signal
 ESTIMATORS = ("grad_norm", "grad_norm_preclip", "twobatch_trace", "twobatch_signal",
               "unit_nsr_median", "pe_trace", "pe_signal")
 
@@ -140,16 +142,22 @@ def reference(case: Case, layers: Sequence[tuple[str, str]], *, clip: float | No
         pe_tr = (m - y) / (1 - c) if B > 1 else math.nan
         row = {"grad_norm": math.sqrt(y) * coef, "grad_norm_preclip": math.sqrt(y),
                "twobatch_trace": tr, "twobatch_signal": y - c * tr,
-               "pe_trace": pe_tr, "pe_signal": y - c * pe_tr, "unit_nsr_median": math.nan}
+               "pe_trace": pe_tr, "pe_signal": y - c * pe_tr, "unit_nsr_median": math.nan,
+               "unit_nsr_mean": math.nan}
         if layout != "vector" and K > 1:
             u_y = S.unit_sq_norms(G, layout).numpy()
             u_a = sum(b * S.unit_sq_norms(g[i], layout).numpy()
                       for b, g in zip(sizes, gk, strict=True))
             u_tr = (u_a - B * u_y) / (K - B * c)
             u_sig = u_y - c * u_tr
+            # the documented floor (gradlens.stats.unit_noise): a signal within the rounding
+            # of its two terms, (K y - c a) / (K - B c), is zero
+            floor = UNIT_FLOOR * np.finfo(np.float64).eps * (K * u_y + c * u_a) / (K - B * c)
             with np.errstate(divide="ignore", invalid="ignore"):
-                r = np.where(u_sig > 0, u_tr / u_sig, np.nan)
+                r = np.where(u_sig > floor, u_tr / u_sig, np.nan)
             row["unit_nsr_median"] = _median(r)
+            fin = r[np.isfinite(r)]
+            row["unit_nsr_mean"] = float(fin.mean()) if fin.size else math.nan
         out[name] = row
     return out
 
