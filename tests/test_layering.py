@@ -34,6 +34,7 @@ KNOWN = {
     ("gradlens.families.spam", "gradlens.core.distributed"),
     ("gradlens.families.twobatch", "gradlens.core.distributed"),
     ("gradlens.families.per_example", "gradlens.core.observer"),
+    ("gradlens.families.per_example", "gradlens.core.distributed"),
     ("gradlens.core.arguments", "gradlens.sinks.base"),
     ("gradlens.core.lens", "gradlens.sinks.base"),
     ("gradlens.core.records", "gradlens.sinks.base"),

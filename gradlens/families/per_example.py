@@ -141,11 +141,12 @@ class PerExample(Statistic):
 
     # ------------------------------------------------------------------ hooks
 
+    @torch.compiler.disable  # eager: sees the real inputs inside a compiled step too
     def _model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Integer tensors handed to a module enclosing a lookup, on logged steps: an
         embedding whose ids share their storage with one of them is a per-example lookup
         (ids built inside, such as ``arange(T)``, are not handed in from outside)."""
-        if torch.compiler.is_compiling() or not self.lens.logging_step():
+        if not self.lens.logging_step():
             return
         for v in (*args, *kwargs.values()):
             for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple)
@@ -185,6 +186,7 @@ class PerExample(Statistic):
         return forward_hook
 
     def _grad_hook(self, k: int):
+        @torch.compiler.disable  # eager: a hook dynamo traced would guard on the lens's state
         def hook(g: torch.Tensor) -> None:
             if self.lens.logging_step():
                 self.check.on_grad(k, g)
