@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
 
-def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str,
+def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str | None,
                   tensorboard: bool) -> tuple[list[Sink], Any]:
     """``(sinks, memory sink or None)``: under torch.distributed only rank 0 writes."""
     if not D.is_writer_rank():

@@ -1,0 +1,204 @@
+"""Reading the parquet table out of core: only the files, row groups and columns a query needs.
+
+A query names statistics, layers and a step range; :func:`scan` pushes them down to pyarrow
+(row groups whose ``stat`` / ``step`` statistics exclude them are not read; a merged file has
+one row group per statistic) and reads only the columns asked for. :func:`table_info` answers
+"which steps and statistics" from the files' footers (their ``gradlens`` metadata), without
+reading a row.
+
+A file that cannot be read (damaged, or not parquet) is skipped with a
+:class:`~gradlens.report._errors.CorruptPartWarning` naming it: the run loses that flush (or
+merged range), never the rest. A file with the wrong columns or types was not written by
+gradlens and raises :class:`~gradlens.report._errors.CorruptRunError`. A part deleted while
+being read (a live writer merging parts) makes the scan list the files again.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradlens.report._errors import CorruptPartWarning, CorruptRunError
+from gradlens.schema import STAT_COLUMNS
+from gradlens.sinks._parts import list_parts
+
+__all__ = ["Query", "scan", "table_info"]
+
+_STR_COLUMNS = ("layer", "role", "stat")
+_RETRIES = 5
+
+Query = tuple[Collection[str] | None, Collection[str] | None, tuple[int | None, int | None]]
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("reading a parquet table needs pyarrow: pip install pyarrow") from err
+    return pa, pq
+
+
+def _check_schema(f: Path, schema: Any) -> None:
+    pa, _ = _pyarrow()
+    if schema.names != list(STAT_COLUMNS):
+        raise CorruptRunError(
+            f"{f}: columns {schema.names} are not {list(STAT_COLUMNS)}; move it out of the run "
+            "directory"
+        )
+    types = {name: schema.field(name).type for name in STAT_COLUMNS}
+    if not (pa.types.is_integer(types["step"])
+            and (pa.types.is_floating(types["value"]) or pa.types.is_integer(types["value"]))
+            and all(pa.types.is_string(types[c]) or pa.types.is_large_string(types[c])
+                    or pa.types.is_dictionary(types[c]) for c in _STR_COLUMNS)):
+        found = ", ".join(f"{n} {ty}" for n, ty in types.items())
+        raise CorruptRunError(
+            f"{f}: column types ({found}) are not step int64, layer/role/stat string, value "
+            "float64; it was not written by gradlens: move it out of the run directory"
+        )
+
+
+def _skip(f: Path, err: BaseException) -> None:
+    warnings.warn(
+        f"{f}: not a readable parquet file ({err}); skipped it (the rows of that flush are "
+        "lost) and read the rest. Move it out of the run directory to silence this",
+        CorruptPartWarning,
+        stacklevel=4,
+    )
+
+
+def _each_file(run: Path, read: Callable[[Path, Any], Any]) -> list[Any]:
+    """``read(path, ParquetFile)`` of every part in flush order; unreadable parts skipped
+    with a warning, a listing redone when a part vanishes under us (a live merge)."""
+    pa, pq = _pyarrow()
+    for attempt in range(_RETRIES):
+        out = []
+        parts = list_parts(run)
+        try:
+            for _, _, f in parts:
+                try:
+                    pf = pq.ParquetFile(f, read_dictionary=list(_STR_COLUMNS))
+                except FileNotFoundError:
+                    raise
+                except (OSError, pa.ArrowException) as err:
+                    _skip(f, err)
+                    continue
+                _check_schema(f, pf.schema_arrow)
+                try:
+                    out.append(read(f, pf))
+                except FileNotFoundError:
+                    raise
+                except (OSError, pa.ArrowException) as err:
+                    _skip(f, err)
+            if parts and not out:
+                raise CorruptRunError(
+                    f"{run}: none of its {len(parts)} parquet files is readable (see the "
+                    "warnings); the table is damaged throughout")
+            return out
+        except FileNotFoundError:
+            if attempt == _RETRIES - 1:
+                raise
+    return []
+
+
+def _mask(t: Any, query: Query) -> Any:
+    import pyarrow.compute as pc
+
+    stats, layers, (lo, hi) = query
+    conds = []
+    if stats is not None:
+        conds.append(pc.is_in(t["stat"], value_set=_strings(stats)))
+    if layers is not None:
+        conds.append(pc.is_in(t["layer"], value_set=_strings(layers)))
+    if lo is not None:
+        conds.append(pc.greater_equal(t["step"], lo))
+    if hi is not None:
+        conds.append(pc.less_equal(t["step"], hi))
+    if not conds:
+        return None
+    m = conds[0]
+    for c in conds[1:]:
+        m = pc.and_(m, c)
+    return m
+
+
+def _strings(values: Collection[str]) -> Any:
+    pa, _ = _pyarrow()
+    return pa.array(sorted(set(values)), pa.string())
+
+
+def _row_groups(pf: Any, query: Query) -> list[int]:
+    """The row groups whose ``stat`` and ``step`` statistics may hold rows of the query."""
+    stats, _layers, (lo, hi) = query
+    names = pf.schema_arrow.names
+    keep = []
+    for i in range(pf.metadata.num_row_groups):
+        rg = pf.metadata.row_group(i)
+        ok = True
+        st = rg.column(names.index("stat")).statistics
+        if stats is not None and st is not None and st.has_min_max:
+            ok = any(st.min <= s <= st.max for s in stats)
+        sp = rg.column(names.index("step")).statistics
+        if ok and sp is not None and sp.has_min_max:
+            ok = (lo is None or sp.max >= lo) and (hi is None or sp.min <= hi)
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS) -> Any:
+    """The rows of the query as one pyarrow table of ``columns`` (file order; strings as
+    dictionaries), or None when the table has no part."""
+    pa, _ = _pyarrow()
+    need = list(dict.fromkeys([*columns, *(c for c, q in (("stat", query[0]),
+                                                            ("layer", query[1]))
+                                            if q is not None),
+                               *(["step"] if query[2] != (None, None) else [])]))
+
+    def read(_f: Path, pf: Any) -> Any:
+        groups = _row_groups(pf, query)
+        t = pf.read_row_groups(groups, columns=need)
+        m = _mask(t, query)
+        t = t if m is None else t.filter(m)
+        t = t.select(list(columns))
+        return t.cast(_schema(t.schema, pa))
+
+    tables = _each_file(run, read)
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _schema(schema: Any, pa: Any) -> Any:
+    """The store's types: step int64, strings as dictionary<int32, string>, value float64."""
+    fields = []
+    for f in schema:
+        if f.name == "step":
+            fields.append(pa.field("step", pa.int64()))
+        elif f.name == "value":
+            fields.append(pa.field("value", pa.float64()))
+        else:
+            fields.append(pa.field(f.name, pa.dictionary(pa.int32(), pa.string())))
+    return pa.schema(fields)
+
+
+def table_info(run: Path) -> dict[str, Any]:
+    """``steps`` (sorted distinct logged steps) and ``stats`` of the table, from the footers
+    (a file without the metadata is read for its ``step`` and ``stat`` columns)."""
+    def read(_f: Path, pf: Any) -> tuple[list[int], list[str]]:
+        meta = (pf.schema_arrow.metadata or {}).get(b"gradlens")
+        if meta:
+            info = json.loads(meta)
+            return info["steps"], info["stats"]
+        t = pf.read(columns=["step", "stat"])
+        return (sorted(set(t["step"].to_pylist())), sorted(set(t["stat"].to_pylist())))
+
+    steps: set[int] = set()
+    stats: set[str] = set()
+    for s, names in _each_file(run, read):
+        steps.update(s)
+        stats.update(names)
+    return {"steps": sorted(steps), "stats": sorted(stats)}
