@@ -90,6 +90,7 @@ class GradLens(DeviceConstants):
         **options: any :class:`~gradlens.core.config.LensConfig` field.
     """
 
+    @R.undo_on_error
     def __init__(
         self,
         model: nn.Module,

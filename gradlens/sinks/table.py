@@ -181,6 +181,7 @@ class TableSink(Sink):
         self.stats_path = self.logdir / f"{STATS_BASENAME}.{format}"
         self.spikes_path = self.logdir / SPIKES_FILE
         self.meta_path = self.logdir / RUN_META_FILE
+        self.resumed = False
         self._lock = RunLock(self.logdir) if lock else None
         try:
             self._clean_leftovers()
@@ -201,10 +202,14 @@ class TableSink(Sink):
             self.abandon()
             raise
 
-    def abandon(self) -> None:
-        """Undo the construction of a sink that will not be used (a lens whose constructor
-        failed): release the lock and close the files; nothing is written."""
+    def abandon(self, remove_files: bool = False) -> None:
+        """Give up a sink that will not be used (a lens whose constructor failed): close the
+        files and release the lock, writing nothing more; ``remove_files``: also delete the
+        ``run.json`` that :meth:`open` wrote into a directory that held no run."""
         self.files.close()
+        if remove_files and self._opened and not self.resumed:
+            with contextlib.suppress(OSError):
+                self.meta_path.unlink()
         if self._lock is not None:
             self._lock.release()
         self._closed = True

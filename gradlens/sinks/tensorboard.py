@@ -30,6 +30,7 @@ dropped rows counted (:attr:`~gradlens.sinks.base.Sink.rows_dropped`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -154,6 +155,16 @@ class TensorBoardSink(Sink):
             self._layout_record = _record(_event(summary=layout_summary(self.layout)))
             self._queue.append((0, self._layout_record, 0))
             self._drain()
+
+    def abandon(self, remove_files: bool = False) -> None:
+        """Give up a sink that will not be used (a lens whose constructor failed): close the
+        event file (and delete it with ``remove_files``), writing nothing more."""
+        self._queue.clear()
+        self.files.close()
+        if remove_files:
+            with contextlib.suppress(OSError):
+                self.event_path.unlink()
+        self._closed = True
 
     def _add(self, summary: Any, step: int, values: int) -> None:
         """Queue one event; write the queue when it is long or old."""
