@@ -39,6 +39,7 @@ raises :class:`DashboardError` naming the file and the chart.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -342,6 +343,7 @@ def build_layout(
     layers: Iterable[Mapping[str, Any]] = (),
     templates: Sequence[DashboardTemplate] | None = None,
     stats: Collection[str] | None = None,
+    per_layer: bool = True,
 ) -> Any:
     """Turn templates and a run's layers into a TensorBoard custom-scalars ``Layout``.
 
@@ -351,6 +353,9 @@ def build_layout(
         templates: validated templates (default: :func:`load_templates`).
         stats: the statistics the run writes, when known: charts of other statistics are left
             out (and categories left empty). ``None`` keeps every chart.
+        per_layer: the run has per-layer scalars. False (what ``TensorBoardSink`` writes by
+            default): a ``layers`` chart becomes the ``group_margin`` chart of the same groups
+            (the per-layer lines are in the gradlens tab).
 
     Returns:
         ``tensorboard.plugins.custom_scalar.layout_pb2.Layout``. Group charts of groups absent
@@ -374,6 +379,8 @@ def build_layout(
         gtitle = GROUP_TITLES[group] if group else ""
         title = c.title.replace("{group}", gtitle) if c.title else None
         stat = c.stat or ""
+        if c.kind == "layers" and not per_layer:
+            c = dataclasses.replace(c, kind="group_margin")
         if c.kind == "layers":
             if not keep(stat):
                 return None
@@ -431,6 +438,9 @@ def build_layout(
                 instances = [None]
             for g in instances:
                 charts = [ch for ch in (chart(c, g) for c in cat.charts) if ch is not None]
+                # without per-layer scalars two charts may become the same margin chart
+                charts = list({ch.margin.SerializeToString() if ch.HasField("margin")
+                               else id(ch): ch for ch in charts}.values())
                 if not charts:
                     continue
                 ctitle = cat.title.replace("{group}", GROUP_TITLES[g]) if g else cat.title
