@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlens.report._errors import CorruptPartWarning, CorruptRunError
-from gradlens.schema import STAT_COLUMNS
+from gradlens.schema import GLOBAL, STAT_COLUMNS
 from gradlens.sinks._parts import list_parts
 
 __all__ = ["Query", "scan", "table_info"]
@@ -70,13 +70,15 @@ def _skip(f: Path, err: BaseException) -> None:
     )
 
 
-def _each_file(run: Path, read: Callable[[Path, Any], Any]) -> list[Any]:
-    """``read(path, ParquetFile)`` of every part in flush order; unreadable parts skipped
-    with a warning, a listing redone when a part vanishes under us (a live merge)."""
+def _each_file(run: Path, read: Callable[[Path, Any], Any],
+               only: Collection[Path] | None = None) -> list[Any]:
+    """``read(path, ParquetFile)`` of every part (of those in ``only``) in flush order;
+    unreadable parts skipped with a warning, a listing redone when a part vanishes under us
+    (a live merge)."""
     pa, pq = _pyarrow()
     for attempt in range(_RETRIES):
         out = []
-        parts = list_parts(run)
+        parts = [p for p in list_parts(run) if only is None or p[2] in only]
         try:
             for _, _, f in parts:
                 try:
@@ -93,7 +95,7 @@ def _each_file(run: Path, read: Callable[[Path, Any], Any]) -> list[Any]:
                     raise
                 except (OSError, pa.ArrowException) as err:
                     _skip(f, err)
-            if parts and not out:
+            if parts and not out and only is None:
                 raise CorruptRunError(
                     f"{run}: none of its {len(parts)} parquet files is readable (see the "
                     "warnings); the table is damaged throughout")
@@ -185,20 +187,57 @@ def _schema(schema: Any, pa: Any) -> Any:
     return pa.schema(fields)
 
 
-def table_info(run: Path) -> dict[str, Any]:
-    """``steps`` (sorted distinct logged steps) and ``stats`` of the table, from the footers
-    (a file without the metadata is read for its ``step`` and ``stat`` columns)."""
-    def read(_f: Path, pf: Any) -> tuple[list[int], list[str]]:
-        meta = (pf.schema_arrow.metadata or {}).get(b"gradlens")
-        if meta:
-            info = json.loads(meta)
-            return info["steps"], info["stats"]
-        t = pf.read(columns=["step", "stat"])
-        return (sorted(set(t["step"].to_pylist())), sorted(set(t["stat"].to_pylist())))
+def _part_info(pf: Any) -> dict[str, list[Any]]:
+    meta = (pf.schema_arrow.metadata or {}).get(b"gradlens")
+    if meta:
+        info = json.loads(meta)
+        if "global" in info:
+            return info
+    import pyarrow.compute as pc  # a part written without the metadata: read three columns
 
+    t = pf.read(columns=["step", "layer", "stat"])
+    is_global = pc.equal(t["layer"], GLOBAL)
+    return {"steps": sorted(pc.unique(t["step"]).to_pylist()),
+            "stats": sorted(pc.unique(t.filter(pc.invert(is_global))["stat"]).to_pylist()),
+            "global": sorted(pc.unique(t.filter(is_global)["stat"]).to_pylist())}
+
+
+def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, list[Any]]]] | None = None
+               ) -> dict[str, list[Any]]:
+    """``steps`` (sorted distinct logged steps), ``stats`` (of per-layer rows) and ``global``
+    (run-level statistics) of the table, from the files' footers. ``cache`` (path -> (size,
+    mtime), info) spares the footers of unchanged files: a live run's poll reads only the new
+    parts'."""
+    cache = {} if cache is None else cache
     steps: set[int] = set()
     stats: set[str] = set()
-    for s, names in _each_file(run, read):
-        steps.update(s)
-        stats.update(names)
-    return {"steps": sorted(steps), "stats": sorted(stats)}
+    glob: set[str] = set()
+    todo: list[Path] = []
+    infos: list[dict[str, list[Any]]] = []
+    for _, _, f in list_parts(run):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        hit = cache.get(f)
+        if hit is not None and hit[0] == (st.st_size, st.st_mtime_ns):
+            infos.append(hit[1])
+        else:
+            todo.append(f)
+    if todo:
+        wanted = set(todo)
+
+        def read_new(f: Path, pf: Any) -> tuple[Path, dict[str, list[Any]]] | None:
+            if f not in wanted:
+                return None
+            st = f.stat()
+            info = _part_info(pf)
+            cache[f] = ((st.st_size, st.st_mtime_ns), info)
+            return f, info
+
+        infos += [x[1] for x in _each_file(run, read_new, only=wanted) if x is not None]
+    for info in infos:
+        steps.update(info["steps"])
+        stats.update(info["stats"])
+        glob.update(info.get("global", []))
+    return {"steps": sorted(steps), "stats": sorted(stats), "global": sorted(glob)}

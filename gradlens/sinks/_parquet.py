@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from gradlens.schema import GLOBAL
 from gradlens.sinks._files import fsync_dir
 from gradlens.sinks._parts import Part, part_name
 
@@ -53,10 +54,14 @@ def rows_table(rows: Sequence[tuple[int, str, str, str, float]]) -> Any:
 
 
 def _with_meta(table: Any) -> Any:
+    """``table`` with the ``gradlens`` metadata: its distinct ``steps``, the ``stats`` of its
+    per-layer rows and the ``global`` stats of its run-level rows."""
     import pyarrow.compute as pc
 
+    is_global = pc.equal(table["layer"], GLOBAL)
     info = {"steps": sorted(pc.unique(table["step"]).to_pylist()),
-            "stats": sorted(pc.unique(table["stat"]).to_pylist())}
+            "stats": sorted(pc.unique(table.filter(pc.invert(is_global))["stat"]).to_pylist()),
+            "global": sorted(pc.unique(table.filter(is_global)["stat"]).to_pylist())}
     return table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
 
 
