@@ -15,6 +15,7 @@ statistic, one row group each, which is what a reader of one statistic skips by.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -84,6 +85,10 @@ def _atomic(final: Path, fsync: bool, write: Callable[[BinaryIO], None],
         fsync_dir(final.parent)
 
 
+def _open_new(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
 def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
                opener: Callable[[Path], BinaryIO]) -> Path:
     """Write one flush's rows as ``stats-<index>.parquet``; the path."""
@@ -110,11 +115,11 @@ def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
 
     def write(fh: BinaryIO) -> None:
         with pq.ParquetWriter(fh, table.schema, **_OPTIONS) as w:
-            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            for a, b in itertools.pairwise(cuts):
                 w.write_table(table.slice(a, b - a), row_group_size=b - a)
 
     final = logdir / part_name(parts[0][0], parts[-1][1])
-    _atomic(final, fsync, write, lambda p: open(p, "wb"))
+    _atomic(final, fsync, write, _open_new)
     for p in parts:
         with contextlib.suppress(OSError):
             p[2].unlink()
