@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from gradlens.report._errors import CorruptPartWarning, CorruptRunError
 from gradlens.schema import GLOBAL, STAT_COLUMNS
 from gradlens.sinks._parts import list_parts
 
-__all__ = ["Query", "scan", "table_info"]
+__all__ = ["Query", "scan", "scan_each", "table_info"]
 
 _STR_COLUMNS = ("layer", "role", "stat")
 _RETRIES = 5
@@ -172,6 +172,26 @@ def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS) -> Any:
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def scan_each(run: Path) -> Iterator[Any]:
+    """The stored files' rows, one pyarrow table per file, in flush order (for streaming)."""
+    for _, _, f in list_parts(run):
+        t = scan_one(f)
+        if t is not None:
+            yield t
+
+
+def scan_one(f: Path) -> Any:
+    """One stored file as a pyarrow table (None, with a warning, when it is unreadable)."""
+    pa, pq = _pyarrow()
+    try:
+        pf = pq.ParquetFile(f)
+        _check_schema(f, pf.schema_arrow)
+        return pf.read().replace_schema_metadata(None)
+    except (OSError, pa.ArrowException) as err:
+        _skip(f, err)
+        return None
 
 
 def _schema(schema: Any, pa: Any) -> Any:
