@@ -30,7 +30,9 @@ __all__ = ["Query", "scan", "scan_each", "table_info"]
 _STR_COLUMNS = ("layer", "role", "stat")
 _RETRIES = 5
 
-Query = tuple[Collection[str] | None, Collection[str] | None, tuple[int | None, int | None]]
+# (statistics, layers, inclusive step range, set of steps); None: no condition
+Query = tuple[Collection[str] | None, Collection[str] | None, tuple[int | None, int | None],
+              Collection[int] | None]
 
 
 def _pyarrow() -> tuple[Any, Any]:
@@ -109,8 +111,12 @@ def _each_file(run: Path, read: Callable[[Path, Any], Any],
 def _mask(t: Any, query: Query) -> Any:
     import pyarrow.compute as pc
 
-    stats, layers, (lo, hi) = query
+    stats, layers, (lo, hi), step_set = query
     conds = []
+    if step_set is not None:
+        import pyarrow as pa
+
+        conds.append(pc.is_in(t["step"], value_set=pa.array(sorted(step_set), pa.int64())))
     if stats is not None:
         conds.append(pc.is_in(t["stat"], value_set=_strings(stats)))
     if layers is not None:
@@ -134,7 +140,7 @@ def _strings(values: Collection[str]) -> Any:
 
 def _row_groups(pf: Any, query: Query) -> list[int]:
     """The row groups whose ``stat`` and ``step`` statistics may hold rows of the query."""
-    stats, _layers, (lo, hi) = query
+    stats, _layers, (lo, hi), _ = query
     names = pf.schema_arrow.names
     keep = []
     for i in range(pf.metadata.num_row_groups):
@@ -158,7 +164,8 @@ def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS) -> Any:
     need = list(dict.fromkeys([*columns, *(c for c, q in (("stat", query[0]),
                                                             ("layer", query[1]))
                                             if q is not None),
-                               *(["step"] if query[2] != (None, None) else [])]))
+                               *(["step"] if query[2] != (None, None) or query[3] is not None
+                                 else [])]))
 
     def read(_f: Path, pf: Any) -> Any:
         groups = _row_groups(pf, query)
@@ -207,25 +214,27 @@ def _schema(schema: Any, pa: Any) -> Any:
     return pa.schema(fields)
 
 
-def _part_info(pf: Any) -> dict[str, list[Any]]:
+def _part_info(pf: Any) -> dict[str, Any]:
     meta = (pf.schema_arrow.metadata or {}).get(b"gradlens")
     if meta:
         info = json.loads(meta)
         if "global" in info:
-            return info
+            return {**info, "rows": pf.metadata.num_rows}
     import pyarrow.compute as pc  # a part written without the metadata: read three columns
 
     t = pf.read(columns=["step", "layer", "stat"])
     is_global = pc.equal(t["layer"], GLOBAL)
     return {"steps": sorted(pc.unique(t["step"]).to_pylist()),
             "stats": sorted(pc.unique(t.filter(pc.invert(is_global))["stat"]).to_pylist()),
-            "global": sorted(pc.unique(t.filter(is_global)["stat"]).to_pylist())}
+            "global": sorted(pc.unique(t.filter(is_global)["stat"]).to_pylist()),
+            "rows": t.num_rows}
 
 
-def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, list[Any]]]] | None = None
-               ) -> dict[str, list[Any]]:
-    """``steps`` (sorted distinct logged steps), ``stats`` (of per-layer rows) and ``global``
-    (run-level statistics) of the table, from the files' footers. ``cache`` (path -> (size,
+def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, Any]]] | None = None
+               ) -> dict[str, Any]:
+    """``steps`` (sorted distinct logged steps), ``stats`` (of per-layer rows), ``global``
+    (run-level statistics) and ``rows`` (stored, duplicates included) of the table, from the
+    files' footers. ``cache`` (path -> (size,
     mtime), info) spares the footers of unchanged files: a live run's poll reads only the new
     parts'."""
     cache = {} if cache is None else cache
@@ -233,7 +242,7 @@ def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, list[Any]]]] | 
     stats: set[str] = set()
     glob: set[str] = set()
     todo: list[Path] = []
-    infos: list[dict[str, list[Any]]] = []
+    infos: list[dict[str, Any]] = []
     for _, _, f in list_parts(run):
         try:
             st = f.stat()
@@ -247,7 +256,7 @@ def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, list[Any]]]] | 
     if todo:
         wanted = set(todo)
 
-        def read_new(f: Path, pf: Any) -> tuple[Path, dict[str, list[Any]]] | None:
+        def read_new(f: Path, pf: Any) -> tuple[Path, dict[str, Any]] | None:
             if f not in wanted:
                 return None
             st = f.stat()
@@ -256,8 +265,11 @@ def table_info(run: Path, cache: dict[Path, tuple[Any, dict[str, list[Any]]]] | 
             return f, info
 
         infos += [x[1] for x in _each_file(run, read_new, only=wanted) if x is not None]
+    rows = 0
     for info in infos:
+        rows += int(info["rows"])
         steps.update(info["steps"])
         stats.update(info["stats"])
         glob.update(info.get("global", []))
-    return {"steps": sorted(steps), "stats": sorted(stats), "global": sorted(glob)}
+    return {"steps": sorted(steps), "stats": sorted(stats), "global": sorted(glob),
+            "rows": rows}

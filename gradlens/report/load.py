@@ -62,6 +62,7 @@ __all__ = [
     "TruncatedRunWarning",
     "find_tables",
     "is_live",
+    "load_for_report",
     "load_meta",
     "load_run",
     "load_spikes",
@@ -139,7 +140,7 @@ def is_live(run_dir: PathLike) -> bool:
 
 def load_run(run_dir: PathLike, *, dedupe: bool = True,
              stats: Collection[str] | None = None, layers: Collection[str] | None = None,
-             steps: tuple[int | None, int | None] | None = None,
+             steps: tuple[int | None, int | None] | Collection[int] | None = None,
              categorical: bool = False) -> pd.DataFrame:
     """The long table of a run: columns ``step`` (int64), ``layer``, ``role``, ``stat``,
     ``value`` (float64), in the order written (the parquet table groups the rows of each
@@ -159,7 +160,9 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True,
         stats, layers: only these statistics / layers (a parquet table reads only the row
             groups and rows that hold them: a query of one statistic reads about 1/20 of a
             ``standard`` run).
-        steps: ``(first, last)``, inclusive, either None for open: only the steps between.
+        steps: a tuple ``(first, last)``, inclusive, either None for open: only the steps
+            between; any other collection of ints (a list, a set, a ``range``): only these
+            steps.
         categorical: ``layer``, ``role``, ``stat`` as pandas categoricals (a few bytes per row
             instead of a Python string reference; for large runs).
 
@@ -174,7 +177,7 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True,
     """
     p = _run_dir(run_dir)
     tables = find_tables(p)
-    query = (stats, layers, steps or (None, None))
+    query = _query(stats, layers, steps)
     if tables is None:
         if (p / RUN_META_FILE).exists():
             if is_live(p):
@@ -209,15 +212,32 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True,
     return df.reset_index(drop=True)
 
 
-def _filtered(query: tuple[Any, Any, tuple[Any, Any]]) -> bool:
-    return query[0] is not None or query[1] is not None or query[2] != (None, None)
+def _query(stats: Collection[str] | None, layers: Collection[str] | None,
+           steps: tuple[int | None, int | None] | Collection[int] | None) -> Any:
+    if steps is None:
+        return (stats, layers, (None, None), None)
+    if isinstance(steps, tuple):
+        if len(steps) != 2:
+            raise ValueError(f"steps=(first, last) takes two values, got {steps!r}; pass a "
+                             "list or a set for a collection of steps")
+        return (stats, layers, (steps[0], steps[1]), None)
+    chosen = {int(s) for s in steps}
+    bounds = (min(chosen), max(chosen)) if chosen else (1, 0)
+    return (stats, layers, bounds, chosen)
 
 
-def _filter(df: pd.DataFrame, query: tuple[Any, Any, tuple[Any, Any]]) -> pd.DataFrame:
-    stats, layers, (lo, hi) = query
+def _filtered(query: Any) -> bool:
+    return (query[0] is not None or query[1] is not None or query[2] != (None, None)
+            or query[3] is not None)
+
+
+def _filter(df: pd.DataFrame, query: Any) -> pd.DataFrame:
+    stats, layers, (lo, hi), step_set = query
     if not _filtered(query):
         return df
     keep = pd.Series(True, index=df.index)
+    if step_set is not None:
+        keep &= df["step"].isin(list(step_set))
     if stats is not None:
         keep &= df["stat"].isin(list(stats))
     if layers is not None:
@@ -233,6 +253,50 @@ def _typed(df: pd.DataFrame, categorical: bool) -> pd.DataFrame:
     df = df[list(STAT_COLUMNS)].astype({"step": "int64", "value": "float64"})
     for c in _STR_COLUMNS:
         df[c] = df[c].astype("category" if categorical else str)
+    return df
+
+
+REPORT_MAX_ROWS = 1_000_000
+
+
+def load_for_report(run_dir: PathLike, max_rows: int | None = None) -> pd.DataFrame:
+    """What ``gradlens report`` reads of a run: the whole table up to ``max_rows`` rows;
+    beyond, every ``k``-th logged step (the last one included), ``k = ceil(rows /
+    max_rows)``, as if the run had logged ``k`` times less often, with a warning that says so.
+    Only those steps are decoded (a step filter on each stored file), so the memory is
+    bounded by ``max_rows``. ``max_rows`` None: ``$GRADLENS_REPORT_MAX_ROWS``, else
+    1,000,000 (0: no limit). A text table (CSV, JSON lines) is read whole.
+
+    Raises :class:`EmptyRunError` for a run without rows (also a live one: a report needs
+    rows)."""
+    import warnings
+
+    p = _run_dir(run_dir)
+    if max_rows is None:
+        max_rows = int(os.environ.get("GRADLENS_REPORT_MAX_ROWS", REPORT_MAX_ROWS))
+    tables = find_tables(p)
+    steps = None
+    if max_rows > 0 and tables is not None and tables[0] == "parquet":
+        from gradlens.report._parquet import table_info
+
+        info = table_info(p)
+        if info["rows"] > max_rows and info["steps"]:
+            k = math.ceil(info["rows"] / max_rows)
+            steps = info["steps"][::-1][::k][::-1]
+            warnings.warn(
+                f"{p}: {info['rows']:,} rows, more than max_rows={max_rows:,}: the report reads "
+                f"every {k}th logged step ({len(steps):,} of {len(info['steps']):,}), as if the "
+                f"run had logged {k}x less often. Set GRADLENS_REPORT_MAX_ROWS (0: no limit) to "
+                "read more",
+                UserWarning,
+                stacklevel=2,
+            )
+    df = load_run(p, steps=steps)
+    if df.empty:
+        raise EmptyRunError(
+            f"{p} has no rows yet: the lens writes rows at each flush (every log_every steps, "
+            "and at close); a report needs rows"
+        )
     return df
 
 

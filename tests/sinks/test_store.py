@@ -163,3 +163,36 @@ def test_export_csv_reads_back_as_the_run(tmp_path: Path) -> None:
     back.mkdir()
     shutil.move(path, back / "stats.csv")
     assert _sorted(load_run(back)) == _sorted(load_run(tmp_path / "run"))
+
+
+def test_a_set_of_steps(tmp_path: Path) -> None:
+    _write(tmp_path / "pq", range(1, 100))
+    _write(tmp_path / "csv", range(1, 100), format="csv")
+    for fmt in ("pq", "csv"):
+        full = load_run(tmp_path / fmt)
+        got = load_run(tmp_path / fmt, steps=range(3, 100, 7))
+        assert _sorted(got) == _sorted(full[full["step"].isin(range(3, 100, 7))])
+        assert load_run(tmp_path / fmt, steps=[]).empty
+
+
+def test_the_report_reads_every_kth_step_past_max_rows(tmp_path: Path, monkeypatch) -> None:
+    from gradlens.report.load import EmptyRunError, load_for_report
+
+    _write(tmp_path / "run", range(1, 101))  # 100 steps x 12 rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_for_report(tmp_path / "run", max_rows=1200)) == 1200
+    with pytest.warns(UserWarning, match=r"every 3th logged step \(34 of 100\)"):
+        df = load_for_report(tmp_path / "run", max_rows=500)
+    want = list(range(1, 101))[::-1][::3][::-1]
+    assert sorted(set(df["step"])) == want and want[-1] == 100 and want[0] == 1
+    full = load_run(tmp_path / "run")
+    assert _sorted(df) == _sorted(full[full["step"].isin(want)])
+    monkeypatch.setenv("GRADLENS_REPORT_MAX_ROWS", "0")
+    assert len(load_for_report(tmp_path / "run")) == 1200
+    live = TableSink(tmp_path / "live")
+    live.open({})
+    assert load_run(tmp_path / "live").empty  # a live run reads empty...
+    with pytest.raises(EmptyRunError, match="a report needs rows"):
+        load_for_report(tmp_path / "live")  # ...but a report needs rows
+    live.close()
