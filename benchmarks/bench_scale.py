@@ -91,6 +91,48 @@ def bytes_per_step(steps: int, work: Path) -> tuple[dict[str, float], list, dict
     return per, rows, meta
 
 
+def write_direct(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, float]:
+    """The store the sink would write (range files of 64 flushes, then parts), generated with
+    pyarrow from numpy (the sink's writer functions, not its per-row Python): for sizes where
+    writing through the sink takes too long here."""
+    import pyarrow as pa
+
+    from gradlens.sinks._parquet import MERGE_EVERY, write_part, write_range
+    from gradlens.sinks.table import TableSink
+
+    rng = np.random.default_rng(0)
+    n_steps = -(-n_rows // len(rows))
+    t0 = time.perf_counter()
+    sink = TableSink(run)
+    sink.open(_meta(meta))
+    sink.close("finished")
+    keys = [r[1:4] for r in rows]
+    cols = [pa.array([k[i] for k in keys]).dictionary_encode() for i in range(3)]
+    k = len(keys)
+    for first in range(1, n_steps + 1, MERGE_EVERY):
+        last = min(first + MERGE_EVERY - 1, n_steps)
+        n = last - first + 1
+        table = pa.table({
+            "step": pa.array(np.repeat(np.arange(first - 1, last), k), pa.int64()),
+            **{c: pa.DictionaryArray.from_arrays(
+                pa.array(np.tile(cols[i].indices.to_numpy(), n)), cols[i].dictionary
+            ).cast(pa.string()) for i, c in enumerate(("layer", "role", "stat"))},
+            "value": pa.array(rng.lognormal(0.0, 1.0, n * k)),
+        })
+        if n == MERGE_EVERY:
+            write_range(run, first, last, table, fsync=False)
+        else:
+            for j in range(n):
+                write_part(run, first + j, table.slice(j * k, k), fsync=False,
+                           opener=lambda p: open(p, "wb"))  # noqa: SIM115
+    return n_steps, time.perf_counter() - t0
+
+
+def _meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in (
+        "schema_version", "table_format", "started", "finished", "ended", "last_step")}
+
+
 def write_large(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, float]:
     """``n_rows`` (rounded up to whole steps) through the default TableSink; (steps, s)."""
     from gradlens.sinks import TableSink
@@ -99,8 +141,7 @@ def write_large(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, fl
     n_steps = -(-n_rows // len(rows))
     t0 = time.perf_counter()
     sink = TableSink(run)
-    sink.open({k: v for k, v in meta.items() if k not in (
-        "schema_version", "table_format", "started", "finished", "ended", "last_step")})
+    sink.open(_meta(meta))
     keys = [r[1:4] for r in rows]
     for s in range(n_steps):
         vals = rng.lognormal(0.0, 1.0, len(keys)).tolist()
@@ -119,6 +160,10 @@ t0 = time.perf_counter()
 if what == "load_run":
     from gradlens.report import load_run
     df = load_run(run)
+    out["rows"] = len(df)
+elif what == "load_cat":
+    from gradlens.report import load_run
+    df = load_run(run, categorical=True)
     out["rows"] = len(df)
 elif what == "load_stat":
     from gradlens.report import load_run
@@ -178,6 +223,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1e6,1e7,1e8", help="comma-separated run sizes, in rows")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per reader")
     ap.add_argument("--skip-report", action="store_true")
+    ap.add_argument("--direct-above", type=float, default=2e7,
+                    help="sizes above this many rows are generated directly (write_direct)")
     ap.add_argument("--keep", type=Path, default=None, help="write the runs here and keep them")
     args = ap.parse_args()
     import torch
@@ -199,13 +246,18 @@ def main() -> None:
     for n in [int(float(x)) for x in args.rows.split(",") if x]:
         run = work / f"run-{n}"
         shutil.rmtree(run, ignore_errors=True)
-        steps, secs = write_large(run, rows, meta, n)
+        direct = n > args.direct_above
+        steps, secs = (write_direct if direct else write_large)(run, rows, meta, n)
         size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
         label = f"{n / 1e6:g}M rows"
-        lines.append(f"| {label}: written through TableSink ({steps:,} steps) | {secs:.0f} s, "
+        how = "generated directly" if direct else "written through TableSink"
+        lines.append(f"| {label}: {how} ({steps:,} steps) | {secs:.0f} s, "
                      f"{size / 1e9:.2f} GB on disk |")
-        for what, arg, name in (("load_run", "", "load_run, whole table"),
-                                ("load_stat", stat, f"load_run, one statistic ({stat})")):
+        probes = [("load_cat", "", "load_run, whole table, categorical=True"),
+                  ("load_stat", stat, f"load_run, one statistic ({stat})")]
+        if not direct:
+            probes.insert(0, ("load_run", "", "load_run, whole table"))
+        for what, arg, name in probes:
             r = probe(what, run, arg, args.timeout)
             lines.append(f"| {label}: {name} | {fmt(r)}, {r.get('rss_mb', 0):,.0f} MB |")
         r = probe("plugin", run, f"{stat},{other}", args.timeout)

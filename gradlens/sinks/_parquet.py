@@ -28,7 +28,7 @@ from gradlens.schema import GLOBAL
 from gradlens.sinks._files import fsync_dir
 from gradlens.sinks._parts import Part, part_name
 
-__all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part"]
+__all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
 
 MERGE_EVERY = 64
 META_KEY = b"gradlens"
@@ -101,14 +101,27 @@ def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
 
 
 def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
-    """Merge ``parts`` (consecutive, in order) into one range file, rows grouped by statistic
-    (a stable sort: write order kept within a statistic), then delete them."""
+    """Merge ``parts`` (consecutive, in order) into one range file, then delete them."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(p[2]).replace_schema_metadata(None)
                               for p in parts])
+    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync)
+    for p in parts:
+        with contextlib.suppress(OSError):
+            p[2].unlink()
+    if fsync:
+        fsync_dir(logdir)
+    return final
+
+
+def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool) -> Path:
+    """Write the rows of flushes ``first..last`` as one range file, grouped by statistic (a
+    stable sort: write order kept within a statistic), one row group per statistic."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
     stats = table["stat"].to_numpy(zero_copy_only=False)
     cuts = [0, *(np.flatnonzero(stats[1:] != stats[:-1]) + 1).tolist(), len(stats)]
@@ -118,11 +131,6 @@ def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
             for a, b in itertools.pairwise(cuts):
                 w.write_table(table.slice(a, b - a), row_group_size=b - a)
 
-    final = logdir / part_name(parts[0][0], parts[-1][1])
+    final = logdir / part_name(first, last)
     _atomic(final, fsync, write, _open_new)
-    for p in parts:
-        with contextlib.suppress(OSError):
-            p[2].unlink()
-    if fsync:
-        fsync_dir(logdir)
     return final
