@@ -61,12 +61,13 @@ from gradlens.schema import (
     TABLE_FORMATS,
     SpikeEvent,
 )
-from gradlens.sinks._files import AppendFiles, cut_partial_last_line, write_json_atomic
+from gradlens.sinks._files import AppendFiles, write_json_atomic
 from gradlens.sinks._lock import RunLock
 from gradlens.sinks._parquet import MERGE_EVERY
 from gradlens.sinks._parts import list_parts
+from gradlens.sinks._reopen import check_existing, clean_leftovers, existing_formats
 from gradlens.sinks._text import CSV_HEADER as _CSV_HEADER
-from gradlens.sinks._text import Backlog, csv_fields, json_float, last_line
+from gradlens.sinks._text import Backlog, csv_fields, json_float
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Sink,
@@ -89,18 +90,6 @@ def _require_pyarrow() -> None:
             f"the parquet table format needs pyarrow: {PARQUET_HINT} (or use format='csv' or "
             "'jsonl')"
         ) from err
-
-
-def _existing_formats(logdir: Path) -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {}
-    for fmt in ("csv", "jsonl"):
-        p = logdir / f"{STATS_BASENAME}.{fmt}"
-        if p.is_file():
-            found[fmt] = [p]
-    parquet = [p[2] for p in list_parts(logdir)]
-    if parquet:
-        found["parquet"] = parquet
-    return found
 
 
 class TableSink(Sink):
@@ -150,7 +139,7 @@ class TableSink(Sink):
     ) -> None:
         if format is None:
             here = Path(logdir).expanduser()
-            found = _existing_formats(here) if here.is_dir() else {}
+            found = existing_formats(here) if here.is_dir() else {}
             format = next(iter(found)) if len(found) == 1 else "parquet"
         if format not in TABLE_FORMATS:
             raise ValueError(f"unknown table format {format!r}; use one of {TABLE_FORMATS}")
@@ -184,8 +173,9 @@ class TableSink(Sink):
         self.resumed = False
         self._lock = RunLock(self.logdir) if lock else None
         try:
-            self._clean_leftovers()
-            existing = _existing_formats(self.logdir)
+            if self._lock is not None:  # without the lock, temporary files may be live
+                clean_leftovers(self.logdir)
+            existing = existing_formats(self.logdir)
             others = sorted(set(existing) - {format})
             if others:
                 names = ", ".join(p.name for f in others for p in existing[f][:1])
@@ -197,7 +187,7 @@ class TableSink(Sink):
             self._parquet_index = parts[-1][1] if parts else 0
             merged = max((q[1] for q in parts if q[0] < q[1]), default=0)
             self._unmerged = [p for p in parts if p[0] == p[1] and p[0] > merged]
-            self.resumed = self._check_existing(resume)
+            self.resumed = check_existing(self, resume)
         except BaseException:
             self.abandon()
             raise
@@ -213,99 +203,6 @@ class TableSink(Sink):
         if self._lock is not None:
             self._lock.release()
         self._closed = True
-
-    def _clean_leftovers(self) -> None:
-        """Delete what a killed writer of this directory left: temporary files, and parts a
-        merge had already copied into a range file."""
-        if self._lock is None:
-            return  # without the lock, another writer's temporary files may be live
-        covered: list[Path] = []
-        list_parts(self.logdir, covered=covered)
-        leftovers = covered + [p for p in self.logdir.glob(f".{STATS_BASENAME}-*.tmp")]
-        for p in leftovers:
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
-    # ------------------------------------------------------------------ reopening a run dir
-
-    def _check_existing(self, resume: bool | None) -> bool:
-        """Apply the reopening rule; repair a partial last line. True when appending."""
-        has_rows = False
-        if self.format == "parquet":
-            has_rows = self._parquet_index > 0
-        elif self.stats_path.is_file() and self.stats_path.stat().st_size > 0:
-            if self.format == "csv":
-                with open(self.stats_path, "rb") as f:
-                    head = f.read(len(_CSV_HEADER) + 1)
-                if head.startswith(_CSV_HEADER.encode()):
-                    has_rows = len(head) > len(_CSV_HEADER)
-                elif len(head) >= len(_CSV_HEADER) or b"\n" in head:
-                    raise ValueError(
-                        f"{self.stats_path} does not start with the header "
-                        f"{_CSV_HEADER.strip()!r}: it was not written by gradlens; move it "
-                        "away or use a new logdir"
-                    )
-            else:
-                has_rows = True
-        has_events = self.spikes_path.is_file() and self.spikes_path.stat().st_size > 0
-        if (has_rows or has_events) and resume is False:
-            raise FileExistsError(
-                f"{self.logdir} already holds the rows of a run; pass TableSink(..., "
-                "resume=True) to append to it, or use a new logdir"
-            )
-        if (has_rows or has_events) and resume is None:
-            warnings.warn(
-                f"gradlens: {self.logdir} already holds a run; appending to it (like "
-                "TensorBoard): the earlier steps are kept and load_run keeps the last-written "
-                "row of a step written twice, as a resumed run needs. To start afresh, use a "
-                "new logdir. To choose explicitly, give the lens the sink yourself: "
-                "GradLens(model, optimizer, sinks=[TableSink(logdir, resume=True)]) appends "
-                "silently, resume=False refuses.",
-                UserWarning,
-                stacklevel=3,
-            )
-        lines_files = [self.spikes_path]
-        if self.format != "parquet":
-            lines_files.append(self.stats_path)
-        for path in lines_files:
-            if path.is_file() and cut_partial_last_line(path):
-                warnings.warn(
-                    f"gradlens: cut a partial last line off {path} (a run killed while "
-                    "writing) before appending",
-                    UserWarning,
-                    stacklevel=3,
-                )
-        if not (has_rows or has_events):
-            return False
-        self.last_step = self._existing_last_step()
-        try:
-            with open(self.meta_path, encoding="utf-8") as f:
-                self._previous_run = json.load(f)
-        except (OSError, ValueError):
-            self._previous_run = None
-        return True
-
-    def _existing_last_step(self) -> int | None:
-        try:
-            if self.format == "parquet":
-                if not self._parquet_index:
-                    return None
-                import pyarrow.compute as pc
-                import pyarrow.parquet as pq
-
-                last = list_parts(self.logdir)[-1][2]
-                return int(pc.max(pq.read_table(last, columns=["step"])["step"]).as_py())
-            if not self.stats_path.is_file():
-                return None
-            line = last_line(self.stats_path)
-            if not line or line + b"\n" == _CSV_HEADER.encode():
-                return None
-            if self.format == "csv":
-                return int(line.split(b",", 1)[0])
-            return int(json.loads(line)["step"])
-        except Exception:  # the step is informative only; a damaged table is the reader's job
-            return None
 
     # ------------------------------------------------------------------ Sink API
 
