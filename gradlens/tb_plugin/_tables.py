@@ -72,7 +72,7 @@ class Table:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t = scan(self.path, ([stat], None, (None, None)),
+                t = scan(self.path, ([stat], None, (None, None), None),
                          columns=("step", "layer", "role", "value"))
             if t is None or t.num_rows == 0:
                 return [], {}, np.zeros(0, np.int64), np.zeros((0, 0))
