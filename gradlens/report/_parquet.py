@@ -157,10 +157,47 @@ def _row_groups(pf: Any, query: Query) -> list[int]:
     return keep
 
 
-def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS) -> Any:
+def _last_of_each(t: Any) -> Any:
+    """``t`` (step, layer, stat columns) without its repeated ``(step, layer, stat)`` rows but
+    the last-written one, order kept."""
+    import numpy as np
+
+    if t.num_rows < 2:
+        return t
+    u = t.select(["step", "layer", "stat"]).unify_dictionaries().combine_chunks()
+    step = u["step"].to_numpy()
+    layer = u["layer"].chunk(0).indices.to_numpy().astype(np.int64)
+    stat = u["stat"].chunk(0).indices.to_numpy().astype(np.int64)
+    n_l, n_s = int(layer.max()) + 1, int(stat.max()) + 1
+    key = ((step - step.min()) * n_l + layer) * n_s + stat
+    _, last_rev = np.unique(key[::-1], return_index=True)
+    if len(last_rev) == len(key):
+        return t
+    return t.take(np.sort(len(key) - 1 - last_rev))
+
+
+def steps_disjoint(run: Path) -> bool:
+    """True when no logged step is in two stored files (from the footers): the repeated rows
+    of a resumed run can then only be inside one file."""
+    seen: set[int] = set()
+    total = 0
+    for info in _each_file(run, lambda _f, pf: _part_info(pf)):
+        seen.update(info["steps"])
+        total += len(info["steps"])
+        if len(seen) != total:
+            return False
+    return True
+
+
+def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS, *,
+         dedupe_each: bool = False) -> Any:
     """The rows of the query as one pyarrow table of ``columns`` (file order; strings as
-    dictionaries), or None when the table has no part."""
+    dictionaries), or None when the table has no part. ``dedupe_each``: keep only the
+    last-written row of each ``(step, layer, stat)`` of each file (exact for the whole table
+    when :func:`steps_disjoint`; bounded by one file's memory)."""
     pa, _ = _pyarrow()
+    if dedupe_each:
+        columns = list(dict.fromkeys([*columns, "step", "layer", "stat"]))
     need = list(dict.fromkeys([*columns, *(c for c, q in (("stat", query[0]),
                                                             ("layer", query[1]))
                                             if q is not None),
@@ -173,6 +210,8 @@ def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS) -> Any:
         m = _mask(t, query)
         t = t if m is None else t.filter(m)
         t = t.select(list(columns))
+        if dedupe_each:
+            t = _last_of_each(t)
         return t.cast(_schema(t.schema, pa))
 
     tables = _each_file(run, read)

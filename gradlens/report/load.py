@@ -190,9 +190,11 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True,
         raise _not_a_run(p)
     fmt, files = tables
     if fmt == "parquet":
-        from gradlens.report._parquet import scan
+        from gradlens.report._parquet import scan, steps_disjoint
 
-        t = scan(p, query)
+        each = dedupe and steps_disjoint(p)  # then one file at a time is exact, and small
+        dedupe = dedupe and not each
+        t = scan(p, query, dedupe_each=each)
         df = t.to_pandas() if t is not None else empty_stats()
     else:
         df = read_csv(files[0]) if fmt == "csv" else jsonl_stats(files[0])
@@ -256,7 +258,7 @@ def _typed(df: pd.DataFrame, categorical: bool) -> pd.DataFrame:
     return df
 
 
-REPORT_MAX_ROWS = 1_000_000
+REPORT_MAX_ROWS = 500_000
 
 
 def load_for_report(run_dir: PathLike, max_rows: int | None = None) -> pd.DataFrame:
@@ -265,7 +267,7 @@ def load_for_report(run_dir: PathLike, max_rows: int | None = None) -> pd.DataFr
     max_rows)``, as if the run had logged ``k`` times less often, with a warning that says so.
     Only those steps are decoded (a step filter on each stored file), so the memory is
     bounded by ``max_rows``. ``max_rows`` None: ``$GRADLENS_REPORT_MAX_ROWS``, else
-    1,000,000 (0: no limit). A text table (CSV, JSON lines) is read whole.
+    500,000 (0: no limit). A text table (CSV, JSON lines) is read whole.
 
     Raises :class:`EmptyRunError` for a run without rows (also a live one: a report needs
     rows)."""

@@ -196,3 +196,24 @@ def test_the_report_reads_every_kth_step_past_max_rows(tmp_path: Path, monkeypat
     with pytest.raises(EmptyRunError, match="a report needs rows"):
         load_for_report(tmp_path / "live")  # ...but a report needs rows
     live.close()
+
+
+def test_a_row_repeated_inside_one_file_keeps_the_last(tmp_path: Path) -> None:
+    from gradlens.report._parquet import steps_disjoint
+
+    sink = TableSink(tmp_path)
+    sink.open({})
+    for s in range(1, 70):
+        rows = _step_rows(s)
+        if s in (5, 66):  # the same (step, layer, stat) twice in one flush, the second wins
+            rows.append((s, "a", "hidden", "grad_rms", -1.0))
+        sink.write_stats(rows)
+        sink.flush()
+    sink.close()
+    assert steps_disjoint(tmp_path)  # so each file is deduplicated on its own
+    df = load_run(tmp_path)
+    assert len(df) == 69 * len(LAYERS) * len(STATS)
+    for s in (5, 66):
+        got = df[(df["step"] == s) & (df["layer"] == "a") & (df["stat"] == "grad_rms")]
+        assert got["value"].tolist() == [-1.0]
+    assert len(load_run(tmp_path, dedupe=False)) == len(df) + 2
