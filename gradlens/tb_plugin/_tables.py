@@ -97,18 +97,28 @@ class Table:
         if not len(lcode):
             return [], {}, np.zeros(0, np.int64), np.zeros((0, 0))
         # layers in order of first appearance (what the table wrote)
-        used, first = np.unique(lcode, return_index=True)
-        order = used[np.argsort(first)]
+        pos = np.arange(len(lcode))
+        first_at = np.full(len(names), len(lcode), np.int64)
+        np.minimum.at(first_at, lcode, pos)
+        order = np.flatnonzero(first_at < len(lcode))
+        order = order[np.argsort(first_at[order], kind="stable")]
+        first = first_at[order]
         row_of = np.full(len(names), -1, np.int64)
         row_of[order] = np.arange(len(order))
-        uniq_steps, col = np.unique(steps, return_inverse=True)
+        if np.all(steps[1:] >= steps[:-1]):  # the usual case: steps in write order, O(n)
+            new = np.concatenate([[True], steps[1:] != steps[:-1]])
+            uniq_steps, col = steps[new], np.cumsum(new) - 1
+        else:
+            uniq_steps, col = np.unique(steps, return_inverse=True)
         row = row_of[lcode]
         cell = row * len(uniq_steps) + col
-        # the last-written row of each cell: the first occurrence in reverse order
-        _, last_rev = np.unique(cell[::-1], return_index=True)
-        idx = len(cell) - 1 - last_rev
+        if np.bincount(cell, minlength=len(order) * len(uniq_steps)).max() <= 1:
+            idx = pos  # no cell written twice
+        else:  # the last-written row of each cell: the first occurrence in reverse order
+            _, last_rev = np.unique(cell[::-1], return_index=True)
+            idx = len(cell) - 1 - last_rev
         matrix = np.full((len(order), len(uniq_steps)), np.nan)
         matrix[row[idx], col[idx]] = values[idx]
         roles = {str(names[c]): str(role_dict[rcode[i]])
-                 for c, i in zip(order, first[np.argsort(first)], strict=True)}
+                 for c, i in zip(order, first, strict=True)}
         return [str(names[c]) for c in order], roles, uniq_steps.astype(np.int64), matrix

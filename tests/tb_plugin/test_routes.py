@@ -247,3 +247,28 @@ def test_parquet_and_csv_runs_answer_the_same(tmp_path: Path) -> None:
             body.pop("run")
             body.pop("version")
         assert x == y, route
+
+
+def test_a_step_written_again_shows_its_last_value(tmp_path: Path) -> None:
+    """A resumed run re-did step 50: both stores show the re-done values, steps in order."""
+    import warnings
+
+    from gradlens.sinks.table import TableSink
+
+    lay = synthetic_layers(7)
+    for fmt in ("csv", "parquet"):
+        sink = TableSink(tmp_path / fmt, fmt)
+        sink.open({"name": fmt, "layers": [{"name": n, "role": r} for n, r in lay]})
+        for step in (*range(0, 70, 10), 50):  # 0..60, then 50 again
+            value = 7.5 if step == 50 and sink.rows_written >= 7 * 7 else 1.0 + step
+            sink.write_stats([(step, n, r, "grad_norm", value) for n, r in lay])
+            sink.flush()
+        sink.close("finished")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, c = client(tmp_path)
+        for fmt in ("csv", "parquet"):
+            code, hm = get(c, "/heatmap", run=fmt, stat="grad_norm")
+            assert code == 200 and [a for a, _ in hm["columns"]] == list(range(0, 70, 10))
+            assert {row[5] for row in hm["values"]} == {7.5}
+            assert {row[4] for row in hm["values"]} == {41.0}
