@@ -94,9 +94,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(1)
     rows, meta = standard_rows(args.quick)
     root = Path(tempfile.mkdtemp(prefix="gradlens-bench-sinks-"))
-    tb = TensorBoardSink(root / "tb")
+    tb = TensorBoardSink(root / "tb", per_layer=True)  # the per-layer encoding is timed
     tb.open(meta)
-    table = TableSink(root / "table", fsync=False)
+    table = TableSink(root / "table", "csv", fsync=False)
     table.open(meta)
     times: dict[str, list[float]] = {k: [] for k in ("tb", "tb_ref", "csv", "csv_ref")}
 

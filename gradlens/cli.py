@@ -68,6 +68,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from gradlens.report.export import export_csv
+
+    path, n = export_csv(args.run, args.out)
+    print(f"export: {n} rows -> {path}")
+    return 0
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from gradlens.dashboard import LOG_FILE, serve
 
@@ -139,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--title", default=None)
     report.add_argument("--quiet", action="store_true")
     report.set_defaults(func=_report)
+
+    export = sub.add_parser("export", help="write a run's table in another format (CSV)")
+    export.add_argument("run", help="a run directory written by the lens")
+    export.add_argument("--csv", action="store_true", required=True,
+                        help="write CSV (step,layer,role,stat,value; the only export format)")
+    export.add_argument("-o", "--out", default=None,
+                        help="output file (default: <run>.csv beside the run directory)")
+    export.set_defaults(func=_export)
 
     dash = sub.add_parser("dashboard", help="serve a run directory with TensorBoard")
     dash.add_argument("run_dir")

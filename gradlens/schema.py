@@ -3,11 +3,13 @@
 Run directory (``logdir``)::
 
     run.json        metadata: model, optimizer, preset, layers with roles and shapes, version
-    stats.csv       long table, appended at every flush: step, layer, role, stat, value
-                    (or stats.jsonl; or stats-*.parquet, one file per flush)
+    stats-*.parquet long table (default): step, layer, role, stat, value; one file per flush,
+                    merged every 64 flushes (gradlens.sinks._parts); or stats.csv /
+                    stats.jsonl, appended at every flush
     spikes.jsonl    one JSON object per event: step, layer, kind, value, score, layers
-    events.out.tfevents.*   TensorBoard: scalars gradlens/<stat>/<layer>, raw histograms,
-                    spike text, and the custom-scalar dashboard layout
+    events.out.tfevents.*   TensorBoard: scalars gradlens/global/<stat> and per group (and
+                    gradlens/<stat>/<layer> with per_layer=True), raw histograms, spike text,
+                    and the custom-scalar dashboard layout
 
 Values may be NaN or +-inf: CSV writes ``nan``/``inf``/``-inf``, JSON lines the tokens ``NaN``/
 ``Infinity``/``-Infinity`` (Python's json and pandas read them), parquet IEEE floats. Every line

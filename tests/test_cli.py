@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from gradlens.cli import main
+from gradlens.report import load_run
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
@@ -20,7 +20,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "eval loss" in printed and "report:" in printed
     for name in ("scale", "adamw"):
-        table = pd.read_csv(out / "runs" / name / "stats.csv")
+        table = load_run(out / "runs" / name)
         assert set(table.step) == {5, 10}  # logged every 5 steps
         assert "noise_scale" in set(table.stat)  # two micro-batches per step
         assert any(p.name.startswith("events.out.tfevents") for p in (out / "runs" / name).iterdir())

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradlens
 from gradlens.report import load_run
-from gradlens.schema import tb_tag
+from gradlens.schema import tb_group_tag
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_statistic.py"
 
@@ -34,7 +34,7 @@ def test_custom_statistic_in_table_and_tensorboard(tmp_path):
     assert rows.value.between(0, 1).all() and rows.value.std() > 0
     acc = EventAccumulator(out, size_guidance={"scalars": 0})
     acc.Reload()
-    assert tb_tag("sign_opposition", "lm_head.weight") in acc.Tags()["scalars"]
+    assert tb_group_tag("sign_opposition", "output", "mean") in acc.Tags()["scalars"]
 
 
 def test_custom_statistic_value_and_clash():

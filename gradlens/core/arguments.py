@@ -37,7 +37,8 @@ def check_lens_arguments(args: Mapping[str, Any]) -> None:
         if isinstance(sinks, (list, tuple)):
             for s in sinks:
                 A.check_type("each of sinks", s, Sink, "a gradlens.sinks.Sink")
-    A.check_choice("table_format", args["table_format"], TABLE_FORMATS)
+    if args["table_format"] is not None:  # None: parquet, or the format a reopened run has
+        A.check_choice("table_format", args["table_format"], TABLE_FORMATS)
     for name in ("tensorboard", "step_hook"):
         A.check_bool(name, args[name])
     A.check_type("guard", args["guard"], SpikeGuard, "a gradlens.SpikeGuard", none_ok=True)

@@ -85,7 +85,8 @@ class GradLens(DeviceConstants):
         include, exclude: fnmatch patterns on parameter names; roles: roles to track.
         overrides, output: role overrides, passed to :func:`gradlens.roles.discover_layers`.
         sinks: extra sinks (or instead of the default ones when ``logdir`` is None).
-        table_format: ``csv`` | ``jsonl`` | ``parquet``.
+        table_format: ``parquet`` | ``csv`` | ``jsonl``; None (default): the table already
+            in ``logdir`` keeps its format, a new one is parquet.
         tensorboard: write TensorBoard events too.
         scaler: a ``torch.amp.GradScaler``: statistics are unscaled with its scale, and a
             step it skips (inf/NaN) becomes a ``skipped_step`` event.
@@ -100,6 +101,7 @@ class GradLens(DeviceConstants):
         **options: any :class:`~gradlens.core.config.LensConfig` field.
     """
 
+    @R.undo_on_error
     def __init__(
         self,
         model: nn.Module,
@@ -114,7 +116,7 @@ class GradLens(DeviceConstants):
         overrides: Mapping[str, Role | str] | None = None,
         output: str | None = None,
         sinks: Iterable[Sink] | None = None,
-        table_format: str = "csv",
+        table_format: str | None = None,
         tensorboard: bool = True,
         scaler: Any = None,
         statistics: Iterable[Statistic | type[Statistic]] = (),

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
 
-def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str,
+def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str | None,
                   tensorboard: bool) -> tuple[list[Sink], Any]:
     """``(sinks, memory sink or None)``: under torch.distributed only rank 0 writes."""
     if not D.is_writer_rank():
@@ -160,3 +160,45 @@ def warn_untracked(lens: GradLens) -> None:
                       f"(e.g. {extra[0]}): the global rows cover tracked layers only; create "
                       "the lens after unfreezing them to track them", RuntimeWarning,
                       stacklevel=5)
+
+
+def undo_on_error(init: Any) -> Any:
+    """Decorate ``GradLens.__init__``: a constructor that raises leaves nothing behind (no
+    hooks, no scaler wrapper, no writer thread, no open file, no lock, no file it wrote)."""
+    import functools
+
+    @functools.wraps(init)
+    def wrapped(lens: GradLens, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(lens, *args, **kwargs)
+        except BaseException:
+            abandon(lens)
+            raise
+
+    return wrapped
+
+
+def abandon(lens: GradLens) -> None:
+    """Undo what a failed constructor did so far (every step guarded: it may have failed
+    anywhere)."""
+    lens._closed = True
+    observer = vars(lens).get("observer")
+    if observer is not None:
+        observer.remove()
+    scaler = vars(lens).get("scaler")
+    if scaler is not None and lens in (getattr(scaler, "__dict__", {})
+                                       .get("_gradlens_lenses") or ()):
+        detach_scaler(scaler, lens)
+    writer = vars(lens).get("_writer")
+    if writer is not None:
+        writer.close()
+    for sink in vars(lens).get("sinks") or []:
+        undo = getattr(sink, "abandon", None)
+        try:
+            if undo is not None:
+                undo(remove_files=True)
+            else:
+                _close_sink(sink, "interrupted")
+        except Exception as err:  # the constructor's own error is the one to raise
+            warnings.warn(f"gradlens: could not undo {type(sink).__name__}: {err}",
+                          RuntimeWarning, stacklevel=3)

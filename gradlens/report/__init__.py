@@ -10,6 +10,7 @@ from typing import Any
 
 from gradlens.report.load import (
     CorruptLineWarning,
+    CorruptPartWarning,
     CorruptRunError,
     EmptyRunError,
     RunError,
@@ -22,6 +23,7 @@ from gradlens.report.load import (
 
 __all__ = [
     "CorruptLineWarning",
+    "CorruptPartWarning",
     "CorruptRunError",
     "EmptyRunError",
     "ReportPaths",

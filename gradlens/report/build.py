@@ -107,13 +107,13 @@ class _Fig:
 
 
 def _load_runs(run_dirs: Sequence[str | Path]) -> list[_Run]:
-    from gradlens.report.load import RunError, load_meta, load_run, load_spikes
+    from gradlens.report.load import RunError, load_for_report, load_meta, load_spikes
 
     runs: list[_Run] = []
     used: set[str] = set()
     for d in run_dirs:
         path = Path(d)
-        df = load_run(path)  # raises the loader's clear errors for a missing/empty/bad run
+        df = load_for_report(path)  # the loader's clear errors; thinned past max_rows
         spikes = load_spikes(path)
         try:
             meta = dict(load_meta(path))

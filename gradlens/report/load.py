@@ -24,19 +24,25 @@ estimator, non-finite gradients); ``+-inf`` are real overflows.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import re
-import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from gradlens.report.csv_records import csv_records
+from gradlens.report._errors import (
+    CorruptLineWarning,
+    CorruptPartWarning,
+    CorruptRunError,
+    EmptyRunError,
+    RunError,
+    RunNotFoundError,
+    TruncatedRunWarning,
+)
+from gradlens.report._text import Skipped, empty_stats, jsonl_stats, read_csv, read_jsonl
 from gradlens.schema import (
     RUN_META_FILE,
     SPIKE_FIELDS,
@@ -44,88 +50,25 @@ from gradlens.schema import (
     STAT_COLUMNS,
     STATS_BASENAME,
 )
+from gradlens.sinks._parts import list_parts
 
 __all__ = [
     "CorruptLineWarning",
+    "CorruptPartWarning",
     "CorruptRunError",
     "EmptyRunError",
     "RunError",
     "RunNotFoundError",
     "TruncatedRunWarning",
     "find_tables",
+    "is_live",
+    "load_for_report",
     "load_meta",
     "load_run",
     "load_spikes",
 ]
 
-_PARQUET_RE = re.compile(rf"^{re.escape(STATS_BASENAME)}-(\d+)\.parquet$")
-_CSV_HEADER = ",".join(STAT_COLUMNS)
 _STR_COLUMNS = ("layer", "role", "stat")
-
-
-class RunError(ValueError):
-    """A run directory cannot be read."""
-
-
-class RunNotFoundError(RunError):
-    """The path does not exist, or holds no run (no ``run.json`` and no table)."""
-
-
-class EmptyRunError(RunError):
-    """The run has metadata but no rows yet."""
-
-
-class CorruptRunError(RunError):
-    """A file of the run is damaged somewhere other than its last line."""
-
-
-class TruncatedRunWarning(UserWarning):
-    """A partial last line (a run killed while writing) was dropped."""
-
-
-class CorruptLineWarning(UserWarning):
-    """A damaged line in the middle of a table was skipped (file and line named)."""
-
-
-_MAX_LINE_WARNINGS = 10
-
-
-class _Skipped:
-    """Collects the damaged lines of one file and warns about them: one warning per line for
-    the first ten, then one for the rest."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[tuple[int, str]] = []
-
-    def add(self, lineno: int, problem: str) -> None:
-        self.lines.append((lineno, problem))
-
-    def warn(self, good: int) -> None:
-        if not self.lines:
-            return
-        if not good:
-            lineno, problem = self.lines[0]
-            raise CorruptRunError(
-                f"{self.path}, line {lineno}: {problem}; no line of the file is a good row: "
-                "it was not written by gradlens or is damaged throughout"
-            )
-        self.lines.sort()
-        for lineno, problem in self.lines[:_MAX_LINE_WARNINGS]:
-            warnings.warn(
-                f"{self.path}, line {lineno}: {problem}; skipped that line (damaged in the "
-                "middle of the file, not by a killed run) and read the rest",
-                CorruptLineWarning,
-                stacklevel=4,
-            )
-        rest = self.lines[_MAX_LINE_WARNINGS:]
-        if rest:
-            warnings.warn(
-                f"{self.path}: skipped {len(rest)} more damaged lines (lines "
-                f"{rest[0][0]}..{rest[-1][0]}); {good} good rows read",
-                CorruptLineWarning,
-                stacklevel=4,
-            )
 
 
 PathLike = str | os.PathLike[str]
@@ -155,9 +98,9 @@ def find_tables(run_dir: PathLike) -> tuple[str, list[Path]] | None:
         f = p / f"{STATS_BASENAME}.{fmt}"
         if f.is_file():
             found[fmt] = [f]
-    parquet = [(int(m.group(1)), f) for f in p.iterdir() if (m := _PARQUET_RE.match(f.name))]
+    parquet = list_parts(p)
     if parquet:
-        found["parquet"] = [f for _, f in sorted(parquet)]
+        found["parquet"] = [f for _, _, f in parquet]
     if len(found) > 1:
         raise CorruptRunError(
             f"{p} holds tables in several formats ({', '.join(sorted(found))}); a lens writes "
@@ -185,285 +128,60 @@ def _not_a_run(p: Path) -> RunNotFoundError:
     )
 
 
-def _complete_bytes(path: Path) -> bytes:
-    """The file's bytes up to its last newline; a partial last line is dropped with a
-    warning."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        line = data.count(b"\n") + 1
-        warnings.warn(
-            f"{path}: dropped a partial last line (line {line}, {len(data) - cut} bytes): the "
-            "run was killed while writing it; every earlier row is intact",
-            TruncatedRunWarning,
-            stacklevel=3,
-        )
-        data = data[:cut]
-    return data
-
-
-# ---------------------------------------------------------------------- the long table
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    data = _complete_bytes(path)
-    if not data:
-        return _empty_stats()
-    first = data[: data.find(b"\n")].decode("utf-8", "replace").rstrip("\r")
-    if first != _CSV_HEADER:
-        raise CorruptRunError(
-            f"{path}, line 1: header {first[:80]!r} is not {_CSV_HEADER!r}; this file was not "
-            "written by gradlens (or is damaged): move it out of the run directory"
-        )
-    if b"\x00" not in data:
-        try:
-            df = pd.read_csv(
-                io.BytesIO(data),
-                dtype={"step": "int64", "layer": str, "role": str, "stat": str,
-                       "value": "float64"},
-                keep_default_na=False,
-                na_values={"value": ["nan", "NaN"]},  # empty: the line-by-line path
-                engine="c",
-            )
-        except (ValueError, pd.errors.ParserError):
-            pass
-        else:
-            if not any((df[c] == "").any() for c in _STR_COLUMNS):
-                return df
-    return _recover_csv(path, data)
-
-
-def _recover_csv(path: Path, data: bytes) -> pd.DataFrame:
-    """The good rows of a CSV table with damaged lines, each damaged line skipped with a
-    :class:`CorruptLineWarning`."""
-    import csv
-
-    skipped = _Skipped(path)
-    rows: list[tuple[int, str, str, str, float]] = []
-    for lineno, raw in csv_records(data, len(STAT_COLUMNS)):
-        line = raw.rstrip(b"\r")
-        if not line:
-            continue  # blank lines (pandas skips them too)
-        problem = None
-        if b"\x00" in line:
-            problem = "a NUL byte in a field"
-        else:
-            try:
-                text = line.decode("utf-8")
-                fields = next(csv.reader([text], strict=True), [])
-            except UnicodeDecodeError:
-                problem = "not UTF-8 text"
-            except csv.Error as err:
-                problem = f"bad CSV quoting ({err})"
-            else:
-                problem = _csv_problem(fields)
-        if problem:
-            skipped.add(lineno, problem)
-            continue
-        rows.append((int(fields[0]), fields[1], fields[2], fields[3],
-                     float(fields[4]) if fields[4] else math.nan))
-    skipped.warn(len(rows))
-    if not rows:
-        return _empty_stats()
-    return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
-
-
-def _csv_problem(fields: list[str]) -> str | None:
-    if len(fields) != len(STAT_COLUMNS):
-        return f"{len(fields)} fields instead of {len(STAT_COLUMNS)}"
+def is_live(run_dir: PathLike) -> bool:
+    """True when ``run.json`` says the run has not ended (it is being written, or was killed
+    before it could say so)."""
     try:
-        int(fields[0])
-    except ValueError:
-        return f"step {fields[0]!r} is not an integer"
-    try:
-        float(fields[4] or "nan")
-    except ValueError:
-        return f"value {fields[4]!r} is not a number"
-    if not all(fields[1:4]):
-        return "an empty layer, role or stat"
-    return None
+        meta = json.loads((Path(run_dir) / RUN_META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("ended", "x") is None
 
 
-def _read_jsonl(path: Path, columns: tuple[str, ...],
-                skipped: _Skipped) -> tuple[list[dict[str, Any]], list[int]]:
-    """Records of a JSON-lines file (NaN/Infinity tokens allowed) that hold ``columns``, and
-    their line numbers; other lines go to ``skipped``."""
-    if path.is_dir():
-        raise CorruptRunError(
-            f"{path} is a directory, not a gradlens file; move it out of the run directory"
-        )
-    data = _complete_bytes(path)
-    if not data:
-        return [], []
-    text = data.decode("utf-8", "replace")
-    lines = text.split("\n")[:-1]
-    records: list[Any] = []
-    if "\x00" not in text and "\\u0000" not in text and "\ufffd" not in text:
-        try:
-            # One parse of the whole file as a JSON array: much faster than a loads per line.
-            records = json.loads("[" + ",".join(lines) + "]")
-            if len(records) != len(lines):
-                raise ValueError("a line holds more or less than one value")
-        except ValueError:
-            records = []
-    linenos = list(range(1, len(lines) + 1))
-    if not records and lines:
-        linenos = []
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if "\x00" in line or "\\u0000" in line:
-                skipped.add(lineno, "a NUL byte in a field")
-                continue
-            if "\ufffd" in line:
-                skipped.add(lineno, "not UTF-8 text")
-                continue
-            try:
-                records.append(json.loads(line))
-            except ValueError as err:
-                skipped.add(lineno, f"not valid JSON ({err})")
-                continue
-            linenos.append(lineno)
-    wanted = set(columns)
-    good, good_lines = [], []
-    for lineno, rec in zip(linenos, records, strict=True):
-        if not isinstance(rec, dict) or not wanted <= rec.keys():
-            missing = sorted(wanted - set(rec)) if isinstance(rec, dict) else list(columns)
-            skipped.add(lineno, f"missing field(s) {missing}")
-            continue
-        good.append(rec)
-        good_lines.append(lineno)
-    return good, good_lines
-
-
-def _jsonl_stats(path: Path) -> pd.DataFrame:
-    skipped = _Skipped(path)
-    records, linenos = _read_jsonl(path, STAT_COLUMNS, skipped)
-    if not records:
-        skipped.warn(0)
-        return _empty_stats()
-    df = pd.DataFrame.from_records(records, columns=list(STAT_COLUMNS))
-    if df["value"].dtype == object:  # null (another writer's NaN) next to numbers
-        df["value"] = df["value"].map(lambda v: math.nan if v is None else v)
-    bad = _bad_rows(df)
-    for i, problem in bad:
-        skipped.add(linenos[i], problem)
-    if bad:
-        df = df.drop(index=[i for i, _ in bad]).reset_index(drop=True)
-    skipped.warn(len(df))
-    return df
-
-
-def _bad_rows(df: pd.DataFrame) -> list[tuple[int, str]]:
-    """Rows (0-based) whose step is not an integer, value not a number, or layer, role or stat
-    not a non-empty string (without NUL), with the problem; empty when every row is fine."""
-    from pandas.api import types
-
-    def good_str(c: str) -> bool:
-        col = df[c]
-        return (types.is_string_dtype(col) and not col.isna().any() and not (col == "").any()
-                and not col.str.contains("\x00", regex=False).any())
-
-    if (types.is_integer_dtype(df["step"]) and types.is_numeric_dtype(df["value"])
-            and not types.is_bool_dtype(df["value"]) and all(good_str(c) for c in _STR_COLUMNS)):
-        return []  # the common case, decided on the dtypes
-    step = pd.to_numeric(df["step"], errors="coerce")
-    ok_step = (step.notna() & (step == np.floor(step.fillna(0)))).to_numpy(dtype=bool) & (
-        df["step"].map(lambda v: not isinstance(v, (bool, str))).to_numpy(dtype=bool))
-    ok_value = df["value"].map(
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).to_numpy(dtype=bool)
-    ok_nul = np.logical_and.reduce([
-        df[c].map(lambda v: not (isinstance(v, str) and "\x00" in v)).to_numpy(dtype=bool)
-        for c in _STR_COLUMNS])
-    ok_str = np.logical_and.reduce([
-        df[c].map(lambda v: isinstance(v, str) and v != "").to_numpy(dtype=bool)
-        for c in _STR_COLUMNS])
-    out = []
-    for i in np.flatnonzero(~(ok_step & ok_value & ok_str & ok_nul)):
-        i = int(i)
-        if not ok_step[i]:
-            out.append((i, f"step {_show(df['step'].iloc[i])} is not an integer"))
-        elif not ok_value[i]:
-            out.append((i, f"value {_show(df['value'].iloc[i])} is not a number"))
-        elif not ok_nul[i]:
-            out.append((i, "a NUL byte in a field"))
-        else:
-            out.append((i, "layer, role and stat must be non-empty strings"))
-    return out
-
-
-def _show(v: Any) -> str:
-    return repr(v.item() if isinstance(v, np.generic) else v)
-
-
-def _read_parquet(files: list[Path]) -> pd.DataFrame:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(
-            f"{files[0].parent} holds a parquet table: reading it needs pyarrow "
-            "(pip install 'gradlens[parquet]')"
-        ) from err
-    tables = []
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except (OSError, pa.ArrowException) as err:
-            raise CorruptRunError(
-                f"{f}: not a readable parquet file ({err}); move it out of the run directory"
-            ) from None
-        if t.column_names != list(STAT_COLUMNS):
-            raise CorruptRunError(
-                f"{f}: columns {t.column_names} are not {list(STAT_COLUMNS)}; move it out of "
-                "the run directory"
-            )
-        types = {name: t.schema.field(name).type for name in STAT_COLUMNS}
-        if not (pa.types.is_integer(types["step"])
-                and (pa.types.is_floating(types["value"]) or pa.types.is_integer(types["value"]))
-                and all(pa.types.is_string(types[c]) or pa.types.is_large_string(types[c])
-                        for c in _STR_COLUMNS)):
-            found = ", ".join(f"{n} {ty}" for n, ty in types.items())
-            raise CorruptRunError(
-                f"{f}: column types ({found}) are not step int64, layer/role/stat string, "
-                "value float64; it was not written by gradlens: move it out of the run "
-                "directory"
-            )
-        tables.append(t)
-    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
-
-
-def _empty_stats() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "step" else
-                                      "float64" if c == "value" else str)
-                         for c in STAT_COLUMNS})
-
-
-def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
+def load_run(run_dir: PathLike, *, dedupe: bool = True,
+             stats: Collection[str] | None = None, layers: Collection[str] | None = None,
+             steps: tuple[int | None, int | None] | Collection[int] | None = None,
+             categorical: bool = False) -> pd.DataFrame:
     """The long table of a run: columns ``step`` (int64), ``layer``, ``role``, ``stat``,
-    ``value`` (float64), in the order written.
+    ``value`` (float64), in the order written (the parquet table groups the rows of each
+    merged range of 64 flushes by statistic).
 
     A NaN ``value`` (``nan`` or empty in CSV; ``NaN`` or ``null`` in JSON lines) is a statistic that
     could not be computed at that step (e.g. a variance estimator with one micro-batch); the row
     is kept so that "not computable" differs from "not recorded". A damaged line in the middle
     of a CSV or JSON-lines table (including a NUL byte in a field) is skipped with a
-    :class:`CorruptLineWarning` naming the file and the line; the rows around it are read.
+    :class:`CorruptLineWarning` naming the file and the line; the rows around it are read. An
+    unreadable parquet file is skipped with a :class:`CorruptPartWarning`.
 
     Args:
         run_dir: the run directory (a file inside it is accepted too).
         dedupe: when a ``(step, layer, stat)`` appears more than once (a resumed run that
             re-did steps after its last checkpoint), keep the last-written row.
+        stats, layers: only these statistics / layers (a parquet table reads only the row
+            groups and rows that hold them: a query of one statistic reads about 1/20 of a
+            ``standard`` run).
+        steps: a tuple ``(first, last)``, inclusive, either None for open: only the steps
+            between; any other collection of ints (a list, a set, a ``range``): only these
+            steps.
+        categorical: ``layer``, ``role``, ``stat`` as pandas categoricals (a few bytes per row
+            instead of a Python string reference; for large runs).
+
+    A live run (``run.json`` with ``ended: null``) that has no rows yet reads as an empty
+    table; a run that ended without rows raises :class:`EmptyRunError`.
 
     Raises:
         RunNotFoundError: the path does not exist or holds no run.
-        EmptyRunError: the run has ``run.json`` but no rows yet.
+        EmptyRunError: the run has ``run.json`` but no rows, and has ended.
         CorruptRunError: a table has no good row, a CSV header that is not gradlens's, or a
             parquet file with the wrong columns or column types (the file is named).
     """
     p = _run_dir(run_dir)
     tables = find_tables(p)
+    query = _query(stats, layers, steps)
     if tables is None:
         if (p / RUN_META_FILE).exists():
+            if is_live(p):
+                return _typed(empty_stats(), categorical)
             raise EmptyRunError(
                 f"{p} has {RUN_META_FILE} but no rows yet: the lens writes rows at each flush "
                 "(every log_every steps, and at close). Train longer, call lens.flush(), or "
@@ -471,25 +189,117 @@ def load_run(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
             )
         raise _not_a_run(p)
     fmt, files = tables
-    if fmt == "csv":
-        df = _read_csv(files[0])
-    elif fmt == "jsonl":
-        df = _jsonl_stats(files[0])
+    if fmt == "parquet":
+        from gradlens.report._parquet import scan, steps_disjoint
+
+        each = dedupe and steps_disjoint(p)  # then one file at a time is exact, and small
+        dedupe = dedupe and not each
+        t = scan(p, query, dedupe_each=each)
+        df = t.to_pandas() if t is not None else empty_stats()
     else:
-        df = _read_parquet(files)
-    if df.empty:
+        df = read_csv(files[0]) if fmt == "csv" else jsonl_stats(files[0])
+        df = _filter(df, query)
+    if df.empty and not _filtered(query):
+        if is_live(p):
+            return _typed(empty_stats(), categorical)
         raise EmptyRunError(
             f"{p}: the table {files[0].name} has no rows yet: the lens writes rows at each "
             "flush (every log_every steps, and at close); train longer or call lens.flush()"
         )
-    df = df[list(STAT_COLUMNS)].astype({"step": "int64", "value": "float64"})
-    for c in _STR_COLUMNS:
-        df[c] = df[c].astype(str)
-    if dedupe:
+    df = _typed(df, categorical)
+    if dedupe and len(df):
         dup = df.duplicated(subset=["step", "layer", "stat"], keep="last")
         if dup.any():
             df = df[~dup.to_numpy()]
     return df.reset_index(drop=True)
+
+
+def _query(stats: Collection[str] | None, layers: Collection[str] | None,
+           steps: tuple[int | None, int | None] | Collection[int] | None) -> Any:
+    if steps is None:
+        return (stats, layers, (None, None), None)
+    if isinstance(steps, tuple):
+        if len(steps) != 2:
+            raise ValueError(f"steps=(first, last) takes two values, got {steps!r}; pass a "
+                             "list or a set for a collection of steps")
+        return (stats, layers, (steps[0], steps[1]), None)
+    chosen = {int(s) for s in steps}
+    bounds = (min(chosen), max(chosen)) if chosen else (1, 0)
+    return (stats, layers, bounds, chosen)
+
+
+def _filtered(query: Any) -> bool:
+    return (query[0] is not None or query[1] is not None or query[2] != (None, None)
+            or query[3] is not None)
+
+
+def _filter(df: pd.DataFrame, query: Any) -> pd.DataFrame:
+    stats, layers, (lo, hi), step_set = query
+    if not _filtered(query):
+        return df
+    keep = pd.Series(True, index=df.index)
+    if step_set is not None:
+        keep &= df["step"].isin(list(step_set))
+    if stats is not None:
+        keep &= df["stat"].isin(list(stats))
+    if layers is not None:
+        keep &= df["layer"].isin(list(layers))
+    if lo is not None:
+        keep &= df["step"] >= lo
+    if hi is not None:
+        keep &= df["step"] <= hi
+    return df[keep.to_numpy()]
+
+
+def _typed(df: pd.DataFrame, categorical: bool) -> pd.DataFrame:
+    df = df[list(STAT_COLUMNS)].astype({"step": "int64", "value": "float64"})
+    for c in _STR_COLUMNS:
+        df[c] = df[c].astype("category" if categorical else str)
+    return df
+
+
+REPORT_MAX_ROWS = 500_000
+
+
+def load_for_report(run_dir: PathLike, max_rows: int | None = None) -> pd.DataFrame:
+    """What ``gradlens report`` reads of a run: the whole table up to ``max_rows`` rows;
+    beyond, every ``k``-th logged step (the last one included), ``k = ceil(rows /
+    max_rows)``, as if the run had logged ``k`` times less often, with a warning that says so.
+    Only those steps are decoded (a step filter on each stored file), so the memory is
+    bounded by ``max_rows``. ``max_rows`` None: ``$GRADLENS_REPORT_MAX_ROWS``, else
+    500,000 (0: no limit). A text table (CSV, JSON lines) is read whole.
+
+    Raises :class:`EmptyRunError` for a run without rows (also a live one: a report needs
+    rows)."""
+    import warnings
+
+    p = _run_dir(run_dir)
+    if max_rows is None:
+        max_rows = int(os.environ.get("GRADLENS_REPORT_MAX_ROWS", REPORT_MAX_ROWS))
+    tables = find_tables(p)
+    steps = None
+    if max_rows > 0 and tables is not None and tables[0] == "parquet":
+        from gradlens.report._parquet import table_info
+
+        info = table_info(p)
+        if info["rows"] > max_rows and info["steps"]:
+            k = math.ceil(info["rows"] / max_rows)
+            steps = info["steps"][::-1][::k][::-1]
+            warnings.warn(
+                f"{p}: {info['rows']:,} rows, more than max_rows={max_rows:,}: the report reads "
+                f"every {k}th logged step ({len(steps):,} of {len(info['steps']):,}), as if the "
+                f"run had logged {k}x less often. Set GRADLENS_REPORT_MAX_ROWS (0: no limit) to "
+                "read more",
+                UserWarning,
+                stacklevel=2,
+            )
+    df = load_run(p, steps=steps)
+    if df.empty:
+        raise EmptyRunError(
+            f"{p} has no rows yet: the lens writes rows at each flush (every log_every steps, "
+            "and at close); a report needs rows"
+        )
+    return df
 
 
 # ---------------------------------------------------------------------- spikes and metadata
@@ -519,8 +329,8 @@ def load_spikes(run_dir: PathLike, *, dedupe: bool = True) -> pd.DataFrame:
                 f"{path} is not a file (a directory?), so the run's spike events cannot be "
                 "read; move it out of the run directory"
             )
-        skipped = _Skipped(path)
-        records, linenos = _read_jsonl(path, SPIKE_FIELDS[:5], skipped)  # layers, family, reason: optional
+        skipped = Skipped(path)
+        records, linenos = read_jsonl(path, SPIKE_FIELDS[:5], skipped)  # layers, family, reason: optional
         good = []
         for lineno, rec in zip(linenos, records, strict=True):
             problem = _event_problem(rec)

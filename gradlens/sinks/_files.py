@@ -12,11 +12,12 @@ inject failures.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["AppendFiles", "cut_partial_last_line", "fsync_dir"]
+__all__ = ["AppendFiles", "cut_partial_last_line", "fsync_dir", "write_json_atomic"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,6 +33,26 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader
+    sees the old file or the new one, never a partial one. Non-JSON values are written as
+    ``str``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 def cut_partial_last_line(path: Path) -> bool:

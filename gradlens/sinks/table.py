@@ -7,14 +7,17 @@ Files (names from :mod:`gradlens.schema`):
   rewritten at :meth:`~TableSink.close` with ``ended`` (``"finished"`` or ``"interrupted"``),
   ``finished`` (true only when it finished), ``last_step`` and the numbers of rows and events
   written and dropped.
-- ``stats.csv`` (header once) or ``stats.jsonl``: one row per line, appended at each
-  :meth:`~TableSink.flush`, then flushed and ``fsync``-ed: a run killed at any moment keeps every
-  flushed row. Being killed *during* a flush can leave a partial last line; readers drop it with
-  a warning and a resumed sink cuts it off before appending. A write that fails (disk full,
-  ...) is cut back to the last good line and retried at the next flush (see
-  :class:`TableSink`).
-- ``stats-000001.parquet``, ``stats-000002.parquet``, ...: one file per flush, each written to
-  a temporary name and renamed, so a killed run never leaves a partial file (needs pyarrow).
+- ``stats-*.parquet`` (the default format): one file per flush, written to a temporary name,
+  fsync-ed and renamed (a killed run never leaves a partial file, a reader never sees a
+  partial row), merged every 64 flushes into one range file grouped by statistic
+  (:mod:`gradlens.sinks._parts`, :mod:`gradlens.sinks._parquet`). A merge that fails leaves
+  the parts as they were. About 50 KB per logged step of a 7B-shaped model (``standard``).
+- ``stats.csv`` (header once) or ``stats.jsonl`` (``format="csv" | "jsonl"``): one row per
+  line, appended at each :meth:`~TableSink.flush`, then flushed and ``fsync``-ed: a run killed
+  at any moment keeps every flushed row. Being killed *during* a flush can leave a partial
+  last line; readers drop it with a warning and a resumed sink cuts it off before appending.
+  A write that fails (disk full, ...) is cut back to the last good line and retried at the
+  next flush (see :class:`TableSink`). ``gradlens export RUN --csv`` writes any run as CSV.
 - ``spikes.jsonl``: one JSON object per event (``schema.SPIKE_FIELDS``), same rules as the
   table.
 
@@ -30,21 +33,22 @@ are kept, and :func:`gradlens.report.load_run` keeps the last-written row when a
 (``GradLens`` itself appends with the warning; pass it ``sinks=[TableSink(logdir,
 resume=...)]`` to choose). A
 directory holding a table in another format is refused (pass that format or a new logdir).
+
+One writer per run directory: the sink holds ``.gradlens.lock`` (:mod:`gradlens.sinks._lock`)
+from its construction to :meth:`~TableSink.close`; a second writer gets
+:class:`~gradlens.sinks._lock.RunLockedError` naming the holder's pid and host. The lock goes
+with the process (kill -9 included), so resuming after a crash needs nothing; ``lock=False``
+overrides it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import itertools
 import json
-import math
 import os
-import re
 import time
 import warnings
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,12 +57,17 @@ from gradlens.schema import (
     RUN_META_FILE,
     SCHEMA_VERSION,
     SPIKES_FILE,
-    STAT_COLUMNS,
     STATS_BASENAME,
     TABLE_FORMATS,
     SpikeEvent,
 )
-from gradlens.sinks._files import AppendFiles, cut_partial_last_line, fsync_dir
+from gradlens.sinks._files import AppendFiles, write_json_atomic
+from gradlens.sinks._lock import RunLock
+from gradlens.sinks._parquet import MERGE_EVERY
+from gradlens.sinks._parts import list_parts
+from gradlens.sinks._reopen import check_existing, clean_leftovers, existing_formats
+from gradlens.sinks._text import CSV_HEADER as _CSV_HEADER
+from gradlens.sinks._text import Backlog, csv_fields, json_float
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Sink,
@@ -68,11 +77,9 @@ from gradlens.sinks.base import (
     ensure_writable_dir,
 )
 
-__all__ = ["TableSink", "write_json_atomic"]
+__all__ = ["TableSink", "write_json_atomic"]  # write_json_atomic: re-exported
 
-PARQUET_HINT = "pip install 'gradlens[parquet]'"
-_PARQUET_RE = re.compile(rf"^{re.escape(STATS_BASENAME)}-(\d+)\.parquet$")
-_CSV_HEADER = ",".join(STAT_COLUMNS) + "\n"
+PARQUET_HINT = "pip install pyarrow (or: pip install 'gradlens[parquet]')"
 
 
 def _require_pyarrow() -> None:
@@ -85,110 +92,23 @@ def _require_pyarrow() -> None:
         ) from err
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader
-    sees the old file or the new one, never a partial one. Non-JSON values are written as
-    ``str``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-class _Backlog:
-    """Queued items (text chunks or parquet rows) grouped by step, oldest first; ``count`` is
-    the number of rows they hold."""
-
-    def __init__(self) -> None:
-        self._chunks: deque[tuple[int, list[Any], int]] = deque()
-        self.count = 0
-
-    def add(self, step: int, items: list[Any], n: int) -> None:
-        self._chunks.append((step, items, n))
-        self.count += n
-
-    def trim(self, cap: int) -> int:
-        """Drop the oldest steps until at most ``cap`` rows remain; the number dropped."""
-        dropped = 0
-        while self.count > cap and self._chunks:
-            step = self._chunks[0][0]
-            while self._chunks and self._chunks[0][0] == step:
-                n = self._chunks.popleft()[2]
-                self.count -= n
-                dropped += n
-        return dropped
-
-    def items(self) -> list[Any]:
-        return [x for _, items, _ in self._chunks for x in items]
-
-    def clear(self) -> None:
-        self._chunks.clear()
-        self.count = 0
-
-
-def _csv_fields(*fields: str) -> str:
-    """``fields`` as one CSV line fragment, quoted as :func:`csv.writer` quotes them."""
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\r\n").writerow(fields)  # a "\r" or "\n" in a field: quoted
-    return buf.getvalue()[:-2]
-
-
-def _json_float(v: float) -> str:
-    if math.isfinite(v):
-        return repr(v)
-    if math.isnan(v):
-        return "NaN"
-    return "Infinity" if v > 0 else "-Infinity"
-
-
-def _last_line(path: Path) -> bytes:
-    """The last complete line of ``path`` (without its newline), or ``b""``."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 65536))
-        tail = f.read()
-    lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
-    return lines[-1] if lines else b""
-
-
-def _existing_formats(logdir: Path) -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {}
-    for fmt in ("csv", "jsonl"):
-        p = logdir / f"{STATS_BASENAME}.{fmt}"
-        if p.is_file():
-            found[fmt] = [p]
-    parquet = sorted(
-        (p for p in logdir.iterdir() if _PARQUET_RE.match(p.name)),
-        key=lambda p: int(_PARQUET_RE.match(p.name).group(1)),  # type: ignore[union-attr]
-    )
-    if parquet:
-        found["parquet"] = parquet
-    return found
-
-
 class TableSink(Sink):
     """Write the long table, the spike events and the run metadata to ``logdir``.
 
     Args:
         logdir: the run directory; created if needed. A path that cannot be created or written
             raises :class:`~gradlens.sinks.base.LogdirError` here, not at the first flush.
-        format: ``"csv"`` (default), ``"jsonl"`` or ``"parquet"`` (needs pyarrow).
+        format: ``"parquet"``, ``"csv"`` or ``"jsonl"``; None (default): the format of the
+            table already in ``logdir`` (a run written by an older version resumes in CSV),
+            else ``"parquet"``.
         resume: what to do when ``logdir`` already holds rows: ``None`` append with a warning,
             ``True`` append silently, ``False`` raise ``FileExistsError``.
         fsync: ``fsync`` the files at each :meth:`flush` (default). Turning it off is faster on
             network file systems but a machine crash (not a killed process) may lose rows.
         max_backlog_rows: how many rows (and, separately, events) to keep in memory while the
             files cannot be written (default 1,000,000, about 100 MB of CSV text).
+        lock: hold ``.gradlens.lock`` so that no other process writes this directory (default);
+            ``False`` writes without it (a deliberate second writer).
 
     A write error (disk full, run directory deleted, a read-only or immutable file) never
     leaves :meth:`write_stats`, :meth:`write_events`, :meth:`flush` or :meth:`close`: the sink
@@ -210,12 +130,17 @@ class TableSink(Sink):
     def __init__(
         self,
         logdir: str | os.PathLike[str],
-        format: str = "csv",
+        format: str | None = None,
         *,
         resume: bool | None = None,
         fsync: bool = True,
         max_backlog_rows: int = DEFAULT_BACKLOG_ROWS,
+        lock: bool = True,
     ) -> None:
+        if format is None:
+            here = Path(logdir).expanduser()
+            found = existing_formats(here) if here.is_dir() else {}
+            format = next(iter(found)) if len(found) == 1 else "parquet"
         if format not in TABLE_FORMATS:
             raise ValueError(f"unknown table format {format!r}; use one of {TABLE_FORMATS}")
         if format == "parquet":
@@ -233,9 +158,9 @@ class TableSink(Sink):
         self.max_backlog_rows = max_backlog_rows
         self.rows_dropped = 0
         self.events_dropped = 0
-        self._stats = _Backlog()
+        self._stats = Backlog()
         self._csv_mid: dict[tuple[str, str, str], str] = {}  # "layer,role,stat", CSV-quoted
-        self._events = _Backlog()
+        self._events = Backlog()
         self.files = AppendFiles(fsync=fsync)  # the file seam (tests inject failures there)
         self._failing = False
         self._warn = WarnOnce()
@@ -245,99 +170,39 @@ class TableSink(Sink):
         self.stats_path = self.logdir / f"{STATS_BASENAME}.{format}"
         self.spikes_path = self.logdir / SPIKES_FILE
         self.meta_path = self.logdir / RUN_META_FILE
-        existing = _existing_formats(self.logdir)
-        others = sorted(set(existing) - {format})
-        if others:
-            names = ", ".join(p.name for f in others for p in existing[f][:1])
-            raise ValueError(
-                f"{self.logdir} already holds a {'/'.join(others)} table ({names}); pass "
-                f"format={others[0]!r} to continue that run, or use a new logdir"
-            )
-        self._parquet_index = (
-            int(_PARQUET_RE.match(existing["parquet"][-1].name).group(1))  # type: ignore[union-attr]
-            if "parquet" in existing else 0
-        )
-        self.resumed = self._check_existing(resume)
-
-    # ------------------------------------------------------------------ reopening a run dir
-
-    def _check_existing(self, resume: bool | None) -> bool:
-        """Apply the reopening rule; repair a partial last line. True when appending."""
-        has_rows = False
-        if self.format == "parquet":
-            has_rows = self._parquet_index > 0
-        elif self.stats_path.is_file() and self.stats_path.stat().st_size > 0:
-            if self.format == "csv":
-                with open(self.stats_path, "rb") as f:
-                    head = f.read(len(_CSV_HEADER) + 1)
-                if head.startswith(_CSV_HEADER.encode()):
-                    has_rows = len(head) > len(_CSV_HEADER)
-                elif len(head) >= len(_CSV_HEADER) or b"\n" in head:
-                    raise ValueError(
-                        f"{self.stats_path} does not start with the header "
-                        f"{_CSV_HEADER.strip()!r}: it was not written by gradlens; move it "
-                        "away or use a new logdir"
-                    )
-            else:
-                has_rows = True
-        has_events = self.spikes_path.is_file() and self.spikes_path.stat().st_size > 0
-        if (has_rows or has_events) and resume is False:
-            raise FileExistsError(
-                f"{self.logdir} already holds the rows of a run; pass TableSink(..., "
-                "resume=True) to append to it, or use a new logdir"
-            )
-        if (has_rows or has_events) and resume is None:
-            warnings.warn(
-                f"gradlens: {self.logdir} already holds a run; appending to it (like "
-                "TensorBoard): the earlier steps are kept and load_run keeps the last-written "
-                "row of a step written twice, as a resumed run needs. To start afresh, use a "
-                "new logdir. To choose explicitly, give the lens the sink yourself: "
-                "GradLens(model, optimizer, sinks=[TableSink(logdir, resume=True)]) appends "
-                "silently, resume=False refuses.",
-                UserWarning,
-                stacklevel=3,
-            )
-        lines_files = [self.spikes_path]
-        if self.format != "parquet":
-            lines_files.append(self.stats_path)
-        for path in lines_files:
-            if path.is_file() and cut_partial_last_line(path):
-                warnings.warn(
-                    f"gradlens: cut a partial last line off {path} (a run killed while "
-                    "writing) before appending",
-                    UserWarning,
-                    stacklevel=3,
+        self.resumed = False
+        self._lock = RunLock(self.logdir) if lock else None
+        try:
+            if self._lock is not None:  # without the lock, temporary files may be live
+                clean_leftovers(self.logdir)
+            existing = existing_formats(self.logdir)
+            others = sorted(set(existing) - {format})
+            if others:
+                names = ", ".join(p.name for f in others for p in existing[f][:1])
+                raise ValueError(
+                    f"{self.logdir} already holds a {'/'.join(others)} table ({names}); pass "
+                    f"format={others[0]!r} to continue that run, or use a new logdir"
                 )
-        if not (has_rows or has_events):
-            return False
-        self.last_step = self._existing_last_step()
-        try:
-            with open(self.meta_path, encoding="utf-8") as f:
-                self._previous_run = json.load(f)
-        except (OSError, ValueError):
-            self._previous_run = None
-        return True
+            parts = list_parts(self.logdir)
+            self._parquet_index = parts[-1][1] if parts else 0
+            merged = max((q[1] for q in parts if q[0] < q[1]), default=0)
+            self._unmerged = [p for p in parts if p[0] == p[1] and p[0] > merged]
+            self.resumed = check_existing(self, resume)
+        except BaseException:
+            self.abandon()
+            raise
 
-    def _existing_last_step(self) -> int | None:
-        try:
-            if self.format == "parquet":
-                if not self._parquet_index:
-                    return None
-                import pyarrow.compute as pc
-                import pyarrow.parquet as pq
-
-                last = self.logdir / f"{STATS_BASENAME}-{self._parquet_index:06d}.parquet"
-                return int(pc.max(pq.read_table(last, columns=["step"])["step"]).as_py())
-            if not self.stats_path.is_file():
-                return None
-            line = _last_line(self.stats_path)
-            if not line or line + b"\n" == _CSV_HEADER.encode():
-                return None
-            if self.format == "csv":
-                return int(line.split(b",", 1)[0])
-            return int(json.loads(line)["step"])
-        except Exception:  # the step is informative only; a damaged table is the reader's job
-            return None
+    def abandon(self, remove_files: bool = False) -> None:
+        """Give up a sink that will not be used (a lens whose constructor failed): close the
+        files and release the lock, writing nothing more; ``remove_files``: also delete the
+        ``run.json`` that :meth:`open` wrote into a directory that held no run."""
+        self.files.close()
+        if remove_files and self._opened and not self.resumed:
+            with contextlib.suppress(OSError):
+                self.meta_path.unlink()
+        if self._lock is not None:
+            self._lock.release()
+        self._closed = True
 
     # ------------------------------------------------------------------ Sink API
 
@@ -378,7 +243,7 @@ class TableSink(Sink):
                 for _, layer, role, stat, v in group:
                     mid = mids.get((layer, role, stat))
                     if mid is None:
-                        mid = mids[(layer, role, stat)] = _csv_fields(layer, role, stat)
+                        mid = mids[(layer, role, stat)] = csv_fields(layer, role, stat)
                     lines.append(f"{step},{mid},{float(v)!r}\n")
                 items = ["".join(lines)]
             else:
@@ -386,7 +251,7 @@ class TableSink(Sink):
                 items = [
                     f'{{"step": {step}, "layer": {dumps(str(layer))}, "role": '
                     f'{dumps(str(role))}, "stat": {dumps(str(stat))}, "value": '
-                    f'{_json_float(float(v))}}}\n'
+                    f'{json_float(float(v))}}}\n'
                     for _, layer, role, stat, v in group
                 ]
             n = len(items) if self.format != "csv" else items[0].count("\n")
@@ -449,6 +314,8 @@ class TableSink(Sink):
                 flushes_coalesced=self.flushes_coalesced,
             )
             self._write_meta()
+        if self._lock is not None:
+            self._lock.release()
 
     # ------------------------------------------------------------------ writing, and surviving
 
@@ -493,36 +360,27 @@ class TableSink(Sink):
             self._warn(self, self.meta_path, err, self._stats.count)
 
     def _write_parquet(self, rows: list[StatRow]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from gradlens.sinks._parquet import rows_table, write_part
 
-        cols = list(zip(*rows, strict=True))
-        table = pa.table(
-            {
-                "step": pa.array(cols[0], pa.int64()),
-                "layer": pa.array(cols[1], pa.string()),
-                "role": pa.array(cols[2], pa.string()),
-                "stat": pa.array(cols[3], pa.string()),
-                "value": pa.array(cols[4], pa.float64()),
-            }
-        )
         index = self._parquet_index + 1
-        final = self.logdir / f"{STATS_BASENAME}-{index:06d}.parquet"
-        tmp = self.logdir / f".{final.name}.{os.getpid()}.tmp"
-        try:
-            with self._open_file_for_parquet(tmp) as fh:
-                pq.write_table(table, fh)
-                if self._fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        path = write_part(self.logdir, index, rows_table(rows), fsync=self._fsync,
+                          opener=self._open_file_for_parquet)
         self._parquet_index = index
-        if self._fsync:
-            fsync_dir(self.logdir)
+        self._unmerged.append((index, index, path))
+        if len(self._unmerged) >= MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Merge the unmerged parts into one range file; a failure warns (once) and leaves
+        them as they are (they are complete files), to be merged with the next ones."""
+        from gradlens.sinks._parquet import merge_parts
+
+        try:
+            merge_parts(self.logdir, self._unmerged, fsync=self._fsync)
+        except Exception as err:
+            self._warn(self, self.logdir / "stats-*.parquet (merge)", err, 0)
+            return
+        self._unmerged = []
 
     def _open_file_for_parquet(self, path: Path) -> BinaryIO:
         """The file seam of the parquet format: a new file for one flush's rows."""

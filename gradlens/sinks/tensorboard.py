@@ -2,8 +2,11 @@
 
 What it writes (tags from :mod:`gradlens.schema`):
 
-- every row as a scalar ``tb_tag(stat, layer)``: ``gradlens/<stat>/<layer>``, or
-  ``gradlens/global/<stat>`` for run-level rows;
+- run-level rows as scalars ``gradlens/global/<stat>``; per-layer rows as scalars
+  ``gradlens/<stat>/<layer>`` only with ``per_layer=True`` (a tag per (layer, statistic) is
+  ~6,000 tags per step for a 7B-shaped model: TensorBoard's own scalar views become unusable
+  and the event file grows by ~0.4 MB per step; the per-layer views are the gradlens tab's
+  heatmaps, read from the table);
 - per-group aggregates ``gradlens/by_group/<stat>/<group>/{mean,min,max}`` over the finite
   values of the layers of each dashboard group at each step (the margin charts read them);
 - histograms with ``add_histogram_raw`` under ``tb_tag(hist.stat, hist.layer)``;
@@ -30,6 +33,7 @@ dropped rows counted (:attr:`~gradlens.sinks.base.Sink.rows_dropped`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -85,6 +89,8 @@ class TensorBoardSink(Sink):
         logdir: the run directory; created if needed (a non-writable one raises
             :class:`~gradlens.sinks.base.LogdirError` here).
         group_aggregates: write the per-group mean/min/max scalars (the margin charts need them).
+        per_layer: also write every per-layer row as its own scalar (default False: the
+            run-level rows and the per-group aggregates only).
         dashboards: install the custom-scalars layout at :meth:`open`.
         templates: dashboard templates (default: the packaged ones,
             :func:`gradlens.sinks.dashboards.load_templates`).
@@ -105,6 +111,7 @@ class TensorBoardSink(Sink):
         logdir: str | os.PathLike[str],
         *,
         group_aggregates: bool = True,
+        per_layer: bool = False,
         dashboards: bool = True,
         templates: Sequence[Any] | None = None,
         max_queue: int = 1000,
@@ -114,6 +121,7 @@ class TensorBoardSink(Sink):
         self.logdir = ensure_writable_dir(logdir)
         self.meta = {}
         self.group_aggregates = group_aggregates
+        self.per_layer = per_layer
         self.dashboards = dashboards
         self.templates = templates
         self.layout: Any = None
@@ -150,10 +158,21 @@ class TensorBoardSink(Sink):
 
             stats = self.meta.get("stats")
             self.layout = build_layout(layers, self.templates,
-                                       stats=set(stats) if stats is not None else None)
+                                       stats=set(stats) if stats is not None else None,
+                                       per_layer=self.per_layer)
             self._layout_record = _record(_event(summary=layout_summary(self.layout)))
             self._queue.append((0, self._layout_record, 0))
             self._drain()
+
+    def abandon(self, remove_files: bool = False) -> None:
+        """Give up a sink that will not be used (a lens whose constructor failed): close the
+        event file (and delete it with ``remove_files``), writing nothing more."""
+        self._queue.clear()
+        self.files.close()
+        if remove_files:
+            with contextlib.suppress(OSError):
+                self.event_path.unlink()
+        self._closed = True
 
     def _add(self, summary: Any, step: int, values: int) -> None:
         """Queue one event; write the queue when it is long or old."""
@@ -214,29 +233,35 @@ class TensorBoardSink(Sink):
             by_step[int(row[0])].append(row)
         for step in sorted(by_step):
             step_rows = by_step[step]
-            template, group_of, n_groups = self._tag_layout(
+            template, group_of, n_groups, own = self._tag_layout(
                 tuple((layer, role, stat) for _, layer, role, stat, _ in step_rows))
             values = np.fromiter((float(r[4]) for r in step_rows), dtype=np.float64,
                                  count=len(step_rows))
             keep = None
             if n_groups:
                 aggregates, present = _group_aggregates(values, group_of, n_groups)
-                values = np.concatenate([values, aggregates])
-                keep = np.concatenate([np.ones(len(step_rows), dtype=bool),
+                values = np.concatenate([values[own], aggregates])
+                keep = np.concatenate([np.ones(len(own), dtype=bool),
                                        np.repeat(present, 3)])
+            else:
+                values = values[own]
             event = template.event(values, step, time.time(), keep)
             self._add_record(_crc.record(event), step,
                              len(values) if keep is None else int(keep.sum()))
 
     def _tag_layout(self, key: tuple[tuple[str, str, str], ...]
-                    ) -> tuple[ScalarTemplate, np.ndarray, int]:
-        """``(template, group_of, n_groups)`` of one step's rows ``(layer, role, stat)``: the
-        event template of the rows' tags then ``mean, min, max`` of each (stat, dashboard group) in order of first
-        appearance; ``group_of[i]`` is row i's aggregate (-1: none, a run-level row). Cached:
-        the rows are the same at every logged step."""
+                    ) -> tuple[ScalarTemplate, np.ndarray, int, np.ndarray]:
+        """``(template, group_of, n_groups, own)`` of one step's rows ``(layer, role, stat)``:
+        the event template of the tags of the rows written as their own scalar (indices
+        ``own``: the run-level rows, and every row with ``per_layer``) then ``mean, min, max``
+        of each (stat, dashboard group) in order of first appearance; ``group_of[i]`` is row
+        i's aggregate (-1: none, a run-level row). Cached: the rows are the same at every
+        logged step."""
         layout = self._layouts.get(key)
         if layout is None:
-            tags = [tb_tag(stat, layer) for layer, _, stat in key]
+            own = np.array([i for i, (layer, _, _) in enumerate(key)
+                            if self.per_layer or layer == GLOBAL], dtype=np.int64)
+            tags = [tb_tag(key[i][2], key[i][0]) for i in own]
             groups: dict[tuple[str, str], int] = {}
             group_of = np.full(len(key), -1, dtype=np.int64)
             if self.group_aggregates:
@@ -248,7 +273,7 @@ class TensorBoardSink(Sink):
                      for agg in ("mean", "min", "max")]
             if len(self._layouts) >= 16:
                 self._layouts.clear()
-            layout = self._layouts[key] = (ScalarTemplate(tags), group_of, len(groups))
+            layout = self._layouts[key] = (ScalarTemplate(tags), group_of, len(groups), own)
         return layout
 
     def write_histograms(self, hists: Sequence[Histogram]) -> None:

@@ -1,9 +1,11 @@
 """What the gradlens TensorBoard plugin serves, computed from the run directories' files.
 
-The plugin reads ``run.json``, ``stats.*`` and ``spikes.jsonl`` through
-:mod:`gradlens.report.load`, never TensorBoard event files. :class:`RunStore` caches each run
-under a key of the (name, size, mtime) of its files: a poll of an unchanged run costs a few
-``stat`` calls; a run that wrote a flush since is read again.
+The plugin reads ``run.json``, ``stats.*`` and ``spikes.jsonl``, never TensorBoard event
+files, and never a whole parquet table: the run list comes from the files' footers
+(:mod:`gradlens.tb_plugin._tables`), a heatmap reads the row groups of its statistic only.
+:class:`RunStore` caches each run under a key of the (name, size, mtime) of its files: a poll
+of an unchanged run costs a few ``stat`` calls; a run that wrote a flush since reads the new
+footers, and a statistic asked for again is read again.
 
 Step downsampling (:func:`bin_steps`): a statistic logged at ``S`` steps is shown in at most
 ``max_cols`` columns. The logged steps (sorted) are cut into ``C = min(S, max_cols)`` runs of
@@ -30,9 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens.report.load import RunError, find_tables, load_meta, load_run
+from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.verdicts import layer_order, short_labels
-from gradlens.schema import GLOBAL, RUN_META_FILE, SPIKES_FILE
+from gradlens.schema import RUN_META_FILE, SPIKES_FILE
+from gradlens.tb_plugin._tables import Table
 
 __all__ = [
     "AGGREGATES",
@@ -128,7 +131,8 @@ class _Run:
     """The cached content of one run directory."""
 
     key: tuple[Any, ...]
-    df: pd.DataFrame | None = None
+    table: Table | None = None
+    summary: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     wide: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -141,6 +145,7 @@ class RunStore:
     def __init__(self, logdir: str | os.PathLike[str]) -> None:
         self.logdir = Path(logdir).expanduser()
         self._runs: dict[Path, _Run] = {}
+        self._tables: dict[Path, Table] = {}
         self._events: dict[Path, tuple[tuple[Any, ...], list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
 
@@ -173,22 +178,26 @@ class RunStore:
             run.meta = dict(load_meta(path))
         except RunError:
             run.meta = {}
+        table = self._tables.setdefault(path, Table(path))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a partial last line of a live run
-                run.df = load_run(path)
+            table.refresh()
+            run.summary = table.summary()
+            run.table = table
         except (RunError, OSError) as err:
             run.error = str(err)
+        if run.table is not None and run.table.fmt is None:
+            run.error = (f"{path} has no rows yet: the lens writes rows at each flush (every "
+                         "log_every steps, and at close)")
         with self._lock:
             self._runs[path] = run
         return run
 
-    def _data(self, name: str | None) -> tuple[Path, _Run, pd.DataFrame]:
+    def _data(self, name: str | None) -> tuple[Path, _Run, Table]:
         path = self._resolve(name)
         run = self._run(path)
-        if run.df is None:
-            raise PluginInputError(run.error or f"run {name!r} has no rows yet")
-        return path, run, run.df
+        if run.table is None or run.table.fmt is None:
+            raise PluginInputError(run.error or f"{path} has no rows yet")
+        return path, run, run.table
 
     def list_runs(self) -> list[dict[str, Any]]:
         """One entry per run: name, label, statistics, layers, logged steps, finished, error."""
@@ -200,37 +209,37 @@ class RunStore:
                 "finished": bool(run.meta.get("finished", False)), "error": run.error,
                 "stats": [], "n_layers": 0, "n_steps": 0, "last_step": None,
             }
-            if run.df is not None:
-                per_layer = run.df[run.df["layer"] != GLOBAL]
-                entry["stats"] = sorted(pd.unique(per_layer["stat"]).tolist())
-                entry["n_layers"] = int(per_layer["layer"].nunique())
-                entry["n_steps"] = int(run.df["step"].nunique())
-                entry["last_step"] = int(run.df["step"].max())
+            if run.summary is not None:
+                summary = run.summary
+                entry["stats"] = summary["stats"]
+                layers = summary["layers"]
+                if layers is None:  # parquet: the layers run.json lists (the lens writes all)
+                    layers = [la.get("name") for la in run.meta.get("layers") or []
+                              if isinstance(la, dict)]
+                entry["n_layers"] = len(layers)
+                entry["n_steps"] = len(summary["steps"])
+                entry["last_step"] = int(summary["steps"][-1]) if summary["steps"] else None
             out.append(entry)
         return out
 
-    def _wide(self, run: _Run, df: pd.DataFrame, stat: str
+    def _wide(self, run: _Run, table: Table, stat: str
               ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(layers in display order, steps, layers x steps values) of one statistic, cached."""
         if stat in run.wide:
             return run.wide[stat]
-        sub = df[(df["stat"] == stat) & (df["layer"] != GLOBAL)]
-        if sub.empty:
-            stats = sorted(pd.unique(df.loc[df["layer"] != GLOBAL, "stat"]).tolist())
+        layers, roles, steps, values = table.stat_matrix(stat)
+        if not layers:
+            stats = (run.summary or {}).get("stats", [])
             raise PluginInputError(f"statistic {stat!r} has no per-layer rows in this run "
                                    f"(it has: {', '.join(stats) or 'none'})")
-        sub = sub.drop_duplicates(["step", "layer"], keep="last")
-        wide = sub.pivot(index="layer", columns="step", values="value")
-        first = sub.drop_duplicates("layer")
-        roles = dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
         run.roles.update(roles)
-        order = layer_order(first, run.meta, wide.index)
+        first = pd.DataFrame({"layer": layers, "role": [roles[n] for n in layers]})
+        order = layer_order(first, run.meta, layers)
         rank = {r: i for i, r in enumerate(ROLE_ORDER)}
         pos = {name: i for i, name in enumerate(order)}
         order = sorted(order, key=lambda n: (rank.get(roles.get(n, ""), len(rank)), pos[n]))
-        wide = wide.reindex(order)
-        entry = (order, wide.columns.to_numpy(dtype=np.int64),
-                 wide.to_numpy(dtype=np.float64))
+        row = {n: i for i, n in enumerate(layers)}
+        entry = (order, steps, values[[row[n] for n in order]])
         run.wide[stat] = entry
         return entry
 
@@ -252,8 +261,8 @@ class RunStore:
             raise PluginInputError(f"agg must be one of {AGGREGATES}, got {agg!r}")
         if not 1 <= max_cols <= MAX_COLS_LIMIT:
             raise PluginInputError(f"max_cols must be in 1..{MAX_COLS_LIMIT}, got {max_cols}")
-        _path, run, df = self._data(name)
-        layers, steps, values = self._wide(run, df, stat)
+        _path, run, table = self._data(name)
+        layers, steps, values = self._wide(run, table, stat)
         bins = bin_steps(len(steps), max_cols)
         binned = _reduce_bins(values, bins, agg)
         roles = run.roles
@@ -281,8 +290,8 @@ class RunStore:
                      max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean") -> dict[str, Any]:
         """Per role: the median, min and max over its layers of the binned values, per column."""
         hm = self.heatmap(name, stat, max_cols, agg)
-        _path, run, df = self._data(name)
-        _layers, steps, values = self._wide(run, df, str(stat))
+        _path, run, table = self._data(name)
+        _layers, steps, values = self._wide(run, table, str(stat))
         binned = _reduce_bins(values, bin_steps(len(steps), max_cols), agg)
         out: dict[str, Any] = {}
         for band in hm["roles"]:

@@ -12,7 +12,7 @@ import torch
 from gradlens import GradLens
 from gradlens.data import build_llama
 from gradlens.report import load_meta, load_run, load_spikes
-from gradlens.schema import tb_tag
+from gradlens.schema import tb_group_tag, tb_tag
 
 VOCAB = 128
 
@@ -54,10 +54,11 @@ def test_run_directory_contents(tmp_path):
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert tb_tag("grad_norm", "lm_head.weight") in tags["scalars"]
+    # no tag per (layer, statistic) by default: run-level and per-group scalars
+    assert tb_tag("grad_norm", "lm_head.weight") not in tags["scalars"]
     assert tb_tag("loss", "global") in tags["scalars"]
     assert any("unit_rms_hist" in t for t in tags["histograms"])
-    tb = acc.Scalars(tb_tag("grad_norm", "lm_head.weight"))
+    tb = acc.Scalars(tb_group_tag("grad_norm", "output", "max"))  # lm_head alone in its group
     table = out[out.stat == "grad_norm"].sort_values("step")
     np.testing.assert_allclose([e.value for e in tb], table.value.to_numpy(), rtol=1e-6)
 

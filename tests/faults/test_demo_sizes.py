@@ -67,4 +67,4 @@ def test_demo_cli_at_size_tiny(corpus: Path, tmp_path: Path,
                str(out), "--optimizers", "adamw", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert (out / "report" / "report.html").is_file()
-    assert (out / "runs" / "adamw" / "stats.csv").is_file()
+    assert list((out / "runs" / "adamw").glob("stats-*.parquet"))

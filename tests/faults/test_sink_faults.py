@@ -121,7 +121,7 @@ def test_fault_after_the_data_was_written_is_not_duplicated(
 
 
 def test_backlog_cap_drops_the_oldest_steps_and_counts_them(tmp_path: Path) -> None:
-    sink = TableSink(tmp_path, max_backlog_rows=10)  # two steps of five rows
+    sink = TableSink(tmp_path, "csv", max_backlog_rows=10)  # two steps of five rows
     faults = Faults(sink.files)
     sink.open({})
     _flush_steps(sink, [1])
@@ -138,7 +138,7 @@ def test_backlog_cap_drops_the_oldest_steps_and_counts_them(tmp_path: Path) -> N
 
 
 def test_close_while_failing_counts_what_is_lost(tmp_path: Path) -> None:
-    sink = TableSink(tmp_path)
+    sink = TableSink(tmp_path, "csv")
     faults = Faults(sink.files)
     sink.open({})
     _flush_steps(sink, [1])
@@ -240,7 +240,7 @@ def test_how_the_run_ended(tmp_path: Path) -> None:
 
 
 def test_multisink_passes_ended_and_sums_dropped_rows(tmp_path: Path) -> None:
-    a, b = TableSink(tmp_path / "a", max_backlog_rows=0), TableSink(tmp_path / "b")
+    a, b = TableSink(tmp_path / "a", "csv", max_backlog_rows=0), TableSink(tmp_path / "b")
     Faults(a.files).mode = "write"
 
     class OldStyle(TableSink):  # a user's sink written before close took ``ended``

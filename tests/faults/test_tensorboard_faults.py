@@ -28,7 +28,7 @@ def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def test_partial_write_is_cut_back_and_retried(tmp_path: Path) -> None:
-    sink = TensorBoardSink(tmp_path, group_aggregates=False, dashboards=False)
+    sink = TensorBoardSink(tmp_path, group_aggregates=False, dashboards=False, per_layer=True)
     faults = Faults(sink.files)
     sink.write_stats(_rows(1))
     sink.flush()
@@ -50,7 +50,7 @@ def test_partial_write_is_cut_back_and_retried(tmp_path: Path) -> None:
 
 
 def test_backlog_cap_and_loss_at_close_are_counted(tmp_path: Path) -> None:
-    sink = TensorBoardSink(tmp_path, group_aggregates=False, dashboards=False,
+    sink = TensorBoardSink(tmp_path, group_aggregates=False, dashboards=False, per_layer=True,
                            max_backlog_rows=4)
     faults = Faults(sink.files)
     faults.mode = "write"
@@ -66,7 +66,7 @@ def test_backlog_cap_and_loss_at_close_are_counted(tmp_path: Path) -> None:
 
 def test_deleted_run_directory_gets_a_new_file_with_the_layout(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sink = TensorBoardSink(run)
+    sink = TensorBoardSink(run, per_layer=True)
     sink.open({"layers": layer_dicts()})
     sink.write_stats(_rows(1))
     sink.flush()

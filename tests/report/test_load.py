@@ -10,6 +10,7 @@ import pytest
 
 from gradlens.report import (
     CorruptLineWarning,
+    CorruptPartWarning,
     CorruptRunError,
     EmptyRunError,
     RunError,
@@ -83,16 +84,21 @@ def test_not_a_run_hints(tmp_path: Path) -> None:
 
 
 def test_empty_run(tmp_path: Path) -> None:
-    sink = TableSink(tmp_path)
+    sink = TableSink(tmp_path, "csv")
     sink.open({"name": "empty"})
-    with pytest.raises(EmptyRunError, match="no rows yet"):
-        load_run(tmp_path)
+    live = load_run(tmp_path)  # a live run before its first flush: empty, not an error
+    assert live.empty and tuple(live.columns) == STAT_COLUMNS
+    assert live.dtypes["step"] == "int64" and live.dtypes["value"] == "float64"
     assert load_spikes(tmp_path).empty
     assert load_meta(tmp_path)["finished"] is False
     (tmp_path / "stats.csv").write_text("step,layer,role,stat,value\n")
+    assert load_run(tmp_path).empty
+    sink.close()  # ended without a row: now an error that says so
     with pytest.raises(EmptyRunError, match="no rows yet"):
         load_run(tmp_path)
-    sink.close()
+    (tmp_path / "stats.csv").unlink()
+    with pytest.raises(EmptyRunError, match="no rows yet"):
+        load_run(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +176,11 @@ def test_only_a_truncated_line_is_an_empty_run(tmp_path: Path) -> None:
 def test_corrupt_parquet_file(tmp_path: Path) -> None:
     _run(tmp_path, "parquet")
     (tmp_path / "stats-000002.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(CorruptRunError, match=r"stats-000002\.parquet"):
+    with pytest.warns(CorruptPartWarning, match=r"stats-000002\.parquet"):
+        df = load_run(tmp_path)  # the damaged flush is lost, the others are read
+    assert same_values(df["value"].tolist(), [r[4] for r in sample_rows()])
+    (tmp_path / "stats-000001.parquet").write_bytes(b"PAR1 neither")
+    with pytest.warns(CorruptPartWarning), pytest.raises(CorruptRunError, match="none of its 2"):
         load_run(tmp_path)
 
 

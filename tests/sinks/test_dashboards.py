@@ -46,7 +46,7 @@ def test_packaged_templates_load() -> None:
                                                if s.family != "custom"}
 
 
-def _every_tag_the_lens_writes(tmp_path: Path) -> set[str]:
+def _every_tag_the_lens_writes(tmp_path: Path, per_layer: bool = True) -> set[str]:
     """Write one step of every statistic for every layer (column statistics for matrices
     only, as the lens does), the run-level rows and one event of every kind; return the
     scalar tags TensorBoard reads back."""
@@ -60,7 +60,7 @@ def _every_tag_the_lens_writes(tmp_path: Path) -> set[str]:
         if info.family == "global" or stat in ("grad_norm", "grad_norm_z", "grad_norm_preclip"):
             rows.append((1, GLOBAL, GLOBAL, stat, 1.0))
     events = [SpikeEvent(1, GLOBAL, kind, 1.0, 2.0) for kind in SPIKE_KINDS]
-    with TensorBoardSink(tmp_path) as sink:
+    with TensorBoardSink(tmp_path, per_layer=per_layer) as sink:
         sink.open({"layers": layer_dicts()})
         sink.write_stats(rows)
         sink.write_events(events)
@@ -69,9 +69,10 @@ def _every_tag_the_lens_writes(tmp_path: Path) -> set[str]:
     return set(ea.Tags()["scalars"])
 
 
-def test_every_charted_tag_is_a_tag_the_lens_writes(tmp_path: Path) -> None:
-    written = _every_tag_the_lens_writes(tmp_path)
-    layout = build_layout(layer_dicts())
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_every_charted_tag_is_a_tag_the_lens_writes(tmp_path: Path, per_layer: bool) -> None:
+    written = _every_tag_the_lens_writes(tmp_path, per_layer)
+    layout = build_layout(layer_dicts(), per_layer=per_layer)
     regexes, exact = layout_tags(layout)
     assert regexes and exact
     for regex in regexes:

@@ -282,7 +282,7 @@ def test_csv_lines_equal_the_csv_module(tmp_path: Path, meta) -> None:
 
     rows = [(1, 'a,b "c"', "x\ny", "grad_norm", 0.1), (1, "plain", "", "s", math.nan),
             (2, 'a,b "c"', "x\ny", "grad_norm", -math.inf), (2, "plain", "", "s", 1e-300)]
-    sink = TableSink(tmp_path / "run")
+    sink = TableSink(tmp_path / "run", "csv")
     sink.open(meta)
     sink.write_stats(rows)
     sink.close()

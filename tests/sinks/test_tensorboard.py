@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from gradlens.schema import SPIKES_TEXT_TAG, tb_group_tag, tb_spike_tag, tb_tag
+from gradlens.schema import GLOBAL, SPIKES_TEXT_TAG, tb_group_tag, tb_spike_tag, tb_tag
 from gradlens.sinks.base import Histogram, LogdirError
 from gradlens.sinks.dashboards import build_layout
 from gradlens.sinks.tensorboard import TensorBoardSink
@@ -32,7 +32,7 @@ def _scalars(ea: EventAccumulator, tag: str) -> list[tuple[int, float]]:
 
 @pytest.fixture
 def written(tmp_path: Path, rows, events, meta) -> EventAccumulator:
-    sink = TensorBoardSink(tmp_path)
+    sink = TensorBoardSink(tmp_path, per_layer=True)
     sink.open(meta)
     sink.write_stats(rows)
     sink.write_histograms([
@@ -115,9 +115,31 @@ def test_custom_scalars_layout_installed(written: EventAccumulator, meta) -> Non
     assert metadata.CONFIG_SUMMARY_TAG in written.PluginTagToContent(metadata.PLUGIN_NAME)
     (t,) = written.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(t.tensor_proto.string_val[0])
-    assert layout == build_layout(meta["layers"])
+    assert layout == build_layout(meta["layers"], per_layer=True)
     titles = [c.title for c in layout.category]
     assert "By statistic: Norms" in titles and "By group: Attention" in titles
+
+
+def test_default_scalars_are_run_level_and_per_group(tmp_path: Path, rows, meta) -> None:
+    """Without per_layer: no tag per (layer, statistic); the run-level rows and the group
+    aggregates (same values as with per_layer) only, and a layout without per-layer charts."""
+    with TensorBoardSink(tmp_path) as sink:
+        sink.open(meta)
+        sink.write_stats(rows)
+    ea = _accumulate(tmp_path)
+    tags = set(ea.Tags()["scalars"])
+    layers = {r[1] for r in rows if r[1] != GLOBAL}
+    assert not [t for t in tags if any(t.endswith("/" + la) for la in layers)]
+    assert {t for t in tags if t.startswith("gradlens/global/")} == {
+        tb_tag(r[3], GLOBAL) for r in rows if r[1] == GLOBAL}
+    mlp = [r[4] for r in rows if r[0] == 2 and "mlp" in r[1] and r[3] == "grad_norm"]
+    assert _scalars(ea, tb_group_tag("grad_norm", "mlp", "max"))[1] == \
+        (2, pytest.approx(max(mlp), rel=1e-6))
+    (t,) = ea.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(t.tensor_proto.string_val[0])
+    assert layout == build_layout(meta["layers"], per_layer=False)
+    assert not [r for c in layout.category for ch in c.chart for r in ch.multiline.tag
+                if not r.startswith(("^gradlens/global/", "^gradlens/spikes/"))]
 
 
 def test_meta_stats_restrict_the_layout(tmp_path: Path, meta) -> None:

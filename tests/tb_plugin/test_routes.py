@@ -12,7 +12,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
 from gradlens.tb_plugin import GradLensPlugin
-from gradlens.tb_plugin import data as plugin_data
+from gradlens.tb_plugin import _tables as plugin_tables
 from tests.tb_plugin._runs import synthetic_layers, write_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,8 +135,8 @@ def test_live_updates_reload_only_on_change(tmp_path: Path, monkeypatch) -> None
     run = tmp_path / "live"
     write_run(run, 7, np.arange(10))
     calls = []
-    real = plugin_data.load_run
-    monkeypatch.setattr(plugin_data, "load_run", lambda p: calls.append(p) or real(p))
+    real = plugin_tables.load_run
+    monkeypatch.setattr(plugin_tables, "load_run", lambda p: calls.append(p) or real(p))
     _, c = client(tmp_path)
     _, first = get(c, "/heatmap", run="live", stat="grad_norm")
     _, again = get(c, "/heatmap", run="live", stat="grad_norm")
@@ -214,3 +214,61 @@ def test_heatmap_route_is_fast_at_200_layers_by_2000_steps(tmp_path: Path) -> No
     print(f"\nheatmap 200 x 2000 -> 200 x 400: first (reads the table) {cold:.2f} s, "
           f"cached {1e3 * warm:.0f} ms")
     assert warm < 2.0, warm
+
+
+def test_parquet_and_csv_runs_answer_the_same(tmp_path: Path) -> None:
+    """The same rows as CSV (read whole) and as the parquet store (70 flushes: a merged range
+    of 64 and 6 parts, read from footers and per statistic): identical answers."""
+    import pandas as pd
+
+    from gradlens.sinks.table import TableSink
+
+    steps = np.arange(0, 700, 10)
+    write_run(tmp_path / "csv", 12, steps, stats=("grad_norm", "grad_rms"))
+    df = pd.read_csv(tmp_path / "csv" / "stats.csv")
+    sink = TableSink(tmp_path / "pq")
+    sink.open(json.loads((tmp_path / "csv" / "run.json").read_text()))
+    for _, g in df.groupby("step", sort=True):
+        sink.write_stats(list(g.itertuples(index=False, name=None)))
+        sink.flush()
+    sink.close("finished")
+    names = sorted(p.name for p in (tmp_path / "pq").glob("stats-*.parquet"))
+    assert names[0] == "stats-000001-000064.parquet" and len(names) == 7
+    _, c = client(tmp_path)
+    _, runs = get(c, "/runs")
+    a, b = ({k: v for k, v in r.items() if k not in ("run", "label")} for r in runs["runs"])
+    assert a == b and a["n_steps"] == 70 and a["n_layers"] == 12 and a["last_step"] == 690
+    for route, params in (("/heatmap", dict(stat="grad_norm")),
+                          ("/heatmap", dict(stat="grad_rms", max_cols=7, agg="mean")),
+                          ("/roles", dict(stat="grad_norm", max_cols=9))):
+        _, x = get(c, route, run="csv", **params)
+        _, y = get(c, route, run="pq", **params)
+        for body in (x, y):
+            body.pop("run")
+            body.pop("version")
+        assert x == y, route
+
+
+def test_a_step_written_again_shows_its_last_value(tmp_path: Path) -> None:
+    """A resumed run re-did step 50: both stores show the re-done values, steps in order."""
+    import warnings
+
+    from gradlens.sinks.table import TableSink
+
+    lay = synthetic_layers(7)
+    for fmt in ("csv", "parquet"):
+        sink = TableSink(tmp_path / fmt, fmt)
+        sink.open({"name": fmt, "layers": [{"name": n, "role": r} for n, r in lay]})
+        for step in (*range(0, 70, 10), 50):  # 0..60, then 50 again
+            value = 7.5 if step == 50 and sink.rows_written >= 7 * 7 else 1.0 + step
+            sink.write_stats([(step, n, r, "grad_norm", value) for n, r in lay])
+            sink.flush()
+        sink.close("finished")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, c = client(tmp_path)
+        for fmt in ("csv", "parquet"):
+            code, hm = get(c, "/heatmap", run=fmt, stat="grad_norm")
+            assert code == 200 and [a for a, _ in hm["columns"]] == list(range(0, 70, 10))
+            assert {row[5] for row in hm["values"]} == {7.5}
+            assert {row[4] for row in hm["values"]} == {41.0}

@@ -1,0 +1,136 @@
+"""Writing the parquet table: a part per flush, and the merge of parts into ranges.
+
+Encoding (measured on the 7B-shaped ``standard`` step of ``benchmarks/bench_scale.py``):
+``layer``, ``role``, ``stat`` dictionary-encoded (a few hundred names, an index per row);
+``step`` dictionary/RLE (one value per flush); ``value`` float64 with ``BYTE_STREAM_SPLIT``
+then zstd (the exponent bytes of gradient statistics compress, the mantissa bytes do not).
+Each file's key-value metadata ``gradlens`` holds its distinct steps and statistics, so a
+reader lists a run's steps from the footers alone.
+
+Merging (``MERGE_EVERY`` parts into one range file) keeps the number of files small (a
+100k-step run with ``log_every=1`` has ~1,600 files instead of 100k) and groups the rows by
+statistic, one row group each, which is what a reader of one statistic skips by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from gradlens.schema import GLOBAL
+from gradlens.sinks._files import fsync_dir
+from gradlens.sinks._parts import Part, part_name
+
+__all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
+
+MERGE_EVERY = 64
+META_KEY = b"gradlens"
+_OPTIONS: dict[str, Any] = dict(
+    compression="zstd",
+    use_dictionary=["step", "layer", "role", "stat"],
+    column_encoding={"value": "BYTE_STREAM_SPLIT"},
+    write_statistics=["step", "stat"],
+)
+
+
+def rows_table(rows: Sequence[tuple[int, str, str, str, float]]) -> Any:
+    """The rows ``(step, layer, role, stat, value)`` as a pyarrow table of the store's schema."""
+    import pyarrow as pa
+
+    cols = list(zip(*rows, strict=True))
+    return pa.table({
+        "step": pa.array(cols[0], pa.int64()),
+        "layer": pa.array(cols[1], pa.string()),
+        "role": pa.array(cols[2], pa.string()),
+        "stat": pa.array(cols[3], pa.string()),
+        "value": pa.array(cols[4], pa.float64()),
+    })
+
+
+def _with_meta(table: Any) -> Any:
+    """``table`` with the ``gradlens`` metadata: its distinct ``steps``, the ``stats`` of its
+    per-layer rows and the ``global`` stats of its run-level rows."""
+    import pyarrow.compute as pc
+
+    is_global = pc.equal(table["layer"], GLOBAL)
+    info = {"steps": sorted(pc.unique(table["step"]).to_pylist()),
+            "stats": sorted(pc.unique(table.filter(pc.invert(is_global))["stat"]).to_pylist()),
+            "global": sorted(pc.unique(table.filter(is_global)["stat"]).to_pylist())}
+    return table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
+
+
+def _atomic(final: Path, fsync: bool, write: Callable[[BinaryIO], None],
+            opener: Callable[[Path], BinaryIO]) -> None:
+    """Write ``final`` through a temporary file (fsync-ed when asked) and a rename."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        with opener(tmp) as fh:
+            write(fh)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if fsync:
+        fsync_dir(final.parent)
+
+
+def _open_new(path: Path) -> BinaryIO:
+    return open(path, "wb")
+
+
+def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
+               opener: Callable[[Path], BinaryIO]) -> Path:
+    """Write one flush's rows as ``stats-<index>.parquet``; the path."""
+    import pyarrow.parquet as pq
+
+    final = logdir / part_name(index)
+    table = _with_meta(table)
+    _atomic(final, fsync, lambda fh: pq.write_table(table, fh, **_OPTIONS), opener)
+    return final
+
+
+def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
+    """Merge ``parts`` (consecutive, in order) into one range file, then delete them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p[2]).replace_schema_metadata(None)
+                              for p in parts])
+    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync)
+    for p in parts:
+        with contextlib.suppress(OSError):
+            p[2].unlink()
+    if fsync:
+        fsync_dir(logdir)
+    return final
+
+
+def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool) -> Path:
+    """Write the rows of flushes ``first..last`` as one range file, grouped by statistic (a
+    stable sort: write order kept within a statistic), one row group per statistic."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
+    stats = table["stat"].to_numpy(zero_copy_only=False)
+    cuts = [0, *(np.flatnonzero(stats[1:] != stats[:-1]) + 1).tolist(), len(stats)]
+
+    def write(fh: BinaryIO) -> None:
+        with pq.ParquetWriter(fh, table.schema, **_OPTIONS) as w:
+            for a, b in itertools.pairwise(cuts):
+                w.write_table(table.slice(a, b - a), row_group_size=b - a)
+
+    final = logdir / part_name(first, last)
+    _atomic(final, fsync, write, _open_new)
+    return final
