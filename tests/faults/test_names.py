@@ -20,6 +20,7 @@ from gradlens.report.load import CorruptLineWarning, load_meta, load_run, load_s
 from gradlens.schema import GLOBAL, SpikeEvent, tb_tag
 from gradlens.sinks.memory import MemorySink
 from gradlens.sinks.table import TableSink
+from gradlens.sinks.tensorboard import TensorBoardSink
 from gradlens.tb_plugin.data import RunStore
 
 NAMES = ["line\nbreak", "carriage\rreturn", "crlf\r\nend", "tab\there", 'quote"double',
@@ -53,8 +54,10 @@ def _run(logdir: Path, fmt: str, tensorboard: bool = False) -> MemorySink:
     memory = MemorySink()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no output layer in this model
+        # per-layer TensorBoard scalars (not the default): every name gets its own tag
+        sinks = [memory, TensorBoardSink(logdir, per_layer=True)] if tensorboard else [memory]
         lens = GradLens(model, opt, logdir=logdir, preset="minimal", table_format=fmt,
-                        tensorboard=tensorboard, sinks=[memory])
+                        tensorboard=False, sinks=sinks)
         for _ in range(STEPS):
             loss = model(torch.randn(8, 4)).square().mean()
             loss.backward()
