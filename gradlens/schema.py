@@ -4,7 +4,7 @@ Run directory (``logdir``)::
 
     run.json        metadata: model, optimizer, preset, layers with roles and shapes, version
     stats-*.parquet long table (default): step, layer, role, stat, value; one file per flush,
-                    merged every 64 flushes (gradlens.sinks._parts); or stats.csv /
+                    merged every 64 flushes (gradlens.table_parts); or stats.csv /
                     stats.jsonl, appended at every flush
     spikes.jsonl    one JSON object per event: step, layer, kind, value, score, layers
     events.out.tfevents.*   TensorBoard: scalars gradlens/global/<stat> and per group (and

@@ -23,7 +23,7 @@ from typing import Any
 
 from gradlens.report._errors import CorruptPartWarning, CorruptRunError
 from gradlens.schema import GLOBAL, STAT_COLUMNS
-from gradlens.sinks._parts import list_parts
+from gradlens.table_parts import list_parts
 
 __all__ = ["Query", "scan", "scan_each", "table_info"]
 

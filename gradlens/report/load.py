@@ -50,7 +50,7 @@ from gradlens.schema import (
     STAT_COLUMNS,
     STATS_BASENAME,
 )
-from gradlens.sinks._parts import list_parts
+from gradlens.table_parts import list_parts
 
 __all__ = [
     "CorruptLineWarning",

@@ -26,7 +26,7 @@ import numpy as np
 
 from gradlens.schema import GLOBAL
 from gradlens.sinks._files import fsync_dir
-from gradlens.sinks._parts import Part, part_name
+from gradlens.table_parts import Part, part_name
 
 __all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
 

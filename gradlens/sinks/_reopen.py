@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from gradlens.schema import STATS_BASENAME
 from gradlens.sinks._files import cut_partial_last_line
-from gradlens.sinks._parts import list_parts
 from gradlens.sinks._text import CSV_HEADER as _CSV_HEADER
 from gradlens.sinks._text import last_line
+from gradlens.table_parts import list_parts
 
 if TYPE_CHECKING:
     from gradlens.sinks.table import TableSink

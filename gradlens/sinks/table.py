@@ -10,7 +10,7 @@ Files (names from :mod:`gradlens.schema`):
 - ``stats-*.parquet`` (the default format): one file per flush, written to a temporary name,
   fsync-ed and renamed (a killed run never leaves a partial file, a reader never sees a
   partial row), merged every 64 flushes into one range file grouped by statistic
-  (:mod:`gradlens.sinks._parts`, :mod:`gradlens.sinks._parquet`). A merge that fails leaves
+  (:mod:`gradlens.table_parts`, :mod:`gradlens.sinks._parquet`). A merge that fails leaves
   the parts as they were. About 50 KB per logged step of a 7B-shaped model (``standard``).
 - ``stats.csv`` (header once) or ``stats.jsonl`` (``format="csv" | "jsonl"``): one row per
   line, appended at each :meth:`~TableSink.flush`, then flushed and ``fsync``-ed: a run killed
@@ -64,7 +64,6 @@ from gradlens.schema import (
 from gradlens.sinks._files import AppendFiles, write_json_atomic
 from gradlens.sinks._lock import RunLock
 from gradlens.sinks._parquet import MERGE_EVERY
-from gradlens.sinks._parts import list_parts
 from gradlens.sinks._reopen import check_existing, clean_leftovers, existing_formats
 from gradlens.sinks._text import CSV_HEADER as _CSV_HEADER
 from gradlens.sinks._text import Backlog, csv_fields, json_float
@@ -76,6 +75,7 @@ from gradlens.sinks.base import (
     check_ended,
     ensure_writable_dir,
 )
+from gradlens.table_parts import list_parts
 
 __all__ = ["TableSink", "write_json_atomic"]  # write_json_atomic: re-exported
 

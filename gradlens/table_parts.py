@@ -1,4 +1,5 @@
-"""The parquet table's files: one part per flush, merged into ranges.
+"""The parquet table's file names, shared by its writer (sinks) and its readers (report, plugin):
+one part per flush, merged into ranges.
 
 - ``stats-000007.parquet``: the rows of the 7th flush.
 - ``stats-000001-000064.parquet``: flushes 1..64 merged (:mod:`gradlens.sinks._parquet`),
