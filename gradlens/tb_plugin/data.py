@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.report.load import RunError, find_tables, load_meta, load_run
+from gradlens.report.summary import report_pointers
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import GLOBAL, RUN_META_FILE, SPIKES_FILE
 
@@ -323,9 +324,11 @@ class RunStore:
         """The verdicts of the latest ``gradlens report`` that covered this run.
 
         ``verdicts.json`` is looked for in the run directory, the directories above it up to
-        the logdir, and their direct sub-directories (``gradlens demo`` writes
-        ``runs/<name>/`` and ``report/``); rows are matched by the run directory the report
-        recorded, or else by the run's label.
+        the logdir, and their direct sub-directories, and wherever the run directory's
+        ``reports.json`` points (``gradlens report`` records itself there: the demo's
+        ``report/`` sits beside the logdir ``runs/``); rows are matched by the run directory
+        the report recorded, or else by the run's label. Each row carries the report's
+        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are.
         """
         path = self._resolve(name).resolve()
         run = self._run(path)
@@ -339,6 +342,7 @@ class RunStore:
                 candidates += sorted(s / VERDICTS_FILE for s in d.iterdir() if s.is_dir())
             except OSError:
                 continue
+        candidates += [Path(p) for p in report_pointers(path)]  # where a report said it went
         found = []
         for f in dict.fromkeys(candidates):
             if not f.is_file():

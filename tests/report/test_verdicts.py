@@ -54,12 +54,16 @@ def test_output_first_in_90_percent_of_steps_is_yes(table):
     assert n["median_log_ratio"] == pytest.approx(float(np.median(d)))
 
 
-def test_output_rarely_first_is_no():
+def test_output_rarely_first_but_leading_the_ranking_cannot_tell():
+    """Largest at 10% of the steps, behind a different layer each step at the rest:
+    it leads the ranking (median rank 4, the others worse), so the verdict does not say "no" (tests/report/test_ranking.py has
+    the "no" of an output behind the same layers at every step)."""
     v = output_highest_verdict(make_table(50, seed=1, output_first=0.1), "noise_scale")
-    assert v.answer == "no"
+    assert v.answer == "cannot tell"
     assert v.numbers["fraction_first"] == pytest.approx(0.1)
     assert v.numbers["p_less"] < 0.05
-    assert v.numbers["median_rank"] > 1
+    assert v.numbers["median_rank"] > 1 and v.numbers["overall_rank"] == 1
+    assert "no one layer is above it consistently" in v.reason
 
 
 def test_output_first_half_the_time_cannot_tell():
@@ -289,8 +293,8 @@ def test_layer_ranking_puts_output_first(table):
     assert r.iloc[0]["layer"] == OUTPUT and r.iloc[0]["rank"] == 1
     assert r.iloc[0]["p_first"] > 0.95
     assert len(r) == len(layers())
-    assert (r["ci_low"] <= r["mean"]).all() and (r["mean"] <= r["ci_high"]).all()
-    assert list(r["mean"]) == sorted(r["mean"], reverse=True)
+    assert (r["ci_low"] <= r["ci_high"]).all()
+    assert list(r["median_rank"]) == sorted(r["median_rank"])
     pd.testing.assert_frame_equal(r, layer_ranking(table, "noise_scale", n_boot=300))
 
 

@@ -376,15 +376,11 @@ function drawVerdicts(results) {
     box.append(el("p", {class: "gl-note", text: `${res.run}: from ${res.source}`}));
     const computed = res.verdicts.filter((v) => v.answer !== "not computable");
     const missing = res.verdicts.filter((v) => v.answer === "not computable");
-    const rows = computed.map((v) => {
-      const n = v.numbers || {};
-      return {question: v.question, answer: v.answer,
-        effect: n.effect_size ?? n.median_ratio ?? n.rank_biserial ?? null,
-        "p-value": n.p_value ?? null,
-        "fraction of steps": n.fraction_first ?? n.fraction ?? n.fraction_steps ?? null,
-        reason: v.reason};
-    });
-    if (rows.length) box.append(table(rows, ["question", "answer", "effect", "p-value", "fraction of steps", "reason"]));
+    // the report's own summary cells (gradlens.report.summary): same numbers, same words
+    const cols = ["question", "answer", "effect size", "p-value", "fraction of steps"];
+    const rows = computed.map((v) => ({...(v.summary || {question: v.question, answer: v.answer,
+      "effect size": "(report predates summaries: rerun gradlens report)"}), reason: v.reason}));
+    if (rows.length) box.append(table(rows, [...cols, "reason"]));
     if (missing.length) {
       box.append(el("p", {class: "gl-note", text: `not computable (${missing.length}): ` +
         missing.map((v) => `${v.stat || v.kind}: ${v.reason}`).join("; ")}));
