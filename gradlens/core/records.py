@@ -44,6 +44,8 @@ def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
             out.extend(payload.values.values())
         elif kind == "hist":
             out.extend(payload[1:])
+        elif kind == "scalars":
+            out.append(payload[1])
     return out
 
 
@@ -61,6 +63,12 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
             continue
         if kind == "row":
             rows.append((step, *payload))
+            continue
+        if kind == "scalars":  # global values that were device tensors (tensor lr)
+            names_s, t = payload
+            rows.extend((step, GLOBAL, GLOBAL, n, v)
+                        for n, v in zip(names_s, host[pos:pos + t.numel()], strict=True))
+            pos += t.numel()
             continue
         if kind == "hist":
             layer, edges, counts, moments = payload

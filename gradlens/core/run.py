@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradlens.core import distributed as D
+from gradlens.core import settings
 from gradlens.schema import STATS
 from gradlens.sinks.base import Sink
 from gradlens.sinks.base import close_sink as _close_sink
@@ -52,6 +53,8 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         "model": type(lens.model).__name__,
         "num_parameters": sum(p.numel() for p in lens.model.parameters()),
         "optimizer": type(lens.optimizer).__name__ if lens.optimizer is not None else None,
+        "optimizer_settings": settings.optimizer_settings(lens.optimizer),
+        "batch_size": lens.config.batch_size,  # as told; measured per step: batch_size rows
         "preset": lens.config.preset,
         "log_every": lens.config.log_every,
         "loss_reduction": lens.config.loss_reduction,

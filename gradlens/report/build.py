@@ -13,7 +13,8 @@ figures (:mod:`gradlens.report.plots`) and writes::
                             value and bootstrap CI
     report/role_spread.csv  per run and column statistic: per-role median and CI
     report/spikes.csv       every spike event of every run
-    report/runs.csv         one row per run: directory, model, optimizer, preset, steps
+    report/runs.csv         one row per run: directory, model, optimizer and hyperparameters,
+                            batch size, learning rate per group, preset, steps
     report/momentum.csv     per run and layer: the momentum advice and its evidence
     report/verdicts.json    the verdicts with their numbers, summary cells and run directories
                             (each run directory gets a pointer to it in reports.json; the
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from gradlens.report import plots as P
 from gradlens.report import verdicts as V
 from gradlens.report.replace import replaced_dir
+from gradlens.report.settings import run_settings
 from gradlens.report.summary import SUMMARY_COLUMNS, register_report, summary_cells
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
 
@@ -225,7 +227,7 @@ def _runs_table(runs: list[_Run]) -> pd.DataFrame:
         steps = r.df["step"]
         rows.append(dict(
             run=r.label, directory=str(r.path), model=r.meta.get("model"),
-            optimizer=r.meta.get("optimizer"), preset=r.meta.get("preset"),
+            **run_settings(r.meta, r.df), preset=r.meta.get("preset"),
             first_step=int(steps.min()) if len(steps) else None,
             last_step=int(steps.max()) if len(steps) else None,
             layers=int(r.df.loc[r.df["layer"] != GLOBAL, "layer"].nunique()),
