@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
 from gradlens.sinks.base import Histogram
 
@@ -51,7 +52,7 @@ def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
 
 def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[float]):
     names = [i.name for i in lens.layers]
-    roles = [i.role.value for i in lens.layers]
+    roles = [layer_kind(i.name, i.role.value) for i in lens.layers]  # the kinds (gradlens.kinds)
     L = len(names)
     pos = 0
     rows: list[tuple[int, str, str, str, float]] = []

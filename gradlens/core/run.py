@@ -45,7 +45,7 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
     if not lens.sinks:
         return
     from gradlens import __version__
-    from gradlens.sinks.base import layer_group
+    from gradlens.kinds import layer_kind
 
     run_meta: dict[str, Any] = {
         "name": name or (lens.logdir.name if lens.logdir is not None else "run"),
@@ -63,9 +63,10 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
             s for f in lens.families for s in f.emits
             if s in STATS and STATS[s].family == "custom"],
         "layers": [
-            {"name": i.name, "role": i.role.value, "layout": i.layout,
+            {"name": i.name, "role": layer_kind(i.name, i.role.value), "layout": i.layout,
              "shape": list(i.param.shape), "numel": i.numel,
-             "group": layer_group(i.name, i.role.value), "aliases": list(i.aliases)}
+             "group": layer_kind(i.name, i.role.value), "scale_role": i.role.value,
+             "aliases": list(i.aliases)}
             for i in lens.layers
         ],
     }

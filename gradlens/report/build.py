@@ -42,6 +42,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from gradlens.kinds import with_kinds
 from gradlens.report import plots as P
 from gradlens.report import verdicts as V
 from gradlens.report.replace import replaced_dir
@@ -118,7 +119,7 @@ def _load_runs(run_dirs: Sequence[str | Path]) -> list[_Run]:
     used: set[str] = set()
     for d in run_dirs:
         path = Path(d)
-        df = load_run(path)  # raises the loader's clear errors for a missing/empty/bad run
+        df = with_kinds(load_run(path))  # raises the loader's clear errors for a bad run
         spikes = load_spikes(path)
         try:
             meta = dict(load_meta(path))

@@ -57,7 +57,8 @@ def norm_gain_layers(layers: Iterable[str], roles: Mapping[str, str] | None = No
         if name in groups:
             if groups[name] == "norms":
                 out.append(name)
-        elif roles.get(name) == "vector" and any(_NORM_MODULE.search(p) for p in parts[:-1]):
+        elif roles.get(name) in ("norms", "vector") and any(_NORM_MODULE.search(p)
+                                                             for p in parts[:-1]):
             out.append(name)
     return out
 

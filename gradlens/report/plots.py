@@ -31,6 +31,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from gradlens.kinds import KIND_COLORS, KINDS, with_kinds
 from gradlens.report.verdicts import (
     layer_order,
     layer_ranking,
@@ -55,11 +56,10 @@ __all__ = [
     "spans_decades",
 ]
 
-ROLE_COLORS = {"output": "#c0392b", "embedding": "#2874a6", "hidden": "#7f8c8d",
-               "vector": "#b9770e", "global": "#000000"}
+ROLE_COLORS = KIND_COLORS  # one colour per kind, everywhere (gradlens.kinds)
 OUTPUT_COLOR = ROLE_COLORS["output"]
 MISSING_COLOR = "#d9d9d9"
-_ROLE_ORDER = ("embedding", "hidden", "vector", "output")
+_ROLE_ORDER = KINDS
 
 P = ParamSpec("P")
 
@@ -340,7 +340,7 @@ def plot_run_comparison(
     Log y-axis when the values are positive and span two decades (``log=None``).
     """
     d = _runs(df)
-    d = d[(d["stat"] == stat) & (d["layer"] != GLOBAL)]
+    d = with_kinds(d[(d["stat"] == stat) & (d["layer"] != GLOBAL)])
     d = d[np.isfinite(d["value"].astype(float))]
     if d.empty:
         raise ValueError(f"no finite values of {stat!r} to compare")
@@ -413,7 +413,7 @@ def plot_role_spread(
     layers; otherwise the verdict compares roles step by step). One box per role and run.
     """
     d = _runs(df)
-    d = d[(d["stat"] == stat) & (d["layer"] != GLOBAL)]
+    d = with_kinds(d[(d["stat"] == stat) & (d["layer"] != GLOBAL)])
     d = d[np.isfinite(d["value"].astype(float))]
     if d.empty:
         raise ValueError(f"no finite values of {stat!r}")

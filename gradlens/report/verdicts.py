@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from gradlens.kinds import KINDS, layer_kind
 from gradlens.report.ranking import bootstrap_indices, layer_ranking, rank_order
 from gradlens.report.ranking import step_counts as _counts
 from gradlens.report.summary import verdict_figures
@@ -75,7 +76,7 @@ __all__ = [
 
 ANSWERS = ("yes", "no", "cannot tell", "not computable")
 SPREAD_STATS = tuple(s.name for s in STATS.values() if s.family == "columns")
-_ROLE_ORDER = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
+_ROLE_ORDER = {k: i for i, k in enumerate(KINDS)}
 _MAX_CHUNK = 4_000_000  # elements per bootstrap chunk (bounds memory on long runs)
 
 
@@ -134,11 +135,13 @@ def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
 
 
 def layer_roles(df: pd.DataFrame) -> dict[str, str]:
-    """``{layer: role}`` from the long table (first role seen per layer)."""
+    """``{layer: kind}`` from the long table (first role seen per layer; the internal roles of
+    runs written before the kinds are mapped: :func:`gradlens.kinds.layer_kind`)."""
     if df.empty:
         return {}
     first = df.drop_duplicates("layer")
-    return dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+    return {n: layer_kind(n, r) for n, r in zip(first["layer"].astype(str),
+                                                first["role"].astype(str), strict=True)}
 
 
 def _block_index(name: str) -> float:

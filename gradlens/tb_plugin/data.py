@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.kinds import KINDS, kind_color, layer_kind
 from gradlens.report.load import RunError, find_tables, load_meta, load_run
 from gradlens.report.summary import report_pointers
 from gradlens.report.verdicts import layer_order, short_labels
@@ -48,7 +49,7 @@ __all__ = [
 DEFAULT_MAX_COLS = 400
 MAX_COLS_LIMIT = 4000
 AGGREGATES = ("max", "mean")
-ROLE_ORDER = ("embedding", "hidden", "vector", "output")
+ROLE_ORDER = KINDS
 _MAX_DEPTH = 4  # how deep below the logdir run directories are looked for
 VERDICTS_FILE = "verdicts.json"
 
@@ -223,7 +224,8 @@ class RunStore:
         sub = sub.drop_duplicates(["step", "layer"], keep="last")
         wide = sub.pivot(index="layer", columns="step", values="value")
         first = sub.drop_duplicates("layer")
-        roles = dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+        roles = {n: layer_kind(n, r) for n, r in zip(first["layer"].astype(str),  # old runs
+                                                     first["role"].astype(str), strict=True)}
         run.roles.update(roles)
         order = layer_order(first, run.meta, wide.index)
         rank = {r: i for i, r in enumerate(ROLE_ORDER)}
@@ -265,7 +267,7 @@ class RunStore:
             if bands and bands[-1]["role"] == role:
                 bands[-1]["rows"] += 1
             else:
-                bands.append({"role": role, "first": i, "rows": 1})
+                bands.append({"role": role, "first": i, "rows": 1, "color": kind_color(role)})
         pos = binned[np.isfinite(binned) & (binned > 0)]
         return {
             "run": name, "stat": stat, "agg": agg, "n_steps": len(steps),
@@ -288,7 +290,8 @@ class RunStore:
         out: dict[str, Any] = {}
         for band in hm["roles"]:
             block = binned[band["first"]:band["first"] + band["rows"]]
-            entry = out.setdefault(band["role"], {"layers": 0, "rows": []})
+            entry = out.setdefault(band["role"], {"layers": 0, "rows": [],
+                                                  "color": band["color"]})
             entry["layers"] += band["rows"]
             entry["rows"].append(block)
         roles = {}
@@ -297,7 +300,7 @@ class RunStore:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
                 roles[role] = {
-                    "layers": entry["layers"],
+                    "layers": entry["layers"], "color": entry["color"],
                     "median": _json_floats(np.nanmedian(block, axis=0)),
                     "min": _json_floats(np.nanmin(block, axis=0)),
                     "max": _json_floats(np.nanmax(block, axis=0)),

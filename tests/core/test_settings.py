@@ -82,7 +82,7 @@ def test_run_json_holds_the_settings(tmp_path):
 
 
 def test_group_names_and_unreadable_entries():
-    model, groups = model_and_groups()
+    _, groups = model_and_groups()
     groups[1]["name"] = "decay"  # a duplicate name gets its index
     opt = torch.optim.SGD(groups, lr=0.1)
     opt.param_groups[0]["gate"] = torch.ones(3)  # not a scalar: left out, and said so

@@ -132,8 +132,8 @@ def test_batch_size_against_critical(bsz, answer, where):
     assert n["critical_batch_size"] == pytest.approx(50.0, rel=0.1)
     assert n["batch_size"] == bsz and n["batch_size_from"] == "batch_size rows"
     assert n["n_steps"] == 100 and n["step"] == 199 and n["source"] == "per-example"
-    # per role: hidden layers' k_l average ~1, vectors' are 0.5
-    assert n["b_simple_vector"] == pytest.approx(25.0, rel=0.1)
+    # per kind: the matrices' k_l average ~1, the norm gains' are 0.5
+    assert n["b_simple_norms"] == pytest.approx(25.0, rel=0.1)
 
 
 def test_critical_batch_size_equals_the_readout_of_the_sums():
