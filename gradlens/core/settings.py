@@ -1,8 +1,9 @@
 """The run's settings: the optimizer's class and hyperparameters (``run.json``) and the learning
 rate of each parameter group at every logged step (the global statistic ``lr/<group>``).
 
-A group is named by its ``name`` entry when it has one (torch.optim accepts extra keys; the
-gradlens optimizers' groups carry ``role``), else by its index; duplicates get ``#index``.
+A group is named by its ``name`` entry when it has one (torch.optim accepts extra keys), else
+by its ``role`` (the gradlens optimizers' groups: ``embedding``, ``output``, ``matrices``,
+``1d``), else by its index; duplicates get ``#index``.
 Hyperparameters are the group's entries other than ``params`` whose values are numbers,
 strings, booleans, None or tuples of them; a 0-d tensor (a tensor ``lr``) is read once, when
 the run opens; other entries (a step gate tensor, callables) are left out and named in
@@ -19,6 +20,10 @@ import torch
 
 __all__ = ["group_names", "learning_rates", "optimizer_settings"]
 
+# the gradlens optimizers' group roles, in words (the internal "hidden"/"vector" are jargon)
+_ROLE_NAMES = {"embedding": "embedding", "output": "output", "hidden": "matrices",
+               "vector": "1d"}
+
 
 def _inner(optimizer: Any) -> Any:
     """The wrapped optimizer of a wrapper (GatedOptimizer, accelerate's), for its class."""
@@ -29,8 +34,9 @@ def group_names(optimizer: Any) -> list[str]:
     """One name per parameter group (see the module docstring)."""
     names: list[str] = []
     for i, g in enumerate(getattr(optimizer, "param_groups", [])):
-        n = g.get("name", g.get("role"))
-        n = str(n) if isinstance(n, str) and n else str(i)
+        n = g.get("name")
+        if not (isinstance(n, str) and n):  # SCALE's groups carry their role
+            n = _ROLE_NAMES.get(str(g.get("role")), str(i))
         names.append(n if n not in names else f"{n}#{i}")
     return names
 

@@ -39,7 +39,8 @@ def norm_gain_layers(layers: Iterable[str], roles: Mapping[str, str] | None = No
 
     With run.json layer metadata: layers whose ``group`` is ``"norms"`` (the lens's dashboard
     group of 1-D parameters of norm modules) and whose leaf name is a gain (``weight``,
-    ``scale``, ``gamma``); norm biases are left out. Without it: role ``vector`` and a module
+    ``scale``, ``gamma``); norm biases are left out. Without it: kind ``norms`` (or the old role
+    ``vector``) and a module
     name component containing ``norm`` (``input_layernorm``, ``norm``, ``final_layer_norm``) or
     GPT-2's ``ln_1`` / ``ln_2`` / ``ln_f``, with a gain leaf.
     """

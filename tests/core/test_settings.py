@@ -11,6 +11,8 @@ import torch
 
 from gradlens import GradLens
 from gradlens.core.settings import group_names, optimizer_settings
+from gradlens.data import build_llama
+from gradlens.optim import SCALE, scale_param_groups
 from gradlens.report.load import load_meta, load_run
 from gradlens.report.settings import run_settings
 
@@ -92,3 +94,8 @@ def test_group_names_and_unreadable_entries():
     assert optimizer_settings(None) is None
     unnamed = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     assert group_names(unnamed) == ["0"]
+    scale = SCALE(scale_param_groups(build_llama("tiny", seed=0), lr=1e-3))
+    roles = [str(g["role"]) for g in scale.param_groups]
+    names = group_names(scale)
+    assert len(set(names)) == len(names) and "vector" not in " ".join(names)
+    assert names[roles.index("vector")] == "1d" and names[roles.index("output")] == "output"
