@@ -885,7 +885,8 @@ def compute_verdicts(
     sp = select_run(spikes, run) if spikes is not None else None
     out.append(instability_verdict(sp, one))
     out.append(norm_gns_verdict(one, meta=meta, alpha=alpha))
-    out.append(critical_batch_size_verdict(one, meta=meta, n_boot=n_boot, seed=seed))
+    out.append(critical_batch_size_verdict(one, meta=meta, n_boot=n_boot, seed=seed,
+                                           spikes=sp))
     for v in out:
         v.run = label
     return out
