@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,25 @@ from gradlens.sinks.wandb_sink import WandbSink  # noqa: E402
 BLOCK = 32768  # leveldb log blocks; each record chunk has a 7-byte header (crc, length, type)
 
 
-def read_history(run_dir: Path) -> tuple[dict[int, dict], list[str]]:
-    """``({step: {key: value}}, record kinds)`` of the offline run in ``run_dir``."""
+def read_history(run_dir: Path, wait: float = 60.0) -> tuple[dict[int, dict], list[str]]:
+    """``({step: {key: value}}, record kinds)`` of the offline run in ``run_dir``, once W&B's
+    service process has written the run's ``exit`` record (it writes the file on its own
+    after ``finish``; on a busy machine that takes a moment)."""
+    deadline = time.monotonic() + wait
+    while True:
+        steps, kinds = _parse(run_dir)
+        if "exit" in kinds or time.monotonic() > deadline:
+            return steps, kinds
+        time.sleep(0.2)
+
+
+def _parse(run_dir: Path) -> tuple[dict[int, dict], list[str]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     data = path.read_bytes()
+    if len(data) < 7:
+        return {}, []
     assert data[:4] == b":W&B"
     pos, buf, kinds, steps = 7, b"", [], {}
     while pos + 7 <= len(data):
@@ -41,6 +55,8 @@ def read_history(run_dir: Path) -> tuple[dict[int, dict], list[str]]:
         if n == 0 and kind == 0:  # block padding
             pos += left
             continue
+        if pos + 7 + n > len(data):  # a record still being written: read again later
+            break
         chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):  # FULL or LAST: one whole record
