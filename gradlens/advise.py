@@ -49,6 +49,7 @@ from typing import Any
 
 import pandas as pd
 
+from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL
 
 __all__ = ["MomentumAdvice", "advise_momentum", "ema_mse_ratio", "momentum_table",
@@ -77,6 +78,7 @@ class MomentumAdvice:
     mse_ratio: float
     buffer_bytes: int
     evidence: dict[str, Any] = field(default_factory=dict)
+    matrix: bool | None = None  # None: unknown, decided by the role (1-D: norms / vector)
 
 
 def _numels(meta: dict[str, Any] | None) -> dict[str, int]:
@@ -116,6 +118,12 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
     if not 0 < window <= 1:
         raise ValueError(f"window must be in (0, 1], got {window!r}")
     df, numels = _frame(run, meta)
+    if meta is None and not isinstance(run, pd.DataFrame):
+        from gradlens.report import load_meta
+
+        meta = load_meta(run)
+    layouts = {str(x["name"]): x.get("layout") for x in (meta or {}).get("layers", [])
+               if isinstance(x, dict) and "name" in x}
     if df.empty:
         raise ValueError("advise_momentum: the run has no rows")
     steps = sorted(df["step"].unique())
@@ -165,13 +173,21 @@ def advise_momentum(run: str | Path | pd.DataFrame, beta: float = 0.9, *,
             # EMA over raw squared error, (n V + lag) / n: all noise (n = inf) gives V
             ratio = ema_mse_ratio(beta, rho) + lag / n if n > 0 else math.inf
             advise = n >= min_noise and ratio <= max_ratio
-        out.append(MomentumAdvice(str(layer), str(roles.get(layer, "")), bool(advise), n, rho,
-                                  ratio, 4 * numels.get(str(layer), 0), ev))
+        layout = layouts.get(str(layer))
+        role = layer_kind(str(layer), str(roles.get(layer, "")))
+        out.append(MomentumAdvice(str(layer), role, bool(advise), n, rho, ratio,
+                                  4 * numels.get(str(layer), 0), ev,
+                                  None if layout is None else layout != "vector"))
     return out
 
 
+def _matrix(a: MomentumAdvice) -> bool:
+    return a.matrix if a.matrix is not None else a.role not in ("vector", "norms")
+
+
 def within_budget(advice: list[MomentumAdvice], budget_bytes: int,
-                  roles: tuple[str, ...] = ("embedding", "hidden", "output")) -> list[str]:
+                  roles: tuple[str, ...] = ("embedding", "attention", "mlp", "output", "other")
+                  ) -> list[str]:
     """The advised layers (of ``roles``) that fit in ``budget_bytes`` of momentum buffers.
 
     The gain of a layer's buffer is the drop of its squared direction error in units of its
@@ -181,7 +197,8 @@ def within_budget(advice: list[MomentumAdvice], budget_bytes: int,
     """
     if budget_bytes < 0:
         raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes!r}")
-    cands = [a for a in advice if a.momentum and a.role in roles and a.buffer_bytes > 0]
+    cands = [a for a in advice if a.momentum and _matrix(a)
+             and layer_kind(a.layer, a.role) in roles and a.buffer_bytes > 0]
 
     def key(a: MomentumAdvice) -> tuple[int, float]:
         gain = a.noise_to_signal * (1 - a.mse_ratio)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     table = momentum_table(advice)
     table.to_csv(out / "advisor" / "advice.csv", index=False)
     # 1-D tensors are AdamW's in SCALE (betas[0] is their momentum): matrices only
-    layers = [a.layer for a in advice if a.momentum and a.role != "vector"]
+    layers = [a.layer for a in advice if a.momentum and a.matrix]
     if not args.quiet:
         print(table.to_string(index=False))
         print(f"advised momentum on {len(layers)} layers: {layers}")

@@ -174,7 +174,7 @@ def test_advisor_study_runs_scale_with_momentum_on_the_advised_matrices(tmp_path
                                 "colnorm_sgd_momentum_all"}
     assert (table["n_seeds"] == 2).all()
     assert table.loc["scale_advised", "best_lr"] == table.loc["scale", "best_lr"]
-    advised = advice[advice["momentum"] & (advice["role"] != "vector")]
+    advised = advice[advice["momentum"] & (advice["role"] != "norms")]
     run = next(p for p in (out / "runs").glob("scale_advised-*/result.json"))
     info = json.loads(run.read_text())["info"]["optimizer"]
     assert info["momentum_layers"] == list(advised["layer"])

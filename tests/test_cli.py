@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from gradlens.cli import main
 from gradlens.report import load_run
@@ -26,6 +27,17 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
         assert any(p.name.startswith("events.out.tfevents") for p in (out / "runs" / name).iterdir())
     html = (out / "report" / "report.html").read_text()
     assert "data:image/png;base64" in html and "scale" in html and "adamw" in html
+    # the printed dashboard command (logdir runs/) finds the demo's report and its verdicts
+    assert f"gradlens dashboard {out / 'runs'}" in printed
+    from gradlens.tb_plugin.data import RunStore
+
+    found = RunStore(out / "runs").verdicts("scale")
+    assert found["source"] == str((out / "report" / "verdicts.json").resolve())
+    assert found["verdicts"] and all("summary" in v for v in found["verdicts"])
+    # the report's header shows the run's settings
+    runs = pd.read_csv(out / "report" / "runs.csv").set_index("run")
+    assert runs.loc["adamw", "optimizer"].startswith("AdamW lr=")
+    assert runs.loc["adamw", "learning rate"].startswith("0: ")
 
 
 def test_report_and_dashboard_errors(tmp_path, capsys):

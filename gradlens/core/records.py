@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
 from gradlens.sinks.base import Histogram
 
@@ -44,12 +45,14 @@ def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
             out.extend(payload.values.values())
         elif kind == "hist":
             out.extend(payload[1:])
+        elif kind == "scalars":
+            out.append(payload[1])
     return out
 
 
 def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[float]):
     names = [i.name for i in lens.layers]
-    roles = [i.role.value for i in lens.layers]
+    roles = [layer_kind(i.name, i.role.value) for i in lens.layers]  # the kinds (gradlens.kinds)
     L = len(names)
     pos = 0
     rows: list[tuple[int, str, str, str, float]] = []
@@ -61,6 +64,12 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
             continue
         if kind == "row":
             rows.append((step, *payload))
+            continue
+        if kind == "scalars":  # global values that were device tensors (tensor lr)
+            names_s, t = payload
+            rows.extend((step, GLOBAL, GLOBAL, n, v)
+                        for n, v in zip(names_s, host[pos:pos + t.numel()], strict=True))
+            pos += t.numel()
             continue
         if kind == "hist":
             layer, edges, counts, moments = payload

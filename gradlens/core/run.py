@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradlens.core import distributed as D
+from gradlens.core import settings
 from gradlens.core.optimizers import optimizer_name
 from gradlens.schema import STATS
 from gradlens.sinks.base import Sink
@@ -45,7 +46,7 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
     if not lens.sinks:
         return
     from gradlens import __version__
-    from gradlens.sinks.base import layer_group
+    from gradlens.kinds import layer_kind
 
     run_meta: dict[str, Any] = {
         "name": name or (lens.logdir.name if lens.logdir is not None else "run"),
@@ -53,6 +54,8 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         "model": type(lens.model).__name__,
         "num_parameters": sum(p.numel() for p in lens.model.parameters()),
         "optimizer": optimizer_name(lens.optimizer),
+        "optimizer_settings": settings.optimizer_settings(lens.optimizer),
+        "batch_size": lens.config.batch_size,  # as told; measured per step: batch_size rows
         "preset": lens.config.preset,
         "log_every": lens.config.log_every,
         "loss_reduction": lens.config.loss_reduction,
@@ -61,9 +64,10 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
             s for f in lens.families for s in f.emits
             if s in STATS and STATS[s].family == "custom"],
         "layers": [
-            {"name": i.name, "role": i.role.value, "layout": i.layout,
+            {"name": i.name, "role": layer_kind(i.name, i.role.value), "layout": i.layout,
              "shape": list(i.param.shape), "numel": i.numel,
-             "group": layer_group(i.name, i.role.value), "aliases": list(i.aliases)}
+             "group": layer_kind(i.name, i.role.value), "scale_role": i.role.value,
+             "aliases": list(i.aliases)}
             for i in lens.layers
         ],
     }

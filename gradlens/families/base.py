@@ -243,6 +243,17 @@ def nan_where(values: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
     return torch.where(ok, values, torch.full_like(values, math.nan))
 
 
+def spike_free(out: dict[str, torch.Tensor], L: int) -> torch.Tensor | None:
+    """``(L+1,)`` bool, on device: True where the spike detector flagged neither the layer's
+    norm nor the global norm at this step (last entry: no flag at all). The variance EMAs
+    skip the other steps, as the detectors skip non-finite ones. None without detectors."""
+    flags = out.get("_flags")
+    if flags is None:
+        return None
+    bad = (flags[:L] > 0) | (flags[L] > 0)
+    return torch.cat([~bad, (~bad.any()).reshape(1)])
+
+
 def edit_tolerance(dtype: torch.dtype) -> float:
     """Relative spread of per-layer factors still read as one common factor (rounding of a
     scaled gradient: ~1e-7 in float32, ~1e-3 in 16-bit formats)."""

@@ -37,12 +37,13 @@ from typing import Any
 import torch
 
 from gradlens.families.base import Statistic, StepContext
+from gradlens.kinds import KINDS, layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
 
 __all__ = ["GUARD_ACTIONS", "SpikeGuard"]
 
 GUARD_ACTIONS = ("skip", "damp", "none")
-_ROLES = ("embedding", "output", "hidden", "vector")
+_ROLES = ("embedding", "output", "hidden", "vector", *KINDS)  # internal roles and the kinds
 
 
 def _check_action(action: str, where: str) -> str:
@@ -56,7 +57,9 @@ class SpikeGuard(Statistic):
 
     Args:
         policy: one action for every layer (``"skip"``, ``"damp"``, ``"none"``), or a mapping
-            from role names (``embedding``, ``output``, ``hidden``, ``vector``) or fnmatch
+            from layer kinds (:data:`gradlens.kinds.KINDS`: ``embedding``, ``attention``,
+            ``mlp``, ``norms``, ``output``, ``other``; the internal roles ``hidden`` and
+            ``vector`` too) or fnmatch
             patterns on layer (parameter or module) names to actions; the first matching
             key in the mapping's order wins, unmatched layers get ``"none"``. A pattern that
             matches no tracked layer is a ``ValueError``.
@@ -115,7 +118,7 @@ class SpikeGuard(Statistic):
     def _action_of(self, info) -> str:
         for key, action in self.policy.items():
             if key in _ROLES:
-                if info.role.value == key:
+                if key in (info.role.value, layer_kind(info.name, info.role.value)):
                     return action
             elif fnmatch.fnmatchcase(info.name, key) or fnmatch.fnmatchcase(info.module_name,
                                                                               key):

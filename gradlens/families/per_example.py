@@ -48,7 +48,7 @@ from torch import nn
 from gradlens import stats as S
 from gradlens.core.distributed import is_dtensor as _is_dtensor
 from gradlens.core.observer import in_backward
-from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where
+from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where, spike_free
 from gradlens.families.per_example_check import DecompositionCheck
 from gradlens.families.per_example_rules import (
     Elementwise,
@@ -416,6 +416,9 @@ class PerExample(Statistic):
         if "trace" not in st:
             st["trace"], st["signal"], st["count"] = (
                 torch.zeros(1, device=lens.device, dtype=lens.dtype) for _ in range(3))
+        calm = spike_free(out, len(lens.layers))  # no flagged step in the EMAs
+        if calm is not None:
+            total_t, total_s = nan_where(total_t, calm[-1:]), nan_where(total_s, calm[-1:])
         ratio, st["trace"], st["signal"], st["count"] = S.ema_ratio_update(
             total_t, total_s, st["trace"], st["signal"], st["count"], lens.config.noise_ema)
         out["critical_batch_size"] = torch.cat([torch.full_like(trace_t, float("nan")), ratio])

@@ -5,8 +5,11 @@ and noise-scale forms, and the per-element variance of ``G/r`` (what SCALE's upd
 exact buffer pair per matrix within ``temporal_budget_bytes`` (output and embedding first),
 a count sketch beyond it (:func:`gradlens.stats.temporal_init`). Describes the gradient the
 optimizer consumes. Off for FSDP2 shards (the per-unit RMS of ``G/r`` would need a collective
-at every step). A step with a non-finite gradient entry leaves that layer's EMAs as they were
-(its weight is a device-side 0).
+at every step). A step with a non-finite gradient entry, or whose norm the spike detector
+flagged (the layer's or the global one), leaves that layer's EMAs as they were (its weight
+is a device-side 0). Single process: the update waits for the detectors' flags of the same
+step (``emit``, still before the optimizer steps); under torch.distributed the detectors
+run at the flush, so there only non-finite steps are left out.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 
 from gradlens import stats as S
-from gradlens.families.base import Statistic, StepContext
+from gradlens.families.base import Statistic, StepContext, spike_free
 from gradlens.roles import Role
 
 
@@ -26,11 +29,13 @@ class Temporal(Statistic):
     emits = ("temporal_var", "temporal_var_per_element", "temporal_noise_scale",
              "temporal_var_normalized")
     needs = frozenset({"step_grad"})
+    every_step = True  # the EMAs advance at every step, after the detectors
 
     def bind(self, lens) -> None:
         super().bind(lens)
         self.buffers: dict[int, dict[str, Any]] = {}
         self._warned = False
+        self._pending: tuple[list, torch.Tensor] | None = None
 
     def cost(self, k: int) -> int:
         """Bytes of layer k's exact temporal buffers: EMAs of g and of G/r, float32."""
@@ -66,15 +71,29 @@ class Temporal(Statistic):
             self._allocate()
         # the step summary says which gradients are finite (no entry, and no square, is not)
         finite = (ctx.nonfinite == 0) & torch.isfinite(ctx.sq)
+        grads = [g if ctx.present[k] else None for k, g in enumerate(ctx.grads or [])]
+        if ctx.world == 1:  # emit, at this step, applies it with the detectors' flags
+            self._pending = (grads, finite)
+        else:
+            self._update(grads, finite)
+
+    def _update(self, grads: list, ok: torch.Tensor) -> None:
         for k, st in self.buffers.items():
-            if ctx.present[k]:
-                S.temporal_update_(st, ctx.grads[k], self.lens.layers[k].layout,
-                                   self.lens.config.temporal_beta, finite=finite[k])
+            if grads[k] is not None:
+                S.temporal_update_(st, grads[k], self.lens.layers[k].layout,
+                                   self.lens.config.temporal_beta, finite=ok[k])
 
     def emit(self, ctx: StepContext, red, out) -> None:
         if ctx.shards is not None:
             return
         lens = self.lens
+        if self._pending is not None:
+            grads, ok = self._pending
+            self._pending = None
+            calm = spike_free(out, len(lens.layers))
+            self._update(grads, ok if calm is None else ok & calm[:-1])
+        if not ctx.logging:
+            return
         nan = lens.const("nan")
         var, ns, normed = [], [], []
         for k in range(len(lens.layers)):

@@ -23,6 +23,10 @@ estimator to each output unit, excluding units whose signal is zero within round
 (:mod:`gradlens.stats.unit_noise`). Valid when: >= 2 small batches in the step; the gradient at
 the step is the sum of what the hooks saw up to a common factor; micro-batch sizes are known
 (from the tracked layers' inputs, or the ``batch_size`` option).
+
+``noise_scale`` is the ratio of EMAs of ``tr`` and ``|G|^2``; a step whose gradient norm the
+spike detector flagged (the layer's or the global one), or whose gradient is not finite,
+does not enter them (its per-step ``twobatch_*`` rows are still written).
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ import torch
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
-from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where
+from gradlens.families.base import (
+    Statistic,
+    StepContext,
+    micro_weights,
+    nan_where,
+    spike_free,
+)
 
 
 class TwoBatch(Statistic):
@@ -137,8 +147,11 @@ class TwoBatch(Statistic):
             st["trace"] = torch.zeros(L, device=lens.device, dtype=lens.dtype)
             st["signal"] = torch.zeros(L, device=lens.device, dtype=lens.dtype)
             st["count"] = torch.zeros((), device=lens.device, dtype=lens.dtype)
+        calm = spike_free(out, L)  # a flagged step stays out of the EMAs (its rows remain)
+        calm = None if calm is None else calm[:L]
         noise_scale, st["trace"], st["signal"], st["count"] = S.ema_ratio_update(
-            trace, signal, st["trace"], st["signal"], st["count"], lens.config.noise_ema)
+            nan_where(trace, calm), nan_where(signal, calm), st["trace"], st["signal"],
+            st["count"], lens.config.noise_ema)
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
         units_big = ctx.shared.units(red)

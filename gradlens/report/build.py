@@ -9,12 +9,15 @@ figures (:mod:`gradlens.report.plots`) and writes::
     report/report.md        the same content, linking figures/*.png
     report/figures/*.png
     report/verdicts.csv     one row per verdict (numbers as JSON)
-    report/rankings.csv     per run and statistic: layers with mean and bootstrap CI
+    report/rankings.csv     per run and statistic: layers by median per-step rank, median
+                            value and bootstrap CI
     report/role_spread.csv  per run and column statistic: per-role median and CI
     report/spikes.csv       every spike event of every run
-    report/runs.csv         one row per run: directory, model, optimizer, preset, steps
+    report/runs.csv         one row per run: directory, model, optimizer and hyperparameters,
+                            batch size, learning rate per group, preset, steps
     report/momentum.csv     per run and layer: the momentum advice and its evidence
-    report/verdicts.json    the verdicts with their numbers and run directories, as JSON (the
+    report/verdicts.json    the verdicts with their numbers, summary cells and run directories
+                            (each run directory gets a pointer to it in reports.json; the
                             TensorBoard plugin's Verdicts view reads it)
 
 Figures failing to draw do not stop the report: they are listed in it (and in
@@ -39,9 +42,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from gradlens.kinds import with_kinds
 from gradlens.report import plots as P
 from gradlens.report import verdicts as V
 from gradlens.report.replace import replaced_dir
+from gradlens.report.settings import run_settings
+from gradlens.report.summary import SUMMARY_COLUMNS, register_report, summary_cells
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
 
 __all__ = ["ReportPaths", "build_report"]
@@ -113,7 +119,7 @@ def _load_runs(run_dirs: Sequence[str | Path]) -> list[_Run]:
     used: set[str] = set()
     for d in run_dirs:
         path = Path(d)
-        df = load_for_report(path)  # the loader's clear errors; thinned past max_rows
+        df = with_kinds(load_for_report(path))  # the loader's clear errors; thinned past max_rows
         spikes = load_spikes(path)
         try:
             meta = dict(load_meta(path))
@@ -169,8 +175,9 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int) -> list[_F
             if est in _stats_of(r.df):
                 figs.append(_Fig(
                     f"ranking_{est}_{r.slug}", "variance",
-                    f"{r.label}: layers ranked by mean {est} over steps, 95% bootstrap CI "
-                    "(blocks of steps resampled); output layer in red.",
+                    f"{r.label}: layers ranked by median per-step rank of {est} (no single "
+                    "step decides), median value with 95% bootstrap CI (blocks of steps "
+                    "resampled); output layer in red.",
                     lambda df=r.df, m=r.meta, s=est: P.plot_ranking(df, s, meta=m,
                                                                    n_boot=n_boot)))
     for stat in HEATMAP_STATS:
@@ -221,7 +228,7 @@ def _runs_table(runs: list[_Run]) -> pd.DataFrame:
         steps = r.df["step"]
         rows.append(dict(
             run=r.label, directory=str(r.path), model=r.meta.get("model"),
-            optimizer=r.meta.get("optimizer"), preset=r.meta.get("preset"),
+            **run_settings(r.meta, r.df), preset=r.meta.get("preset"),
             first_step=int(steps.min()) if len(steps) else None,
             last_step=int(steps.max()) if len(steps) else None,
             layers=int(r.df.loc[r.df["layer"] != GLOBAL, "layer"].nunique()),
@@ -293,28 +300,11 @@ def _badge(answer: str) -> str:
 
 
 def _summary(verdicts: list[V.Verdict], runs: list[_Run]) -> pd.DataFrame:
-    """The verdicts that could be computed, one row each: run, question, answer, effect size,
-    p-value and fraction of steps (:func:`gradlens.report.verdicts.verdict_figures`)."""
-    rows = []
-    for v in verdicts:
-        if v.answer == "not computable":
-            continue
-        f = V.verdict_figures(v)
-        effect = "" if f["effect"] is None else f"{_fmt_cell(f['effect'])} ({f['effect_size']})"
-        rows.append({
-            "run": v.run, "question": v.question, "answer": v.answer, "effect size": effect,
-            "p-value": "" if f["p_value"] is None else _fmt_p_cell(f["p_value"]),
-            "fraction of steps": ("" if f["fraction_steps"] is None
-                                  else f"{100 * f['fraction_steps']:.0f}%"),
-        })
-    return pd.DataFrame(rows, columns=["run", "question", "answer", "effect size", "p-value",
-                                       "fraction of steps"])
-
-
-def _fmt_p_cell(p: Any) -> str:
-    if not isinstance(p, (int, float)) or p != p:
-        return "nan"
-    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+    """The verdicts that could be computed, one row each: run and the summary cells
+    (:func:`gradlens.report.summary.summary_cells`, the plugin shows the same)."""
+    rows = [{"run": v.run, **summary_cells(v)} for v in verdicts
+            if v.answer != "not computable"]
+    return pd.DataFrame(rows, columns=["run", *SUMMARY_COLUMNS])
 
 
 def _not_computable(verdicts: list[V.Verdict], runs: list[_Run]) -> str:
@@ -542,6 +532,7 @@ def build_report(
     with replaced_dir(target) as tmp:
         paths = _write_report(run_dirs, tmp, title, progress)
     moved = lambda p: target / p.relative_to(tmp)  # noqa: E731
+    register_report(moved(paths.tables["verdicts_json"]), [Path(d) for d in run_dirs])
     return ReportPaths(
         out_dir=target, html=moved(paths.html), markdown=moved(paths.markdown),
         figures={k: moved(v) for k, v in paths.figures.items()},
@@ -567,8 +558,8 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
             if stat in _stats_of(r.df):
                 spreads.append(V.role_spread_table(r.df, stat, n_boot=n_boot)
                                .assign(run=r.label, stat=stat))
-    rank_cols = ["run", "stat", "rank", "layer", "label", "role", "mean", "ci_low", "ci_high",
-                 "n_steps", "p_first"]
+    rank_cols = ["run", "stat", "rank", "layer", "label", "role", "median_rank", "median",
+                 "ci_low", "ci_high", "n_steps", "p_first"]
     ranking_df = (pd.concat(rankings, ignore_index=True)[rank_cols] if rankings
                   else pd.DataFrame(columns=rank_cols))
     spread_cols = ["run", "stat", "role", "median", "ci_low", "ci_high", "n_layers", "n_values"]
@@ -600,7 +591,8 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
     md_path.write_text(md_text, encoding="utf-8")
     run_dirs_of = {r.label: str(r.path.resolve()) for r in runs}
     (out / "verdicts.json").write_text(json.dumps(
-        [{**v.to_dict(), "run_dir": run_dirs_of.get(str(v.run))} for v in verdicts], indent=1))
+        [{**v.to_dict(), "run_dir": run_dirs_of.get(str(v.run)), "summary": summary_cells(v)}
+         for v in verdicts], indent=1))
     table_paths["verdicts_json"] = out / "verdicts.json"
     return ReportPaths(
         out_dir=out, html=html_path, markdown=md_path,

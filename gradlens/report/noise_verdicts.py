@@ -39,7 +39,8 @@ def norm_gain_layers(layers: Iterable[str], roles: Mapping[str, str] | None = No
 
     With run.json layer metadata: layers whose ``group`` is ``"norms"`` (the lens's dashboard
     group of 1-D parameters of norm modules) and whose leaf name is a gain (``weight``,
-    ``scale``, ``gamma``); norm biases are left out. Without it: role ``vector`` and a module
+    ``scale``, ``gamma``); norm biases are left out. Without it: kind ``norms`` (or the old role
+    ``vector``) and a module
     name component containing ``norm`` (``input_layernorm``, ``norm``, ``final_layer_norm``) or
     GPT-2's ``ln_1`` / ``ln_2`` / ``ln_f``, with a gain leaf.
     """
@@ -57,7 +58,8 @@ def norm_gain_layers(layers: Iterable[str], roles: Mapping[str, str] | None = No
         if name in groups:
             if groups[name] == "norms":
                 out.append(name)
-        elif roles.get(name) == "vector" and any(_NORM_MODULE.search(p) for p in parts[:-1]):
+        elif roles.get(name) in ("norms", "vector") and any(_NORM_MODULE.search(p)
+                                                             for p in parts[:-1]):
             out.append(name)
     return out
 
@@ -212,6 +214,18 @@ def norm_gns_verdict(
     return Verdict(question, answer, base, head + ".", **mk)
 
 
+SPIKE_STEP_KINDS = ("grad_norm", "grad_norm_global", "nonfinite", "skipped_step")
+
+
+def spike_steps(spikes: pd.DataFrame | None, run: str | None = None) -> set[int]:
+    """Steps with a spike event of :data:`SPIKE_STEP_KINDS` (the steps the lens keeps out of
+    its variance EMAs)."""
+    if spikes is None or spikes.empty or "kind" not in spikes.columns:
+        return set()
+    sp = select_run(spikes, run) if "run" in spikes.columns else spikes
+    return {int(s) for s in sp.loc[sp["kind"].isin(SPIKE_STEP_KINDS), "step"]}
+
+
 def _batch_size(one: pd.DataFrame, meta: Mapping[str, Any] | None) -> tuple[float | None, str]:
     rows = one[(one["stat"] == "batch_size") & (one["layer"] == GLOBAL)]
     vals = pd.to_numeric(rows.sort_values("step")["value"], errors="coerce").dropna()
@@ -234,6 +248,7 @@ def critical_batch_size_verdict(
     n_boot: int = 2000,
     seed: int = 0,
     min_steps: int = 10,
+    spikes: pd.DataFrame | None = None,
 ) -> Verdict:
     """Is the batch size below the critical batch size (McCandlish et al. 2018)?
 
@@ -244,6 +259,9 @@ def critical_batch_size_verdict(
     means with a circular block-bootstrap percentile interval at level ``ci``
     (:func:`gradlens.stats.noise_scale.noise_scale_readout`), the smoothed ratio of EMAs at the
     last step, and per role the ratio of means of the role's sums (``b_simple_<role>``).
+    Steps with a spike event (``spikes``: ``grad_norm``, ``grad_norm_global``, ``nonfinite``,
+    ``skipped_step``) are left out, as the lens leaves them out of its EMAs: one spike step
+    would otherwise decide a ratio of means (``n_spike_steps_excluded``).
 
     The batch size ``B`` (examples per optimizer step, all micro-batches and ranks) is the last
     ``batch_size`` global row, else run.json's ``batch_size``. Answer ``yes`` when ``B`` is
@@ -278,7 +296,9 @@ def critical_batch_size_verdict(
                        "the run's batch size is unknown: no batch_size global row and no "
                        "batch_size in run.json", **mk)
     t_all, s_all = _layer_sums(tr, sg, list(tr.columns))
-    ok = (t_all.notna() & s_all.notna()).to_numpy()
+    flagged = spike_steps(spikes, run)
+    ok = (t_all.notna() & s_all.notna()).to_numpy() & ~tr.index.isin(flagged)
+    base["n_spike_steps_excluded"] = int(tr.index.isin(flagged).sum())
     n_ok = int(ok.sum())
     base.update(source=source, batch_size=bsz, batch_size_from=bsz_src,
                 n_layers=int(tr.shape[1]))

@@ -7,7 +7,8 @@ closing, and the figures are safe to build in a loop (``fig.savefig`` writes the
 
 - :func:`plot_heatmap`: layer x step heatmap of one statistic, layers in model order with short
   labels (``L0.attn.q``, ``lm_head``, ``embed``), log colour scale when values span decades.
-- :func:`plot_ranking`: layers ranked by their mean over steps, bootstrap CIs, output highlighted.
+- :func:`plot_ranking`: layers ranked by their median per-step rank, bootstrap CIs, output
+  highlighted.
 - :func:`plot_spike_timeline`: spike events vs step by kind, global events annotated with the
   layers they were attributed to, above them the loss when the table has it.
 - :func:`plot_run_comparison`: a statistic per role over steps, one line per run.
@@ -30,6 +31,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from gradlens.kinds import KIND_COLORS, KINDS, with_kinds
 from gradlens.report.verdicts import (
     layer_order,
     layer_ranking,
@@ -54,11 +56,10 @@ __all__ = [
     "spans_decades",
 ]
 
-ROLE_COLORS = {"output": "#c0392b", "embedding": "#2874a6", "hidden": "#7f8c8d",
-               "vector": "#b9770e", "global": "#000000"}
+ROLE_COLORS = KIND_COLORS  # one colour per kind, everywhere (gradlens.kinds)
 OUTPUT_COLOR = ROLE_COLORS["output"]
 MISSING_COLOR = "#d9d9d9"
-_ROLE_ORDER = ("embedding", "hidden", "vector", "output")
+_ROLE_ORDER = KINDS
 
 P = ParamSpec("P")
 
@@ -192,9 +193,10 @@ def plot_ranking(
     log: bool | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Layers ranked by the mean of ``stat`` over steps, with bootstrap confidence intervals.
+    """Layers in ranking order (median per-step rank of ``stat``, so no single step decides),
+    with bootstrap confidence intervals.
 
-    Dots are the means, horizontal bars the CI from resampling steps
+    Dots are the layers' median values over steps, horizontal bars the CI from resampling steps
     (:func:`gradlens.report.verdicts.layer_ranking`; pass ``ranking`` to reuse one). The output
     layer is red and always shown, even past ``top``. ``fig.axes[0].collections`` holds the CI
     bars (a LineCollection) and the dots (one PathCollection, one offset per layer).
@@ -208,19 +210,19 @@ def plot_ranking(
         r = pd.concat([r.head(top), r.iloc[top:][r.iloc[top:]["role"] == "output"]])
     r = r.iloc[::-1].reset_index(drop=True)  # largest at the top
     if log is None:
-        log = spans_decades(r[["mean", "ci_low", "ci_high"]].to_numpy())
+        log = spans_decades(r[["median", "ci_low", "ci_high"]].to_numpy())
     fig = new_figure(7.0, 1.4 + 0.24 * len(r))
     ax = fig.add_subplot()
     y = np.arange(len(r))
     colors = [ROLE_COLORS.get(role, "#34495e") for role in r["role"]]
     ax.hlines(y, r["ci_low"], r["ci_high"], colors=colors, linewidth=2.0, alpha=0.7)
-    ax.scatter(r["mean"], y, c=colors, s=28, zorder=3)
+    ax.scatter(r["median"], y, c=colors, s=28, zorder=3)
     ax.set_yticks(y, r["label"])
     ax.tick_params(axis="y", labelsize=7)
     ax.set_ylim(-0.7, len(r) - 0.3)
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel(f"mean {stat} over steps (95% bootstrap CI)")
+    ax.set_xlabel(f"median {stat} over steps (95% bootstrap CI); order: median per-step rank")
     _highlight_output(ax.get_yticklabels(), set(r.loc[r["role"] == "output", "label"]))
     roles = [x for x in _ROLE_ORDER if x in set(r["role"])]
     ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=ROLE_COLORS[x], label=x)
@@ -229,7 +231,8 @@ def plot_ranking(
     sub = ""
     if not out.empty:
         o = out.iloc[0]
-        sub = (f"\n{o['label']}: rank {int(o['rank'])} of {len(ranking)}, largest mean in "
+        sub = (f"\n{o['label']}: rank {int(o['rank'])} of {len(ranking)} (median per-step rank "
+               f"{o['median_rank']:g}), first in "
                f"{100 * o['p_first']:.0f}% of bootstrap replicates")
     ax.set_title(title or f"Layers ranked by {stat}{_stat_note(stat)}{_run_label(df, run)}{sub}")
     return fig
@@ -337,7 +340,7 @@ def plot_run_comparison(
     Log y-axis when the values are positive and span two decades (``log=None``).
     """
     d = _runs(df)
-    d = d[(d["stat"] == stat) & (d["layer"] != GLOBAL)]
+    d = with_kinds(d[(d["stat"] == stat) & (d["layer"] != GLOBAL)])
     d = d[np.isfinite(d["value"].astype(float))]
     if d.empty:
         raise ValueError(f"no finite values of {stat!r} to compare")
@@ -410,7 +413,7 @@ def plot_role_spread(
     layers; otherwise the verdict compares roles step by step). One box per role and run.
     """
     d = _runs(df)
-    d = d[(d["stat"] == stat) & (d["layer"] != GLOBAL)]
+    d = with_kinds(d[(d["stat"] == stat) & (d["layer"] != GLOBAL)])
     d = d[np.isfinite(d["value"].astype(float))]
     if d.empty:
         raise ValueError(f"no finite values of {stat!r}")

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.kinds import KINDS, layer_kind
 from gradlens.schema import GLOBAL
 
 __all__ = ["ANSWERS", "ROLE_ORDER", "Verdict", "estimator_family", "fmt", "fmt_p",
            "layer_roles", "missing_reason", "select_run", "wide_table"]
 
 ANSWERS = ("yes", "no", "cannot tell", "not computable")
-ROLE_ORDER = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
+ROLE_ORDER = {k: i for i, k in enumerate(KINDS)}
 
 
 @dataclass
@@ -76,11 +77,13 @@ def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
 
 
 def layer_roles(df: pd.DataFrame) -> dict[str, str]:
-    """``{layer: role}`` from the long table (first role seen per layer)."""
+    """``{layer: kind}`` from the long table (first role seen per layer; the internal roles of
+    runs written before the kinds are mapped: :func:`gradlens.kinds.layer_kind`)."""
     if df.empty:
         return {}
     first = df.drop_duplicates("layer")
-    return dict(zip(first["layer"].astype(str), first["role"].astype(str), strict=True))
+    return {n: layer_kind(n, r) for n, r in zip(first["layer"].astype(str),
+                                                first["role"].astype(str), strict=True)}
 
 
 def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:

@@ -45,6 +45,9 @@ from gradlens.report.noise_verdicts import (
     norm_gain_layers,
     norm_gns_verdict,
 )
+from gradlens.report.ranking import bootstrap_indices, layer_ranking, rank_order
+from gradlens.report.ranking import step_counts as _counts
+from gradlens.report.summary import verdict_figures
 from gradlens.report.verdict_base import (
     ANSWERS,
     Verdict,
@@ -58,7 +61,7 @@ from gradlens.report.verdict_base import ROLE_ORDER as _ROLE_ORDER
 from gradlens.report.verdict_base import fmt as _fmt
 from gradlens.report.verdict_base import fmt_p as _fmt_p
 from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
-from gradlens.stats.noise_scale import circular_block_indices, lag1_autocorrelation
+from gradlens.stats.noise_scale import lag1_autocorrelation
 
 __all__ = [
     "ANSWERS",
@@ -204,39 +207,6 @@ def short_labels(names: Iterable[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap_indices(n: int, n_boot: int, seed: int = 0, block: int | str | None = "auto"
-                      ) -> np.ndarray:
-    """``(n_boot, n)`` step indices for a circular block bootstrap.
-
-    Each replicate strings together blocks of ``block`` consecutive steps (wrapping around) that
-    start at uniform random positions, so short-range autocorrelation survives resampling.
-    ``block="auto"`` uses ``ceil(n ** (1/3))``, the usual rate for block length; ``1`` or ``None``
-    is the plain i.i.d. bootstrap. Seeded: the same arguments give the same indices.
-    """
-    if block in (None, "auto"):
-        b = 1 if block is None else max(1, math.ceil(max(n, 1) ** (1 / 3)))
-    else:
-        b = int(block)
-        if b < 1:
-            raise ValueError(f"block must be >= 1 or 'auto', got {block!r}")
-    return circular_block_indices(n, n_boot, b, np.random.default_rng(seed))
-
-
-def _counts(idx: np.ndarray, n: int) -> np.ndarray:
-    """How often each step appears in each replicate: ``(n_boot, n)``."""
-    c = np.zeros((idx.shape[0], n))
-    np.add.at(c, (np.repeat(np.arange(idx.shape[0]), idx.shape[1]), idx.ravel()), 1.0)
-    return c
-
-
-def _boot_means(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-column NaN-aware means of ``x`` (steps x layers) under bootstrap step counts."""
-    ok = np.isfinite(x)
-    x0 = np.where(ok, x, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (counts @ x0) / (counts @ ok.astype(float))
-
-
 def _boot_medians(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Median of all finite entries of ``x`` (steps x layers) per bootstrap replicate.
 
@@ -258,58 +228,6 @@ def _boot_medians(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
         pos = np.argmax(cw >= half, axis=1)
         out[lo:lo + chunk] = vals[pos]
     return out
-
-
-def layer_ranking(
-    df: pd.DataFrame,
-    stat: str,
-    *,
-    run: str | None = None,
-    meta: Mapping[str, Any] | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    block: int | str | None = "auto",
-) -> pd.DataFrame:
-    """Layers ranked by their mean of ``stat`` over steps, with bootstrap confidence intervals.
-
-    The steps are resampled (circular block bootstrap, the same resample for every layer so the
-    comparison stays paired); ``ci_low``/``ci_high`` are percentile bounds of the resampled means
-    and ``p_first`` is the fraction of replicates in which the layer has the largest mean.
-
-    Returns columns ``layer, label, role, mean, ci_low, ci_high, n_steps, rank, p_first``, sorted
-    by ``mean`` (largest first); empty when the statistic is absent.
-    """
-    cols = ["layer", "label", "role", "mean", "ci_low", "ci_high", "n_steps", "rank", "p_first"]
-    one = select_run(df, run)
-    wide = wide_table(one, stat)
-    if wide.empty or wide.notna().sum().sum() == 0:
-        return pd.DataFrame(columns=cols)
-    wide = wide.loc[:, wide.notna().any()]
-    wide = wide[layer_order(one, meta, wide.columns)]
-    x = wide.to_numpy()
-    counts = _counts(bootstrap_indices(x.shape[0], n_boot, seed, block), x.shape[0])
-    means = np.vstack([_boot_means(x, counts[lo:lo + 256]) for lo in range(0, n_boot, 256)])
-    alpha = (1.0 - ci) / 2.0
-    lo_q = np.nanquantile(means, alpha, axis=0)
-    hi_q = np.nanquantile(means, 1.0 - alpha, axis=0)
-    filled = np.where(np.isfinite(means), means, -np.inf)
-    p_first = np.bincount(np.argmax(filled, axis=1), minlength=x.shape[1]) / n_boot
-    roles = layer_roles(one)
-    labels = short_labels(wide.columns)
-    out = pd.DataFrame({
-        "layer": wide.columns,
-        "label": [labels[c] for c in wide.columns],
-        "role": [roles.get(c, "") for c in wide.columns],
-        "mean": np.nanmean(x, axis=0),
-        "ci_low": lo_q,
-        "ci_high": hi_q,
-        "n_steps": np.isfinite(x).sum(axis=0),
-        "p_first": p_first,
-    })
-    out = out.sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
-    out.insert(7, "rank", np.arange(1, len(out) + 1))
-    return out[cols]
 
 
 # --------------------------------------------------------------------------- question 1
@@ -365,9 +283,13 @@ def output_highest_verdict(
     layer most often largest among the others (``runner_up``) and the lag-1 autocorrelation of
     ``d`` (p-values assume independent steps; large autocorrelation makes them optimistic).
 
-    Answer: ``yes`` when the output ranks first at more than half of the steps and
-    ``p_value < alpha``;
-    ``no`` when it ranks first at < half and ``p_less < alpha``; ``cannot tell`` otherwise;
+    The output's place in the layer ranking (:func:`gradlens.report.ranking.rank_order`: the
+    median over steps of ``rank_t``, the same computation as the report's ranking) is
+    ``overall_rank``, the ranking's leader ``ranked_first``.
+
+    Answer: ``yes`` when the output is first in the ranking, ranks first at more than half of
+    the steps and ``p_value < alpha``; ``no`` when it is not first in the ranking (so it ranks
+    first at no more than half of the steps) and ``p_less < alpha``; ``cannot tell`` otherwise;
     ``not computable`` when the estimator, the output layer or enough steps (``min_steps``) are
     missing, or when the output equals the largest other layer at every step (constant input:
     the signed-rank test has no non-zero difference). Raw (not size-fair) estimators are flagged: they grow with the tensor size.
@@ -429,9 +351,15 @@ def output_highest_verdict(
         if tot and on:
             base["output_numel_share"] = on / tot
     labels = short_labels(wide.columns)
+    order = rank_order(wide)  # the ranking's own computation: the two cannot disagree
+    overall = int(order.loc[order["layer"].isin(outs), "rank"].min())
+    leader = str(order["layer"].iloc[0])
+    base.update(overall_rank=overall, ranked_first=leader)
     where = f"steps {base['first_step']}..{base['last_step']} (n={n})"
     head = (f"{labels[outs[0]]} ranks first at {first.sum()}/{n} steps "
-            f"({100 * first.mean():.0f}%), median rank {np.median(rank):g} of {len(wide.columns)}")
+            f"({100 * first.mean():.0f}%), median rank {np.median(rank):g} of {len(wide.columns)}"
+            f"; in the ranking (median per-step rank) it is {overall} of {len(order)}"
+            + ("" if overall == 1 else f", behind {labels[leader]}"))
 
     if d.size >= min_steps and not np.any(d != 0):  # scipy would divide by zero
         base.update(p_value=math.nan, p_less=math.nan, p_two_sided=math.nan)
@@ -456,9 +384,9 @@ def output_highest_verdict(
         lag1_autocorr=ac,
     )
     frac = float(first.mean())
-    if frac > 0.5 and p_g < alpha:
+    if overall == 1 and frac > 0.5 and p_g < alpha:
         answer = "yes"
-    elif frac < 0.5 and p_l < alpha:
+    elif overall > 1 and p_l < alpha:  # not first in the ranking: at most half the steps
         answer = "no"
     else:
         answer = "cannot tell"
@@ -466,6 +394,9 @@ def output_highest_verdict(
               f"median x{_fmt(math.exp(med))}, rank-biserial {_fmt(base['rank_biserial'], 2)}; "
               f"Wilcoxon signed-rank on log ratio: one-sided p = {_fmt_p(p_g)} "
               f"(output higher), p = {_fmt_p(p_l)} (output lower), over {where}.")
+    if overall == 1 and frac <= 0.5 and p_l < alpha:
+        reason += (" It leads the ranking yet is the largest at no more than half of the "
+                   "steps: no one layer is above it consistently, a different one each step.")
     if math.isfinite(ac) and ac > 0.5:
         reason += f" Steps are autocorrelated (lag-1 r = {ac:.2f}): p-values are optimistic."
     return Verdict(question, answer, base, reason + raw_note, **mk)
@@ -810,41 +741,10 @@ def compute_verdicts(
     sp = select_run(spikes, run) if spikes is not None else None
     out.append(instability_verdict(sp, one))
     out.append(norm_gns_verdict(one, meta=meta, alpha=alpha))
-    out.append(critical_batch_size_verdict(one, meta=meta, n_boot=n_boot, seed=seed))
+    out.append(critical_batch_size_verdict(one, meta=meta, n_boot=n_boot, seed=seed,
+                                           spikes=sp))
     for v in out:
         v.run = label
-    return out
-
-
-def verdict_figures(v: Verdict) -> dict[str, Any]:
-    """The headline numbers of a verdict: ``effect`` (its name in ``effect_size``), ``p_value``
-    and ``fraction_steps``; None where the question has no such number.
-
-    - output highest: matched-pairs rank-biserial of ``log(output / largest other)``, the
-      one-sided Wilcoxon p-value, the fraction of steps at which the output ranks first;
-    - column spread: epsilon^2 = H / (n - 1) of the Kruskal-Wallis test (layers as samples),
-      or, with a role of too few layers, the per-step test's rank-biserial / Kendall's W and
-      its p-value; no fraction of steps;
-    - instability: the fraction of logged steps with a spike event (``n_spike_steps`` over
-      ``n_logged_steps``) when both are known.
-    """
-    n = v.numbers
-    out: dict[str, Any] = {"effect_size": None, "effect": None, "p_value": None,
-                           "fraction_steps": None}
-    if v.kind == "output_highest":
-        out.update(effect_size="rank-biserial", effect=n.get("rank_biserial"),
-                   p_value=n.get("p_value"), fraction_steps=n.get("fraction_first"))
-    elif v.kind == "column_spread":
-        if n.get("test") == "kruskal":
-            out.update(effect_size="epsilon^2", effect=n.get("epsilon_sq"),
-                       p_value=n.get("p_value"))
-        elif "p_steps" in n:
-            name = "Kendall's W" if n.get("test") == "friedman" else "rank-biserial"
-            out.update(effect_size=name, effect=n.get("effect"), p_value=n.get("p_steps"))
-    elif v.kind == "instability":
-        steps, total = n.get("n_spike_steps"), n.get("n_logged_steps")
-        if isinstance(steps, (int, float)) and isinstance(total, (int, float)) and total > 0:
-            out["fraction_steps"] = steps / total
     return out
 
 

@@ -4,6 +4,8 @@
   and ``spikes.jsonl``, kill-safe;
 - :class:`~gradlens.sinks.tensorboard.TensorBoardSink`: scalars, histograms, spike text and the
   custom-scalar dashboards (imported on first use: it loads TensorBoard);
+- :class:`~gradlens.sinks.wandb_sink.WandbSink`: Weights & Biases (global and per-kind scalars,
+  spike events, a heatmap image; imported on first use; ``pip install gradlens[wandb]``);
 - :class:`~gradlens.sinks.memory.MemorySink`: lists and a DataFrame, for tests and notebooks;
 - :class:`~gradlens.sinks.base.Sink` (the interface) and :class:`~gradlens.sinks.base.MultiSink`.
 """
@@ -25,6 +27,7 @@ __all__ = [
     "StatRow",
     "TableSink",
     "TensorBoardSink",
+    "WandbSink",
     "layer_group",
 ]
 
@@ -34,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from gradlens.sinks.tensorboard import TensorBoardSink
 
         return TensorBoardSink
+    if name == "WandbSink":
+        from gradlens.sinks.wandb_sink import WandbSink
+
+        return WandbSink
     raise AttributeError(f"module 'gradlens.sinks' has no attribute {name!r}")

@@ -42,7 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gradlens.schema import GLOBAL, SpikeEvent
+from gradlens.kinds import layer_group
+from gradlens.schema import SpikeEvent
 
 __all__ = [
     "ENDED",
@@ -149,61 +150,6 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             "permissions or pass another logdir"
         ) from err
     return p
-
-
-# Components of a parameter name that say where the parameter sits (lower-cased, compared
-# with the dot-separated parts of the name).
-_ATTENTION_NAMES = frozenset({
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "qkv", "query", "key", "value",
-    "c_attn", "query_key_value", "out_proj", "wq", "wk", "wv",
-})
-_MLP_NAMES = frozenset({
-    "gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2",
-    "w3", "fc_in", "fc_out", "intermediate", "dense_h_to_4h", "dense_4h_to_h", "experts",
-    "densereludense", "dense_relu_dense",
-})
-
-
-def _is_norm(part: str) -> bool:
-    return "norm" in part or part.startswith("ln")
-
-
-def _block_kind(part: str) -> str | None:
-    if "attn" in part or "attention" in part or part in _ATTENTION_NAMES:
-        return "attention"
-    if any(h in part for h in ("mlp", "ffn", "feed_forward", "feedforward")) or part in _MLP_NAMES:
-        return "mlp"
-    return None
-
-
-def layer_group(name: str, role: str) -> str:
-    """Dashboard group of a parameter: one of ``schema.LAYER_GROUPS``.
-
-    ``embedding`` and ``output`` come from the role. Otherwise the name decides:
-
-    - a 1-D parameter (role ``vector``) of a module named like a norm (``input_layernorm``,
-      ``post_attention_layernorm``, ``ln_1``, ``norm``) is ``norms``;
-    - else the outermost name component that looks like an attention block (``self_attn``,
-      ``attention``, ``q_proj``, ``c_attn``) or an MLP block (``mlp``, ``feed_forward``,
-      ``up_proj``, ``fc1``, ``experts``) decides: ``attention`` or ``mlp`` (GPT-2's ``c_proj``
-      follows its parent ``attn``/``mlp``; biases follow their module);
-    - anything else, and the run-level ``global`` pseudo-layer, is ``other``.
-    """
-    if role == "embedding":
-        return "embedding"
-    if role == "output":
-        return "output"
-    if role == GLOBAL or name == GLOBAL:
-        return "other"
-    parts = name.lower().split(".")
-    modules = parts[:-1] or parts
-    if role == "vector" and any(_is_norm(p) for p in modules):
-        return "norms"
-    for part in modules:
-        kind = _block_kind(part)
-        if kind is not None:
-            return kind
-    return "other"
 
 
 class Sink(ABC):

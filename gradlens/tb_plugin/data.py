@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.kinds import KINDS, kind_color, layer_kind
 from gradlens.report.load import RunError, find_tables, load_meta
+from gradlens.report.summary import report_pointers
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
 from gradlens.tb_plugin._tables import Table
@@ -50,7 +52,7 @@ __all__ = [
 DEFAULT_MAX_COLS = 400
 MAX_COLS_LIMIT = 4000
 AGGREGATES = ("max", "mean")
-ROLE_ORDER = ("embedding", "hidden", "vector", "output")
+ROLE_ORDER = KINDS
 _MAX_DEPTH = 4  # how deep below the logdir run directories are looked for
 VERDICTS_FILE = "verdicts.json"
 
@@ -232,6 +234,7 @@ class RunStore:
             stats = (run.summary or {}).get("stats", [])
             raise PluginInputError(f"statistic {stat!r} has no per-layer rows in this run "
                                    f"(it has: {', '.join(stats) or 'none'})")
+        roles = {n: layer_kind(n, r) for n, r in roles.items()}  # old runs: roles -> kinds
         run.roles.update(roles)
         first = pd.DataFrame({"layer": layers, "role": [roles[n] for n in layers]})
         order = layer_order(first, run.meta, layers)
@@ -273,7 +276,7 @@ class RunStore:
             if bands and bands[-1]["role"] == role:
                 bands[-1]["rows"] += 1
             else:
-                bands.append({"role": role, "first": i, "rows": 1})
+                bands.append({"role": role, "first": i, "rows": 1, "color": kind_color(role)})
         pos = binned[np.isfinite(binned) & (binned > 0)]
         return {
             "run": name, "stat": stat, "agg": agg, "n_steps": len(steps),
@@ -296,7 +299,8 @@ class RunStore:
         out: dict[str, Any] = {}
         for band in hm["roles"]:
             block = binned[band["first"]:band["first"] + band["rows"]]
-            entry = out.setdefault(band["role"], {"layers": 0, "rows": []})
+            entry = out.setdefault(band["role"], {"layers": 0, "rows": [],
+                                                  "color": band["color"]})
             entry["layers"] += band["rows"]
             entry["rows"].append(block)
         roles = {}
@@ -305,7 +309,7 @@ class RunStore:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
                 roles[role] = {
-                    "layers": entry["layers"],
+                    "layers": entry["layers"], "color": entry["color"],
                     "median": _json_floats(np.nanmedian(block, axis=0)),
                     "min": _json_floats(np.nanmin(block, axis=0)),
                     "max": _json_floats(np.nanmax(block, axis=0)),
@@ -332,9 +336,11 @@ class RunStore:
         """The verdicts of the latest ``gradlens report`` that covered this run.
 
         ``verdicts.json`` is looked for in the run directory, the directories above it up to
-        the logdir, and their direct sub-directories (``gradlens demo`` writes
-        ``runs/<name>/`` and ``report/``); rows are matched by the run directory the report
-        recorded, or else by the run's label.
+        the logdir, and their direct sub-directories, and wherever the run directory's
+        ``reports.json`` points (``gradlens report`` records itself there: the demo's
+        ``report/`` sits beside the logdir ``runs/``); rows are matched by the run directory
+        the report recorded, or else by the run's label. Each row carries the report's
+        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are.
         """
         path = self._resolve(name).resolve()
         run = self._run(path)
@@ -348,6 +354,7 @@ class RunStore:
                 candidates += sorted(s / VERDICTS_FILE for s in d.iterdir() if s.is_dir())
             except OSError:
                 continue
+        candidates += [Path(p) for p in report_pointers(path)]  # where a report said it went
         found = []
         for f in dict.fromkeys(candidates):
             if not f.is_file():

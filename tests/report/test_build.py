@@ -53,7 +53,7 @@ def test_tables_hold_both_runs(built_report: ReportPaths):
     assert list(runs["run"]) == ["scale", "adamw"] and list(runs["optimizer"]) == ["SCALE",
                                                                                "AdamW"]
     spread = pd.read_csv(t["role_spread"])
-    assert set(spread["role"]) == {"embedding", "hidden", "output"}
+    assert set(spread["role"]) == {"embedding", "attention", "mlp", "output"}  # kinds (old roles mapped)
 
 
 def test_html_is_self_contained(built_report: ReportPaths):

@@ -117,11 +117,12 @@ def test_spike_timeline_without_events():
 def test_run_comparison_one_panel_per_role_one_line_per_run(two):
     fig = plot_run_comparison(two, "noise_scale")
     _check(fig)
-    assert len(fig.axes) == 4  # embedding, hidden, vector, output
-    assert [ax.get_title() for ax in fig.axes] == ["embedding", "hidden", "vector", "output"]
+    assert len(fig.axes) == 5  # the kinds (the synthetic run's old role names mapped)
+    assert [ax.get_title() for ax in fig.axes] == ["embedding", "attention", "mlp", "norms",
+                                                   "output"]
     for ax in fig.axes:
         assert len(_data_lines(ax)) == 2
-    assert len(plot_run_comparison(two, "unit_rms_cv").axes) == 3  # vectors have no columns
+    assert len(plot_run_comparison(two, "unit_rms_cv").axes) == 4  # norm gains: no columns
 
 
 def test_global_loss_one_line_per_run(two):
@@ -135,7 +136,7 @@ def test_role_spread_box_per_role(two):
     fig = plot_role_spread(two, "unit_rms_cv")
     _check(fig)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [
-        "embedding", "hidden", "output"]
+        "embedding", "attention", "mlp", "output"]
 
 
 def test_spans_decades():

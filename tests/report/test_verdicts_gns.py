@@ -132,8 +132,8 @@ def test_batch_size_against_critical(bsz, answer, where):
     assert n["critical_batch_size"] == pytest.approx(50.0, rel=0.1)
     assert n["batch_size"] == bsz and n["batch_size_from"] == "batch_size rows"
     assert n["n_steps"] == 100 and n["step"] == 199 and n["source"] == "per-example"
-    # per role: hidden layers' k_l average ~1, vectors' are 0.5
-    assert n["b_simple_vector"] == pytest.approx(25.0, rel=0.1)
+    # per kind: the matrices' k_l average ~1, the norm gains' are 0.5
+    assert n["b_simple_norms"] == pytest.approx(25.0, rel=0.1)
 
 
 def test_critical_batch_size_equals_the_readout_of_the_sums():
@@ -175,3 +175,23 @@ def test_compute_verdicts_includes_both():
     assert kinds["norm_gns"].answer == "yes"
     assert kinds["critical_batch"].answer in {"yes", "no", "cannot tell"}
     assert all(v.run == "r" for v in vs)
+
+
+def test_a_spike_step_does_not_decide_the_critical_batch_size():
+    """One step whose traces are 1e4 times larger, flagged by a spike event: the verdict
+    equals the verdict on the table without that step."""
+    df = cbs_table(50.0, 16.0, n_steps=120)
+    spike_step = int(df["step"].max()) - 10
+    hit = (df["step"] == spike_step) & df["stat"].isin(["pe_trace", "twobatch_trace"])
+    spiked = df.copy()
+    spiked.loc[hit, "value"] *= 1e4
+    events = pd.DataFrame({"step": [spike_step], "layer": ["global"],
+                           "kind": ["grad_norm_global"], "value": [1.0], "score": [20.0]})
+    clean = critical_batch_size_verdict(df[df["step"] != spike_step], n_boot=200)
+    got = critical_batch_size_verdict(spiked, n_boot=200, spikes=events)
+    assert got.numbers["n_spike_steps_excluded"] == 1
+    assert got.numbers["critical_batch_size"] == pytest.approx(
+        clean.numbers["critical_batch_size"], rel=1e-12)
+    assert got.answer == clean.answer
+    unflagged = critical_batch_size_verdict(spiked, n_boot=200)  # what the event prevents
+    assert unflagged.numbers["critical_batch_size"] > 10 * clean.numbers["critical_batch_size"]

@@ -11,6 +11,7 @@ import pytest
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
+from gradlens.kinds import KIND_COLORS, KINDS, layer_kind
 from gradlens.tb_plugin import GradLensPlugin
 from gradlens.tb_plugin import _tables as plugin_tables
 from tests.tb_plugin._runs import synthetic_layers, write_run
@@ -35,8 +36,8 @@ def get(c: Client, route: str, **params) -> tuple[int, dict]:
 
 def ordered(n_layers: int) -> list[str]:
     """Reference display order: by role (embedding, hidden, vector, output), model order inside."""
-    rank = {"embedding": 0, "hidden": 1, "vector": 2, "output": 3}
-    lay = synthetic_layers(n_layers)
+    rank = {k: i for i, k in enumerate(KINDS)}
+    lay = [(n, layer_kind(n, r)) for n, r in synthetic_layers(n_layers)]
     return [n for _, (n, _r) in sorted(enumerate(lay), key=lambda t: (rank[t[1][1]], t[0]))]
 
 
@@ -89,8 +90,10 @@ def test_heatmap_matches_a_numpy_reference(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.array(hm["values"], dtype=float), ref, rtol=1e-4)
         assert hm["vmin"] == pytest.approx(ref.min(), rel=1e-4)
         assert hm["vmax"] == pytest.approx(ref.max(), rel=1e-4)
-    assert [(b["role"], b["first"], b["rows"]) for b in hm["roles"]] == [
-        ("embedding", 0, 1), ("hidden", 1, 8), ("vector", 9, 2), ("output", 11, 1)]
+    assert [(b["role"], b["first"], b["rows"], b["color"]) for b in hm["roles"]] == [
+        (k, a, n, KIND_COLORS[k]) for k, a, n in (("embedding", 0, 1), ("attention", 1, 4),
+                                                  ("mlp", 5, 4), ("norms", 9, 2),
+                                                  ("output", 11, 1))]
     # no binning when the steps fit: the raw values, the NaN as null
     _, full = get(c, "/heatmap", run="runs/scale", stat="grad_norm")
     assert len(full["columns"]) == 23 and full["values"][order.index(lay[3])][4] is None
@@ -99,9 +102,10 @@ def test_heatmap_matches_a_numpy_reference(tmp_path: Path) -> None:
     code, rs = get(c, "/roles", run="runs/scale", stat="grad_norm", max_cols=5)
     assert code == 200
     bounds_mean = np.array([[np.nanmean(raw[i, a:b]) for a, b in bounds] for i in range(12)])
-    hidden = [i for i, (_, r) in enumerate(synthetic_layers(12)) if r == "hidden"]
-    h = rs["roles"]["hidden"]
-    assert h["layers"] == 8
+    hidden = [i for i, (n, r) in enumerate(synthetic_layers(12))
+              if layer_kind(n, r) == "attention"]  # the old role names, mapped to kinds
+    h = rs["roles"]["attention"]
+    assert h["layers"] == 4 and h["color"] == KIND_COLORS["attention"]
     np.testing.assert_allclose(h["median"], np.median(bounds_mean[hidden], axis=0), rtol=1e-4)
     np.testing.assert_allclose(h["min"], bounds_mean[hidden].min(axis=0), rtol=1e-4)
     np.testing.assert_allclose(h["max"], bounds_mean[hidden].max(axis=0), rtol=1e-4)

@@ -4,8 +4,6 @@
 const POLL_MS = 5000;
 const VIRIDIS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
   [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]];
-const ROLE_COLOURS = {embedding: "#1f77b4", hidden: "#7f7f7f", vector: "#2ca02c",
-  output: "#d62728"};
 const KIND_COLOURS = {grad_norm: "#ff7f0e", grad_norm_global: "#d62728", nonfinite: "#000000",
   loss: "#9467bd", skipped_step: "#8c564b", validity: "#e377c2", spam: "#17becf"};
 const CSS = `
@@ -187,7 +185,7 @@ function heatmap(m, events, scale, width) {
   // role bands and their names
   for (const b of m.roles) {
     wrap.append(el("div", {class: "gl-band", style:
-      `left:${LABEL_W}px;top:${TOP + STRIP + b.first * rh}px;height:${b.rows * rh}px;background:${ROLE_COLOURS[b.role] || "#bbb"}`}));
+      `left:${LABEL_W}px;top:${TOP + STRIP + b.first * rh}px;height:${b.rows * rh}px;background:${b.color || "#bbb"}`}));
     if (b.rows * rh >= 40) {
       wrap.append(el("div", {class: "gl-bandname", text: b.role, style:
         `left:${LABEL_W - 12}px;top:${TOP + STRIP + b.first * rh + 2}px;height:${b.rows * rh - 4}px`}));
@@ -321,7 +319,7 @@ function roleChart(res, role, s) {
   const y = (v) => H - 14 - ((hi > lo ? (Math.log10(v) - lo) / (hi - lo) : 0.5) * (H - 24));
   const n = res.columns.length, x = (i) => P + (n > 1 ? i / (n - 1) : 0.5) * (W - P - 6);
   const ctx = c.getContext("2d");
-  const colr = ROLE_COLOURS[role] || "#555";
+  const colr = s.color || "#555";  // the kind's colour, served (gradlens.kinds)
   ctx.fillStyle = colr; ctx.globalAlpha = 0.2; ctx.beginPath();
   let started = false;
   for (let i = 0; i < n; i++) { if (s.max[i] > 0) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.max[i])); started = true; } }
@@ -376,15 +374,11 @@ function drawVerdicts(results) {
     box.append(el("p", {class: "gl-note", text: `${res.run}: from ${res.source}`}));
     const computed = res.verdicts.filter((v) => v.answer !== "not computable");
     const missing = res.verdicts.filter((v) => v.answer === "not computable");
-    const rows = computed.map((v) => {
-      const n = v.numbers || {};
-      return {question: v.question, answer: v.answer,
-        effect: n.effect_size ?? n.median_ratio ?? n.rank_biserial ?? null,
-        "p-value": n.p_value ?? null,
-        "fraction of steps": n.fraction_first ?? n.fraction ?? n.fraction_steps ?? null,
-        reason: v.reason};
-    });
-    if (rows.length) box.append(table(rows, ["question", "answer", "effect", "p-value", "fraction of steps", "reason"]));
+    // the report's own summary cells (gradlens.report.summary): same numbers, same words
+    const cols = ["question", "answer", "effect size", "p-value", "fraction of steps"];
+    const rows = computed.map((v) => ({...(v.summary || {question: v.question, answer: v.answer,
+      "effect size": "(report predates summaries: rerun gradlens report)"}), reason: v.reason}));
+    if (rows.length) box.append(table(rows, [...cols, "reason"]));
     if (missing.length) {
       box.append(el("p", {class: "gl-note", text: `not computable (${missing.length}): ` +
         missing.map((v) => `${v.stat || v.kind}: ${v.reason}`).join("; ")}));
