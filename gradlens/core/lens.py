@@ -342,7 +342,7 @@ class GradLens(DeviceConstants):
             for k, why in self.hooks.blind(present, obs.micro_seen).items():
                 for f in self.families:
                     host_invalid.setdefault(f.name, {}).setdefault(k, why)
-            self._log_learning_rates()
+            settings.log_learning_rates(self)
         ctx.data["host_invalid"] = host_invalid
         ctx.data["axis_sq"] = axis_sq
         for f in self.families:
@@ -355,17 +355,6 @@ class GradLens(DeviceConstants):
         self._reset()
         if logging:
             self.flush()
-
-    def _log_learning_rates(self) -> None:
-        """``lr/<group>`` of this step: Python floats as rows, tensor rates with the flush."""
-        if self.optimizer is None:
-            return
-        floats, names, tensors = settings.learning_rates(
-            self.optimizer, settings.group_names(self.optimizer))
-        for stat, value in floats:
-            self._pending.append((self.step_count, "row", (GLOBAL, GLOBAL, stat, value)))
-        if tensors:
-            self._pending.append((self.step_count, "scalars", (names, torch.cat(tensors))))
 
     def _reset(self) -> None:
         self.observer.reset()

@@ -14,11 +14,16 @@ flush's one transfer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["group_names", "learning_rates", "optimizer_settings"]
+from gradlens.schema import GLOBAL
+
+if TYPE_CHECKING:
+    from gradlens.core.lens import GradLens
+
+__all__ = ["group_names", "learning_rates", "log_learning_rates", "optimizer_settings"]
 
 # the gradlens optimizers' group roles, in words (the internal "hidden"/"vector" are jargon)
 _ROLE_NAMES = {"embedding": "embedding", "output": "output", "hidden": "matrices",
@@ -92,3 +97,15 @@ def learning_rates(optimizer: Any, names: list[str]) -> tuple[list[tuple[str, fl
             t_names.append(f"lr/{name}")
             tensors.append(lr.detach().reshape(1).float().clone())
     return rows, t_names, tensors
+
+
+def log_learning_rates(lens: GradLens) -> None:
+    """Queue ``lr/<group>`` of the lens's current step: Python floats as rows, tensor rates
+    (no host sync) with the flush's one transfer."""
+    if lens.optimizer is None:
+        return
+    floats, names, tensors = learning_rates(lens.optimizer, group_names(lens.optimizer))
+    for stat, value in floats:
+        lens._pending.append((lens.step_count, "row", (GLOBAL, GLOBAL, stat, value)))
+    if tensors:
+        lens._pending.append((lens.step_count, "scalars", (names, torch.cat(tensors))))
