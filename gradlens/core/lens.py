@@ -338,11 +338,11 @@ class GradLens(DeviceConstants):
                 host_invalid[fam] = {k: _UNMEASURED for k, e in enumerate(edited) if e}
         if logging:
             R.warn_untracked(self)
+            settings.log_learning_rates(self)
         if self.hooks is not None:  # layers it cannot see: NaN rows and global rows
             for k, why in self.hooks.blind(present, obs.micro_seen).items():
                 for f in self.families:
                     host_invalid.setdefault(f.name, {}).setdefault(k, why)
-            settings.log_learning_rates(self)
         ctx.data["host_invalid"] = host_invalid
         ctx.data["axis_sq"] = axis_sq
         for f in self.families:
