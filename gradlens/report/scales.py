@@ -25,7 +25,8 @@ def heatmap_norm(values: Any, log: bool | None = None, decades: float = 2.0) -> 
     - ``LogNorm`` when every finite value is positive and max/min >= 10**decades (``log=None``),
       or when ``log=True`` (values <= 0 are then left out);
     - ``SymLogNorm`` when values are signed (or zero) and heavy-tailed: max|v| >= 10**decades
-      times the median of the non-zero |v|; linear within +-that median, logarithmic beyond, so
+      times the median of the non-zero |v|; linear within +-that median, logarithmic beyond,
+      its ends at the 0.5th and 99.5th percentiles (values beyond take the end colours), so
       one value of -160,000 among values near 1 does not turn the map one colour;
     - linear (``Normalize``) otherwise, or when ``log=False``.
     """
@@ -40,8 +41,9 @@ def heatmap_norm(values: Any, log: bool | None = None, decades: float = 2.0) -> 
         return LogNorm(vmin=float(pos.min()), vmax=float(pos.max()))
     mag = np.abs(v[v != 0])
     if log is None and mag.size and mag.max() >= 10.0 ** decades * float(np.median(mag)):
-        return SymLogNorm(linthresh=float(np.median(mag)), vmin=float(v.min()),
-                          vmax=float(v.max()), base=10)
+        lo, hi = np.percentile(v, [0.5, 99.5])
+        return SymLogNorm(linthresh=float(np.median(mag)), vmin=float(lo), vmax=float(hi),
+                          base=10, clip=True)
     return Normalize(vmin=float(v.min()), vmax=float(v.max()))
 
 
