@@ -106,7 +106,7 @@ export function layoutRows(m, view) {
         const vs = g.members.map((i) => m.values[i][c]).filter((v) => v !== null);
         return vs.length ? Math.max(...vs) : null;
       });
-      rows.push({kind: "group", label: `${g.members.length} tensors (max)`, group: g.key,
+      rows.push({kind: "group", label: `${g.members.length} tensor${g.members.length === 1 ? "" : "s"} (max)`, group: g.key,
         role: "", values, members: g.members.length, head: true});
     } else {
       g.members.forEach((i, k) => rows.push({...layerRow(i), head: k === 0,

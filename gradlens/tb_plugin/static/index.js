@@ -81,6 +81,8 @@ export async function render() {
   const asked = state.runs.find((r) => r.run === new URLSearchParams(window.location.search).get("gl_run"));
   const first = asked || withData[0] || state.runs[0];
   state.a = first.run;
+  const beside = new URLSearchParams(window.location.search).get("gl_beside");
+  if (state.runs.some((r) => r.run === beside)) state.b = beside;
   const stats = first.stats;
   state.stat = stats.includes("grad_norm") ? "grad_norm" : stats[0] || null;
   buildControls();
