@@ -48,15 +48,14 @@ __all__ = ["ReportPaths", "build_report"]
 
 DPI = 100
 # figures: a few statistics that answer the report's questions; every statistic keeps its rows in
-# the CSV tables and its verdict. Heatmaps and rankings take the first present candidates.
+# the CSV tables and its verdict. Heatmaps and rankings: per group, the first statistic present
+# (the two-batch estimator, else the per-example one, else the temporal one).
 COMPARE_STATS = ("grad_norm", "var_per_element", "noise_scale", "unit_rms_cv")
-HEATMAP_STATS = ("grad_norm", "var_per_element", "pe_var_per_element",
-                 "temporal_var_per_element", "noise_scale", "pe_noise_scale", "unit_rms_cv")
-HEATMAP_FIGURES = 4
-RANKING_STATS = ("twobatch_trace", "var_per_element", "noise_scale", "pe_trace",
-                 "pe_var_per_element", "pe_noise_scale", "temporal_var",
-                 "temporal_var_per_element")
-RANKING_FIGURES = 3
+_TOTAL = ("twobatch_trace", "pe_trace", "temporal_var")
+_PER_ENTRY = ("var_per_element", "pe_var_per_element", "temporal_var_per_element")
+_GNS = ("noise_scale", "pe_noise_scale", "temporal_noise_scale")
+HEATMAP_STATS = (("grad_norm",), _PER_ENTRY, _GNS, ("unit_rms_cv",))
+RANKING_STATS = (_TOTAL, _PER_ENTRY, _GNS)
 SPREAD_FIGURE_STATS = ("unit_rms_cv",)
 N_BOOT = 1000  # bootstrap replicates of every CI (seeded: the report is deterministic)
 RANKING_TOP = 5  # rows per (run, statistic) inlined in the report; the CSV has every layer
@@ -157,8 +156,9 @@ def _stats_of(df: pd.DataFrame) -> set[str]:
 # --------------------------------------------------------------------------- figures
 
 
-def _first_present(candidates: tuple[str, ...], present: set[str], k: int) -> list[str]:
-    return [s for s in candidates if s in present][:k]
+def _first_present(groups: tuple[tuple[str, ...], ...], present: set[str]) -> list[str]:
+    """Per group of alternatives, the first statistic present."""
+    return [next(s for s in g if s in present) for g in groups if any(s in present for s in g)]
 
 
 def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
@@ -171,12 +171,12 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
     if ((all_df["layer"] == GLOBAL) & (all_df["stat"] == "loss")).any():
         figs.append(_Fig("loss", "overview", "Training loss, one line per run.",
                          lambda: P.plot_global(all_df, "loss")))
-    for stat in _first_present(COMPARE_STATS, present, len(COMPARE_STATS)):
+    for stat in (s for s in COMPARE_STATS if s in present):
         figs.append(_Fig(f"compare_{stat}", "overview",
                          f"{stat} per role over steps (median over the role's layers), "
                          "one line per run.",
                          lambda s=stat: P.plot_run_comparison(all_df, s)))
-    for est in _first_present(RANKING_STATS, present, RANKING_FIGURES):
+    for est in _first_present(RANKING_STATS, present):
         for r in runs:
             if est in _stats_of(r.df):
                 figs.append(_Fig(
@@ -186,7 +186,7 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
                     lambda df=r.df, m=r.meta, s=est, key=(r.label, est):
                     P.plot_ranking(df, s, meta=m, n_boot=n_boot, ranking=rankings.get(key))))
     layers = all_df[all_df["layer"] != GLOBAL]
-    for stat in _first_present(HEATMAP_STATS, present, HEATMAP_FIGURES):
+    for stat in _first_present(HEATMAP_STATS, present):
         try:
             norm = P.heatmap_norm(layers.loc[layers["stat"] == stat, "value"])
         except ValueError:

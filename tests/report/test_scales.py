@@ -11,6 +11,7 @@ from matplotlib.colors import LogNorm, Normalize, SymLogNorm
 
 from gradlens.report import build as B
 from gradlens.report.plots import heatmap_norm, plot_heatmap
+from gradlens.schema import VARIANCE_ESTIMATORS
 from tests.report._synth import make_table
 
 
@@ -56,3 +57,23 @@ def test_report_heatmaps_share_one_colour_scale_across_runs():
                                              pytest.approx(vals.max()))
     alone = plot_heatmap(a, "noise_scale").axes[0].collections[0].norm
     assert alone.vmax < meshes[0].norm.vmax  # on its own scale run a would fill the colours
+
+
+@pytest.mark.parametrize(("estimators", "expected"), [
+    (VARIANCE_ESTIMATORS, {"compare_grad_norm", "compare_var_per_element", "compare_noise_scale",
+                           "compare_unit_rms_cv", "ranking_twobatch_trace_r",
+                           "ranking_var_per_element_r", "ranking_noise_scale_r",
+                           "heatmap_grad_norm_r", "heatmap_var_per_element_r",
+                           "heatmap_noise_scale_r", "heatmap_unit_rms_cv_r", "spikes_r",
+                           "loss", "spread_unit_rms_cv"}),
+    # one micro-batch (the gns preset): the per-example estimators stand in
+    (("pe_trace", "pe_var_per_element", "pe_noise_scale", "temporal_var"),
+     {"compare_grad_norm", "compare_unit_rms_cv", "ranking_pe_trace_r",
+      "ranking_pe_var_per_element_r", "ranking_pe_noise_scale_r", "heatmap_grad_norm_r",
+      "heatmap_pe_var_per_element_r", "heatmap_pe_noise_scale_r", "heatmap_unit_rms_cv_r",
+      "spikes_r", "loss", "spread_unit_rms_cv"}),
+])
+def test_a_one_run_report_draws_a_few_figures_per_kind(estimators, expected):
+    df = make_table(20, seed=0, estimators=tuple(estimators))
+    run = B._Run(label="r", slug="r", path=Path("r"), df=df, spikes=df.iloc[:0], meta={})
+    assert {f.key for f in B._figure_plan([run], df, n_boot=50)} == expected
