@@ -78,9 +78,9 @@ def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:
     return wrapper
 
 
-def new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     """A Figure on the Agg canvas (no pyplot, nothing to close)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -347,7 +347,7 @@ def plot_run_comparison(
         log = spans_decades(g["value"])
     ncols = 1 if len(roles) == 1 else 2
     nrows = -(-len(roles) // ncols)
-    fig = new_figure(5.5 * ncols, 0.4 + 2.9 * nrows)
+    fig = new_figure(5.5 * ncols, 0.4 + 2.9 * nrows, layout=None)
     axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel()
     for ax in axes[len(roles):]:
         fig.delaxes(ax)
@@ -360,12 +360,18 @@ def plot_run_comparison(
                 ax.plot(one["step"], one["value"], color=palette[name], linewidth=1.3, label=name)
         if i == 0:
             ax.legend(title="run", fontsize=7, title_fontsize=7)
-        ax.set_xlabel("step")
+        last = i + ncols >= len(roles)  # nothing below it: it carries the step axis
+        ax.set_xlabel("step" if last else "")
+        ax.tick_params(axis="x", labelbottom=last)
         ax.set_title(role, color=ROLE_COLORS.get(role, "black"))
         ax.set_ylabel(f"{agg} {stat}" if i == 0 else "")
         if log:
             ax.set_yscale("log")
     fig.suptitle(title or f"{stat} per role, {agg} over layers{_stat_note(stat)}")
+    # fixed margins: the constrained layout engine measured every tick label (most of the time)
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.09 if ncols > 1 else 0.16, right=0.98, bottom=0.5 / h,
+                        top=1 - 0.7 / h, hspace=0.3, wspace=0.18)
     return fig
 
 
