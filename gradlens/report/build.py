@@ -198,7 +198,7 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
                                  + (" (colour scale shared by the runs)." if len(runs) > 1
                                     else "."),
                                  lambda df=r.df, m=r.meta, s=stat, n=norm:
-                                 P.plot_heatmap(df, s, meta=m, norm=n)))
+                                 P.plot_heatmap(df, s, meta=m, norm=n if len(runs) > 1 else None)))
     for stat in SPREAD_FIGURE_STATS:
         if stat in present:
             figs.append(_Fig(f"spread_{stat}", "spread",
