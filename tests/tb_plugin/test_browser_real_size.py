@@ -129,6 +129,11 @@ def test_every_row_is_labelled_at_real_size(board: tuple[str, Path], run: str, n
     names = [name for name, _ in llama_layers((n - 3) // 9)]
     assert sorted(layers) == sorted(names) and not groups
     assert _rows_shown(dom) == (n, n)
+    # each label has text and a row of its own (no two labels at one height)
+    texts = re.findall(r'class="gl-label"[^>]*>([^<]*)<', dom)
+    tops = re.findall(r'class="gl-label"[^>]*style="[^"]*top: ?(\d+)px', dom)
+    assert len(texts) == n and all(t.strip() for t in texts)
+    assert len(set(tops)) == n
     n_blocks = (n - 3) // 9
     heads = re.findall(r'class="gl-group"[^>]*data-group="([^"]+)"', dom)
     assert len(heads) == n_blocks + 3  # embedding, the blocks, then vector and output
