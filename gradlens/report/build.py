@@ -48,15 +48,20 @@ from gradlens.report import verdicts as V
 from gradlens.report.replace import replaced_dir
 from gradlens.report.settings import run_settings
 from gradlens.report.summary import SUMMARY_COLUMNS, register_report, summary_cells
-from gradlens.schema import GLOBAL, STATS, VARIANCE_ESTIMATORS
+from gradlens.schema import GLOBAL, VARIANCE_ESTIMATORS
 
 __all__ = ["ReportPaths", "build_report"]
 
 DPI = 100
-# heatmaps: the size-fair estimators only (raw traces mostly show the tensor sizes; they keep
-# their ranking figure and verdict)
-HEATMAP_STATS = ("grad_norm", *(s for s in VARIANCE_ESTIMATORS if STATS[s].size_fair),
-                 "unit_rms_cv", "unit_rms_max_min")
+# figures: a few statistics that answer the report's questions; every statistic keeps its rows in
+# the CSV tables and its verdict. Heatmaps and rankings: per group, the first statistic present
+# (the two-batch estimator, else the per-example one, else the temporal one).
+COMPARE_STATS = ("grad_norm", "var_per_element", "noise_scale", "unit_rms_cv")
+_TOTAL = ("twobatch_trace", "pe_trace", "temporal_var")
+_PER_ENTRY = ("var_per_element", "pe_var_per_element", "temporal_var_per_element")
+_GNS = ("noise_scale", "pe_noise_scale", "temporal_noise_scale")
+HEATMAP_STATS = (("grad_norm",), _PER_ENTRY, _GNS, ("unit_rms_cv",))
+RANKING_STATS = (_TOTAL, _PER_ENTRY, _GNS)
 SPREAD_FIGURE_STATS = ("unit_rms_cv",)
 N_BOOT = 1000  # bootstrap replicates of every CI (seeded: the report is deterministic)
 RANKING_TOP = 5  # rows per (run, statistic) inlined in the report; the CSV has every layer
@@ -157,20 +162,27 @@ def _stats_of(df: pd.DataFrame) -> set[str]:
 # --------------------------------------------------------------------------- figures
 
 
-def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int) -> list[_Fig]:
+def _first_present(groups: tuple[tuple[str, ...], ...], present: set[str]) -> list[str]:
+    """Per group of alternatives, the first statistic present."""
+    return [next(s for s in g if s in present) for g in groups if any(s in present for s in g)]
+
+
+def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
+                 rankings: dict[tuple[str, str], pd.DataFrame] | None = None) -> list[_Fig]:
+    """The report's figures: loss, per-role comparisons, a few rankings and heatmaps (each
+    heatmap statistic on one colour scale shared by every run), spreads, spike timelines."""
     figs: list[_Fig] = []
     present = _stats_of(all_df)
+    rankings = rankings or {}
     if ((all_df["layer"] == GLOBAL) & (all_df["stat"] == "loss")).any():
         figs.append(_Fig("loss", "overview", "Training loss, one line per run.",
                          lambda: P.plot_global(all_df, "loss")))
-    fair = [s for s in VARIANCE_ESTIMATORS if STATS[s].size_fair and s in present]
-    for stat in ["grad_norm", *fair, "unit_rms_cv"]:
-        if stat in present:
-            figs.append(_Fig(f"compare_{stat}", "overview",
-                             f"{stat} per role over steps (median over the role's layers), "
-                             "one line per run.",
-                             lambda s=stat: P.plot_run_comparison(all_df, s)))
-    for est in VARIANCE_ESTIMATORS:  # one estimator at a time, the runs side by side
+    for stat in (s for s in COMPARE_STATS if s in present):
+        figs.append(_Fig(f"compare_{stat}", "overview",
+                         f"{stat} per role over steps (median over the role's layers), "
+                         "one line per run.",
+                         lambda s=stat: P.plot_run_comparison(all_df, s)))
+    for est in _first_present(RANKING_STATS, present):
         for r in runs:
             if est in _stats_of(r.df):
                 figs.append(_Fig(
@@ -178,15 +190,22 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int) -> list[_F
                     f"{r.label}: layers ranked by median per-step rank of {est} (no single "
                     "step decides), median value with 95% bootstrap CI (blocks of steps "
                     "resampled); output layer in red.",
-                    lambda df=r.df, m=r.meta, s=est: P.plot_ranking(df, s, meta=m,
-                                                                   n_boot=n_boot)))
-    for stat in HEATMAP_STATS:
+                    lambda df=r.df, m=r.meta, s=est, key=(r.label, est):
+                    P.plot_ranking(df, s, meta=m, n_boot=n_boot, ranking=rankings.get(key))))
+    layers = all_df[all_df["layer"] != GLOBAL]
+    for stat in _first_present(HEATMAP_STATS, present):
+        try:
+            norm = P.heatmap_norm(layers.loc[layers["stat"] == stat, "value"])
+        except ValueError:
+            continue
         for r in runs:
             if stat in _stats_of(r.df):
                 figs.append(_Fig(f"heatmap_{stat}_{r.slug}", "heatmaps",
-                                 f"{r.label}: {stat}, layer x step.",
-                                 lambda df=r.df, m=r.meta, s=stat: P.plot_heatmap(df, s,
-                                                                                  meta=m)))
+                                 f"{r.label}: {stat}, layer x step"
+                                 + (" (colour scale shared by the runs)." if len(runs) > 1
+                                    else "."),
+                                 lambda df=r.df, m=r.meta, s=stat, n=norm:
+                                 P.plot_heatmap(df, s, meta=m, norm=n if len(runs) > 1 else None)))
     for stat in SPREAD_FIGURE_STATS:
         if stat in present:
             figs.append(_Fig(f"spread_{stat}", "spread",
@@ -345,7 +364,6 @@ table.tbl th{background:#eaf2f8}
 .badge{display:inline-block;padding:1px 8px;border-radius:9px;font-size:12px;font-weight:600}
 .yes{background:#d4efdf;color:#145a32}.no{background:#d6eaf8;color:#1b4f72}
 .maybe{background:#fcf3cf;color:#7d6608}.na{background:#e5e7e9;color:#4d5656}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:0 18px}
 figure{margin:14px 0 26px}figure img{max-width:100%;border:1px solid #eaecee}
 figcaption{font-size:13px;color:#566573}
 .verdict{border-left:4px solid #aeb6bf;padding:4px 12px;margin:10px 0;background:#fbfcfc}
@@ -390,17 +408,12 @@ def _verdict_md(v: V.Verdict) -> str:
     return f"- **{v.run}**: {v.question} **{v.answer}**. {v.reason}\n  `{nums}`"
 
 
-_GRID_SECTIONS = ("variance", "heatmaps")
-
-
 def _figs_html(figs: list[_Fig], section: str) -> str:
-    body = "".join(
+    return "".join(
         f'<figure><img alt="{html.escape(f.caption)}" src="data:image/png;base64,{f.b64}">'
         f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
         for f in figs if f.section == section and f.path is not None
     )
-    return f'<div class="grid">{body}</div>' if section in _GRID_SECTIONS else body
-
 
 def _figs_md(figs: list[_Fig], section: str, out: Path) -> str:
     return "\n\n".join(
@@ -548,12 +561,14 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
 
     verdicts: list[V.Verdict] = []
     rankings, spreads = [], []
+    ranking_of: dict[tuple[str, str], pd.DataFrame] = {}
     for r in runs:
         verdicts += V.compute_verdicts(r.df, r.spikes, r.meta, n_boot=n_boot)
         for stat in (*VARIANCE_ESTIMATORS, "grad_norm"):
             if stat in _stats_of(r.df):
                 rk = V.layer_ranking(r.df, stat, meta=r.meta, n_boot=n_boot)
                 rankings.append(rk.assign(run=r.label, stat=stat))
+                ranking_of[(r.label, stat)] = rk
         for stat in V.SPREAD_STATS:
             if stat in _stats_of(r.df):
                 spreads.append(V.role_spread_table(r.df, stat, n_boot=n_boot)
@@ -581,7 +596,7 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
         # every string quoted: a layer name with a lone "\r" reads back whole
         t.to_csv(table_paths[name], index=False, quoting=csv.QUOTE_NONNUMERIC)
 
-    figs = _figure_plan(runs, all_df, n_boot)
+    figs = _figure_plan(runs, all_df, n_boot, ranking_of)
     problems = _render(figs, out, progress)
     title = title or ("gradlens report: " + ", ".join(r.label for r in runs))
     html_text, md_text = _documents(title, runs, verdicts, figs,

@@ -6,7 +6,9 @@ drawn on the Agg canvas. Nothing touches pyplot's global state: no window opens,
 closing, and the figures are safe to build in a loop (``fig.savefig`` writes them).
 
 - :func:`plot_heatmap`: layer x step heatmap of one statistic, layers in model order with short
-  labels (``L0.attn.q``, ``lm_head``, ``embed``), log colour scale when values span decades.
+  labels (``L0.attn.q``, ``lm_head``, ``embed``), every row labelled up to 160 layers; colour
+  scale from :func:`heatmap_norm` (log when positive values span decades, symmetric log when
+  signed values are heavy-tailed), which the report shares across runs.
 - :func:`plot_ranking`: layers ranked by their median per-step rank, bootstrap CIs, output
   highlighted.
 - :func:`plot_spike_timeline`: spike events vs step by kind, global events annotated with the
@@ -27,11 +29,12 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gradlens.kinds import KIND_COLORS, KINDS, with_kinds
+from gradlens.report.scales import heatmap_norm, scale_name, spans_decades
 from gradlens.report.verdicts import (
     layer_order,
     layer_ranking,
@@ -45,6 +48,7 @@ from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS
 
 __all__ = [
     "ROLE_COLORS",
+    "heatmap_norm",
     "new_figure",
     "plot_global",
     "plot_heatmap",
@@ -75,20 +79,11 @@ def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:
     return wrapper
 
 
-def new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     """A Figure on the Agg canvas (no pyplot, nothing to close)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
-
-
-def spans_decades(values: Any, decades: float = 2.0) -> bool:
-    """True when every finite value is positive and max/min >= 10**decades (use a log scale)."""
-    v = np.asarray(values, dtype=float).ravel()
-    v = v[np.isfinite(v)]
-    if v.size < 2 or np.any(v <= 0):
-        return False
-    return bool(v.max() / v.min() >= 10.0 ** decades)
 
 
 def _stat_note(stat: str) -> str:
@@ -126,16 +121,18 @@ def plot_heatmap(
     run: str | None = None,
     meta: Mapping[str, Any] | None = None,
     log: bool | None = None,
+    norm: Normalize | None = None,
     cmap: str = "viridis",
     title: str | None = None,
 ) -> Figure:
     """Layer x step heatmap of ``stat`` for one run.
 
-    Rows are layers in model order (``meta["layers"]`` when given), labelled shortly, the output
-    layer in red; columns are the logged steps. ``log=None`` picks a logarithmic colour scale when
-    all values are positive and span two decades or more (``log=True`` masks values <= 0). Missing
-    and non-finite entries (and values <= 0 on a log scale) are shown in light grey. The plotted
-    matrix is ``fig.axes[0].collections[0]``.
+    Rows are layers in model order (``meta["layers"]`` when given), labelled shortly (every row
+    up to 160 layers), the output layer in red; columns are the logged steps. The colour scale is
+    ``norm`` when given (the report passes one shared by every run), else
+    :func:`heatmap_norm` of this run's values (``log`` as there). Missing and non-finite entries
+    (and values <= 0 on a log scale) are shown in light grey. The plotted matrix is
+    ``fig.axes[0].collections[0]``.
     """
     one = select_run(df, run)
     wide = wide_table(one, stat)
@@ -145,32 +142,32 @@ def plot_heatmap(
     labels = short_labels(order)
     mat = wide[order].T
     mat.index = [labels[x] for x in order]
-    if log is None:
-        log = spans_decades(mat.to_numpy())
-    norm = None
-    if log:
+    shared = norm is not None
+    if norm is None:
+        try:
+            norm = heatmap_norm(mat.to_numpy(), log=log)
+        except ValueError as err:
+            raise ValueError(f"{stat!r}: {err}") from None
+    if isinstance(norm, LogNorm):
         mat = mat.where(mat > 0)
-        pos = mat.to_numpy()[np.isfinite(mat.to_numpy())]
-        if pos.size == 0:
-            raise ValueError(f"{stat!r} has no positive value for a log colour scale")
-        norm = LogNorm(vmin=float(pos.min()), vmax=float(pos.max()))
     n_layers, n_steps = mat.shape
-    fig = new_figure(min(14.0, 5.0 + 0.06 * n_steps), 1.6 + 0.22 * n_layers)
+    fig = new_figure(12.0, 1.5 + 0.13 * n_layers)
     ax = fig.add_subplot()
     # explicit label strides: seaborn's "auto" would draw the figure once more to measure them;
     # seaborn still draws once to check for overlapping labels: do it without the layout engine
     fig.set_layout_engine("none")
     sns.heatmap(
-        mat, ax=ax, cmap=cmap, norm=norm, xticklabels=_stride(n_steps, 24),
-        yticklabels=_stride(n_layers, 80),
-        cbar_kws={"label": stat + (" (log scale)" if log else "")},
+        mat, ax=ax, cmap=cmap, norm=norm, xticklabels=_stride(n_steps, 30),
+        yticklabels=_stride(n_layers, 160),
+        cbar_kws={"label": stat + scale_name(norm) + (", shared across runs" if shared else ""),
+                  "fraction": 0.03, "pad": 0.01},
     )
     fig.set_layout_engine("constrained")
     ax.grid(False)
     ax.set_facecolor(MISSING_COLOR)  # cells without a value (or <= 0 on a log scale)
     ax.set_xlabel("step")
     ax.set_ylabel("")
-    ax.tick_params(axis="y", labelsize=7)
+    ax.tick_params(axis="y", labelsize=7, length=0, pad=1)
     ax.tick_params(axis="x", labelsize=7)
     roles = layer_roles(one)
     _highlight_output(ax.get_yticklabels(),
@@ -353,20 +350,31 @@ def plot_run_comparison(
         log = spans_decades(g["value"])
     ncols = 1 if len(roles) == 1 else 2
     nrows = -(-len(roles) // ncols)
-    fig = new_figure(5.5 * ncols, 0.4 + 2.9 * nrows)
+    fig = new_figure(5.5 * ncols, 0.4 + 2.9 * nrows, layout=None)
     axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel()
     for ax in axes[len(roles):]:
         fig.delaxes(ax)
     palette = run_palette(runs)
     for i, (ax, role) in enumerate(zip(axes[: len(roles)], roles, strict=True)):
-        sub = g[g["role"] == role]
-        sns.lineplot(data=sub, x="step", y="value", hue="run", hue_order=runs, palette=palette,
-                     ax=ax, legend=i == 0, linewidth=1.3, errorbar=None)
+        sub = g[g["role"] == role].sort_values("step")
+        for name in runs:  # plain lines: seaborn's lineplot costs ~10x for the same picture
+            one = sub[sub["run"] == name]
+            if not one.empty:
+                ax.plot(one["step"], one["value"], color=palette[name], linewidth=1.3, label=name)
+        if i == 0:
+            ax.legend(title="run", fontsize=7, title_fontsize=7)
+        last = i + ncols >= len(roles)  # nothing below it: it carries the step axis
+        ax.set_xlabel("step" if last else "")
+        ax.tick_params(axis="x", labelbottom=last)
         ax.set_title(role, color=ROLE_COLORS.get(role, "black"))
         ax.set_ylabel(f"{agg} {stat}" if i == 0 else "")
         if log:
             ax.set_yscale("log")
     fig.suptitle(title or f"{stat} per role, {agg} over layers{_stat_note(stat)}")
+    # fixed margins: the constrained layout engine measured every tick label (most of the time)
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.09 if ncols > 1 else 0.16, right=0.98, bottom=0.5 / h,
+                        top=1 - 0.7 / h, hspace=0.3, wspace=0.18)
     return fig
 
 

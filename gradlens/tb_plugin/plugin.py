@@ -2,7 +2,7 @@
 
 Routes, under ``/data/plugin/gradlens``::
 
-    /index.js                        the frontend (a plain ES module, package data)
+    /index.js, /heatmap.js           the frontend (plain ES modules, package data)
     /runs                            the lens runs under the logdir
     /heatmap?run=&stat=&max_cols=&agg=   layers x step columns (see data.RunStore.heatmap)
     /roles?run=&stat=&max_cols=&agg=     per-role median and min-max band
@@ -60,7 +60,8 @@ class GradLensPlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
         return {
-            "/index.js": self._serve_js,
+            "/index.js": self._serve_js("index.js"),
+            "/heatmap.js": self._serve_js("heatmap.js"),
             "/runs": self._json_route(lambda r: {"runs": self.store.list_runs()}),
             "/heatmap": self._json_route(lambda r: self.store.heatmap(
                 r.args.get("run"), r.args.get("stat"),
@@ -72,10 +73,14 @@ class GradLensPlugin(base_plugin.TBPlugin):
             "/verdicts": self._json_route(lambda r: self.store.verdicts(r.args.get("run"))),
         }
 
-    @wrappers.Request.application
-    def _serve_js(self, request: wrappers.Request) -> wrappers.Response:
-        js = resources.files("gradlens.tb_plugin").joinpath("static/index.js").read_text("utf-8")
-        return http_util.Respond(request, js, "application/javascript")
+    @staticmethod
+    def _serve_js(name: str) -> Callable[..., Any]:
+        @wrappers.Request.application
+        def app(request: wrappers.Request) -> wrappers.Response:
+            js = resources.files("gradlens.tb_plugin").joinpath(f"static/{name}").read_text("utf-8")
+            return http_util.Respond(request, js, "application/javascript")
+
+        return app
 
     def _json_route(self, fn: Callable[[wrappers.Request], dict[str, Any]]
                     ) -> Callable[..., Any]:

@@ -54,7 +54,13 @@ def test_entry_point_and_frontend(tmp_path: Path) -> None:
     assert fm.es_module_path == "/index.js" and fm.tab_name == "gradlens"
     resp = c.get("/index.js")
     assert resp.status_code == 200 and resp.mimetype == "application/javascript"
-    assert "export async function render()" in resp.get_data(as_text=True)
+    js = resp.get_data(as_text=True)
+    assert "export async function render()" in js
+    # the module it imports, relative to the same route prefix
+    assert 'from "./heatmap.js"' in js
+    resp = c.get("/heatmap.js")
+    assert resp.status_code == 200 and resp.mimetype == "application/javascript"
+    assert "export function layoutRows(" in resp.get_data(as_text=True)
 
 
 def test_heatmap_matches_a_numpy_reference(tmp_path: Path) -> None:

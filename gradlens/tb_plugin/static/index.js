@@ -1,11 +1,11 @@
 // gradlens TensorBoard plugin frontend: a plain ES module, no build step.
 // TensorBoard loads it in an iframe whose base is /data/plugin/gradlens/ and calls render().
 
+import {ROLE_COLOURS, colourLimits, drawHeatmap, drawLegend, el, flaggedSteps, fmt, layoutRows,
+  zoomColumns} from "./heatmap.js";
+
 const POLL_MS = 5000;
-const VIRIDIS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
-  [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]];
-const KIND_COLOURS = {grad_norm: "#ff7f0e", grad_norm_global: "#d62728", nonfinite: "#000000",
-  loss: "#9467bd", skipped_step: "#8c564b", validity: "#e377c2", spam: "#17becf"};
+const COLLAPSE_ABOVE = 160;  // more rows than this: blocks start collapsed
 const CSS = `
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:12px;color:#1c2833;
 font-size:13px}
@@ -15,11 +15,17 @@ h2{font-size:15px;margin:18px 0 6px;border-bottom:1px solid #d5d8dc;padding-bott
 .gl-panels{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start}
 .gl-panel h3{font-size:13px;margin:4px 0}
 .gl-map{position:relative}
-.gl-labels{position:absolute;left:0;top:0;font-size:10px;line-height:10px;white-space:nowrap}
-.gl-label{position:absolute;right:0;text-align:right}
-.gl-band{position:absolute;width:10px}
-.gl-bandname{position:absolute;font-size:10px;writing-mode:vertical-rl;transform:rotate(180deg);
-color:#333}
+.gl-view{margin:6px 0;display:flex;flex-wrap:wrap;gap:6px 14px;align-items:center}
+.gl-view input{font-size:12px}.gl-view input[type=number]{width:64px}
+.gl-label{position:absolute;font-size:10px;line-height:12px;height:12px;white-space:nowrap;
+overflow:hidden;text-overflow:ellipsis;text-align:right}
+.gl-group-row{font-weight:600}
+.gl-group{position:absolute;font-size:11px;line-height:12px;font-weight:600;cursor:pointer;
+white-space:nowrap;color:#1c2833}
+.gl-sep{position:absolute;left:0;height:0;border-top:1px solid #aab7b8}
+.gl-band{position:absolute;width:8px}
+.gl-zoomband{position:absolute;background:rgba(255,255,255,.35);border:1px solid #fff;
+pointer-events:none}
 .gl-axis{position:absolute;font-size:10px;color:#566573;white-space:nowrap}
 canvas{display:block}
 #gl-tooltip{position:fixed;pointer-events:none;background:rgba(28,40,51,.92);color:#fff;
@@ -35,42 +41,12 @@ table.gl-table th{background:#eaf2f8}
 .gl-note{color:#566573;font-size:12px}
 `;
 
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "style") e.style.cssText = v; else if (k === "text") e.textContent = v;
-    else e.setAttribute(k, v);
-  }
-  for (const c of children) e.append(c);
-  return e;
-}
-
 async function getJSON(route, params = {}) {
   const q = new URLSearchParams(params).toString();
   const resp = await fetch(route + (q ? "?" + q : ""));
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.error || resp.statusText);
   return body;
-}
-
-function fmt(v) {
-  if (v === null || v === undefined) return "–";
-  if (typeof v !== "number") return String(v);
-  if (v === 0) return "0";
-  const a = Math.abs(v);
-  return a >= 1e4 || a < 1e-3 ? v.toExponential(3) : Number(v.toPrecision(4)).toString();
-}
-
-function colour(t) {
-  const x = Math.min(Math.max(t, 0), 1) * (VIRIDIS.length - 1);
-  const i = Math.min(Math.floor(x), VIRIDIS.length - 2), f = x - i;
-  return VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
-}
-
-function logScale(vmin, vmax) {
-  const lo = Math.log10(vmin), hi = Math.log10(vmax);
-  const span = hi - lo;
-  return (v) => (v === null || !(v > 0) ? null : span > 0 ? (Math.log10(v) - lo) / span : 0.5);
 }
 
 const state = {runs: [], a: null, b: "", stat: null, agg: "max", versions: "", timer: null};
@@ -80,6 +56,7 @@ export async function render() {
   document.body.append(
     el("div", {class: "gl-controls", id: "gl-controls"}),
     el("h2", {text: "Heatmap"}),
+    el("div", {class: "gl-view", id: "gl-view"}),
     el("div", {class: "gl-panels", id: "gl-panels"}),
     el("div", {class: "gl-legend", id: "gl-legend"}),
     el("h2", {text: "Role summary (median over the role's layers, min-max band)"}),
@@ -101,8 +78,12 @@ export async function render() {
     return;
   }
   const withData = state.runs.filter((r) => r.stats.length);
-  state.a = (withData[0] || state.runs[0]).run;
-  const stats = (withData[0] || state.runs[0]).stats;
+  const asked = state.runs.find((r) => r.run === new URLSearchParams(window.location.search).get("gl_run"));
+  const first = asked || withData[0] || state.runs[0];
+  state.a = first.run;
+  const beside = new URLSearchParams(window.location.search).get("gl_beside");
+  if (state.runs.some((r) => r.run === beside)) state.b = beside;
+  const stats = first.stats;
   state.stat = stats.includes("grad_norm") ? "grad_norm" : stats[0] || null;
   buildControls();
   await refresh(true);
@@ -158,141 +139,119 @@ async function refresh(force) {
   drawVerdicts(verdicts);
 }
 
-// ------------------------------------------------------------------ heatmap
+// ------------------------------------------------------------------ heatmap (laid out client-side)
+
+const view = {order: null, filter: "", collapsed: new Set(), from: null, to: null,
+  clipLo: 1, clipHi: 99, ignoreFlagged: true};
+let drawn = {maps: [], events: []};
+
+/** The initial view from the page's query (gl_order, gl_filter, gl_from, gl_to, gl_clip=lo,hi,
+ * gl_flagged=0|1, gl_expand=0|1), so that a view can be linked to. */
+function viewFromQuery() {
+  const q = new URLSearchParams(window.location.search);
+  const num = (k) => (q.has(k) && q.get(k) !== "" && Number.isFinite(Number(q.get(k))) ? Number(q.get(k)) : null);
+  if (["block", "role", "value"].includes(q.get("gl_order"))) view.order = q.get("gl_order");
+  if (q.has("gl_filter")) view.filter = q.get("gl_filter");
+  view.from = num("gl_from"); view.to = num("gl_to");
+  const clip = (q.get("gl_clip") || "").split(",").map(Number);
+  if (clip.length === 2 && clip.every((x) => Number.isFinite(x) && x >= 0 && x <= 100)) [view.clipLo, view.clipHi] = clip;
+  if (q.has("gl_flagged")) view.ignoreFlagged = q.get("gl_flagged") !== "0";
+  return q.has("gl_expand") ? q.get("gl_expand") !== "0" : null;
+}
+
+function input(id, attrs, onChange) {
+  const i = el("input", {id, ...attrs});
+  i.addEventListener("change", () => { onChange(i); redraw(); });
+  return i;
+}
+
+function buildViewControls() {
+  const c = document.getElementById("gl-view");
+  c.replaceChildren();
+  const num = (v) => (v.value === "" ? null : Number(v.value));
+  const order = el("select", {id: "gl-order"});
+  for (const [v, t] of [["block", "by block"], ["role", "by role"], ["value", "by value (median of shown steps)"]]) {
+    const o = el("option", {value: v, text: t}); if (v === view.order) o.selected = true; order.append(o);
+  }
+  order.addEventListener("change", () => { view.order = order.value; redraw(); });
+  const filt = el("input", {id: "gl-filter", type: "search", placeholder: "name or role, e.g. q_proj output",
+    value: view.filter, size: "28"});
+  filt.addEventListener("input", () => { view.filter = filt.value.trim(); redraw(); });
+  const flagged = el("input", {id: "gl-ignore-flagged", type: "checkbox"});
+  flagged.checked = view.ignoreFlagged;
+  flagged.addEventListener("change", () => { view.ignoreFlagged = flagged.checked; redraw(); });
+  const button = (id, text, fn) => { const b = el("button", {id, text}); b.addEventListener("click", () => { fn(); redraw(); }); return b; };
+  c.append(
+    el("label", {text: "rows "}, order),
+    el("label", {text: "filter "}, filt),
+    button("gl-collapse", "collapse all", () => { for (const k of allGroups()) view.collapsed.add(k); }),
+    button("gl-expand", "expand all", () => view.collapsed.clear()),
+    el("label", {text: "steps "}, input("gl-from", {type: "number", size: "6", value: view.from ?? ""}, (i) => { view.from = num(i); }),
+      el("span", {text: " – "}), input("gl-to", {type: "number", size: "6", value: view.to ?? ""}, (i) => { view.to = num(i); })),
+    button("gl-zoom-reset", "all steps", () => { view.from = null; view.to = null; }),
+    el("label", {text: "colour percentiles "},
+      input("gl-clip-lo", {type: "number", min: "0", max: "100", step: "0.5", size: "4", value: view.clipLo}, (i) => { view.clipLo = Math.min(Math.max(num(i) ?? 0, 0), 100); }),
+      el("span", {text: " – "}),
+      input("gl-clip-hi", {type: "number", min: "0", max: "100", step: "0.5", size: "4", value: view.clipHi}, (i) => { view.clipHi = Math.min(Math.max(num(i) ?? 100, 0), 100); })),
+    el("label", {}, flagged, el("span", {text: " colour scale ignores flagged steps"})),
+  );
+}
+
+function allGroups() {
+  const keys = new Set();
+  for (const m of drawn.maps) {
+    if (m.error) continue;
+    for (const r of layoutRows(m, {...view, collapsed: new Set(), cols: [], clean: []})) keys.add(r.group);
+  }
+  return keys;
+}
 
 function drawHeatmaps(maps, events) {
+  drawn = {maps, events};
+  if (!view.started) {
+    view.started = true;
+    const expand = viewFromQuery();
+    const m = maps.find((x) => !x.error && x.layers);
+    const blocks = m ? m.layers.some((l) => /(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\./.test(l.name)) : false;
+    view.order = view.order || (blocks ? "block" : "role");
+    buildViewControls();
+    const collapse = expand === null ? Boolean(m && m.layers.length > COLLAPSE_ABOVE) : !expand;
+    if (collapse) for (const k of allGroups()) view.collapsed.add(k);
+  }
+  redraw();
+}
+
+function redraw() {
+  const {maps, events} = drawn;
   const panels = document.getElementById("gl-panels");
   panels.replaceChildren();
-  const ok = maps.filter((m) => !m.error && m.vmin !== null);
-  const vmin = Math.min(...ok.map((m) => m.vmin)), vmax = Math.max(...ok.map((m) => m.vmax));
-  const scale = ok.length ? logScale(vmin, vmax) : () => null;
+  const layouts = maps.map((m, i) => {
+    if (m.error) return null;
+    for (const b of m.roles || []) if (b.color) ROLE_COLOURS[b.role] = b.color;  // served kinds
+    const flagged = flaggedSteps((events[i] || {}).events || []);
+    const clean = m.columns.map(([s0, s1]) => !view.ignoreFlagged ||
+      ![...flagged].some((s) => s0 <= s && s <= s1));
+    const cols = zoomColumns(m, view);
+    const rows = layoutRows(m, {...view, cols, clean});
+    return {rows, cols, clean};
+  });
+  const limits = colourLimits(layouts.filter((x) => x), view.clipLo, view.clipHi);
   const width = maps.length > 1 ? 520 : 1000;
   maps.forEach((m, i) => {
     const panel = el("div", {class: "gl-panel"}, el("h3", {text: `${m.run} · ${state.stat}`}));
     if (m.error) panel.append(el("p", {class: "gl-error", text: m.error}));
-    else panel.append(heatmap(m, events[i].events || [], scale, width));
+    else {
+      const {rows, cols} = layouts[i];
+      panel.append(el("div", {class: "gl-note", text:
+        `${rows.length} rows shown of ${m.layers.length} tensors` + (view.filter ? ` (filter "${view.filter}")` : "")}));
+      panel.append(drawHeatmap({m, events: (events[i] || {}).events || [], rows, cols, limits, width,
+        stat: state.stat, view,
+        onToggle: (g) => { if (view.collapsed.has(g)) view.collapsed.delete(g); else view.collapsed.add(g); redraw(); },
+        onZoom: (a, b) => { view.from = a; view.to = b; buildViewControls(); redraw(); }}));
+    }
     panels.append(panel);
   });
-  drawLegend(ok.length ? vmin : null, ok.length ? vmax : null);
-}
-
-function heatmap(m, events, scale, width) {
-  const nL = m.layers.length, nC = m.columns.length;
-  const rh = Math.max(2, Math.min(16, Math.floor(640 / Math.max(nL, 1))));
-  const cw = Math.max(1, Math.floor(width / Math.max(nC, 1)));
-  const W = cw * nC, H = rh * nL, LABEL_W = 150, BAND_W = 14, TOP = 22, STRIP = 8;
-  const wrap = el("div", {class: "gl-map", style: `width:${LABEL_W + BAND_W + W + 8}px;height:${TOP + STRIP + H + 18}px`});
-  // role bands and their names
-  for (const b of m.roles) {
-    wrap.append(el("div", {class: "gl-band", style:
-      `left:${LABEL_W}px;top:${TOP + STRIP + b.first * rh}px;height:${b.rows * rh}px;background:${b.color || "#bbb"}`}));
-    if (b.rows * rh >= 40) {
-      wrap.append(el("div", {class: "gl-bandname", text: b.role, style:
-        `left:${LABEL_W - 12}px;top:${TOP + STRIP + b.first * rh + 2}px;height:${b.rows * rh - 4}px`}));
-    }
-  }
-  // layer labels as DOM text; every k-th when rows are thin
-  const k = Math.ceil(11 / rh);
-  const labels = el("div", {class: "gl-labels", style: `width:${LABEL_W - 14}px;top:${TOP + STRIP}px`});
-  m.layers.forEach((l, i) => {
-    if (i % k) return;
-    labels.append(el("div", {class: "gl-label", title: l.name, "data-layer": l.name, text: l.label,
-      style: `top:${i * rh + Math.max(0, (rh - 10) / 2)}px`}));
-  });
-  wrap.append(labels);
-  // step axis: first, middle, last column
-  const left = LABEL_W + BAND_W;
-  for (const c of [0, Math.floor(nC / 2), nC - 1]) {
-    if (c < 0) continue;
-    wrap.append(el("div", {class: "gl-axis", text: `step ${m.columns[c][0]}`,
-      style: `left:${left + c * cw}px;top:4px`}));
-  }
-  wrap.append(el("div", {class: "gl-axis", text:
-    `${m.n_steps} logged steps in ${nC} columns (${m.agg} per column)`,
-    style: `left:${left}px;top:${TOP + STRIP + H + 4}px`}));
-  // cells
-  const img = new ImageData(nC, nL);
-  for (let r = 0; r < nL; r++) {
-    for (let c = 0; c < nC; c++) {
-      const t = scale(m.values[r][c]);
-      const rgb = t === null ? [204, 204, 204] : colour(t);
-      const o = 4 * (r * nC + c);
-      img.data[o] = rgb[0]; img.data[o + 1] = rgb[1]; img.data[o + 2] = rgb[2]; img.data[o + 3] = 255;
-    }
-  }
-  const small = el("canvas"); small.width = nC; small.height = nL;
-  small.getContext("2d").putImageData(img, 0, 0);
-  const canvas = el("canvas", {class: "gl-heatmap", style:
-    `position:absolute;left:${left}px;top:${TOP + STRIP}px`});
-  canvas.width = W; canvas.height = H;
-  const ctx = canvas.getContext("2d");
-  ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(small, 0, 0, W, H);
-  // events: per-layer ones as marks on their cell, global ones on the strip above
-  const strip = el("canvas", {style: `position:absolute;left:${left}px;top:${TOP}px`});
-  strip.width = W; strip.height = STRIP;
-  const sctx = strip.getContext("2d");
-  const colOf = (step) => {
-    let lo = 0, hi = nC - 1;
-    if (step < m.columns[0][0] || step > m.columns[nC - 1][1]) return -1;
-    while (lo < hi) { const mid = (lo + hi) >> 1; if (m.columns[mid][1] < step) lo = mid + 1; else hi = mid; }
-    return lo;
-  };
-  const rowOf = new Map(m.layers.map((l, i) => [l.name, i]));
-  const eventsAt = new Map();
-  for (const e of events) {
-    const c = colOf(e.step);
-    if (c < 0) continue;
-    if (!eventsAt.has(c)) eventsAt.set(c, []);
-    eventsAt.get(c).push(e);
-    const colr = KIND_COLOURS[e.kind] || "#444";
-    if (rowOf.has(e.layer)) {
-      const r = rowOf.get(e.layer);
-      ctx.strokeStyle = "#fff"; ctx.fillStyle = colr; ctx.lineWidth = 1;
-      const s = Math.max(3, Math.min(cw, rh, 8));
-      ctx.beginPath(); ctx.arc(c * cw + cw / 2, r * rh + rh / 2, s / 2 + 1, 0, 2 * Math.PI);
-      ctx.fill(); ctx.stroke();
-    }
-    sctx.fillStyle = colr;
-    sctx.beginPath(); sctx.moveTo(c * cw + cw / 2 - 4, 0); sctx.lineTo(c * cw + cw / 2 + 4, 0);
-    sctx.lineTo(c * cw + cw / 2, STRIP); sctx.fill();
-  }
-  const tip = document.getElementById("gl-tooltip");
-  canvas.addEventListener("mousemove", (ev) => {
-    const rect = canvas.getBoundingClientRect();
-    const c = Math.floor((ev.clientX - rect.left) / cw), r = Math.floor((ev.clientY - rect.top) / rh);
-    if (c < 0 || c >= nC || r < 0 || r >= nL) { tip.style.display = "none"; return; }
-    const [s0, s1] = m.columns[c];
-    const evs = (eventsAt.get(c) || []).filter((e) => e.layer === m.layers[r].name || !rowOf.has(e.layer));
-    tip.textContent = `${m.layers[r].name} (${m.layers[r].role})\nstep ${s0 === s1 ? s0 : `${s0}–${s1}`}\n` +
-      `${state.stat} = ${fmt(m.values[r][c])}` +
-      (evs.length ? "\n" + evs.slice(0, 4).map((e) => `event ${e.kind} at step ${e.step}`).join("\n") : "");
-    tip.style.display = "block";
-    tip.style.left = `${ev.clientX + 14}px`; tip.style.top = `${ev.clientY + 10}px`;
-  });
-  canvas.addEventListener("mouseleave", () => { tip.style.display = "none"; });
-  wrap.append(strip, canvas);
-  return wrap;
-}
-
-function drawLegend(vmin, vmax) {
-  const box = document.getElementById("gl-legend");
-  box.replaceChildren();
-  if (vmin === null) { box.append(el("span", {text: "no positive values to colour"})); return; }
-  const W = 300, c = el("canvas", {id: "gl-legend-bar"});
-  c.width = W; c.height = 12;
-  const ctx = c.getContext("2d");
-  for (let x = 0; x < W; x++) { ctx.fillStyle = `rgb(${colour(x / (W - 1)).join(",")})`; ctx.fillRect(x, 0, 1, 12); }
-  const ticks = el("div", {class: "gl-legend-ticks", style: `width:${W}px`});
-  const lo = Math.log10(vmin), hi = Math.log10(vmax);
-  for (const f of [0, 0.5, 1]) {
-    const v = Math.pow(10, lo + f * (hi - lo));
-    ticks.append(el("span", {class: "gl-legend-tick", text: fmt(v),
-      style: `position:absolute;left:${f * W - (f === 1 ? 40 : f === 0.5 ? 20 : 0)}px`}));
-  }
-  box.append(el("span", {text: `${state.stat} (log scale, shared):`}),
-    el("div", {}, c, ticks),
-    el("span", {class: "gl-note", text: "grey: no value or ≤ 0"}));
+  drawLegend(document.getElementById("gl-legend"), limits, state.stat, view);
 }
 
 // ------------------------------------------------------------------ role summary
@@ -319,7 +278,7 @@ function roleChart(res, role, s) {
   const y = (v) => H - 14 - ((hi > lo ? (Math.log10(v) - lo) / (hi - lo) : 0.5) * (H - 24));
   const n = res.columns.length, x = (i) => P + (n > 1 ? i / (n - 1) : 0.5) * (W - P - 6);
   const ctx = c.getContext("2d");
-  const colr = s.color || "#555";  // the kind's colour, served (gradlens.kinds)
+  const colr = s.color || ROLE_COLOURS[role] || "#555";  // the kind's colour, served (gradlens.kinds)
   ctx.fillStyle = colr; ctx.globalAlpha = 0.2; ctx.beginPath();
   let started = false;
   for (let i = 0; i < n; i++) { if (s.max[i] > 0) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.max[i])); started = true; } }
