@@ -37,7 +37,9 @@ from gradlens.stats.norms import (
     finite_sum,
     grad_summaries,
     grad_summary,
+    grouped_summaries,
     nonfinite_count,
+    shape_groups,
     sq_norms,
 )
 from gradlens.stats.per_example_vector import (
@@ -103,6 +105,7 @@ __all__ = [
     "grad_summaries",
     "grad_summaries_with_axes",
     "grad_summary",
+    "grouped_summaries",
     "histogram_moments",
     "histograms_moments",
     "log_histogram",
@@ -119,6 +122,7 @@ __all__ = [
     "per_example_sq_norms_embedding",
     "per_example_sq_norms_linear",
     "per_example_sq_norms_norm_gain",
+    "shape_groups",
     "sketch_apply",
     "sorted_quantile",
     "spam_fraction",

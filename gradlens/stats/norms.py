@@ -54,7 +54,9 @@ __all__ = [
     "finite_sum",
     "grad_summaries",
     "grad_summary",
+    "grouped_summaries",
     "nonfinite_count",
+    "shape_groups",
     "sq_norms",
 ]
 
@@ -168,21 +170,22 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
     """Summaries of a list of gradients, stacked: an ``(L, 4)`` tensor.
 
     Columns follow :data:`SUMMARY_FIELDS`: ``[sq_norm, max_abs, nonfinite, numel]``; row ``k``
-    equals ``grad_summary(grads[k])``. The dtype is float64 if any input is float64, else
-    float32; all tensors must live on one device.
+    equals ``grad_summary(grads[k])`` up to float rounding (the sums run in another order).
+    The dtype is float64 if any input is float64, else float32; all tensors must live on
+    one device.
 
     Args:
         grads: gradients (any shapes, any floating dtypes).
-        foreach: use ``torch._foreach_*`` multi-tensor reductions (one launch per reduction for
-            the whole list) instead of one ``dot``/``aminmax`` per tensor. ``None`` (default):
-            on for CUDA, off elsewhere (the CPU foreach kernels are slower, see the module
-            docstring).
+        foreach: ``True``: ``torch._foreach_*`` multi-tensor reductions over the list.
+            ``False``: one ``grad_summary`` per tensor (the reference). ``None`` (default):
+            batched per group of same-shaped tensors (:func:`grouped_summaries`): a few
+            kernels per shape, not per tensor, on every device.
         max_abs: False skips the ``max_abs`` pass (NaN column): the lens reads it on logged
             steps only.
     """
     acc, device = _common_acc(grads)
     if foreach is None:
-        foreach = device.type == "cuda"
+        return grouped_summaries(grads, acc, max_abs)
     if not foreach or any(g.numel() == 0 for g in grads):
         return torch.stack([grad_summary(g, max_abs).to(acc) for g in grads])
     cleaned = [finite_copy(g).to(acc) for g in grads]
@@ -198,6 +201,61 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
         torch.full((), float(g.numel()), dtype=acc, device=device) for g in grads
     ])
     return torch.stack([sq, largest, nonfinite, numel], dim=1)
+
+
+def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance."""
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for k, g in enumerate(grads):
+        groups.setdefault((g.numel(), g.dtype), []).append(k)
+    return list(groups.values())
+
+
+def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
+                  max_abs: bool = True) -> torch.Tensor:
+    """``(n, 4)`` summaries of ``n`` tensors of one numel and dtype: ONE stacked finite copy
+    ``C`` (``(n, numel)``), ``sq = rowwise C . C``, ``max_abs`` from a row-wise ``aminmax``,
+    and the non-finite count in the same buffer (``g * 0``, NaN read as 1, summed per row)."""
+    n, numel = len(group), group[0].numel()
+    device = group[0].device
+    if numel == 0:
+        return torch.zeros(n, len(SUMMARY_FIELDS), dtype=acc, device=device)
+    flat = [g.reshape(-1) for g in group]
+    c = torch.stack(flat)
+    if c.dtype != acc:
+        c = c.to(acc)
+    c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    sq = torch.linalg.vecdot(c, c)
+    if max_abs:
+        lo, hi = torch.aminmax(c, dim=1)
+        largest = torch.maximum(-lo, hi)
+    else:
+        largest = torch.full((n,), math.nan, dtype=acc, device=device)
+    if group[0].dtype == acc:
+        torch.stack(flat, out=c)  # the originals again, into the same buffer
+        zeroed = c.mul_(0)
+    else:
+        zeroed = torch.stack(flat).mul_(0).to(acc)
+    count = zeroed.nan_to_num_(nan=1.0).sum(dim=1)
+    return torch.stack([sq, largest, count, torch.full((n,), float(numel), dtype=acc,
+                                                       device=device)], dim=1)
+
+
+def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
+                      max_abs: bool = True) -> torch.Tensor:
+    """:func:`grad_summaries` batched per group of tensors of one numel and dtype
+    (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
+    any depth has about 10), not with the tensors; the rows return to the input order with
+    one gather."""
+    groups = shape_groups(grads)
+    if len(groups) == 1:
+        return group_summary(grads, acc, max_abs)
+    rows = torch.cat([group_summary([grads[k] for k in idx], acc, max_abs) for idx in groups])
+    order = [k for idx in groups for k in idx]
+    inverse = [0] * len(order)
+    for pos, k in enumerate(order):
+        inverse[k] = pos
+    return rows[torch.tensor(inverse, device=rows.device)]
 
 
 def sq_norms(grads: Sequence[torch.Tensor | None],
