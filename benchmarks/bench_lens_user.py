@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     wall: dict[str, list[float]] = {c[0]: [] for c in configs}  # per-round ratios
     cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
     per_tensor: dict[str, list[float]] = {c[0]: [] for c in configs}  # us per tensor per step
+    per_tensor_cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     bare_ms: dict[str, list[float]] = {opt: [] for opt in args.optimizers}
     mem: dict[str, int] = {}
@@ -212,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                     bare_ms[opt].append(1e3 * timed[False][0] / args.block)
                     per_tensor[name].append(1e6 * (timed[True][0] - timed[False][0])
                                             / (args.block * tensors))
+                    per_tensor_cpu[name].append(1e6 * (timed[True][1] - timed[False][1])
+                                                / (args.block * tensors))
             if not args.quick:
                 print(f"{'warm-up' if r < 0 else 'round'} {r + 1 if r >= 0 else r + 1 + args.warmup}"
                       f"/{args.rounds if r >= 0 else args.warmup} done "
@@ -224,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                              log_every=every if preset else "-",
                              wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
                              q1=q[0], q3=q[2], ms=statistics.median(bare_ms[opt]),
-                             us_tensor=statistics.median(per_tensor[name]), tensors=tensors,
+                             us_tensor=statistics.median(per_tensor[name]),
+                             us_tensor_cpu=statistics.median(per_tensor_cpu[name]),
                              mem=100 * mem.get(name, 0) / param_bytes))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -236,11 +240,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
           f"(CSV + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
           "median over rounds of (block time / the adjacent bare block's time, same model "
           "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor. "
-          "us/tensor: median of (lens block - bare block) per step per tracked tensor.")
+          "us/tensor: median of (lens block - bare block) per step per tracked tensor, in "
+          "wall and in CPU time (this process, every thread).")
     print(f"{'optimizer':9s} {'preset':15s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
-          f"{'wall IQR':>13s} {'us/tensor':>9s} {'lens memory':>11s}")
+          f"{'wall IQR':>13s} {'us/tensor':>9s} {'(CPU)':>7s} {'lens memory':>11s}")
     for opt in args.optimizers:
-        print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>9s} "
+        print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>9s} {'-':>7s} "
               f"{'-':>11s}   "
               f"({statistics.median(bare_ms[opt]):.1f} ms/step)")
         for row in rows:
@@ -248,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                 print(f"{opt:9s} {row['preset']:15s} {row['log_every']!s:>9s} "
                       f"{row['wall']:7.3f} {row['cpu']:7.3f} "
                       f"{row['q1']:6.3f}-{row['q3']:6.3f} {row['us_tensor']:9.1f} "
+                      f"{row['us_tensor_cpu']:7.1f} "
                       + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
     return rows
 
