@@ -89,11 +89,12 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
             if key in ("loss", "loss_z"):
                 rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
                 continue
+            pairs = zip(labels, keep, strict=True)
             if len(vals) == L + 1 and key in _GLOBAL_ONLY:
-                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in zip(labels, keep)
+                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs
                              if not math.isnan(vals[k])])
             else:
-                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in zip(labels, keep)])
+                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs])
             if len(vals) == L + 1:
                 rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
         if out.micro:  # counted by the micro-batch hooks (not installed by "minimal")
