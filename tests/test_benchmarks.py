@@ -70,3 +70,10 @@ def test_bench_slow_disk_quick() -> None:
     assert len(written) == 4 and len(set(written[:3])) == 1  # slow disk: no row lost
     assert "rows_dropped 0" in out.splitlines()[-1]
     assert "longest hand-over to the writer" in out
+
+
+def test_bench_summaries_quick() -> None:
+    out = _run("benchmarks/bench_summaries.py", "--rounds", "2", "--rows", "8")
+    figures = [float(line[30:].split()[0]) for line in out.splitlines()
+               if line.startswith(("unlogged,", "logged with axes,"))]
+    assert len(figures) == 4 and all(math.isfinite(f) and f > 0 for f in figures)

@@ -32,7 +32,13 @@ from collections.abc import Sequence
 import torch
 
 from gradlens.roles import _LAYOUT_UNIT_DIM, output_units_view
-from gradlens.stats.norms import _common_acc, accumulation_dtype, finite_copy, group_summary
+from gradlens.stats.norms import (
+    _common_acc,
+    accumulation_dtype,
+    chunked,
+    finite_copy,
+    group_summary,
+)
 
 __all__ = [
     "HISTOGRAM_MOMENT_FIELDS",
@@ -139,7 +145,9 @@ def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[st
                g.dtype, layout)
         groups.setdefault(key, []).append(k)
     parts, order, axes = [], [], {}
-    for (_, _, layout), idx in groups.items():
+    numels = [g.numel() for g in grads]
+    runs = [(key[2], run) for key, idx in groups.items() for run in chunked([idx], numels)]
+    for layout, idx in runs:
         group = [grads[k] for k in idx]
         if layout is None:
             parts.append(group_summary(group, acc))

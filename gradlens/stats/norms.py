@@ -205,12 +205,28 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
     return torch.stack([sq, largest, nonfinite, numel], dim=1)
 
 
+#: Entries of one stacked copy at most (a group larger than this is split): a stack much
+#: larger than one gradient is a fresh allocation (page faults on CPU) that costs more than
+#: the launches it saves.
+STACK_ENTRIES = 1 << 16
+
+
+def chunked(groups: Sequence[list[int]], numels: Sequence[int]) -> list[list[int]]:
+    """``groups`` split into runs of at most ``STACK_ENTRIES`` entries (one tensor at least)."""
+    out = []
+    for idx in groups:
+        n = max(1, STACK_ENTRIES // max(1, numels[idx[0]]))
+        out += [idx[i:i + n] for i in range(0, len(idx), n)]
+    return out
+
+
 def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance."""
+    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance, each
+    group split into stacks of at most :data:`STACK_ENTRIES` entries."""
     groups: dict[tuple[int, torch.dtype], list[int]] = {}
     for k, g in enumerate(grads):
         groups.setdefault((g.numel(), g.dtype), []).append(k)
-    return list(groups.values())
+    return chunked(list(groups.values()), [g.numel() for g in grads])
 
 
 def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,

@@ -95,6 +95,9 @@ def test_grouped_summaries_match_numpy_per_tensor(max_abs):
         cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]
         np.testing.assert_allclose(np64(out[k])[cols], ref[cols], rtol=1e-5)
     assert S.shape_groups(grads) == [[0, 1, 3, 8], [2], [4], [5], [6], [7]]
+    # stacks stay under STACK_ENTRIES entries (one tensor at least): 2 of 2**15 per stack
+    big = [torch.ones(1 << 15)] * 3 + [torch.ones((1 << 16) + 1)] * 2
+    assert S.shape_groups(big) == [[0, 1], [2], [3], [4]]
     for g, before in zip(grads, [poisoned(s, k, seed=20 + i, dtype=d)
                                  for i, (s, k, d) in enumerate(specs)], strict=True):
         if g.numel():  # inputs untouched
