@@ -38,6 +38,7 @@ from gradlens.stats.norms import (
     chunked,
     finite_copy,
     group_summary,
+    order_index,
 )
 
 __all__ = [
@@ -162,11 +163,8 @@ def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[st
             for j, k in enumerate(idx):
                 axes[k] = (units[j], fans[j])
         order += idx
-    inverse = [0] * len(order)
-    for pos, k in enumerate(order):
-        inverse[k] = pos
     rows = torch.cat(parts)
-    return rows[torch.tensor(inverse, device=rows.device)], axes
+    return rows[order_index(order, rows.device)], axes
 
 
 def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torch.dtype

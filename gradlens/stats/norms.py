@@ -269,11 +269,25 @@ def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
     if len(groups) == 1:
         return group_summary(grads, acc, max_abs)
     rows = torch.cat([group_summary([grads[k] for k in idx], acc, max_abs) for idx in groups])
-    order = [k for idx in groups for k in idx]
-    inverse = [0] * len(order)
-    for pos, k in enumerate(order):
-        inverse[k] = pos
-    return rows[torch.tensor(inverse, device=rows.device)]
+    return rows[order_index([k for idx in groups for k in idx], rows.device)]
+
+
+_ORDER: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def order_index(order: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The device index that puts rows stacked in ``order`` back in input order, made once
+    per (order, device): a host-to-device copy of a new list would synchronize on CUDA."""
+    key = (tuple(order), device)
+    index = _ORDER.get(key)
+    if index is None:
+        inverse = [0] * len(order)
+        for pos, k in enumerate(order):
+            inverse[k] = pos
+        if len(_ORDER) >= 64:  # a few models per process; bounded all the same
+            _ORDER.clear()
+        index = _ORDER[key] = torch.tensor(inverse, device=device)
+    return index
 
 
 def sq_norms(grads: Sequence[torch.Tensor | None],
