@@ -17,7 +17,12 @@ shown, and the memory the lens keeps between steps, relative to the parameter by
 
     python benchmarks/bench_lens_user.py [--threads 1] [--rounds 15] [--vocab 4096]
         [--layers 4] [--presets minimal standard full] [--log-every 1 10]
-        [--optimizers adamw scale] [--io thread inline] [--quick]
+        [--optimizers adamw scale] [--io thread inline] [--narrow] [--quick]
+
+``--narrow`` is the real-tensor-count model: hidden 64, 32 decoder layers (291 tensors, as
+LLaMA-7B), where the step's compute is small and the lens's per-tensor host work shows. Each
+row also gives the lens's host time per tracked tensor per step: the median over rounds of
+(lens block - adjacent bare block) / (steps x tracked tensors), in microseconds.
 
 ``--io inline`` adds each preset with ``background_io=False`` (the sinks write on the
 training thread), shown as ``<preset>:inline``.
@@ -133,11 +138,16 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--io", nargs="+", choices=("thread", "inline"), default=["thread"],
                    help="where the sinks write: the writer thread (default) and/or the "
                         "training thread (background_io=False)")
+    p.add_argument("--narrow", action="store_true",
+                   help="hidden 64, 32 layers (291 tensors): the per-tensor cost at a real "
+                        "tensor count")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 2 rounds of 2-step blocks: proves the script runs")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.block, args.warmup, args.log_every = 2, 2, 1, [1, 2]
+    if args.narrow:
+        args.hidden, args.layers = 64, 32
     bad = [e for e in args.log_every if e < 1 or args.block % e]
     if bad:
         p.error(f"--block {args.block} must be a multiple of every --log-every (not {bad})")
@@ -170,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     arms = {opt: Arm(model, opt) for opt in args.optimizers}
     wall: dict[str, list[float]] = {c[0]: [] for c in configs}  # per-round ratios
     cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
+    per_tensor: dict[str, list[float]] = {c[0]: [] for c in configs}  # us per tensor per step
+    per_tensor_cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
     bare_ms: dict[str, list[float]] = {opt: [] for opt in args.optimizers}
     mem: dict[str, int] = {}
     rng = random.Random(0)
@@ -190,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                     timed[with_lens] = arm.steps(batches[1:], lens)
                     if lens is not None:
                         mem[name] = lens_bytes(lens)
+                        tensors = len(lens.layers)
                         lens.close()
                         if arm.hooked():
                             raise RuntimeError(f"{name}: the closed lens left hooks installed")
@@ -197,8 +211,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                     wall[name].append(timed[True][0] / timed[False][0])
                     cpu[name].append(timed[True][1] / timed[False][1])
                     bare_ms[opt].append(1e3 * timed[False][0] / args.block)
-            if not args.quick and r >= 0:
-                print(f"round {r + 1}/{args.rounds}", flush=True)
+                    per_tensor[name].append(1e6 * (timed[True][0] - timed[False][0])
+                                            / (args.block * tensors))
+                    per_tensor_cpu[name].append(1e6 * (timed[True][1] - timed[False][1])
+                                                / (args.block * tensors))
+            if not args.quick:
+                print(f"{'warm-up' if r < 0 else 'round'} {r + 1 if r >= 0 else r + 1 + args.warmup}"
+                      f"/{args.rounds if r >= 0 else args.warmup} done "
+                      f"({len(configs)} configurations)", flush=True)
         rows = []
         for name, opt, preset, every in configs:
             q = statistics.quantiles(wall[name], n=4) if len(wall[name]) > 1 else [math.nan] * 3
@@ -207,26 +227,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                              log_every=every if preset else "-",
                              wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
                              q1=q[0], q3=q[2], ms=statistics.median(bare_ms[opt]),
+                             us_tensor=statistics.median(per_tensor[name]),
+                             us_tensor_cpu=statistics.median(per_tensor_cpu[name]),
                              mem=100 * mem.get(name, 0) / param_bytes))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     shape = ("tiny" if args.quick else
              f"hidden {args.hidden}, {args.layers} layers, vocabulary {vocab}")
     print(f"\nLLaMA ({shape}; {param_bytes / 1e6:.1f} MB of parameters), steps of 2 x "
-          f"{args.batch // 2} x {args.seq} tokens, {args.threads} thread(s), default sinks "
+          f"{args.batch // 2} x {args.seq} tokens, {tensors} tracked tensors, "
+          f"{args.threads} thread(s), default sinks "
           f"(CSV + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
           "median over rounds of (block time / the adjacent bare block's time, same model "
-          "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor.")
+          "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor. "
+          "us/tensor: median of (lens block - bare block) per step per tracked tensor, in "
+          "wall and in CPU time (this process, every thread).")
     print(f"{'optimizer':9s} {'preset':15s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
-          f"{'wall IQR':>13s} {'lens memory':>11s}")
+          f"{'wall IQR':>13s} {'us/tensor':>9s} {'(CPU)':>7s} {'lens memory':>11s}")
     for opt in args.optimizers:
-        print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>11s}   "
+        print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>9s} {'-':>7s} "
+              f"{'-':>11s}   "
               f"({statistics.median(bare_ms[opt]):.1f} ms/step)")
         for row in rows:
             if row["optimizer"] == opt:
                 print(f"{opt:9s} {row['preset']:15s} {row['log_every']!s:>9s} "
                       f"{row['wall']:7.3f} {row['cpu']:7.3f} "
-                      f"{row['q1']:6.3f}-{row['q3']:6.3f} "
+                      f"{row['q1']:6.3f}-{row['q3']:6.3f} {row['us_tensor']:9.1f} "
+                      f"{row['us_tensor_cpu']:7.1f} "
                       + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
     return rows
 

@@ -7,7 +7,12 @@
 3. lens overhead on LLaMA-130M in bf16, per preset, with AdamW and with SCALE: paired
    rounds in a random order, a second bare model as the noise floor, median of per-round
    ratios to the bare step;
-4. SCALE against AdamW at 130M and 350M: step time and peak memory.
+4. SCALE against AdamW at 130M and 350M: step time and peak memory;
+5. the lens's host cost per tracked tensor at a real tensor count: a narrow LLaMA (hidden 64,
+   32 layers, 291 tensors, as LLaMA-7B) per preset at ``log_every`` 1 and 10, paired
+   adjacent blocks (bare, lens attached for the block) on one model copy in a random order,
+   ``bare (again)`` the noise floor; every step that does not flush runs under
+   ``set_sync_debug_mode("error")`` (in both blocks of a pair);
 
     python benchmarks/gpu_suite.py                   # on a CUDA device
     python benchmarks/gpu_suite.py --device cpu --tiny   # the same code paths, in seconds
@@ -190,6 +195,77 @@ def scale_vs_adamw(args: argparse.Namespace, device: torch.device, dtype: torch.
     return out
 
 
+def narrow(args: argparse.Namespace, device: torch.device,
+           dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if args.tiny:
+        return build(args.size, device, dtype)
+    return build_llama("small", hidden_size=64, num_hidden_layers=32,
+                       intermediate_size=172).to(device=device, dtype=dtype)
+
+
+def per_tensor(args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype) -> tuple[int, list[tuple[str, int, float, float, str]]]:
+    """``(tensors, rows)``, a row ``(preset, log_every, us per tensor per step, ratio, sync)``:
+    medians over rounds of the pair's time difference per step per tracked tensor and of its
+    ratio; ``sync`` says whether the unflushed steps ran without a host sync."""
+    model = narrow(args, device, dtype)
+    opt = make_optimizer("adamw", model)
+    ids_all = torch.randint(0, model.config.vocab_size, (4, args.batch, args.seq), device=device)
+    everys = (1, 2) if args.tiny else (1, 10)
+    block = 2 if args.tiny else 10
+    configs: list[tuple[str, str | None, int]] = [("bare (again)", None, 1)] + [
+        (p, p, e) for p in PRESETS for e in everys]
+    diff: dict[tuple[str, int], list[float]] = {(n, e): [] for n, _, e in configs}
+    ratio: dict[tuple[str, int], list[float]] = {(n, e): [] for n, _, e in configs}
+    synced: dict[tuple[str, int], str] = {(n, e): "no sync" for n, _, e in configs}
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+
+    def run(lens: GradLens | None, r: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(block):
+            flush = lens is not None and lens.logging_step()
+            with sync_debug(device, not flush):
+                for micro in ids_all[(r + i) % len(ids_all)].chunk(2):
+                    loss = model(input_ids=micro, labels=micro).loss / 2
+                    loss.backward()
+                    if lens is not None:
+                        lens.observe_loss(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - t0
+
+    rng = random.Random(0)
+    for _ in range(2):
+        run(None, 0)
+    for r in range(args.rounds):
+        for name, preset, every in rng.sample(configs, len(configs)):
+            timed: dict[bool, float] = {}
+            for with_lens in rng.sample([False, True], 2):
+                lens = None
+                if with_lens and preset is not None:
+                    lens = GradLens(model, opt, preset=preset, log_every=every)
+                    run(lens, r)  # untimed: the lens allocates its state
+                    tensors = len(lens.layers)
+                try:
+                    timed[with_lens] = run(lens, r)
+                except RuntimeError as err:  # a sync under the debug mode
+                    synced[(name, every)] = f"FAILED ({str(err).splitlines()[0][:60]})"
+                    timed[with_lens] = float("nan")
+                finally:
+                    if lens is not None:
+                        lens.close()
+            diff[(name, every)].append(1e6 * (timed[True] - timed[False]) / (block * tensors))
+            ratio[(name, every)].append(timed[True] / timed[False])
+        print(f"per-tensor round {r + 1}/{args.rounds} done", flush=True)
+    rows = [(n, e, statistics.median(diff[(n, e)]), statistics.median(ratio[(n, e)]),
+             synced[(n, e)] + ("" if device.type == "cuda" else " (cpu: not enforced)"))
+            for n, _, e in configs]
+    return tensors, rows
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     for opt, preset, ratio, floor in overhead(args, device, dtype):
         table.append((f"lens overhead {args.size} {str(dtype)[6:]}", f"{opt} {preset}",
                       f"{ratio:.3f}x (noise floor {floor:.3f}x)"))
+    tensors, rows = per_tensor(args, device, dtype)
+    shape = "tiny" if args.tiny else "narrow"
+    for preset, every, us, ratio, synced in rows:
+        table.append((f"us/tensor/step {shape} ({tensors} tensors)",
+                      f"{preset} log_every={every}", f"{us:8.1f} us, {ratio:.3f}x; {synced}"))
     mem_kind = "peak MB" if device.type == "cuda" else "state MB"
     for size in args.sizes:
         (_, a_ms, a_mem), (_, s_ms, s_mem) = scale_vs_adamw(args, device, dtype, size)

@@ -11,7 +11,9 @@ the share is an upper bound. Unlike a wall-clock ratio it does not move with the
 speed, which on a shared machine drifts by more than the overheads measured.
 
     python benchmarks/profile_lens.py [--preset standard] [--log-every 1] [--steps 20]
-        [--vocab 4096] [--top 12]
+        [--vocab 4096] [--top 12] [--narrow]
+
+``--narrow``: hidden 64, 32 decoder layers (291 tensors), where per-tensor host work shows.
 """
 
 from __future__ import annotations
@@ -46,11 +48,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--top", type=int, default=12, help="functions listed")
+    p.add_argument("--narrow", action="store_true", help="hidden 64, 32 layers (291 tensors)")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_llama("tiny") if args.quick else build_llama("small", vocab_size=args.vocab)
+    if args.quick:
+        model = build_llama("tiny")
+    elif args.narrow:
+        model = build_llama("small", vocab_size=args.vocab, hidden_size=64,
+                            num_hidden_layers=32, intermediate_size=172)
+    else:
+        model = build_llama("small", vocab_size=args.vocab)
     steps, seq = (3, 16) if args.quick else (args.steps, 128)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     root = Path(tempfile.mkdtemp(prefix="gradlens-profile-"))

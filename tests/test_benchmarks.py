@@ -27,6 +27,7 @@ def test_bench_lens_user_quick() -> None:
             for every in ("1", "2"):
                 ratio = float(rows[(opt, preset, every)][3])
                 assert math.isfinite(ratio) and ratio > 0
+                assert math.isfinite(float(rows[(opt, preset, every)][-2]))  # us/tensor
         assert float(rows[(opt, "standard", "1")][-1].rstrip("%")) < 5  # O(units) memory
         assert 150 < float(rows[(opt, "full", "1")][-1].rstrip("%")) < 250  # 2x the matrices
 
@@ -52,6 +53,11 @@ def test_gpu_suite_on_cpu() -> None:
         assert f"adamw {preset}" in out and f"scale {preset}" in out
         assert f"{preset}: 5 steps without a sync" in out
     assert "scale vs adamw tiny" in out
+    rows = [line for line in out.splitlines() if line.startswith("us/tensor/step tiny (21")]
+    assert len(rows) == 7  # the noise floor and 3 presets at log_every 1 and 2
+    for preset in ("minimal", "standard", "full"):
+        assert sum(f"{preset} log_every=" in line for line in rows) == 2
+    assert all(" us, " in line and "x; no sync" in line for line in rows)
 
 
 def test_bench_slow_disk_quick() -> None:
@@ -64,3 +70,10 @@ def test_bench_slow_disk_quick() -> None:
     assert len(written) == 4 and len(set(written[:3])) == 1  # slow disk: no row lost
     assert "rows_dropped 0" in out.splitlines()[-1]
     assert "longest hand-over to the writer" in out
+
+
+def test_bench_summaries_quick() -> None:
+    out = _run("benchmarks/bench_summaries.py", "--rounds", "2", "--rows", "8")
+    figures = [float(line[30:].split()[0]) for line in out.splitlines()
+               if line.startswith(("unlogged,", "logged with axes,"))]
+    assert len(figures) == 4 and all(math.isfinite(f) and f > 0 for f in figures)

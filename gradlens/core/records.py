@@ -90,15 +90,20 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
         events.extend(validity_events(lens, step, values, out))
         if not out.logging:
             continue
+        keep = [k for k in range(L) if out.present[k]]  # once per step, not per statistic
+        labels = [(names[k], roles[k]) for k in keep]
         for key, vals in values.items():
             if key.startswith("_"):
                 continue
             if key in ("loss", "loss_z"):
                 rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
                 continue
-            rows.extend((step, names[k], roles[k], key, vals[k]) for k in range(L)
-                        if out.present[k] and not (len(vals) == L + 1 and math.isnan(vals[k])
-                                                   and key in _GLOBAL_ONLY))
+            pairs = zip(labels, keep, strict=True)
+            if len(vals) == L + 1 and key in _GLOBAL_ONLY:
+                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs
+                             if not math.isnan(vals[k])])
+            else:
+                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs])
             if len(vals) == L + 1:
                 rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
         if out.micro:  # counted by the micro-batch hooks (not installed by "minimal")

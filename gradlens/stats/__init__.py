@@ -38,7 +38,9 @@ from gradlens.stats.norms import (
     finite_sum,
     grad_summaries,
     grad_summary,
+    grouped_summaries,
     nonfinite_count,
+    shape_groups,
     sq_norms,
 )
 from gradlens.stats.per_example import (
@@ -111,6 +113,7 @@ __all__ = [
     "grad_summaries",
     "grad_summaries_with_axes",
     "grad_summary",
+    "grouped_summaries",
     "histogram_moments",
     "histograms_moments",
     "log_histogram",
@@ -127,6 +130,7 @@ __all__ = [
     "per_example_sq_norms_embedding",
     "per_example_sq_norms_linear",
     "per_example_sq_norms_norm_gain",
+    "shape_groups",
     "signal_floor",
     "sketch_apply",
     "sorted_quantile",

@@ -32,10 +32,12 @@ own buffer (``g * 0`` is 0 for a finite entry and NaN for a non-finite one; NaN 
 summed). Counting the NaNs of ``g * 0`` with ``count_nonzero`` in a second temporary took
 17.8 ms in the same run: boolean reductions are slow on CPU, and every temporary costs page
 faults there. ``torch.where(torch.isfinite(g), g, 0)`` with a boolean-sum count and
-``torch._foreach_norm`` (a per-tensor loop on CPU) are slower still. On CUDA, where
-temporaries come from the caching allocator and launches are the cost, the foreach path (one
-multi-tensor launch per reduction) is the default; both paths agree to float64 rounding
-(tested on CPU; the CUDA path is not exercised by this repository's tests).
+``torch._foreach_norm`` (a per-tensor loop on CPU) are slower still. At a real tensor count
+(291 tensors, as LLaMA-7B) the per-tensor launches dominate instead: :func:`grad_summaries`
+therefore stacks each group of tensors of one numel and dtype into ONE finite copy and runs
+the same kernels on the stack (about 10 groups for a LLaMA of any depth). The per-tensor loop
+(``foreach=False``) and the ``torch._foreach_*`` path (``foreach=True``) stay as references;
+all three agree to float rounding (tested on CPU against float64 numpy).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ __all__ = [
     "finite_sum",
     "grad_summaries",
     "grad_summary",
+    "grouped_summaries",
     "nonfinite_count",
+    "shape_groups",
     "sq_norms",
 ]
 
@@ -168,21 +172,22 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
     """Summaries of a list of gradients, stacked: an ``(L, 4)`` tensor.
 
     Columns follow :data:`SUMMARY_FIELDS`: ``[sq_norm, max_abs, nonfinite, numel]``; row ``k``
-    equals ``grad_summary(grads[k])``. The dtype is float64 if any input is float64, else
-    float32; all tensors must live on one device.
+    equals ``grad_summary(grads[k])`` up to float rounding (the sums run in another order).
+    The dtype is float64 if any input is float64, else float32; all tensors must live on
+    one device.
 
     Args:
         grads: gradients (any shapes, any floating dtypes).
-        foreach: use ``torch._foreach_*`` multi-tensor reductions (one launch per reduction for
-            the whole list) instead of one ``dot``/``aminmax`` per tensor. ``None`` (default):
-            on for CUDA, off elsewhere (the CPU foreach kernels are slower, see the module
-            docstring).
+        foreach: ``True``: ``torch._foreach_*`` multi-tensor reductions over the list.
+            ``False``: one ``grad_summary`` per tensor (the reference). ``None`` (default):
+            batched per group of same-shaped tensors (:func:`grouped_summaries`): a few
+            kernels per shape, not per tensor, on every device.
         max_abs: False skips the ``max_abs`` pass (NaN column): the lens reads it on logged
             steps only.
     """
     acc, device = _common_acc(grads)
     if foreach is None:
-        foreach = device.type == "cuda"
+        return grouped_summaries(grads, acc, max_abs)
     if not foreach or any(g.numel() == 0 for g in grads):
         return torch.stack([grad_summary(g, max_abs).to(acc) for g in grads])
     cleaned = [finite_copy(g).to(acc) for g in grads]
@@ -198,6 +203,91 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
         torch.full((), float(g.numel()), dtype=acc, device=device) for g in grads
     ])
     return torch.stack([sq, largest, nonfinite, numel], dim=1)
+
+
+#: Entries of one stacked copy at most (a group larger than this is split): a stack much
+#: larger than one gradient is a fresh allocation (page faults on CPU) that costs more than
+#: the launches it saves.
+STACK_ENTRIES = 1 << 16
+
+
+def chunked(groups: Sequence[list[int]], numels: Sequence[int]) -> list[list[int]]:
+    """``groups`` split into runs of at most ``STACK_ENTRIES`` entries (one tensor at least)."""
+    out = []
+    for idx in groups:
+        n = max(1, STACK_ENTRIES // max(1, numels[idx[0]]))
+        out += [idx[i:i + n] for i in range(0, len(idx), n)]
+    return out
+
+
+def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance, each
+    group split into stacks of at most :data:`STACK_ENTRIES` entries."""
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for k, g in enumerate(grads):
+        groups.setdefault((g.numel(), g.dtype), []).append(k)
+    return chunked(list(groups.values()), [g.numel() for g in grads])
+
+
+def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
+                  max_abs: bool = True) -> torch.Tensor:
+    """``(n, 4)`` summaries of ``n`` tensors of one numel and dtype: ONE stacked finite copy
+    ``C`` (``(n, numel)``), ``sq = rowwise C . C``, ``max_abs`` from a row-wise ``aminmax``,
+    and the non-finite count in the same buffer (``g * 0``, NaN read as 1, summed per row)."""
+    n, numel = len(group), group[0].numel()
+    device = group[0].device
+    if numel == 0:
+        return torch.zeros(n, len(SUMMARY_FIELDS), dtype=acc, device=device)
+    flat = [g.reshape(-1) for g in group]
+    c = torch.stack(flat)
+    if c.dtype != acc:
+        c = c.to(acc)
+    c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    sq = torch.linalg.vecdot(c, c)
+    if max_abs:
+        lo, hi = torch.aminmax(c, dim=1)
+        largest = torch.maximum(-lo, hi)
+    else:
+        largest = torch.full((n,), math.nan, dtype=acc, device=device)
+    if group[0].dtype == acc:
+        torch.stack(flat, out=c)  # the originals again, into the same buffer
+        zeroed = c.mul_(0)
+    else:
+        zeroed = torch.stack(flat).mul_(0).to(acc)
+    count = zeroed.nan_to_num_(nan=1.0).sum(dim=1)
+    return torch.stack([sq, largest, count, torch.full((n,), float(numel), dtype=acc,
+                                                       device=device)], dim=1)
+
+
+def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
+                      max_abs: bool = True) -> torch.Tensor:
+    """:func:`grad_summaries` batched per group of tensors of one numel and dtype
+    (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
+    any depth has about 10), not with the tensors; the rows return to the input order with
+    one gather."""
+    groups = shape_groups(grads)
+    if len(groups) == 1:
+        return group_summary(grads, acc, max_abs)
+    rows = torch.cat([group_summary([grads[k] for k in idx], acc, max_abs) for idx in groups])
+    return rows[order_index([k for idx in groups for k in idx], rows.device)]
+
+
+_ORDER: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def order_index(order: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The device index that puts rows stacked in ``order`` back in input order, made once
+    per (order, device): a host-to-device copy of a new list would synchronize on CUDA."""
+    key = (tuple(order), device)
+    index = _ORDER.get(key)
+    if index is None:
+        inverse = [0] * len(order)
+        for pos, k in enumerate(order):
+            inverse[k] = pos
+        if len(_ORDER) >= 64:  # a few models per process; bounded all the same
+            _ORDER.clear()
+        index = _ORDER[key] = torch.tensor(inverse, device=device)
+    return index
 
 
 def sq_norms(grads: Sequence[torch.Tensor | None],

@@ -242,3 +242,32 @@ def test_grad_summaries_with_axes_equals_the_separate_kernels():
                                    rtol=1e-6)
         np.testing.assert_allclose(np64(axes[k][1]), np64(S.fan_sq_norms(grads[k], layouts[k])),
                                    rtol=1e-6)
+
+
+def test_grad_summaries_with_axes_batched_per_shape_match_numpy():
+    """Groups of one shape, dtype and layout share one stacked pass: each tensor's summary and
+    both axes' squared norms equal float64 numpy on that tensor alone (non-finite entries,
+    one shape under two layouts, transposed shapes of one numel, a 3-D ``other``, a bf16
+    matrix beside float32 ones, an empty matrix, vectors)."""
+    specs = [((16, 8), "linear", 1), ((16, 8), "embedding", 2), ((16, 8), "linear", 0),
+             ((8, 16), "linear", 3), ((5,), None, 1), ((4, 3, 2), "other", 1),
+             ((4, 3, 2), "other", 0), ((16, 8), "conv1d", 1), ((7,), None, 0),
+             ((16, 8), "linear", 2)]
+    grads = [heavy(s, seed=30 + i, n_bad=b, dtype=torch.float32)
+             for i, (s, _, b) in enumerate(specs)]
+    grads[-1] = grads[-1].to(torch.bfloat16)
+    grads.append(torch.empty(0, 4))
+    layouts = [lay for _, lay, _ in specs] + ["linear"]
+    summary, axes = S.grad_summaries_with_axes(grads, layouts)
+    assert summary.shape == (len(grads), 4) and summary.dtype == torch.float32
+    assert sorted(axes) == [k for k, lay in enumerate(layouts) if lay is not None]
+    for k, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
+        m = np64(g)
+        fin = np.where(np.isfinite(m), m, 0.0)
+        ref = [(fin**2).sum(), np.abs(fin).max() if m.size else 0.0,
+               (~np.isfinite(m)).sum(), m.size]
+        np.testing.assert_allclose(np64(summary[k]), ref, rtol=1e-5)
+        if lay is not None:
+            u = units(fin, lay)
+            np.testing.assert_allclose(np64(axes[k][0]), (u**2).sum(1), rtol=1e-5)
+            np.testing.assert_allclose(np64(axes[k][1]), (u**2).sum(0), rtol=1e-5)

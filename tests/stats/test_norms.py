@@ -56,7 +56,7 @@ def test_input_untouched_and_edge_cases():
     np.testing.assert_allclose(np64(S.grad_summary(v)), summary(np64(v)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, None])
 def test_grad_summaries_batched(foreach):
     grads = [poisoned(s, k, seed=i) for i, (s, k) in
              enumerate([((16, 8), 0), ((32,), 2), ((4, 3, 5), 1), ((7, 9), 0)])]
@@ -78,6 +78,32 @@ def test_foreach_and_loop_paths_agree_float64():
     assert mixed.dtype == torch.float64
 
 
+@pytest.mark.parametrize("max_abs", [True, False])
+def test_grouped_summaries_match_numpy_per_tensor(max_abs):
+    """The default path batches per group of one numel and dtype: rows in the input order,
+    each equal to float64 numpy on its own tensor (non-finite entries, transposed shapes of
+    one numel sharing a group, bf16 and float16 beside float32, an empty and a 0-d tensor)."""
+    specs = [((16, 8), 0, torch.float32), ((8, 16), 3, torch.float32), ((32,), 2, torch.float32),
+             ((16, 8), 1, torch.float32), ((16, 8), 0, torch.bfloat16), ((5, 3), 4, torch.float16),
+             ((0, 4), 0, torch.float32), ((), 0, torch.float32), ((16, 8), 7, torch.float32)]
+    grads = [poisoned(s, k, seed=20 + i, dtype=d) for i, (s, k, d) in enumerate(specs)]
+    grads[6] = torch.empty(0, 4)
+    out = S.grad_summaries(grads, max_abs=max_abs)
+    assert out.shape == (len(grads), 4) and out.dtype == torch.float32
+    for k, g in enumerate(grads):
+        ref = np.asarray(summary(np64(g))) if g.numel() else np.zeros(4)
+        cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]
+        np.testing.assert_allclose(np64(out[k])[cols], ref[cols], rtol=1e-5)
+    assert S.shape_groups(grads) == [[0, 1, 3, 8], [2], [4], [5], [6], [7]]
+    # stacks stay under STACK_ENTRIES entries (one tensor at least): 2 of 2**15 per stack
+    big = [torch.ones(1 << 15)] * 3 + [torch.ones((1 << 16) + 1)] * 2
+    assert S.shape_groups(big) == [[0, 1], [2], [3], [4]]
+    for g, before in zip(grads, [poisoned(s, k, seed=20 + i, dtype=d)
+                                 for i, (s, k, d) in enumerate(specs)], strict=True):
+        if g.numel():  # inputs untouched
+            assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(before.reshape(g.shape)))
+
+
 def test_grad_summaries_rejects_bad_input():
     with pytest.raises(ValueError, match="at least one"):
         S.grad_summaries([])
@@ -91,7 +117,7 @@ def test_finite_sum_skips_nonfinite():
     assert float(S.nonfinite_count(x)) == 2.0
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, None])
 def test_grad_summaries_without_max_abs_keep_the_other_columns(foreach):
     """``max_abs=False`` (the lens's unlogged steps) skips one pass: NaN in that column, the
     other columns exactly as with it, non-finite entries included."""
