@@ -4,6 +4,7 @@ role names are mapped when read, and every screen takes its colours from gradlen
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -65,7 +66,14 @@ def test_the_lens_writes_kinds(tmp_path: Path):
 
 def test_one_colour_map_everywhere():
     assert plots.ROLE_COLORS is KIND_COLORS
-    js = (Path(plots.__file__).parents[1] / "tb_plugin" / "static" / "index.js").read_text()
-    for old in ("hidden", "vector:", "ROLE_COLOURS"):  # the plugin draws the served colours
-        assert old not in js
-    assert "b.color" in js and "s.color" in js
+    static = Path(plots.__file__).parents[1] / "tb_plugin" / "static"
+    # the plugin's defaults are the kinds' colours, and the colours served with each heatmap's
+    # bands and each role chart replace them
+    heat = (static / "heatmap.js").read_text()
+    body = re.search(r"export const ROLE_COLOURS = \{(.*?)\};", heat, re.S).group(1)
+    defaults = dict(re.findall(r'(\w+): "(#[0-9a-f]{6})"', body))
+    assert defaults == {k: v for k, v in KIND_COLORS.items() if k != GLOBAL}
+    index = (static / "index.js").read_text()
+    assert "ROLE_COLOURS[b.role] = b.color" in index and "s.color ||" in index
+    for old in ('hidden:', 'vector:'):  # the internal roles are not kinds
+        assert old not in heat + index

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from gradlens.report.layer_names import layer_order, short_labels
+from gradlens.report.verdict_base import layer_roles, select_run, wide_table
 from gradlens.stats.noise_scale import circular_block_indices
 
 __all__ = ["bootstrap_indices", "layer_ranking", "rank_order", "step_ranks"]
@@ -126,14 +128,6 @@ def layer_ranking(
     Returns columns ``layer, label, role, median, ci_low, ci_high, n_steps, rank, p_first,
     median_rank, mean_rank`` in ranking order; empty when the statistic is absent.
     """
-    from gradlens.report.verdicts import (
-        layer_order,
-        layer_roles,
-        select_run,
-        short_labels,
-        wide_table,
-    )
-
     cols = ["layer", "label", "role", "median", "ci_low", "ci_high", "n_steps", "rank",
             "p_first", "median_rank", "mean_rank"]
     one = select_run(df, run)

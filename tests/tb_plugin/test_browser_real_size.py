@@ -148,12 +148,12 @@ def test_collapsed_blocks_name_every_block(board: tuple[str, Path]) -> None:
     dom = _page(board, "plugin_291_tensors_default", "gl_run=llama32", "1400,1100")
     layers, groups = _labels(dom)
     assert not layers and sum(k for _, k in groups) == 291
-    assert len(groups) == 32 + 3  # embedding, 32 blocks, vector, output
+    assert len(groups) == 32 + 3  # embedding, 32 blocks, the final norm, output
     dom = _page(board, "plugin_collapsed", "gl_expand=0&gl_run=llama12", "1400,1100")
     layers, groups = _labels(dom)
     assert not layers and sum(k for _, k in groups) == 111
     assert [g for g, _ in groups][:3] == ["embedding", "block 0", "block 1"]
-    assert all(re.fullmatch(r"block \d+|embedding|vector|output", g) for g, _ in groups)
+    assert all(re.fullmatch(r"block \d+|embedding|norms|output", g) for g, _ in groups)
 
 
 def test_filter_sort_zoom_and_clip(board: tuple[str, Path]) -> None:
