@@ -9,11 +9,11 @@ equals ``load_run`` of the run). Memory is bounded by one stored file (a parquet
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from pathlib import Path
+from typing import IO
 
+from gradlens.atomic_files import text_opener, write_atomic
 from gradlens.report.load import PathLike, _run_dir, find_tables, load_run
 from gradlens.schema import STAT_COLUMNS
 
@@ -26,30 +26,25 @@ def export_csv(run_dir: PathLike, out: PathLike | None = None) -> tuple[Path, in
     run = _run_dir(run_dir)
     target = Path(out) if out is not None else run.with_name(f"{run.resolve().name}.csv")
     tables = find_tables(run)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(",".join(STAT_COLUMNS) + "\n")
-            if tables is not None and tables[0] == "parquet":
-                from gradlens.report._parquet import scan_each
 
-                for t in scan_each(run):
-                    df = t.to_pandas()
-                    df.to_csv(f, header=False, index=False, na_rep="nan", lineterminator="\n",
-                              float_format=None)
-                    n += len(df)
-            elif tables is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # a live run's partial last line
-                    df = load_run(run, dedupe=False)
-                df.to_csv(f, header=False, index=False, na_rep="nan", lineterminator="\n")
-                n = len(df)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    def write(f: IO[str]) -> int:
+        n = 0
+        f.write(",".join(STAT_COLUMNS) + "\n")
+        if tables is not None and tables[0] == "parquet":
+            from gradlens.report._parquet import scan_each
+
+            for t in scan_each(run):
+                df = t.to_pandas()
+                df.to_csv(f, header=False, index=False, na_rep="nan", lineterminator="\n",
+                          float_format=None)
+                n += len(df)
+        elif tables is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a live run's partial last line
+                df = load_run(run, dedupe=False)
+            df.to_csv(f, header=False, index=False, na_rep="nan", lineterminator="\n")
+            n = len(df)
+        return n
+
+    n = write_atomic(target, write, opener=text_opener(newline=""))
     return target, n

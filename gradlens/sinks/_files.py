@@ -17,42 +17,21 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gradlens.atomic_files import fsync_dir, text_opener, write_atomic
+
 __all__ = ["AppendFiles", "cut_partial_last_line", "fsync_dir", "write_json_atomic"]
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a file creation or rename durable (POSIX); a no-op where directories cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader
-    sees the old file or the new one, never a partial one. Non-JSON values are written as
+    """Write ``obj`` as JSON to ``path``, replaced whole (:func:`gradlens.atomic_files.
+    write_atomic`): a reader sees the old file or the new one. Non-JSON values are written as
     ``str``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+
+    def write(f: Any) -> None:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+
+    write_atomic(Path(path), write, opener=text_opener())
 
 
 def cut_partial_last_line(path: Path) -> bool:

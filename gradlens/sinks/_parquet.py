@@ -17,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from gradlens.atomic_files import fsync_dir, write_atomic
 from gradlens.schema import GLOBAL
-from gradlens.sinks._files import fsync_dir
 from gradlens.table_parts import Part, part_name
 
 __all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
@@ -66,25 +65,6 @@ def _with_meta(table: Any) -> Any:
     return table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
 
 
-def _atomic(final: Path, fsync: bool, write: Callable[[BinaryIO], None],
-            opener: Callable[[Path], BinaryIO]) -> None:
-    """Write ``final`` through a temporary file (fsync-ed when asked) and a rename."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        with opener(tmp) as fh:
-            write(fh)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if fsync:
-        fsync_dir(final.parent)
-
-
 def _open_new(path: Path) -> BinaryIO:
     return open(path, "wb")
 
@@ -96,7 +76,8 @@ def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
 
     final = logdir / part_name(index)
     table = _with_meta(table)
-    _atomic(final, fsync, lambda fh: pq.write_table(table, fh, **_OPTIONS), opener)
+    write_atomic(final, lambda fh: pq.write_table(table, fh, **_OPTIONS), opener=opener,
+                 fsync=fsync)
     return final
 
 
@@ -132,5 +113,5 @@ def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool)
                 w.write_table(table.slice(a, b - a), row_group_size=b - a)
 
     final = logdir / part_name(first, last)
-    _atomic(final, fsync, write, _open_new)
+    write_atomic(final, write, opener=_open_new, fsync=fsync)
     return final
