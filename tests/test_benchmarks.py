@@ -77,3 +77,11 @@ def test_bench_summaries_quick() -> None:
     figures = [float(line[30:].split()[0]) for line in out.splitlines()
                if line.startswith(("unlogged,", "logged with axes,"))]
     assert len(figures) == 4 and all(math.isfinite(f) and f > 0 for f in figures)
+
+
+def test_bench_pe_check_quick() -> None:
+    out = _run("benchmarks/bench_pe_check.py", "--quick")
+    amortized = next(line for line in out.splitlines() if "all steps (amortized)" in line)
+    share = float(amortized.split("mean")[1].strip().rstrip("%"))
+    assert math.isfinite(share) and 0 <= share < 100
+    assert "check on / off" in out and "noise floor off2 / off" in out

@@ -96,6 +96,38 @@ def test_self_check_catches_a_wrong_rule():
     assert "down.weight" not in r  # the others pass the check
 
 
+def test_self_check_every_tenth_logged_step_and_a_failure_stays(monkeypatch):
+    """The check runs on logged steps 1, 11, 21 only (the others pay nothing for it), and a
+    layer that failed stays NaN at every later step, checked or not."""
+    from gradlens.families import per_example_check as C
+
+    checked = []
+    fails = C.DecompositionCheck._fails
+
+    def spy(self, device, dtype):
+        checked.append(self.logged)  # ``logged`` is already advanced: 1-based step number
+        return fails(self, device, dtype)
+
+    monkeypatch.setattr(C.DecompositionCheck, "_fails", spy)
+    ex = M.mup_example()
+    gradlens.register_per_example_rule(
+        ex.ScaledLinear, lambda m, x, d: {"weight": Outer(x, d), "bias": Summed(d)},
+        replace=True)
+    try:
+        model = M.TokenMLP(ex.ScaledLinear).double()
+        lens = gradlens.GradLens(model, preset="full", noise_ema=0.0)
+        for _ in range(25):
+            _step(model, _ids(3, 2), lens=lens)
+    finally:
+        ex.unregister()
+    assert checked == [1, 11, 21]
+    df = lens.memory.frame()
+    up = df[(df.layer == "up.weight") & (df.stat == "pe_trace")]
+    down = df[(df.layer == "down.weight") & (df.stat == "pe_trace")]
+    assert len(up) == 25 and up.value.isna().all()
+    assert len(down) == 25 and down.value.notna().all()
+
+
 def test_self_check_catches_a_weight_used_outside_its_module():
     model = M.TokenMLP().double()
     lens, _ = _step(model, _ids(3, 2),
