@@ -38,6 +38,12 @@ DEFAULT_LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 """A factor-2 grid over 16x: at 100 steps the best lr of a three-point grid sat on an edge for
 most optimizers (the first study run); five points bracket it, within the 30-minute budget."""
 COMPARE_STEPS = 100
+PRIOR_S_PER_STEP = 0.5
+"""Seconds per step of a ``demo``-size run (1.84M parameters, 16 x 128 tokens per step, the
+``full`` lens, evaluation included), measured in the study (a run of 300 steps took 2.5 min on
+2 shared cores, two streams): the estimate's scale before any run of this comparison has
+finished, taken as proportional to parameters x tokens per step."""
+PRIOR_PARAMS, PRIOR_TOKENS = 1.84e6, 16 * 128
 
 
 def _lr_tag(lr: float) -> str:
@@ -116,18 +122,39 @@ def run_compare(
         return [(name, tuned[name], seed + j) for name in optimizers
                 for j in range(sweep_seeds, seeds)]
 
+    def run_dir_of(name: str, lr: float, run_seed: int) -> Path:
+        return out / "runs" / (f"{name}-lr{_lr_tag(lr)}" if seeds == 1
+                               else f"{name}-lr{_lr_tag(lr)}-seed{run_seed}")
+
+    done = sum((run_dir_of(*point) / "result.json").is_file() for point in sweep)
+    todo = n_runs - done  # the confirmation runs count as to do until their lr is known
+    s_per_step, basis = seconds_per_step(out, cfg)
+    if progress:
+        print(f"gradlens compare: {n_runs} runs ({len(optimizers)} optimizers x "
+              f"{len(lr_factors)} lrs x {sweep_seeds} seed(s)"
+              + (f" + {len(optimizers) * (seeds - sweep_seeds)} confirmation runs" if
+                 seeds > sweep_seeds else "")
+              + f"), {done} done already, {todo} to run; estimated "
+              f"{format_seconds(todo * steps * s_per_step)} ({basis})", flush=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo, disable=not progress, desc="runs", unit="run", dynamic_ncols=True)
+    bar.set_postfix_str(f"~{format_seconds(todo * steps * s_per_step)} left")
+    run_walls: list[float] = []
     for i, (name, lr, run_seed) in enumerate(_chain(sweep, confirm), start=1):
-        run_dir = out / "runs" / (f"{name}-lr{_lr_tag(lr)}" if seeds == 1
-                                  else f"{name}-lr{_lr_tag(lr)}-seed{run_seed}")
+        run_dir = run_dir_of(name, lr, run_seed)
         if (run_dir / "result.json").is_file():
             if progress:
-                print(f"[{i}/{n_runs}] {run_dir.name}: done already, skipped", flush=True)
+                bar.write(f"[{i}/{n_runs}] {run_dir.name}: done already, skipped")
+            if i > len(sweep):  # a confirmation run found finished: one less to do
+                bar.total = max(bar.n, bar.total - 1)
+                bar.refresh()
             continue
         if data is None:
             data = prepare_data(cfg.corpus, cfg.tokenizer_vocab_size(), cfg.cache_dir,
                                 cfg.eval_fraction)
         if progress:
-            print(f"[{i}/{n_runs}] {run_dir.name}", flush=True)
+            bar.write(f"[{i}/{n_runs}] {run_dir.name}")
         cfg.lrs = {name: lr}
         cfg.seed = run_seed
 
@@ -138,13 +165,49 @@ def run_compare(
             return GradLens(model, optimizer, logdir=run_dir, preset=preset, log_every=every,
                             name=run_dir.name, meta={"optimizer_name": name})
 
+        start = time.perf_counter()
         _, result = run_experiment(cfg, name, data, lens_factory=lens_factory,
                                    progress=progress)
-        result.info.update(session=session, lr=lr, optimizer_name=name, seed=run_seed)
+        run_walls.append(time.perf_counter() - start)
+        result.info.update(session=session, lr=lr, optimizer_name=name, seed=run_seed,
+                           wall_s=run_walls[-1])
         save_result(result, run_dir / "result.json")
+        bar.update(1)
+        per_run = sorted(run_walls)[len(run_walls) // 2]  # this session's median run
+        bar.set_postfix_str(f"~{format_seconds((bar.total - bar.n) * per_run)} left")
+    bar.close()
     rows = comparison_rows(out)
     write_outputs(out, rows, progress=progress)
     return rows
+
+
+def seconds_per_step(out: Path, cfg: RunConfig) -> tuple[float, str]:
+    """Wall seconds per optimizer step of one run, evaluation and lens included: the median
+    ``wall_s / steps`` of the runs already finished in ``out``, else :data:`PRIOR_S_PER_STEP`
+    scaled by parameters x tokens per step (a rough figure); with the basis in words."""
+    finished = [r for path in sorted((out / "runs").glob("*/result.json"))
+                if (r := json.loads(path.read_text())).get("info", {}).get("wall_s")]
+    if finished:
+        per_step = sorted(r["info"]["wall_s"] / max(1, len(r.get("step_times") or [1]))
+                          for r in finished)
+        return per_step[len(per_step) // 2], f"the median of the {len(finished)} finished runs"
+    from gradlens.experiment import build_model
+
+    model = build_model(cfg.size, seed=None, device="meta", **cfg.model_overrides)
+    params = sum(p.numel() for p in model.parameters())
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    scale = params / PRIOR_PARAMS * tokens / PRIOR_TOKENS
+    return PRIOR_S_PER_STEP * scale, ("rough: a demo run's 0.5 s per step on 2 shared cores, "
+                                      f"x{scale:.2g} for parameters x tokens per step")
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``2.5 h``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _chain(first: list, then: Callable[[], list]):

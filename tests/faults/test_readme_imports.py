@@ -1,5 +1,5 @@
-"""The README's imports work: its code blocks' import lines, its dotted names, and the calls
-each API section shows for its module."""
+"""The README's and docs/*.md's imports work: their code blocks' import lines, their dotted
+names, and the calls each API section shows for its module."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-TEXT = README.read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+TEXT = "\n".join(p.read_text(encoding="utf-8") for p in PAGES)
 
 
 def _import_lines() -> list[str]:
@@ -40,7 +42,7 @@ def _section_calls() -> list[tuple[str, str]]:
     """(module, name) for every `name(` call shown in a section headed by `gradlens.module`
     (or by a class, `gradlens.GradLens`: its methods)."""
     out = []
-    for m in re.finditer(r"^###[^\n]*\(`(gradlens(?:\.\w+)*)`[^\n]*\n(.*?)(?=^#)", TEXT,
+    for m in re.finditer(r"^##+[^\n]*\(`(gradlens(?:\.\w+)*)`[^\n]*\n(.*?)(?=^#|\Z)", TEXT,
                          flags=re.S | re.M):
         module, body = m.group(1), m.group(2)
         out += [(module, name) for name in re.findall(r"`([A-Za-z_]\w*)\(", body)
