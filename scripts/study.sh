@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's study: five optimizers at two model sizes, 3 seeds each, 300 steps, then the
+# The study (docs/study.md): five optimizers at two model sizes, 3 seeds each, 300 steps, then the
 # momentum advisor's study at the demo size. Two streams of one torch thread each (a 2-core
 # machine); finished runs are not redone, so an interrupted study resumes where it stopped.
 #   bash scripts/study.sh [OUT]        (OUT defaults to gradlens_study; logs in OUT/*.log)

@@ -16,7 +16,7 @@ micro-batches. A token-mean loss with padding (labels -100) gives padded tokens 
 gradient: an example's loss is the mean over its own non-padded tokens only when every
 micro-batch's loss is normalized per example, so the per-example definition here is "the
 example's share of the micro-batch loss, times b_k": with ragged padding, examples with more
-tokens weigh more (stated in the README).
+tokens weigh more (stated in docs/api.md).
 
 Which modules: :mod:`gradlens.families.per_example_rules` (decided by the module's forward,
 not its name; custom modules register a rule). Every tracked layer is also checked on logged

@@ -106,7 +106,7 @@ def register_per_example_rule(cls: type[nn.Module], rule: Rule, *,
     ``replace=True``: a silent overwrite would change every number of those layers.
 
     The rule is checked at run time: the decomposition self-check compares the factors'
-    sum over the micro-batch with the gradient autograd computes (see the README)."""
+    sum over the micro-batch with the gradient autograd computes (see docs/api.md)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
     if not callable(rule):

@@ -6,7 +6,7 @@ through float32 even in a float64 model: their error is relative to ``max(|value
 (the matrix's ``floor=1.0``). Per-unit ratios are relative to their own value.
 
 ``measure(cell)`` (no assertion) gives a cell's max relative error and its NaN reasons:
-``python -m tests.conformance.test_coverage`` prints the table for the README / a report.
+``python -m tests.conformance.test_coverage`` prints the coverage table (docs/api.md) or a report.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def test_verdicts_of_the_report_covering_the_run(tmp_path: Path) -> None:
 
 
 def test_heatmap_route_is_fast_at_200_layers_by_2000_steps(tmp_path: Path) -> None:
-    """200 layers x 2,000 logged steps, binned to 400 columns: the figure the README quotes."""
+    """200 layers x 2,000 logged steps, binned to 400 columns: the figure docs/api.md quotes."""
     write_run(tmp_path / "big", 200, np.arange(0, 20000, 10), stats=("grad_norm", "grad_rms"))
     _, c = client(tmp_path)
     t0 = time.perf_counter()
