@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +66,10 @@ def _small_run(run: Path) -> None:
             opt.zero_grad()
 
 
-def test_gradlens_tab_draws_the_heatmap(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    logdir = tmp_path / "runs"
-    _small_run(logdir / "adamw")
+@contextlib.contextmanager
+def serving(logdir: Path) -> Iterator[str]:
+    """TensorBoard with the gradlens plugin on ``logdir``, on a free loopback port: its base
+    URL once it answers (90 s at most); stopped on exit."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(logdir), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -77,12 +79,24 @@ def test_gradlens_tab_draws_the_heatmap(tmp_path: Path) -> None:
         while True:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             try:
-                with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=2) as r:
-                    listing = r.read().decode()
-                break
+                with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=2):
+                    break
             except OSError:
                 assert time.monotonic() < deadline, "TensorBoard did not answer"
                 time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_gradlens_tab_draws_the_heatmap(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    logdir = tmp_path / "runs"
+    _small_run(logdir / "adamw")
+    with serving(logdir) as base:
+        with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=10) as r:
+            listing = r.read().decode()
         assert '"gradlens"' in listing and '"IFRAME"' in listing
         # the tab inside TensorBoard (the plugin runs in TensorBoard's iframe)
         tab = tmp_path / "tab.png"
@@ -91,9 +105,6 @@ def test_gradlens_tab_draws_the_heatmap(tmp_path: Path) -> None:
         entry = tmp_path / "entry.png"
         dom = _chromium(f"{base}/data/plugin_entry.html?name=gradlens", tmp_path, entry,
                         size="1100,900")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
     assert 'class="gl-heatmap"' in dom, dom[:2000]
     labels = re.findall(r'class="gl-label"[^>]*data-layer="([^"]+)"', dom)

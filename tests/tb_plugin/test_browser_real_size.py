@@ -12,10 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradlens.dashboard import free_port
 from gradlens.schema import STAT_COLUMNS
-from tests.tb_plugin.test_browser import _LAUNCH, CHROMIUM, _chromium
+from tests.tb_plugin.test_browser import CHROMIUM, _chromium, serving
 
 pytestmark = [
     pytest.mark.browser,
@@ -77,24 +72,8 @@ def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
     logdir = tmp / "runs"
     _run(logdir / "llama12", 12)
     _run(logdir / "llama32", 32)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(logdir), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "TensorBoard did not answer"
-                time.sleep(0.3)
+    with serving(logdir) as base:
         yield base, tmp
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _page(board: tuple[str, Path], name: str, query: str, size: str) -> str:
