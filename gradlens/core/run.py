@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradlens import catalog
 from gradlens.core import distributed as D
 from gradlens.core import settings
 from gradlens.core.optimizers import optimizer_name
-from gradlens.schema import STATS
 from gradlens.sinks.base import Sink
 from gradlens.sinks.base import close_sink as _close_sink
 
@@ -60,9 +60,9 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         "log_every": lens.config.log_every,
         "loss_reduction": lens.config.loss_reduction,
         "world_size": lens.world,
-        "stats": lens.config.stat_names() + [  # and the user families' (registered "custom")
-            s for f in lens.families for s in f.emits
-            if s in STATS and STATS[s].family == "custom"],
+        "stats": (stats := catalog.stat_names(  # the enabled families' (gradlens.catalog)
+            [f.name for f in lens.families if f.name in catalog.FAMILIES])),
+        "stat_specs": catalog.user_specs(stats),  # user statistics' declarations, for reports
         "layers": [
             {"name": i.name, "role": layer_kind(i.name, i.role.value), "layout": i.layout,
              "shape": list(i.param.shape), "numel": i.numel,

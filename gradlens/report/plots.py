@@ -88,7 +88,7 @@ def new_figure(width: float, height: float, layout: str | None = "constrained") 
 
 def _stat_note(stat: str) -> str:
     info = STATS.get(stat)
-    if info is not None and info.family == "variance" and not info.size_fair:
+    if info is not None and info.category == "variance" and not info.size_fair:
         return " (raw: favours big tensors)"
     return ""
 

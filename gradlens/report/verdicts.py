@@ -91,7 +91,7 @@ __all__ = [
     "wide_table",
 ]
 
-SPREAD_STATS = tuple(s.name for s in STATS.values() if s.family == "columns")
+SPREAD_STATS = tuple(s.name for s in STATS.values() if s.category == "columns")
 _MAX_CHUNK = 4_000_000  # elements per bootstrap chunk (bounds memory on long runs)
 
 
