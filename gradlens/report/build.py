@@ -42,6 +42,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from gradlens.catalog import heatmap_stats
 from gradlens.kinds import with_kinds
 from gradlens.report import plots as P
 from gradlens.report import verdicts as V
@@ -60,7 +61,6 @@ COMPARE_STATS = ("grad_norm", "var_per_element", "noise_scale", "unit_rms_cv")
 _TOTAL = ("twobatch_trace", "pe_trace", "temporal_var")
 _PER_ENTRY = ("var_per_element", "pe_var_per_element", "temporal_var_per_element")
 _GNS = ("noise_scale", "pe_noise_scale", "temporal_noise_scale")
-HEATMAP_STATS = (("grad_norm",), _PER_ENTRY, _GNS, ("unit_rms_cv",))
 RANKING_STATS = (_TOTAL, _PER_ENTRY, _GNS)
 SPREAD_FIGURE_STATS = ("unit_rms_cv",)
 N_BOOT = 1000  # bootstrap replicates of every CI (seeded: the report is deterministic)
@@ -193,7 +193,7 @@ def _figure_plan(runs: list[_Run], all_df: pd.DataFrame, n_boot: int,
                     lambda df=r.df, m=r.meta, s=est, key=(r.label, est):
                     P.plot_ranking(df, s, meta=m, n_boot=n_boot, ranking=rankings.get(key))))
     layers = all_df[all_df["layer"] != GLOBAL]
-    for stat in _first_present(HEATMAP_STATS, present):
+    for stat in heatmap_stats(present, [r.meta for r in runs]):  # gradlens.catalog
         try:
             norm = P.heatmap_norm(layers.loc[layers["stat"] == stat, "value"])
         except ValueError:
