@@ -91,6 +91,9 @@ def test_declarations_are_checked():
     with pytest.raises(ValueError, match="already exists"):
         catalog.register(FamilySpec("x", (StatSpec("batch_size", "doc", "custom"),)))
     assert "x" not in catalog.FAMILIES
+    with pytest.raises(ValueError, match="its flag 'columns'"):
+        register_statistic(family_class("columns"))
+    register_statistic(family_class("grad_lag"))  # opt-in: statistics=[GradLag]
 
 
 def test_a_user_family_is_declared_on_registration():

@@ -232,6 +232,10 @@ def register_statistic(cls: type[Statistic]) -> type[Statistic]:
         raise ValueError(f"a statistic family named {cls.name!r} is already registered "
                          f"({owner.__module__}.{owner.__qualname__})")
     spec = cls.spec
+    if spec is not None and any(spec.name in p for p in catalog.PRESETS.values()):
+        switch = f"its flag {spec.flag!r}" if spec.flag else "every preset"
+        raise ValueError(f"{cls.__name__} is a built-in family: it runs with {switch}, not "
+                         "through statistics=")
     if spec is None:
         if cls.reduce not in ("mean", "sum", "derived"):
             raise ValueError(f"{cls.__name__}.reduce must be 'mean' or 'sum', got {cls.reduce!r}")
