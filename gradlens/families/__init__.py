@@ -1,5 +1,8 @@
 """Statistic families: one module each, the collector calls them in order.
 
+What each family emits, needs and reads, and the presets that run it, are declared in
+:mod:`gradlens.catalog` (``FAMILIES[name]``, each class's ``spec``); this table summarizes it.
+
 ==============  ===============================================  ===========================
 family          statistics                                       needs
 ==============  ===============================================  ===========================
