@@ -28,7 +28,8 @@ from gradlens.optim.memory import (
 from gradlens.optim.muon import muon_adamw
 from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, make_optimizer
 from gradlens.optim.scale import ALGORITHMS, SCALE
-from gradlens.optim.stable_spam import StableSPAM, stable_spam_update
+from gradlens.optim.stable_spam import StableSPAM
+from gradlens.optim.stable_spam_functional import stable_spam_update
 from gradlens.optim.swan import SWAN, swan_param_groups
 from gradlens.optim.swan_functional import grad_norm, grad_whitening, swan_update
 from gradlens.optim.variants import VARIANTS, scale_variant_groups
