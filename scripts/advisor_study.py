@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from gradlens import GradLens, scale_param_groups
     from gradlens.advise import advise_momentum, momentum_table, within_budget
     from gradlens.compare import comparison_rows, run_compare
-    from gradlens.experiment import OPTIMIZERS, RunConfig, register_optimizer, run_experiment
+    from gradlens.experiment import RunConfig, run_experiment
     from gradlens.families.lag import GradLag
-    from gradlens.optim import SCALE
+    from gradlens.optim import OPTIMIZERS, SCALE, OptimizerSpec, register_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         def build(model, lr, **kw):
             groups = scale_param_groups(model, lr=lr, lr_1d=kw.pop("lr_1d", 20.0 * lr),
                                         momentum_roles=(), momentum_layers=chosen)
-            return SCALE(groups), dict(name=name, lr=lr, momentum_layers=chosen)
+            return SCALE(groups)
 
         OPTIMIZERS.pop(name, None)
-        register_optimizer(name)(build)
+        register_optimizer(OptimizerSpec(
+            name, f"SCALE with momentum on {len(chosen)} advised layers: {chosen}", lr, False,
+            "the comparison's best SCALE lr", build))
 
     momentum_on("scale_advised", layers)
     momentum_on("scale_budget", budget)

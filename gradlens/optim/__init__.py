@@ -1,4 +1,5 @@
-"""gradlens.optim: the SCALE optimizer, its parameter groups, kernels and memory accounting.
+"""gradlens.optim: the SCALE optimizer, its parameter groups, kernels, schedule and memory
+accounting.
 
 Stands alone: nothing here imports the gradient collector.
 
@@ -22,12 +23,14 @@ from gradlens.optim.groups import GROUP_OPTIONS, scale_param_groups
 from gradlens.optim.memory import (
     optimizer_state_bytes,
     optimizer_state_numel,
+    predicted_state_bytes,
     role_numels,
     weights_plus_state_ratio,
 )
 from gradlens.optim.muon import muon_adamw
-from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, make_optimizer
+from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, make_optimizer, register_optimizer
 from gradlens.optim.scale import ALGORITHMS, SCALE
+from gradlens.optim.schedule import cosine_lr_factor, cosine_schedule
 from gradlens.optim.stable_spam import StableSPAM
 from gradlens.optim.stable_spam_functional import stable_spam_update
 from gradlens.optim.swan import SWAN, swan_param_groups
@@ -48,12 +51,16 @@ __all__ = [
     "StableSPAM",
     "adamw_update",
     "check_step_gate",
+    "cosine_lr_factor",
+    "cosine_schedule",
     "grad_norm",
     "grad_whitening",
     "make_optimizer",
     "muon_adamw",
     "optimizer_state_bytes",
     "optimizer_state_numel",
+    "predicted_state_bytes",
+    "register_optimizer",
     "role_numels",
     "scale_param_groups",
     "scale_update",
