@@ -1,6 +1,6 @@
 """The package's runtime imports run one way and make no cycle.
 
-Layers (lower first): ``_args`` (argument checks), ``schema``, then ``table_parts`` (the run files' names) and ``kinds`` (layer kinds and their colours), ``roles`` < ``stats`` < ``families`` < ``core`` < ``sinks``,
+Layers (lower first): ``_args`` (argument checks), ``dtensor`` (sharded tensors), ``schema``, then ``table_parts`` (the run files' names) and ``kinds`` (layer kinds and their colours), ``roles`` < ``stats`` < ``families`` < ``core`` < ``sinks``,
 ``integrations``; ``optim`` stands alone (an optimizer never imports the collector); the file
 readers (``report``, ``advise``, ``tb_plugin``) read what the sinks wrote and import only the
 schema, roles, pure statistics and each other. Every ``import`` statement counts (those inside
@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parents[1] / "gradlens"
-RANK = {"_args": 0, "schema": 0, "table_parts": 0.5, "kinds": 0.5, "atomic_files": 0, "roles": 0, "stats": 1, "families": 2, "core": 3, "sinks": 4,
+RANK = {"_args": 0, "dtensor": 0, "schema": 0, "table_parts": 0.5, "kinds": 0.5, "atomic_files": 0, "roles": 0, "stats": 1, "families": 2, "core": 3, "sinks": 4,
         "integrations": 4}
 READERS = {"report", "advise", "tb_plugin"}
-READS = {"_args", "atomic_files", "schema", "table_parts", "kinds", "roles", "stats"} | READERS
-OPTIM_READS = {"optim", "roles", "schema"}
+READS = {"_args", "dtensor", "atomic_files", "schema", "table_parts", "kinds", "roles", "stats"} | READERS
+OPTIM_READS = {"optim", "dtensor", "roles", "schema"}
 
 # (importer, imported) module edges that break the layering today, in modules being rebuilt
 KNOWN = {

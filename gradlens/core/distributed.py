@@ -52,7 +52,6 @@ collective per such tensor per step, announced by a warning.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -62,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradlens.dtensor import dtensor_types, is_dtensor, local_tensor
 from gradlens.roles import output_units_view
 from gradlens.stats.norms import accumulation_dtype
 
@@ -115,28 +115,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=1)
-def _dtensor_types() -> tuple[type, type] | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    return DTensor, Shard
-
-
-def is_dtensor(t: Any) -> bool:
-    """``isinstance(t, DTensor)``, False where torch.distributed is missing."""
-    types = _dtensor_types()
-    return types is not None and isinstance(t, types[0])
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor`` (a view), else ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 @dataclass(frozen=True)
 class Span:
     """This rank's contiguous block ``[offset, offset + length)`` of an axis of size ``total``."""
@@ -171,7 +149,7 @@ def unit_count(shape: Sequence[int], layout: str) -> int:
 
 def _dtensor_sharding(g: Any, layout: str, world: int) -> Sharding | None:
     """The :class:`Sharding` of a ``DTensor`` gradient, or None where it cannot be placed."""
-    _, shard_cls = _dtensor_types()  # type: ignore[misc]
+    _, shard_cls = dtensor_types()  # type: ignore[misc]
     mesh = g.device_mesh
     coord = mesh.get_coordinate()
     if coord is None or mesh.size() != world:

@@ -17,7 +17,7 @@ host sync); :class:`GatedOptimizer` gives ``torch.optim`` optimizers the same.
 """
 
 from gradlens.optim.chained import ChainedOptimizer
-from gradlens.optim.functional import RMS_FLOOR, adamw_update, scale_update, unit_rms
+from gradlens.optim.functional import RMS_FLOOR, adamw_update, clamped_unit_rms, scale_update
 from gradlens.optim.gate import GatedOptimizer, check_step_gate
 from gradlens.optim.groups import GROUP_OPTIONS, scale_param_groups
 from gradlens.optim.memory import (
@@ -51,6 +51,7 @@ __all__ = [
     "StableSPAM",
     "adamw_update",
     "check_step_gate",
+    "clamped_unit_rms",
     "cosine_lr_factor",
     "cosine_schedule",
     "grad_norm",
@@ -68,6 +69,5 @@ __all__ = [
     "stable_spam_update",
     "swan_param_groups",
     "swan_update",
-    "unit_rms",
     "weights_plus_state_ratio",
 ]
