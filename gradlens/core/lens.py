@@ -59,7 +59,7 @@ from gradlens.families.base import mask_layers
 from gradlens.families.guard import SpikeGuard
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL, SpikeEvent
-from gradlens.sinks.base import Sink
+from gradlens.sink_api import Sink
 
 __all__ = ["GradLens"]
 

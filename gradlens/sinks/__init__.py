@@ -7,13 +7,15 @@
 - :class:`~gradlens.sinks.wandb_sink.WandbSink`: Weights & Biases (global and per-kind scalars,
   spike events, a heatmap image; imported on first use; ``pip install gradlens[wandb]``);
 - :class:`~gradlens.sinks.memory.MemorySink`: lists and a DataFrame, for tests and notebooks;
-- :class:`~gradlens.sinks.base.Sink` (the interface) and :class:`~gradlens.sinks.base.MultiSink`.
+- :class:`~gradlens.sink_api.Sink` (the interface) and :class:`~gradlens.sinks.base.MultiSink`;
+- :mod:`~gradlens.sinks.defaults`: what a lens writes by default (installed on import).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gradlens.sinks import defaults  # noqa: F401  (installs the lens's default sinks)
 from gradlens.sinks.base import Histogram, LogdirError, MultiSink, Sink, StatRow, layer_group
 from gradlens.sinks.memory import MemorySink
 from gradlens.sinks.table import TableSink
