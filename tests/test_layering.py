@@ -5,7 +5,7 @@ Layers (lower first): ``_args`` (argument checks), ``_version``, ``dtensor`` (sh
 and ``sink_api`` (the sink interface and its records), ``roles`` < ``stats`` < ``families`` <
 ``core`` < ``sinks`` (which hand the collector its default sinks) < ``integrations`` (which
 create lenses with them); ``optim`` stands alone (an optimizer never imports the collector); the file
-readers (``report``, ``advise``, ``tb_plugin``) read what the sinks wrote and import only the
+readers (``report``, ``advise``, the TensorBoard plugin ``tensorboard.plugin``) read what the sinks wrote and import only the
 schema, roles, pure statistics and each other. Every ``import`` statement counts (those inside
 functions too: they run when called), except under ``if TYPE_CHECKING:``. An import of
 ``gradlens.a.b`` is an edge to module ``gradlens.a.b``.
@@ -86,8 +86,15 @@ def import_graph() -> dict[str, set[str]]:
     return edges
 
 
+# The TensorBoard package holds a sink, the plugin (a file reader) and the launcher (an
+# application): each of its parts ranks as what it is.
+TENSORBOARD = {"plugin": "tb_plugin", "launcher": "launcher"}
+
+
 def _area(mod: str) -> str:
     parts = mod.split(".")
+    if parts[1:2] == ["tensorboard"]:
+        return TENSORBOARD.get(parts[2], "sinks") if len(parts) > 2 else "sinks"
     return parts[1] if len(parts) > 1 else "gradlens"
 
 
@@ -101,7 +108,7 @@ def _allowed(pa: str, pb: str) -> bool:
         return pb in READS
     if pa == "optim":
         return pb in OPTIM_READS
-    return True  # the applications: cli, demo, experiment, compare, dashboard, data
+    return True  # the applications: cli, demo, experiment, compare, launcher, data
 
 
 def violations(edges: dict[str, set[str]]) -> set[tuple[str, str]]:

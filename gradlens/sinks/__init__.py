@@ -2,7 +2,7 @@
 
 - :class:`~gradlens.sinks.table.TableSink`: ``run.json``, the long table (csv, jsonl, parquet)
   and ``spikes.jsonl``, kill-safe;
-- :class:`~gradlens.sinks.tensorboard.TensorBoardSink`: scalars, histograms, spike text and the
+- :class:`~gradlens.tensorboard.sink.TensorBoardSink`: scalars, histograms, spike text and the
   custom-scalar dashboards (imported on first use: it loads TensorBoard);
 - :class:`~gradlens.sinks.wandb_sink.WandbSink`: Weights & Biases (global and per-kind scalars,
   spike events, a heatmap image; imported on first use; ``pip install gradlens[wandb]``);
@@ -36,7 +36,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "TensorBoardSink":
-        from gradlens.sinks.tensorboard import TensorBoardSink
+        from gradlens.tensorboard.sink import TensorBoardSink
 
         return TensorBoardSink
     if name == "WandbSink":

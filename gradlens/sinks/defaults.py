@@ -24,7 +24,7 @@ def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str | No
     if logdir is not None:
         sinks.insert(0, TableSink(logdir, format=table_format))
         if tensorboard:
-            from gradlens.sinks.tensorboard import TensorBoardSink
+            from gradlens.tensorboard.sink import TensorBoardSink
 
             sinks.append(TensorBoardSink(logdir))
         return sinks, None

@@ -10,14 +10,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS, SpikeEvent, tb_group_tag
-from gradlens.sinks.dashboards import (
+from gradlens.tensorboard.dashboards import (
     DashboardError,
     build_layout,
     dashboard_files,
     layout_tags,
     load_templates,
 )
-from gradlens.sinks.tensorboard import TensorBoardSink
+from gradlens.tensorboard.sink import TensorBoardSink
 from tests.sinks._records import GROUPS, LAYERS, layer_dicts
 
 ATTN = [n for n, g in GROUPS.items() if g == "attention"]
