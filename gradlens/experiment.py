@@ -83,7 +83,8 @@ def make_run_optimizer(name: str, model: nn.Module, lr: float | None = None,
 
     Returns:
         ``(optimizer, info)``, ``info`` a JSON-able dict of the hyperparameters: ``name``,
-        ``lr``, then the optimizer's scalar defaults and ``kw``.
+        ``lr``, then those of the optimizer's defaults and ``kw`` that are JSON scalars or
+        lists of them.
     """
     key = name.lower()
     if key not in OPTIMIZERS:
@@ -98,9 +99,14 @@ def make_run_optimizer(name: str, model: nn.Module, lr: float | None = None,
     info: dict[str, Any] = dict(name=key, lr=lr)
     defaults = getattr(opt, "defaults", {}) or {}
     for k, v in {**defaults, **kw}.items():
-        if k not in info and isinstance(v, (int, float, str, bool, tuple, type(None))):
-            info[k] = list(v) if isinstance(v, tuple) else v
+        if k not in info and (_json_scalar(v) or (isinstance(v, (list, tuple))
+                              and all(_json_scalar(x) for x in v))):
+            info[k] = list(v) if isinstance(v, (list, tuple)) else v
     return opt, info
+
+
+def _json_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool, type(None)))
 
 
 MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -4,9 +4,9 @@ Layers (lower first): ``_args`` (argument checks), ``_version``, ``dtensor`` (sh
 ``schema``, then ``table_parts`` (the run files' names), ``kinds`` (the layer-name vocabulary)
 and ``sink_api`` (the sink interface and its records), ``roles`` < ``stats`` < ``families`` <
 ``core`` < ``sinks`` (which hand the collector its default sinks) < ``integrations`` (which
-create lenses with them); ``optim`` stands alone (an optimizer never imports the collector); the file
-readers (``report``, ``advise``, the TensorBoard plugin ``tensorboard.plugin``) read what the sinks wrote and import only the
-schema, roles, pure statistics and each other. Every ``import`` statement counts (those inside
+create lenses with them); ``optim`` stands alone (an optimizer never imports the collector);
+the file readers (``report``, ``advise``, the TensorBoard plugin ``tensorboard.plugin``) read
+what the sinks wrote and import only the schema, roles, pure statistics and each other. Every ``import`` statement counts (those inside
 functions too: they run when called), except under ``if TYPE_CHECKING:``. An import of
 ``gradlens.a.b`` is an edge to module ``gradlens.a.b``.
 
@@ -27,7 +27,8 @@ RANK = {"_args": 0, "_version": 0, "dtensor": 0, "schema": 0, "table_parts": 0.5
         "sink_api": 0.5, "atomic_files": 0, "roles": 0, "stats": 1, "families": 2, "core": 3,
         "sinks": 4, "integrations": 5}
 READERS = {"report", "advise", "tb_plugin"}
-READS = {"_args", "dtensor", "atomic_files", "schema", "table_parts", "kinds", "roles", "stats"} | READERS
+READS = {"_args", "dtensor", "atomic_files", "schema", "table_parts", "kinds", "roles",
+         "stats"} | READERS
 OPTIM_READS = {"optim", "dtensor", "roles", "schema"}
 
 # (importer, imported) module edges that break the layering today, in modules being rebuilt

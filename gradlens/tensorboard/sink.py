@@ -19,8 +19,8 @@ What it writes (tags from :mod:`gradlens.schema`):
   layers.
 
 Scalars of one step go out as one event holding many values, encoded from a template of the
-step's tags (:mod:`gradlens.tensorboard._scalar_events`: much faster than one ``add_scalar`` call, or
-one protobuf object, per value), checksummed by a vectorized CRC-32C (``_crc32c``, about 15x
+step's tags (:mod:`gradlens.tensorboard._scalar_events`: much faster than one ``add_scalar``
+call, or one protobuf object, per value), checksummed by a vectorized CRC-32C (``_crc32c``, about 15x
 faster than TensorBoard's per-byte Python one on a 40 kB event). TensorBoard stores scalars
 as float32.
 

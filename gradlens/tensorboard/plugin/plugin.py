@@ -1,4 +1,5 @@
-"""The TensorBoard side of the plugin: routes (WSGI apps) over :class:`~gradlens.tensorboard.plugin.data.RunStore`.
+"""The TensorBoard side of the plugin: routes (WSGI apps) over
+:class:`~gradlens.tensorboard.plugin.data.RunStore`.
 
 Routes, under ``/data/plugin/gradlens``::
 
@@ -77,7 +78,8 @@ class GradLensPlugin(base_plugin.TBPlugin):
     def _serve_js(name: str) -> Callable[..., Any]:
         @wrappers.Request.application
         def app(request: wrappers.Request) -> wrappers.Response:
-            js = resources.files("gradlens.tensorboard.plugin").joinpath(f"static/{name}").read_text("utf-8")
+            static = resources.files("gradlens.tensorboard.plugin").joinpath("static")
+            js = static.joinpath(name).read_text("utf-8")
             return http_util.Respond(request, js, "application/javascript")
 
         return app
