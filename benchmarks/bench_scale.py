@@ -10,7 +10,7 @@
    step) with the rows of one real step of part 1 and synthetic log-normal values, then each
    reader runs in a fresh process (peak RSS is that process's ``ru_maxrss``):
    ``load_run`` (the whole table), ``load_run`` of one statistic, ``gradlens report``, and the
-   plugin's routes on a fresh :class:`~gradlens.tb_plugin.data.RunStore` (first request
+   plugin's routes on a fresh :class:`~gradlens.tensorboard.plugin.data.RunStore` (first request
    ``/runs``, then the heatmap and role summary of a statistic, then the same heatmap again
    and another statistic's heatmap: the "later" requests).
 
@@ -157,7 +157,7 @@ import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 what, run, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
-import gradlens.report, gradlens.report.build, gradlens.cli, gradlens.tb_plugin.data  # noqa
+import gradlens.report, gradlens.report.build, gradlens.cli, gradlens.tensorboard.plugin.data  # noqa
 out["import_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 if what == "load_run":
@@ -180,7 +180,7 @@ elif what == "report":
     from gradlens.cli import main
     main(["report", run, "-o", arg])
 elif what == "plugin":
-    from gradlens.tb_plugin.data import RunStore
+    from gradlens.tensorboard.plugin.data import RunStore
     store = RunStore(run)
     stat, other = arg.split(",")
     t = time.perf_counter(); store.list_runs(); out["runs"] = time.perf_counter() - t

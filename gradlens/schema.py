@@ -15,7 +15,7 @@ Values may be NaN or +-inf: CSV writes ``nan``/``inf``/``-inf``, JSON lines the 
 ``Infinity``/``-Infinity`` (Python's json and pandas read them), parquet IEEE floats. Every line
 of a CSV/JSON-lines file ends with a newline: a last line without one was cut by a killed run.
 
-TensorBoard tags besides ``tb_tag(stat, layer)`` (written by ``sinks.tensorboard``)::
+TensorBoard tags besides ``tb_tag(stat, layer)`` (written by ``tensorboard.sink``)::
 
     gradlens/by_group/<stat>/<group>/{mean,min,max}   per-step mean/min/max of a statistic over
                     the layers of one dashboard group (LAYER_GROUPS), finite values only; the

@@ -61,14 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlens.stats.shards import (
-    _dtensor_types,
-    fan_finite_counts,
-    is_dtensor,
-    local_tensor,
-    spam_counts,
-    unit_count,
-)
+from gradlens.dtensor import dtensor_types, is_dtensor, local_tensor
+from gradlens.stats.shards import fan_finite_counts, spam_counts, unit_count
 
 __all__ = [
     "Pack",
@@ -149,7 +143,7 @@ class Sharding:
 
 def _dtensor_sharding(g: Any, layout: str, world: int) -> Sharding | None:
     """The :class:`Sharding` of a ``DTensor`` gradient, or None where it cannot be placed."""
-    _, shard_cls = _dtensor_types()  # type: ignore[misc]
+    _, shard_cls = dtensor_types()  # type: ignore[misc]
     mesh = g.device_mesh
     coord = mesh.get_coordinate()
     if coord is None or mesh.size() != world:

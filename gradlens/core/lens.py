@@ -59,7 +59,7 @@ from gradlens.families import Statistic, StepContext, builtin_families, register
 from gradlens.families.guard import SpikeGuard
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL
-from gradlens.sinks.base import Sink
+from gradlens.sink_api import Sink
 
 __all__ = ["GradLens"]
 

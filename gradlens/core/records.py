@@ -17,7 +17,7 @@ import torch
 from gradlens.catalog import scope
 from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
-from gradlens.sinks.base import Histogram
+from gradlens.sink_api import Histogram
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens

@@ -4,38 +4,15 @@ counts whose partial sums add over ranks in the flush's one collective
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from gradlens.dtensor import is_dtensor, local_tensor
 from gradlens.roles import output_units_view
 from gradlens.stats.norms import accumulation_dtype
 
 __all__ = ["fan_finite_counts", "is_dtensor", "local_tensor", "spam_counts", "unit_count"]
-
-
-@functools.lru_cache(maxsize=1)
-def _dtensor_types() -> tuple[type, type] | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    return DTensor, Shard
-
-
-def is_dtensor(t: Any) -> bool:
-    """``isinstance(t, DTensor)``, False where torch.distributed is missing."""
-    types = _dtensor_types()
-    return types is not None and isinstance(t, types[0])
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor`` (a view), else ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def unit_count(shape: Sequence[int], layout: str) -> int:

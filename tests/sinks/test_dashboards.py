@@ -10,14 +10,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS, SpikeEvent, tb_group_tag, tb_tag
-from gradlens.sinks.dashboards import (
+from gradlens.tensorboard.dashboards import (
     DashboardError,
     build_layout,
     dashboard_files,
     layout_tags,
     load_templates,
 )
-from gradlens.sinks.tensorboard import TensorBoardSink
+from gradlens.tensorboard.sink import TensorBoardSink
 from tests.sinks._records import GROUPS, LAYERS, layer_dicts
 
 ATTN = [n for n, g in GROUPS.items() if g == "attention"]
@@ -50,7 +50,7 @@ def test_every_statistic_a_run_writes_has_a_chart(per_layer: bool) -> None:
     """The templates chart the presets' statistics; any other one a run writes (an opt-in
     family's, a user's) gets a chart in the generated "Other statistics" category."""
     from gradlens import catalog
-    from gradlens.sinks.dashboards import OTHER_TITLE
+    from gradlens.tensorboard.dashboards import OTHER_TITLE
 
     stats = catalog.stat_names([*catalog.FULL, "grad_lag"])
     layout = build_layout(layer_dicts(), stats=stats, per_layer=per_layer)

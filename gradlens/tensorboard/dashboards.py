@@ -1,10 +1,10 @@
 """TensorBoard custom-scalar dashboards from declarative templates.
 
 The templates are the JSON files of the top-level ``dashboards/`` folder, shipped in the package
-as ``gradlens/dashboards`` (read with :mod:`importlib.resources`). A template names statistics
+as ``gradlens/tensorboard/templates`` (read with :mod:`importlib.resources`). A template names statistics
 and layer groups, never layer names; :func:`build_layout` turns the templates and the layers of
 one run (``run.json``'s ``layers``) into a ``layout_pb2.Layout``, which
-:class:`~gradlens.sinks.tensorboard.TensorBoardSink` writes once, at ``open``.
+:class:`~gradlens.tensorboard.sink.TensorBoardSink` writes once, at ``open``.
 
 Template file::
 
@@ -58,7 +58,8 @@ from gradlens.schema import (
     tb_spike_tag,
     tb_tag,
 )
-from gradlens.sinks._templates import (
+from gradlens.sinks.base import layer_group
+from gradlens.tensorboard._templates import (
     CHART_KINDS,
     GROUP_TITLES,
     CategoryTemplate,
@@ -69,7 +70,6 @@ from gradlens.sinks._templates import (
     load_templates,
     parse_template,
 )
-from gradlens.sinks.base import layer_group
 
 __all__ = [
     "CHART_KINDS",

@@ -2,7 +2,7 @@
 
 The plugin reads ``run.json``, ``stats.*`` and ``spikes.jsonl``, never TensorBoard event
 files, and never a whole parquet table: the run list comes from the files' footers
-(:mod:`gradlens.tb_plugin._tables`), a heatmap reads the row groups of its statistic only.
+(:mod:`gradlens.tensorboard.plugin._tables`), a heatmap reads the row groups of its statistic only.
 :class:`RunStore` caches each run under a key of the (name, size, mtime) of its files: a poll
 of an unchanged run costs a few ``stat`` calls; a run that wrote a flush since reads the new
 footers, and a statistic asked for again is read again.
@@ -37,7 +37,7 @@ from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.summary import report_pointers
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
-from gradlens.tb_plugin._tables import Table
+from gradlens.tensorboard.plugin._tables import Table
 
 __all__ = [
     "AGGREGATES",
