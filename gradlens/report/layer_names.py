@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradlens.report.verdict_base import layer_roles
+from gradlens.report.verdicts.base import layer_roles
 from gradlens.schema import GLOBAL
 
 __all__ = ["layer_order", "short_labels", "short_layer_name"]
