@@ -19,7 +19,8 @@ to HTML and Markdown::
     report/runs.csv         one row per run: directory, model, optimizer and hyperparameters,
                             batch size, learning rate per group, preset, steps
     report/momentum.csv     per run and layer: the momentum advice and its evidence
-    report/verdicts.json    the verdicts with their numbers, summary cells and run directories
+    report/verdicts.json    the verdicts with their numbers, summary cells, plain-words answers
+                            and run directories
                             (each run directory gets a pointer to it in reports.json; the
                             TensorBoard plugin's Verdicts view reads it)
 
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.kinds import with_kinds
+from gradlens.report.answers import with_answers
 from gradlens.report.document import render_html, render_markdown
 from gradlens.report.figures import figure_plan, render_figures
 from gradlens.report.outline import outline
@@ -196,9 +198,9 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
     html_path.write_text(render_html(title, blocks), encoding="utf-8")
     md_path.write_text(render_markdown(title, blocks, out), encoding="utf-8")
     run_dirs_of = {r.label: str(r.path.resolve()) for r in runs if r.path is not None}
-    (out / "verdicts.json").write_text(json.dumps(
-        [{**v.to_dict(), "run_dir": run_dirs_of.get(str(v.run)), "summary": summary_cells(v)}
-         for v in verdicts], indent=1))
+    rows = [{**v.to_dict(), "run_dir": run_dirs_of.get(str(v.run)), "summary": summary_cells(v)}
+            for v in verdicts]
+    (out / "verdicts.json").write_text(json.dumps(with_answers(rows, verdicts), indent=1))
     table_paths["verdicts_json"] = out / "verdicts.json"
     return ReportPaths(
         out_dir=out, html=html_path, markdown=md_path,

@@ -340,7 +340,9 @@ class RunStore:
         ``reports.json`` points (``gradlens report`` records itself there: the demo's
         ``report/`` sits beside the logdir ``runs/``); rows are matched by the run directory
         the report recorded, or else by the run's label. Each row carries the report's
-        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are.
+        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are;
+        ``answers`` lists the report's first section for this run (each verdict kind's answer in
+        plain words and what to do next, in the report's order).
         """
         path = self._resolve(name).resolve()
         run = self._run(path)
@@ -372,7 +374,8 @@ class RunStore:
             return {"run": name, "verdicts": [], "source": None,
                     "hint": f"no report covers this run yet: gradlens report {path} -o REPORT"}
         _, f, mine = max(found, key=lambda t: t[0])
-        return {"run": name, "verdicts": mine, "source": str(f)}
+        answers = [r["plain"] for r in mine if isinstance(r.get("plain"), dict)]
+        return {"run": name, "verdicts": mine, "answers": answers, "source": str(f)}
 
 
 def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:
