@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from gradlens.report.answers import answers
+from gradlens.report.summary import summary_cells
 from gradlens.report.verdicts import compute_verdicts
 from tests.report._synth import OUTPUT, layers, make_spikes, write_run
 
@@ -52,11 +53,11 @@ def _ordinal(n: int) -> str:
 def said():
     df = variance_table().assign(run="r")
     vs = compute_verdicts(df, make_spikes().assign(run="r"), n_boot=200)
-    return df, answers(vs, "r")
+    return df, answers(vs, "r"), vs
 
 
 def test_the_output_layer_sentence_holds_the_tables_numbers(said):
-    df, got = said
+    df, got, _ = said
     text = got["output_highest"].text
     tr = _wide(df, "twobatch_trace")
     others = tr.drop(columns=[OUTPUT]).max(axis=1)
@@ -80,7 +81,7 @@ def test_the_output_layer_sentence_holds_the_tables_numbers(said):
 
 
 def test_the_instability_sentence_names_the_first_step_and_the_layer(said):
-    _, got = said
+    _, got, _ = said
     sp = make_spikes()
     implicated = Counter()
     for row in sp.itertuples():
@@ -95,7 +96,7 @@ def test_the_instability_sentence_names_the_first_step_and_the_layer(said):
 
 
 def test_the_critical_batch_sentence_compares_it_with_the_batch_size(said):
-    df, got = said
+    df, got, vs = said
     spike_steps = set(make_spikes().query("kind in ['grad_norm', 'grad_norm_global']")["step"])
     keep = [s for s in range(N_STEPS) if s not in spike_steps]
     tr = _wide(df, "twobatch_trace").loc[keep].sum(axis=1)
@@ -106,6 +107,8 @@ def test_the_critical_batch_sentence_compares_it_with_the_batch_size(said):
     assert f"the run's batch size is {BATCH}." in a.text
     assert b_simple > 2 * BATCH  # the table is built so; then more data per step still pays
     assert a.next_step.startswith(f"The batch size {BATCH} is below the critical batch size")
+    v = next(v for v in vs if v.kind == "critical_batch")  # its summary cell: B_crit / B
+    assert summary_cells(v)["effect size"] == f"{b_simple / BATCH:.4g} (B_crit / B)"
 
 
 def test_without_micro_batches_it_says_variance_was_not_measured():

@@ -25,6 +25,7 @@ from gradlens.report.verdicts.base import (
 from gradlens.report.verdicts.registry import (
     Answer,
     RunData,
+    SummaryFigures,
     VerdictKind,
     register_verdict,
 )
@@ -175,6 +176,15 @@ def _compute(data: RunData) -> list[Verdict]:
                                         seed=o.get("seed", 0), spikes=data.spikes)]
 
 
+def _figures(v: Verdict) -> SummaryFigures:
+    """The critical batch size over the run's batch size (> 1: the batch is below it)."""
+    crit, b = v.numbers.get("critical_batch_size"), v.numbers.get("batch_size")
+    if isinstance(crit, (int, float)) and isinstance(b, (int, float)) and b > 0 and \
+            math.isfinite(crit):
+        return SummaryFigures("B_crit / B", crit / b)
+    return SummaryFigures()
+
+
 def _answer(verdicts: list[Verdict]) -> Answer | None:
     """In words: the critical batch size against the run's batch size, and what to change."""
     v = verdicts[0] if verdicts else None
@@ -209,5 +219,5 @@ KIND = register_verdict(VerdictKind(
           "compute. B_crit ~ B_simple = tr(Sigma) / |G|^2 of the whole model.",
     needs=("pe_trace", "pe_signal", "twobatch_trace", "twobatch_signal", "batch_size",
            "critical_batch_size", "microbatches"),
-    compute=_compute, answer=_answer, order=50,
+    compute=_compute, figures=_figures, answer=_answer, order=50,
 ))
