@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gradlens.report.verdicts.base import Verdict
 
 __all__ = ["REPORTS_FILE", "SUMMARY_COLUMNS", "register_report", "report_pointers",
-           "summary_cells", "verdict_figures"]
+           "row_summary", "summary_cells", "verdict_figures"]
 
 SUMMARY_COLUMNS = ("question", "answer", "effect size", "p-value", "fraction of steps")
 REPORTS_FILE = "reports.json"  # in a run directory: the verdicts.json files that cover it
@@ -66,6 +66,21 @@ def summary_cells(v: Verdict) -> dict[str, str]:
         "fraction of steps": ("" if f["fraction_steps"] is None
                               else f"{100 * f['fraction_steps']:.0f}%"),
     }
+
+
+def row_summary(row: dict[str, Any]) -> dict[str, str]:
+    """The summary cells of a ``verdicts.json`` row: the stored ones, or, for a report written
+    before the rows carried them, computed here by the verdict's registered kind."""
+    if isinstance(row.get("summary"), dict):
+        return row["summary"]
+    from gradlens.report.verdicts.base import ANSWERS, Verdict
+
+    if row.get("answer") not in ANSWERS:
+        return {}
+    v = Verdict(str(row.get("question", "")), row["answer"], dict(row.get("numbers") or {}),
+                str(row.get("reason", "")), str(row.get("kind", "")), row.get("stat"),
+                row.get("run"))
+    return summary_cells(v)
 
 
 def register_report(verdicts_json: Path, run_dirs: Iterable[Path]) -> None:

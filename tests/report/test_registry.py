@@ -125,3 +125,19 @@ def test_a_kind_sees_only_what_it_needs():
     finally:
         unregister_verdict("needs_loss")
     assert seen["stats"] == {"loss"} and v.kind == "needs_loss"
+
+
+def test_the_dashboard_words_an_older_report_with_the_same_registry(built_report, tmp_path):
+    """A verdicts.json written before the rows carried summary cells: the plugin computes them
+    with the report's registry, equal to the cells a current report stores."""
+    rows = [r for r in json.loads(built_report.tables["verdicts_json"].read_text())
+            if r["run"] == "scale"]
+    run = write_run(tmp_path / "logs" / "scale", make_table(8), None, name="scale")
+    old = [{k: v for k, v in r.items() if k not in ("summary", "plain")} | {"run_dir": None}
+           for r in rows]
+    (run / "verdicts.json").write_text(json.dumps(old))
+    _, c = client(run.parent)
+    code, got = get(c, "/verdicts", run="scale")
+    assert code == 200 and len(got["verdicts"]) == len(rows) > 5
+    assert [v["summary"] for v in got["verdicts"]] == [r["summary"] for r in rows]
+    assert got["answers"] == []  # an older report has no plain words to show
