@@ -3,7 +3,8 @@
 Each question is one :class:`~gradlens.report.verdicts.registry.VerdictKind` in one module,
 registered in :mod:`gradlens.report.verdicts.registry`, which the report (its summary, its
 first section in plain words, one section per kind) and the TensorBoard plugin (the summary
-cells in ``verdicts.json``) iterate. The built-ins, in report order:
+cells in ``verdicts.json``) iterate. Importing this package imports, and so registers, the
+built-ins; in report order:
 
 1. :mod:`.output_highest`: is the output layer's gradient variance the highest of all
    layers (one verdict per variance estimator)?
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# importing the built-in kinds' modules registers them (each declares its order)
 from gradlens.report.layer_names import layer_order, short_labels, short_layer_name
 from gradlens.report.ranking import bootstrap_indices, layer_ranking
 from gradlens.report.verdicts.base import (
@@ -109,7 +109,7 @@ def run_data(df: pd.DataFrame, spikes: pd.DataFrame | None = None,
     label = run
     if label is None and "run" in one.columns and not one.empty:
         label = str(one["run"].iloc[0])
-    sp = select_run(spikes, run) if spikes is not None and run is not None else spikes
+    sp = select_run(spikes, run) if spikes is not None else None
     steps = np.sort(one["step"].unique()) if not one.empty else np.array([], dtype=int)
     return RunData(one, sp, dict(meta or {}), label, steps, options)
 
