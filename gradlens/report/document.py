@@ -196,7 +196,10 @@ def render_markdown(title: str, blocks: Sequence[Any], out: Path) -> str:
     """The Markdown page; figure links relative to the report directory ``out``."""
     parts = [f"# {title}"]
     for b in blocks:
+        text = _md(b, out).strip("\n")
+        if not text:  # e.g. a section without figures
+            continue
         # consecutive verdicts form one list; every other block is a paragraph of its own
         glue = "\n" if isinstance(b, VerdictBlock) and parts[-1].startswith("- **") else "\n\n"
-        parts.append(glue + _md(b, out).strip("\n"))
+        parts.append(glue + text)
     return "".join(parts).rstrip("\n") + "\n"

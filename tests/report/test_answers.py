@@ -13,7 +13,7 @@ import pytest
 from gradlens.report.answers import answers
 from gradlens.report.summary import summary_cells
 from gradlens.report.verdicts import compute_verdicts
-from tests.report._synth import OUTPUT, layers, make_spikes, write_run
+from tests.report._synth import OUTPUT, layers, make_spikes, make_table, write_run
 
 N_STEPS, BATCH = 40, 64
 
@@ -134,3 +134,17 @@ def test_the_first_section_comes_before_the_verdict_table(tmp_path):
     assert "largest at" in short and "What to do next:" in short
     html = p.html.read_text(encoding="utf-8")
     assert html.index("<h2>In short</h2>") < html.index("<h2>Verdicts</h2>")
+
+
+def test_the_spread_sentence_gives_the_roles_medians():
+    from gradlens.kinds import layer_kind
+
+    df = make_table(12, seed=4)  # unit_rms_cv: output ~3, embedding ~2, attention and mlp ~1
+    got = answers(compute_verdicts(df, n_boot=100), None)["column_spread"].text
+    cv = df[df["stat"] == "unit_rms_cv"]
+    kind = [layer_kind(n, r) for n, r in zip(cv["layer"], cv["role"], strict=True)]
+    med = cv.groupby(kind)["value"].median()  # pooled over the kind's layers and steps
+    low = med.idxmin()
+    assert med.idxmax() == "output"
+    assert (f"(unit_rms_cv) is most spread in the output layer (median {med['output']:.3g}; "
+            f"least: {low} {med[low]:.3g}); the roles differ.") in got, got

@@ -306,9 +306,10 @@ def _answer(verdicts: list[Verdict]) -> Answer | None:
         low = min(meds, key=lambda k: meds[k])
         differ = {"yes": "the roles differ", "no": "the roles do not differ detectably"}.get(
             v.answer, "whether the roles differ cannot be told")
+        plural = "s" if (v.numbers.get(f"{top}.n_layers") or 0) > 1 else ""
         return Answer(f"The per-unit gradient RMS ({v.stat}) is most spread in the {top} "
-                      f"layers (median {fmt(meds[top])}, least: {low} {fmt(meds[low])}); "
-                      f"{differ}.")
+                      f"layer{plural} (median {fmt(meds[top])}; least: {low} "
+                      f"{fmt(meds[low])}); {differ}.")
     return None
 
 

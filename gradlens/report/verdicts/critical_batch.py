@@ -195,7 +195,8 @@ def _answer(verdicts: list[Verdict]) -> Answer | None:
     if n.get("critical_batch_size") is None or not math.isfinite(n["critical_batch_size"]):
         return Answer(f"The critical batch size is unbounded here: no detectable gradient "
                       f"signal over the last {n.get('n_steps')} steps (batch size {b}).",
-                      "Nothing to change in the batch size from this run; log more steps.")
+                      "No batch-size advice from this run: log more steps (or more "
+                      "micro-batches) to measure the signal.")
     crit = (f"~{fmt(n['critical_batch_size'])} ({100 * n['ci']:g}% CI {fmt(n['ci_low'])}.."
             f"{fmt(n['ci_high'])}, at step {n['step']})")
     text = f"The critical batch size is {crit}; the run's batch size is {b}."
