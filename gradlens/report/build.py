@@ -189,7 +189,7 @@ def _write_report(run_dirs: list[str | Path], out: Path, title: str | None,
         t.to_csv(table_paths[name], index=False, quoting=csv.QUOTE_NONNUMERIC)
 
     ctx = ReportContext(runs, pd.concat([r.df for r in runs], ignore_index=True), tables,
-                        ranking_of, N_BOOT)
+                        ranking_of, N_BOOT, verdicts)
     figs = figure_plan(ctx)
     problems = render_figures(figs, out, progress)
     title = title or ("gradlens report: " + ", ".join(str(r.label) for r in runs))

@@ -134,6 +134,7 @@ def test_the_first_section_comes_before_the_verdict_table(tmp_path):
     assert "largest at" in short and "What to do next:" in short
     html = p.html.read_text(encoding="utf-8")
     assert html.index("<h2>In short</h2>") < html.index("<h2>Verdicts</h2>")
+    assert "critical_batch_r" in p.figures  # the critical batch size's section has its figure
 
 
 def test_the_spread_sentence_gives_the_roles_medians():
@@ -148,3 +149,34 @@ def test_the_spread_sentence_gives_the_roles_medians():
     assert med.idxmax() == "output"
     assert (f"(unit_rms_cv) is most spread in the output layer (median {med['output']:.3g}; "
             f"least: {low} {med[low]:.3g}); the roles differ.") in got, got
+
+
+def test_the_critical_batch_figure_draws_the_tables_noise_scale(said):
+    from gradlens.report.figures import figure_plan
+    from gradlens.report.verdicts import RunData
+    from gradlens.report.verdicts.registry import ReportContext
+
+    df, _, vs = said
+    run = RunData(df, make_spikes().assign(run="r"), {}, "r", slug="r")
+    (spec,) = [f for f in figure_plan(ReportContext([run], df, verdicts=vs))
+               if f.section == "critical_batch"]
+    ax = spec.draw().axes[0]
+    curve, batch = ax.lines[0], ax.lines[1]
+    # the smoothed B_simple: EMA(0.95) of the summed trace over that of the summed signal,
+    # over the steps without a grad-norm spike event
+    flagged = set(make_spikes().query("kind in ['grad_norm', 'grad_norm_global']")["step"])
+    keep = [s for s in range(N_STEPS) if s not in flagged]
+    tr = _wide(df, "twobatch_trace").loc[keep].sum(axis=1).to_numpy()
+    sg = _wide(df, "twobatch_signal").loc[keep].sum(axis=1).to_numpy()
+    m_t = m_s = 0.0
+    ema = []
+    for t, s in zip(tr, sg, strict=True):
+        m_t, m_s = 0.95 * m_t + 0.05 * t, 0.95 * m_s + 0.05 * s
+        ema.append(m_t / m_s)
+    np.testing.assert_allclose(curve.get_xdata(), keep)
+    np.testing.assert_allclose(curve.get_ydata(), ema, rtol=1e-12)
+    assert list(batch.get_ydata()) == [BATCH, BATCH]
+    v = next(v for v in vs if v.kind == "critical_batch")
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(v.numbers["ci_low"])
+    assert band.max() == pytest.approx(v.numbers["ci_high"])

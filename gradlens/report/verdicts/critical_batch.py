@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,12 +24,17 @@ from gradlens.report.verdicts.base import (
 )
 from gradlens.report.verdicts.registry import (
     Answer,
+    FigureSpec,
+    ReportContext,
     RunData,
     SummaryFigures,
     VerdictKind,
     register_verdict,
 )
 from gradlens.schema import GLOBAL
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["KIND", "SPIKE_STEP_KINDS", "critical_batch_size_verdict", "spike_steps"]
 
@@ -55,6 +60,20 @@ def _batch_size(one: pd.DataFrame, meta: Mapping[str, Any] | None) -> tuple[floa
     if meta and isinstance(meta.get("batch_size"), (int, float)) and meta["batch_size"] > 0:
         return float(meta["batch_size"]), "run.json"
     return None, ""
+
+
+def _estimates(one: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Step x layer ``tr(Sigma)`` and ``|G|^2`` estimates on common steps and layers: the
+    per-example ones, else the two-batch ones; and which."""
+    tr, sg = pe_wide(one)
+    if not (tr.empty or sg.empty or tr.shape[1] == 0):
+        return tr, sg, "per-example"
+    tr, sg = wide_table(one, "twobatch_trace"), wide_table(one, "twobatch_signal")
+    if not tr.empty and not sg.empty:
+        cols = [c for c in tr.columns if c in set(sg.columns)]
+        idx = tr.index.intersection(sg.index)
+        tr, sg = tr.loc[idx, cols], sg.loc[idx, cols]
+    return tr, sg, "two-batch"
 
 
 def critical_batch_size_verdict(
@@ -96,15 +115,7 @@ def critical_batch_size_verdict(
     question = "Is the batch size below the critical batch size?"
     mk = dict(kind="critical_batch", stat="critical_batch_size", run=run)
     base: dict[str, Any] = {"ci": ci, "window": window}
-    tr, sg = pe_wide(one)
-    source = "per-example"
-    if tr.empty or sg.empty or tr.shape[1] == 0:
-        tr, sg = wide_table(one, "twobatch_trace"), wide_table(one, "twobatch_signal")
-        source = "two-batch"
-        if not tr.empty and not sg.empty:
-            cols = [c for c in tr.columns if c in set(sg.columns)]
-            idx = tr.index.intersection(sg.index)
-            tr, sg = tr.loc[idx, cols], sg.loc[idx, cols]
+    tr, sg, source = _estimates(one)
     if tr.empty or sg.empty or tr.shape[1] == 0:
         return Verdict(question, "not computable", base,
                        "no (trace, signal) pairs: the critical batch size needs pe_trace and "
@@ -185,6 +196,53 @@ def _figures(v: Verdict) -> SummaryFigures:
     return SummaryFigures()
 
 
+def _draw(r: RunData, v: Verdict) -> Figure:
+    """The smoothed ``B_simple`` over steps (spike steps left out), the readout's interval over
+    its window, and the run's batch size."""
+    from gradlens.report.plots import new_figure
+    from gradlens.stats.noise_scale import smoothed_noise_scale
+
+    tr, sg, source = _estimates(r.df)
+    t_all, s_all = layer_sums(tr, sg, list(tr.columns))
+    ok = (t_all.notna() & s_all.notna()).to_numpy() & ~tr.index.isin(spike_steps(r.spikes))
+    steps = tr.index.to_numpy()[ok]
+    smooth = smoothed_noise_scale(t_all.to_numpy()[ok], s_all.to_numpy()[ok], 0.95)
+    n = v.numbers
+    fig = new_figure(8.0, 3.4)
+    ax = fig.add_subplot()
+    shown = np.isfinite(smooth) & (smooth > 0)
+    ax.plot(steps[shown], smooth[shown], color="#1f618d", lw=1.4,
+            label=f"B_simple, EMA 0.95 ({source} estimates)")
+    lo = steps[-int(n["n_steps"])] if n.get("n_steps") else steps[0]
+    ax.fill_between([lo, steps[-1]], n["ci_low"], n["ci_high"], color="#1f618d", alpha=0.15,
+                    label=f"ratio of means, {100 * n['ci']:g}% CI")
+    ax.axhline(n["batch_size"], color="#922b21", ls="--", lw=1.2,
+               label=f"batch size {n['batch_size']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{r.label}: critical batch size ~ B_simple")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def _plots(ctx: ReportContext) -> list[FigureSpec]:
+    """One figure per run whose critical batch size is finite."""
+    figs = []
+    for r in ctx.runs:
+        v = next((v for v in ctx.verdicts if v.kind == "critical_batch" and v.run == r.label),
+                 None)
+        crit = None if v is None else v.numbers.get("critical_batch_size")
+        if isinstance(crit, (int, float)) and math.isfinite(crit) and \
+                math.isfinite(v.numbers.get("ci_high") or math.nan):
+            figs.append(FigureSpec(
+                f"critical_batch_{r.slug}", "critical_batch",
+                f"{r.label}: the noise scale B_simple over steps (smoothed), its interval over "
+                "the readout's window, and the run's batch size.",
+                lambda r=r, v=v: _draw(r.only(KIND.needs), v)))
+    return figs
+
+
 def _answer(verdicts: list[Verdict]) -> Answer | None:
     """In words: the critical batch size against the run's batch size, and what to change."""
     v = verdicts[0] if verdicts else None
@@ -220,5 +278,5 @@ KIND = register_verdict(VerdictKind(
           "compute. B_crit ~ B_simple = tr(Sigma) / |G|^2 of the whole model.",
     needs=("pe_trace", "pe_signal", "twobatch_trace", "twobatch_signal", "batch_size",
            "critical_batch_size", "microbatches"),
-    compute=_compute, figures=_figures, answer=_answer, order=50,
+    compute=_compute, figures=_figures, plots=_plots, answer=_answer, order=50,
 ))

@@ -83,13 +83,14 @@ class FigureSpec:
 class ReportContext:
     """What a kind's ``plots`` and ``blocks`` may use: every run, their concatenated table,
     the report's tables (``rankings``, ``role_spread``, ``spikes``...), the rankings per
-    ``(run, stat)`` and the bootstrap replicates."""
+    ``(run, stat)``, the bootstrap replicates and every verdict of the report."""
 
     runs: list[RunData]
     all_df: pd.DataFrame
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     rankings: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     n_boot: int = 1000
+    verdicts: list[Verdict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
