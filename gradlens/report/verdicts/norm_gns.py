@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,12 +25,17 @@ from gradlens.report.verdicts.base import (
 )
 from gradlens.report.verdicts.registry import (
     Answer,
+    FigureSpec,
+    ReportContext,
     RunData,
     SummaryFigures,
     VerdictKind,
     register_verdict,
 )
 from gradlens.stats.noise_scale import lag1_autocorrelation
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["KIND", "norm_gain_layers", "norm_gns_verdict"]
 
@@ -215,6 +220,43 @@ def _figures(v: Verdict) -> SummaryFigures:
                           v.numbers.get("spearman"), v.numbers.get("spearman_p"))
 
 
+def _draw(r: RunData, v: Verdict) -> Figure:
+    """The smoothed GNS of all layers and of the norm-gain layers over steps (log scale)."""
+    from gradlens.report.plots import new_figure
+    from gradlens.stats.noise_scale import smoothed_noise_scale
+
+    tr, sg = pe_wide(r.df)
+    norms = norm_gain_layers(tr.columns, layer_roles(r.df), r.meta)
+    fig = new_figure(8.0, 3.4)
+    ax = fig.add_subplot()
+    for cols, label, color in ((list(tr.columns), f"all {tr.shape[1]} layers", "#1f618d"),
+                               (norms, f"{len(norms)} norm-gain layers", "#b9770e")):
+        t, sig = layer_sums(tr, sg, cols)
+        gns = smoothed_noise_scale(t.to_numpy(), sig.to_numpy(), v.numbers["beta"])
+        shown = np.isfinite(gns) & (gns > 0)
+        ax.plot(tr.index.to_numpy()[shown], gns[shown], color=color, lw=1.4, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("GNS (examples)")
+    ax.set_title(f"{r.label}: per-example GNS, EMA {v.numbers['beta']:g} "
+                 f"(Spearman {v.numbers['spearman']:.2f})")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def _plots(ctx: ReportContext) -> list[FigureSpec]:
+    """One figure per run whose correlation was computed."""
+    figs = []
+    for r in ctx.runs:
+        v = next((v for v in ctx.verdicts if v.kind == "norm_gns" and v.run == r.label), None)
+        if v is not None and isinstance(v.numbers.get("spearman"), (int, float)):
+            figs.append(FigureSpec(
+                f"norm_gns_{r.slug}", "norm_gns",
+                f"{r.label}: the smoothed gradient noise scale of all layers and of the "
+                "normalization gains alone.", lambda r=r, v=v: _draw(r.only(KIND.needs), v)))
+    return figs
+
+
 def _answer(verdicts: list[Verdict]) -> Answer | None:
     """In words: whether the norm layers' GNS is a stand-in for the whole model's."""
     v = verdicts[0] if verdicts else None
@@ -238,5 +280,5 @@ KIND = register_verdict(VerdictKind(
           "normalization layers alone tracks the noise scale of the whole model; if it does "
           "here, the cheap per-example norms of those layers suffice to monitor it.",
     needs=("pe_trace", "pe_signal", "microbatches"),
-    compute=_compute, figures=_figures, answer=_answer, order=40,
+    compute=_compute, figures=_figures, plots=_plots, answer=_answer, order=40,
 ))
