@@ -56,5 +56,5 @@ def answers_blocks(verdicts: list[Verdict], runs: list[str | None]) -> list[Any]
         blocks.append(Bullets([a.text for a in found]))
         steps = [a.next_step for a in found if a.next_step]
         if steps:
-            blocks += [Para("What to do next:"), Bullets(steps)]
+            blocks += [Para("What to do next:", bold=True), Bullets(steps)]
     return blocks

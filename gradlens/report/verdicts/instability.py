@@ -184,7 +184,8 @@ def _answer(verdicts: list[Verdict]) -> Answer | None:
         found.append(f"{n['skipped_steps']} step(s) skipped by the AMP grad scaler")
     top = [p.rpartition(":")[0] for p in str(n.get("top_layers") or "").split("; ") if p]
     where = f"; the layer implicated most: {short_layer_name(top[0])}" if top else ""
-    nxt = ("Look at the first unstable step in the heatmaps and the spike timeline"
+    at = f"step {n['first_step']}" if n.get("first_step") is not None else "the first unstable step"
+    nxt = (f"Look at {at} in the heatmaps and the spike timeline"
            + (f" ({short_layer_name(top[0])} first)" if top else "")
            + "; if spikes recur, lower the learning rate or clip the gradient there, or let "
            "the spike guard skip or damp such steps.")
