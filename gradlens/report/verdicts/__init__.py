@@ -90,6 +90,7 @@ __all__ = [
     "output_highest_verdict",
     "register_verdict",
     "role_spread_table",
+    "run_data",
     "select_run",
     "short_labels",
     "short_layer_name",

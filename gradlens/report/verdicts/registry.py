@@ -11,8 +11,11 @@ the whole of adding a question::
     register_verdict(VerdictKind(name="loss_falls", title="Does the loss fall?",
                                  needs=("loss",), compute=my_compute))
 
-The built-in kinds register themselves in :mod:`gradlens.report.verdicts` (the order of
-registration is the report's order).
+The built-in kinds register themselves when :mod:`gradlens.report.verdicts` is imported; the
+report's order is each kind's ``order`` (built-ins 10 to 50, a user's 100 by default), then
+the order of registration. The registry lives in the process that builds the report; the
+plugin shows what the report stored, and words an older report's rows with the kinds
+registered in its own process (:func:`gradlens.report.summary.row_summary`).
 """
 
 from __future__ import annotations
