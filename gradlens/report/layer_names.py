@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from gradlens.kinds import block_index, in_block_rank, short_labels, short_layer_name
-from gradlens.report.verdict_base import layer_roles
+from gradlens.report.verdicts.base import layer_roles
 from gradlens.schema import GLOBAL
 
 __all__ = ["layer_order", "short_labels", "short_layer_name"]

@@ -34,7 +34,7 @@ import pandas as pd
 
 from gradlens.kinds import KINDS, kind_color, layer_kind
 from gradlens.report.load import RunError, find_tables, load_meta
-from gradlens.report.summary import report_pointers
+from gradlens.report.summary import report_pointers, row_summary
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
 from gradlens.tensorboard.plugin._tables import Table
@@ -340,7 +340,10 @@ class RunStore:
         ``reports.json`` points (``gradlens report`` records itself there: the demo's
         ``report/`` sits beside the logdir ``runs/``); rows are matched by the run directory
         the report recorded, or else by the run's label. Each row carries the report's
-        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are.
+        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are
+        (a report written before the rows carried them gets them from the verdict registry);
+        ``answers`` lists the report's first section for this run (each verdict kind's answer in
+        plain words and what to do next, in the report's order).
         """
         path = self._resolve(name).resolve()
         run = self._run(path)
@@ -372,7 +375,10 @@ class RunStore:
             return {"run": name, "verdicts": [], "source": None,
                     "hint": f"no report covers this run yet: gradlens report {path} -o REPORT"}
         _, f, mine = max(found, key=lambda t: t[0])
-        return {"run": name, "verdicts": mine, "source": str(f)}
+        for r in mine:  # a report written before the rows carried their summary cells
+            r["summary"] = row_summary(r)
+        answers = [r["plain"] for r in mine if isinstance(r.get("plain"), dict)]
+        return {"run": name, "verdicts": mine, "answers": answers, "source": str(f)}
 
 
 def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:

@@ -331,6 +331,20 @@ function drawVerdicts(results) {
       continue;
     }
     box.append(el("p", {class: "gl-note", text: `${res.run}: from ${res.source}`}));
+    // the report's first section: each verdict kind's answer in plain words, then what to do next
+    const answers = res.answers || [];
+    if (answers.length) {
+      const list = el("ul", {});
+      for (const a of answers) list.append(el("li", {text: a.text}));
+      box.append(list);
+      const next = answers.filter((a) => a.next_step);
+      if (next.length) {
+        box.append(el("p", {text: "What to do next:"}));
+        const todo = el("ul", {});
+        for (const a of next) todo.append(el("li", {text: a.next_step}));
+        box.append(todo);
+      }
+    }
     const computed = res.verdicts.filter((v) => v.answer !== "not computable");
     const missing = res.verdicts.filter((v) => v.answer === "not computable");
     // the report's own summary cells (gradlens.report.summary): same numbers, same words
