@@ -37,6 +37,7 @@ from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.summary import report_pointers, row_summary
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
+from gradlens.tensorboard.plugin._scale import heatmap_scale
 from gradlens.tensorboard.plugin._tables import Table
 
 __all__ = [
@@ -255,7 +256,8 @@ class RunStore:
         Returns ``layers`` ([{name, label, role}]), ``roles`` (bands: role, first row, rows),
         ``columns`` ([first step, last step] per column), ``values`` (rows of floats or null),
         ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale),
-        ``agg``, ``n_steps`` (logged steps before binning) and ``version`` (changes when the
+        ``scale`` (the report's colour-scale kind for these values:
+        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`), ``agg``, ``n_steps`` (logged steps before binning) and ``version`` (changes when the
         files do).
         """
         if not stat:
@@ -286,6 +288,7 @@ class RunStore:
             "values": _json_floats(binned),
             "vmin": float(pos.min()) if pos.size else None,
             "vmax": float(pos.max()) if pos.size else None,
+            "scale": heatmap_scale(values),
             "version": repr(run.key),
         }
 

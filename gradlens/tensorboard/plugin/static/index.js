@@ -2,7 +2,7 @@
 // TensorBoard loads it in an iframe whose base is /data/plugin/gradlens/ and calls render().
 
 import {ROLE_COLOURS, colourLimits, drawHeatmap, drawLegend, el, flaggedSteps, fmt, layoutRows,
-  zoomColumns} from "./heatmap.js";
+  scaleKind, zoomColumns} from "./heatmap.js";
 
 const POLL_MS = 5000;
 const COLLAPSE_ABOVE = 160;  // more rows than this: blocks start collapsed
@@ -235,7 +235,8 @@ function redraw() {
     const rows = layoutRows(m, {...view, cols, clean});
     return {rows, cols, clean};
   });
-  const limits = colourLimits(layouts.filter((x) => x), view.clipLo, view.clipHi);
+  const limits = colourLimits(layouts.filter((x) => x), view.clipLo, view.clipHi,
+    scaleKind(maps.filter((m) => !m.error)));
   const width = maps.length > 1 ? 520 : 1000;
   maps.forEach((m, i) => {
     const panel = el("div", {class: "gl-panel"}, el("h3", {text: `${m.run} · ${state.stat}`}));
