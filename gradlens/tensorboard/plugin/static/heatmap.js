@@ -116,7 +116,7 @@ export function layoutRows(m, view) {
       rows.push({kind: "group", label: `${g.members.length} tensor${g.members.length === 1 ? "" : "s"} (max)`, group: g.key,
         role: "", values, members: g.members.length, head: true});
     } else {
-      g.members.forEach((i, k) => rows.push({...layerRow(i), head: k === 0,
+      g.members.forEach((i, k) => rows.push({...layerRow(i), group: g.key, head: k === 0,
         members: g.members.length}));
     }
   }
