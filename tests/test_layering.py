@@ -150,7 +150,7 @@ def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
 def test_the_graph_is_read():
     edges = import_graph()
     assert "gradlens.core.lens" in edges["gradlens"]
-    assert "gradlens.report.verdicts.base" in edges["gradlens.report.verdicts.critical_batch"]
+    assert "gradlens.report.verdict_base" in edges["gradlens.report.verdicts.critical_batch"]
     assert "gradlens.stats.shards" in edges["gradlens.families.twobatch"]
     assert "gradlens.catalog" in edges["gradlens.schema"]
 
@@ -239,3 +239,21 @@ def test_the_collector_alone_says_how_to_get_its_default_sinks(tmp_path):
                          text=True)
     assert run.returncode != 0
     assert "no default sinks are installed" in run.stderr, run.stderr[-2000:]
+
+
+def test_each_reader_module_imports_first():
+    """Every module of the file readers imports as the first gradlens module of a process: an
+    import cycle between modules (not packages) shows only in some import orders."""
+    mods = sorted(m for m in _modules() if _area(m) in READERS)
+    assert "gradlens.report.ranking" in mods and "gradlens.tensorboard.plugin.data" in mods
+    code = (
+        "import importlib, sys\n"
+        f"bad = []\nfor m in {mods!r}:\n"
+        "    for k in [k for k in sys.modules if k == 'gradlens' or k.startswith('gradlens.')]:\n"
+        "        del sys.modules[k]\n"
+        "    try:\n        importlib.import_module(m)\n"
+        "    except ImportError as e:\n        bad.append(f'{m}: {e}')\n"
+        "print('\\n'.join(bad))\nsys.exit(1 if bad else 0)\n")
+    run = subprocess.run([sys.executable, "-c", code], timeout=300, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradlens.report.verdicts.base import ANSWERS, Verdict
+from gradlens.report.verdict_base import ANSWERS, Verdict
 from gradlens.report.verdicts.registry import FigureSpec
 
 __all__ = ["Bullets", "Details", "Figures", "Heading", "Para", "Table", "VerdictBlock",

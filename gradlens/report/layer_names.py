@@ -9,11 +9,20 @@ from typing import Any
 
 import pandas as pd
 
-from gradlens.kinds import block_index, in_block_rank, short_labels, short_layer_name
-from gradlens.report.verdicts.base import layer_roles
+from gradlens.kinds import block_index, in_block_rank, layer_kind, short_labels, short_layer_name
 from gradlens.schema import GLOBAL
 
-__all__ = ["layer_order", "short_labels", "short_layer_name"]
+__all__ = ["layer_order", "layer_roles", "short_labels", "short_layer_name"]
+
+
+def layer_roles(df: pd.DataFrame) -> dict[str, str]:
+    """``{layer: kind}`` from the long table (first role seen per layer; the internal roles of
+    runs written before the kinds are mapped: :func:`gradlens.kinds.layer_kind`)."""
+    if df.empty:
+        return {}
+    first = df.drop_duplicates("layer")
+    return {n: layer_kind(n, r) for n, r in zip(first["layer"].astype(str),
+                                                first["role"].astype(str), strict=True)}
 
 
 def layer_order(

@@ -37,7 +37,7 @@ from gradlens.kinds import KIND_COLORS, KINDS, with_kinds
 from gradlens.report.layer_names import layer_order, short_labels
 from gradlens.report.ranking import layer_ranking
 from gradlens.report.scales import heatmap_norm, scale_name, spans_decades
-from gradlens.report.verdicts.base import layer_roles, select_run, spike_layers, wide_table
+from gradlens.report.verdict_base import layer_roles, select_run, spike_layers, wide_table
 from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS
 
 __all__ = [

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gradlens.report.verdicts.base import Verdict
+    from gradlens.report.verdict_base import Verdict
 
 __all__ = ["REPORTS_FILE", "SUMMARY_COLUMNS", "register_report", "report_pointers",
            "row_summary", "summary_cells", "verdict_figures"]
@@ -73,7 +73,7 @@ def row_summary(row: dict[str, Any]) -> dict[str, str]:
     before the rows carried them, computed here by the verdict's registered kind."""
     if isinstance(row.get("summary"), dict):
         return row["summary"]
-    from gradlens.report.verdicts.base import ANSWERS, Verdict
+    from gradlens.report.verdict_base import ANSWERS, Verdict
 
     if row.get("answer") not in ANSWERS:
         return {}

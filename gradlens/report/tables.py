@@ -8,7 +8,7 @@ import pandas as pd
 
 from gradlens.report.ranking import layer_ranking
 from gradlens.report.settings import run_settings
-from gradlens.report.verdicts.base import spike_layers
+from gradlens.report.verdict_base import spike_layers
 from gradlens.report.verdicts.column_spread import SPREAD_STATS, role_spread_table
 from gradlens.report.verdicts.registry import RunData
 from gradlens.schema import GLOBAL, VARIANCE_ESTIMATORS

@@ -31,7 +31,7 @@ import pandas as pd
 
 from gradlens.report.layer_names import layer_order, short_labels, short_layer_name
 from gradlens.report.ranking import bootstrap_indices, layer_ranking
-from gradlens.report.verdicts.base import (
+from gradlens.report.verdict_base import (
     ANSWERS,
     Verdict,
     estimator_family,

@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from gradlens.report.ranking import bootstrap_indices, step_counts
-from gradlens.report.verdicts.base import (
+from gradlens.report.verdict_base import (
     ROLE_ORDER,
     Verdict,
     all_nan,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from gradlens.report.verdicts.base import (
+from gradlens.report.verdict_base import (
     ROLE_ORDER,
     Verdict,
     fmt,

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from gradlens.report.layer_names import short_labels, short_layer_name
-from gradlens.report.verdicts.base import Verdict, select_run, spike_layers
+from gradlens.report.verdict_base import Verdict, select_run, spike_layers
 from gradlens.report.verdicts.registry import (
     Answer,
     FigureSpec,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from gradlens.report.verdicts.base import (
+from gradlens.report.verdict_base import (
     Verdict,
     fmt,
     fmt_p,

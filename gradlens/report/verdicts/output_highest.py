@@ -24,7 +24,7 @@ from scipy import stats as sps
 
 from gradlens.report.layer_names import short_labels, short_layer_name
 from gradlens.report.ranking import rank_order
-from gradlens.report.verdicts.base import (
+from gradlens.report.verdict_base import (
     Verdict,
     all_nan,
     all_nan_reason,
@@ -249,7 +249,7 @@ def _plots(ctx: ReportContext) -> list[FigureSpec]:
 
 def _claim_table(verdicts: list[Verdict]) -> pd.DataFrame:
     """Per run and estimator kind (size-fair / raw): the estimators answering each answer."""
-    from gradlens.report.verdicts.base import ANSWERS
+    from gradlens.report.verdict_base import ANSWERS
 
     rows = []
     for run in dict.fromkeys(v.run for v in verdicts):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from gradlens.report.verdicts.base import Verdict
+from gradlens.report.verdict_base import Verdict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

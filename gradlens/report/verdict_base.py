@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradlens.kinds import KINDS, layer_kind
+from gradlens.kinds import KINDS
+from gradlens.report.layer_names import layer_roles
 from gradlens.schema import GLOBAL
 
 __all__ = ["ANSWERS", "ROLE_ORDER", "Verdict", "all_nan", "all_nan_reason", "estimator_family",
@@ -78,16 +79,6 @@ def select_run(df: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
     if run not in runs:
         raise ValueError(f"run {run!r} not in the table; it holds {runs}")
     return df[df["run"] == run]
-
-
-def layer_roles(df: pd.DataFrame) -> dict[str, str]:
-    """``{layer: kind}`` from the long table (first role seen per layer; the internal roles of
-    runs written before the kinds are mapped: :func:`gradlens.kinds.layer_kind`)."""
-    if df.empty:
-        return {}
-    first = df.drop_duplicates("layer")
-    return {n: layer_kind(n, r) for n, r in zip(first["layer"].astype(str),
-                                                first["role"].astype(str), strict=True)}
 
 
 def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:
