@@ -34,14 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from gradlens.table_summary import SUMMARY_SUFFIX
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def narrow_llama():  # type: ignore[no-untyped-def]
-    """LLaMA-7B's layer list (32 layers, untied head: 291 tensors), 64 wide."""
+def narrow_llama(layers: int = 32):  # type: ignore[no-untyped-def]
+    """LLaMA-7B's layer list (32 layers, untied head: 291 tensors; 80 layers: 723 tensors,
+    LLaMA-70B's), 64 wide."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=32,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
                       max_position_embeddings=64, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
@@ -52,20 +55,24 @@ def dir_bytes(d: Path) -> dict[str, int]:
     for f in d.rglob("*"):
         if f.is_file():
             kind = ("tensorboard" if f.name.startswith("events.out") else
+                    "summaries" if f.name.endswith(SUMMARY_SUFFIX) else
                     "table" if f.name.startswith("stats") else "other")
             out[kind] = out.get(kind, 0) + f.stat().st_size
     return out
 
 
-def bytes_per_step(steps: int, work: Path) -> tuple[dict[str, float], list, dict]:
-    """Per-step bytes of each file kind, one step's rows, and the run metadata."""
+def bytes_per_step(steps: int, work: Path, layers: int = 32
+                   ) -> tuple[dict[str, float], list, dict]:
+    """Per-step bytes of each file kind, one step's rows, and the run metadata. Measured over
+    ``steps`` steps after two warm-up steps: with ``steps >= 126`` the table's parts of the
+    first 128 flushes are merged into two range files and their summaries."""
     import torch
 
     from gradlens import GradLens
     from gradlens.sinks import MemorySink
 
     torch.manual_seed(0)
-    model = narrow_llama()
+    model = narrow_llama(layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     logdir = work / "bytes"
     mem = MemorySink()
@@ -155,10 +162,29 @@ def write_large(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, fl
 _PROBE = r"""
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
+
+
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+
 what, run, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
-import gradlens.report, gradlens.report.build, gradlens.cli, gradlens.tb_plugin.data  # noqa
-out["import_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if what == "plugin":  # what TensorBoard loads with the plugin
+    import gradlens.tb_plugin.plugin  # noqa
+elif what == "report":
+    import gradlens.cli, gradlens.report.build  # noqa
+else:
+    import gradlens.report  # noqa
+out["import_mb"] = peak_mb()
 t0 = time.perf_counter()
 if what == "load_run":
     from gradlens.report import load_run
@@ -192,7 +218,7 @@ elif what == "plugin":
     out["again"] = time.perf_counter() - t
     t = time.perf_counter(); store.heatmap(".", other); out["other"] = time.perf_counter() - t
 out["s"] = time.perf_counter() - t0
-out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["rss_mb"] = peak_mb()
 print("RESULT", json.dumps(out))
 """
 
@@ -228,7 +254,9 @@ def fmt(r: dict, key: str = "s") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="logged steps of the bytes run")
+    ap.add_argument("--steps", type=int, default=126, help="logged steps of the bytes run")
+    ap.add_argument("--layers", type=int, default=32,
+                    help="decoder layers of the bytes run (80: LLaMA-70B's 723 tensors)")
     ap.add_argument("--rows", default="1e6,1e7,1e8", help="comma-separated run sizes, in rows")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per reader")
     ap.add_argument("--skip-report", action="store_true")
@@ -241,9 +269,10 @@ def main() -> None:
     torch.set_num_threads(1)
     work = args.keep or Path(tempfile.mkdtemp(prefix="gradlens-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    per, rows, meta = bytes_per_step(args.steps, work)
+    per, rows, meta = bytes_per_step(args.steps, work, args.layers)
     total = sum(per.values())
     lines = ["| measure | value |", "|---|---|",
+             f"| tracked tensors ({args.layers} decoder layers) | {len(meta['layers']):,} |",
              f"| rows per logged step | {len(rows):,} |",
              f"| bytes per logged step (all sinks) | {total / 1e3:,.1f} KB ("
              + ", ".join(f"{k} {v / 1e3:,.1f} KB" for k, v in sorted(per.items())) + ") |",

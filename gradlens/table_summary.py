@@ -1,7 +1,7 @@
 """Per-step-range summaries of the parquet table, for the heatmaps' downsampling.
 
 Beside each range file ``stats-000001-000064.parquet`` the writer puts
-``stats-000001-000064.summary.npz``. The range's steps are cut into blocks of ``B`` steps
+``stats-000001-000064.summary.bin``. The range's steps are cut into blocks of ``B`` steps
 (``block = step // B``, ``B`` a power of two); for every statistic, every layer with
 per-layer rows of it and every block the summary holds
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,14 @@ from gradlens.schema import GLOBAL
 __all__ = ["SUMMARY_SUFFIX", "Blocks", "block_aggregates", "block_size", "read_summary",
            "summary_path", "write_summary"]
 
-SUMMARY_SUFFIX = ".summary.npz"
+SUMMARY_SUFFIX = ".summary.bin"
+MAGIC = b"GRADLENS-SUMMARY\n"
 STEPS_PER_BLOCK = 8
 _VERSION = 1
 
 
 def summary_path(range_file: Path) -> Path:
-    """``stats-000001-000064.summary.npz`` beside ``stats-000001-000064.parquet``."""
+    """``stats-000001-000064.summary.bin`` beside ``stats-000001-000064.parquet``."""
     return range_file.with_name(range_file.name.removesuffix(".parquet") + SUMMARY_SUFFIX)
 
 
@@ -107,8 +108,8 @@ def _codes(column: Any) -> tuple[list[str], np.ndarray]:
     return d.dictionary.to_pylist(), d.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _summary_arrays(table: Any, source: Path) -> dict[str, np.ndarray]:
-    """The npz members of ``table``'s summary (rows of one range file)."""
+def _summary_blobs(table: Any, source: Path) -> tuple[dict[str, Any], list[bytes]]:
+    """The header and the per-statistic blobs of ``table``'s summary (rows of one range)."""
     import pyarrow.compute as pc
 
     t = table.filter(pc.not_equal(table["layer"], GLOBAL))
@@ -119,8 +120,9 @@ def _summary_arrays(table: Any, source: Path) -> dict[str, np.ndarray]:
     stats, scode = _codes(t["stat"])
     steps = t["step"].to_numpy().astype(np.int64)
     values = t["value"].to_numpy().astype(np.float64)
-    out: dict[str, np.ndarray] = {}
-    index = []
+    blobs: list[bytes] = []
+    index: dict[str, list[Any]] = {}
+    offset = 0
     for k in np.argsort(stats, kind="stable") if stats else []:
         sel = np.flatnonzero(scode == k)
         if not len(sel):
@@ -138,64 +140,97 @@ def _summary_arrays(table: Any, source: Path) -> dict[str, np.ndarray]:
         row_of[layer_ids] = np.arange(len(layer_ids))
         ids, first, last, count, n, total, peak = block_aggregates(
             row_of[lc], st, va, len(layer_ids), width)
-        i = len(index)
-        index.append([stats[k], len(layer_ids), len(ids)])
-        out[f"i{i}"] = np.concatenate([layer_ids, role_ids, ids, first, last, count])
-        out[f"n{i}"] = n.astype(np.min_scalar_type(int(n.max(initial=0))))
-        out[f"v{i}"] = np.stack([total, peak])
-    meta = {"version": _VERSION, "source": source.name, "source_size": source.stat().st_size,
-            "block": width, "layers": names, "roles": roles, "stats": index}
-    out["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    return out
+        n_type = np.min_scalar_type(int(n.max(initial=0)))
+        blob = b"".join([
+            np.concatenate([layer_ids, role_ids, ids, first, last, count]).astype("<i8").tobytes(),
+            np.stack([total, peak]).astype("<f8").tobytes(),
+            n.astype(n_type.newbyteorder("<")).tobytes()])
+        index[str(stats[k])] = [offset, len(blob), len(layer_ids), len(ids), n_type.str]
+        blobs.append(blob)
+        offset += len(blob)
+    header = {"version": _VERSION, "source": source.name,
+              "source_size": source.stat().st_size, "block": width, "layers": names,
+              "roles": roles, "stats": index}
+    return header, blobs
 
 
 def write_summary(range_file: Path, table: Any, *, fsync: bool) -> Path:
-    """Write the summary of ``range_file`` (already written, with the rows ``table``)."""
-    arrays = _summary_arrays(table, range_file)
+    """Write the summary of ``range_file`` (already written, with the rows ``table``):
+    ``MAGIC``, the JSON header's length (8 bytes, little-endian), the header (layer and role
+    names, block width, and per statistic its blob's offset after the header, length, layers,
+    blocks and count type), then per statistic one blob: int64 layer indices, role indices,
+    block ids, first steps, last steps, step counts; float64 sums then maxes (layers x
+    blocks); the finite counts (layers x blocks)."""
+    header, blobs = _summary_blobs(table, range_file)
+    head = json.dumps(header).encode()
     final = summary_path(range_file)
-    write_atomic(final, lambda fh: np.savez(fh, **arrays), fsync=fsync)
+
+    def write(fh: Any) -> None:
+        fh.write(MAGIC + len(head).to_bytes(8, "little") + head)
+        for blob in blobs:
+            fh.write(blob)
+
+    write_atomic(final, write, fsync=fsync)
     return final
 
 
-_BAD = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+def _header(fh: Any) -> tuple[dict[str, Any], int]:
+    """The header of an open summary and where its blobs start; ValueError when damaged."""
+    start = fh.read(len(MAGIC) + 8)
+    if len(start) != len(MAGIC) + 8 or not start.startswith(MAGIC):
+        raise ValueError("not a gradlens summary")
+    size = int.from_bytes(start[len(MAGIC):], "little")
+    head = fh.read(size)
+    if len(head) != size:
+        raise ValueError("truncated header")
+    header = json.loads(head)
+    if not isinstance(header, dict) or header.get("version") != _VERSION:
+        raise ValueError("unknown summary version")
+    return header, len(MAGIC) + 8 + size
 
 
 def read_summary(range_file: Path, stat: str,
-                 cache: dict[Path, tuple[tuple[int, int], dict[str, Any]]] | None = None
-                 ) -> Blocks | None:
+                 cache: dict[Path, tuple[tuple[int, int], tuple[dict[str, Any], int]]]
+                 | None = None) -> Blocks | None:
     """``stat``'s :class:`Blocks` in the summary of ``range_file``, or None when the summary is
-    missing, unreadable or not of this file (the caller reads the range's rows instead).
-    ``cache`` keeps each summary's parsed metadata per (size, mtime)."""
+    missing, damaged or not of this file (the caller reads the range's rows instead).
+    ``cache`` keeps each summary's parsed header per (size, mtime): a second statistic reads
+    its blob alone."""
     path = summary_path(range_file)
     try:
-        st = path.stat()
-        source_size = range_file.stat().st_size
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            stamp = (st.st_size, st.st_mtime_ns)
             hit = cache.get(path) if cache is not None else None
-            if hit is not None and hit[0] == (st.st_size, st.st_mtime_ns):
-                meta = hit[1]
+            if hit is not None and hit[0] == stamp:
+                header, base = hit[1]
             else:
-                meta = json.loads(z["meta"].tobytes())
-                meta["index"] = {s[0]: (i, s[1], s[2]) for i, s in enumerate(meta["stats"])}
+                header, base = _header(fh)
                 if cache is not None:
-                    cache[path] = ((st.st_size, st.st_mtime_ns), meta)
-            if (meta.get("version") != _VERSION or meta.get("source") != range_file.name
-                    or meta.get("source_size") != source_size):
+                    cache[path] = (stamp, (header, base))
+            if header.get("source") != range_file.name \
+                    or header.get("source_size") != range_file.stat().st_size:
                 return None
-            width = int(meta["block"])
-            if stat not in meta["index"]:
+            width = int(header["block"])
+            entry = header["stats"].get(stat)
+            if entry is None:  # no per-layer row of it in this range
                 e = np.zeros(0, np.int64)
                 return Blocks([], [], width, e, e, e, e, np.zeros((0, 0), np.int64),
                               np.zeros((0, 0)), np.zeros((0, 0)))
-            i, n_layers, nb = meta["index"][stat]
-            idx, n, v = z[f"i{i}"], z[f"n{i}"], z[f"v{i}"]
-    except _BAD:
+            offset, size, n_layers, nb, n_type = entry
+            fh.seek(base + offset)
+            blob = fh.read(size)
+        n_type = np.dtype(n_type)
+        n_idx, n_cells = 2 * n_layers + 4 * nb, n_layers * nb
+        if len(blob) != size or size != 8 * n_idx + 16 * n_cells + n_type.itemsize * n_cells:
+            return None
+        idx = np.frombuffer(blob, "<i8", n_idx)
+        v = np.frombuffer(blob, "<f8", 2 * n_cells, 8 * n_idx).reshape(2, n_layers, nb)
+        n = np.frombuffer(blob, n_type, n_cells, 8 * n_idx + 16 * n_cells)
+        names, roles = header["layers"], header["roles"]
+        cut = np.cumsum([n_layers, n_layers, nb, nb, nb])
+        lay, rol, ids, first, last, count = np.split(idx, cut)
+        return Blocks([names[j] for j in lay], [roles[j] for j in rol], width, ids, first,
+                      last, count, n.reshape(n_layers, nb).astype(np.int64), v[0], v[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    if idx.shape != (2 * n_layers + 4 * nb,) or n.shape != (n_layers, nb) \
-            or v.shape != (2, n_layers, nb):
-        return None
-    names, roles = meta["layers"], meta["roles"]
-    cut = np.cumsum([n_layers, n_layers, nb, nb, nb])
-    lay, rol, ids, first, last, count = np.split(idx, cut)
-    return Blocks([names[j] for j in lay], [roles[j] for j in rol], width, ids, first, last,
-                  count, n.astype(np.int64), v[0], v[1])
