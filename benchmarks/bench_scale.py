@@ -1,23 +1,30 @@
 """Runs at pretraining scale: bytes per logged step, and what reading a large run costs.
 
 1. **Bytes per logged step.** A model with LLaMA-7B's layer list (32 decoder layers, 291
-   tracked tensors; width 64 so that it runs on a CPU), preset ``standard``, 2 micro-batches
-   per step, trained under a :class:`~gradlens.GradLens` with its default sinks (table and
-   TensorBoard) for ``--steps`` logged steps: the growth of the run directory per step, per
-   file kind, and the rows per step.
+   tracked tensors; width 64 so that it runs on a CPU; ``--layers 80``: LLaMA-70B's, 723
+   tensors), preset ``standard``, 2 micro-batches per step, trained under a
+   :class:`~gradlens.GradLens` with its default sinks (table and TensorBoard) for ``--steps``
+   logged steps (126 after 2 warm-up steps: the table's first 128 flushes merged into two range
+   files with their summaries): the growth of the run directory per step, per file kind, and
+   the rows per step.
 2. **Large runs.** For each ``--rows`` size, a run of ``rows / rows-per-step`` logged steps is
    written through the real :class:`~gradlens.sinks.TableSink` (default format, one flush per
-   step) with the rows of one real step of part 1 and synthetic log-normal values, then each
-   reader runs in a fresh process (peak RSS is that process's ``ru_maxrss``):
-   ``load_run`` (the whole table), ``load_run`` of one statistic, ``gradlens report``, and the
-   plugin's routes on a fresh :class:`~gradlens.tb_plugin.data.RunStore` (first request
-   ``/runs``, then the heatmap and role summary of a statistic, then the same heatmap again
-   and another statistic's heatmap: the "later" requests).
+   step) with the rows of one real step of part 1 and synthetic log-normal values (sizes above
+   ``--direct-above``: generated with the sink's own writer functions, range files and their
+   summaries, then parts), then each reader runs in a fresh process: ``load_run`` (the whole
+   table), ``load_run`` of one statistic, ``gradlens report``, and the plugin's routes on a
+   fresh :class:`~gradlens.tb_plugin.data.RunStore` (first request ``/runs``, then the heatmap
+   and role summary of a statistic, then the same heatmap again and another statistic's
+   heatmap: the "later" requests).
 
-Prints one table. Times exclude importing gradlens (torch, pandas, pyarrow: ~0.5 GB of the
-peak RSS, shown apart). A reader that runs past ``--timeout`` seconds is reported as ``>T``.
+Prints one table. Times exclude importing what the reader needs (the plugin: gradlens's tab
+with TensorBoard's plugin base; the report: matplotlib and the rest). Peak RSS is the reader
+process's own high-water mark (``VmHWM``; ``ru_maxrss`` would include the benchmark process
+it was forked from), shown with its value after the imports. A reader that runs past
+``--timeout`` seconds is reported as ``>T``.
 
-    python benchmarks/bench_scale.py [--steps 20] [--rows 1e6,1e7,1e8] [--timeout 900]
+    python benchmarks/bench_scale.py [--steps 126] [--layers 32] [--rows 1e6,1e7,1e8]
+        [--timeout 900]
 """
 
 from __future__ import annotations
