@@ -223,7 +223,7 @@ def test_heatmap_route_is_fast_at_200_layers_by_2000_steps(tmp_path: Path) -> No
     warm = (time.perf_counter() - t0) / 3
     assert code == 200 and len(hm["layers"]) == 200 and len(hm["columns"]) == 313
     assert hm["n_steps"] == 2000
-    print(f"\nheatmap 200 x 2000 -> 200 x 400: first (reads the table) {cold:.2f} s, "
+    print(f"\nheatmap 200 x 2000 -> 200 x 313: first (reads the table) {cold:.2f} s, "
           f"cached {1e3 * warm:.0f} ms")
     assert warm < 2.0, warm
 
