@@ -121,6 +121,17 @@ class Table:
                 sources.append(b)
         if not sources:
             return None
+        # before reading any row: bounds from the summaries and the other files' footers
+        # (the statistic may miss some of their steps: fewer steps, a narrower span)
+        spans = [(int(b.first[0]), int(b.last[-1])) for b in sources if len(b.ids)]
+        rest_steps = [s for f in rest for s in self._footers[f][1]["steps"]]
+        if rest_steps:
+            spans.append((min(rest_steps), max(rest_steps)))
+        upper = sum(int(b.count.sum()) for b in sources) + len(rest_steps)
+        w = bin_width(min(a for a, _ in spans), max(b for _, b in spans), upper, max_cols) \
+            if spans else None
+        if w is None or any(b.block > w for b in sources):
+            return None
         raw = _arrow_matrix(self._scan(stat, rest)) if rest else None
         firsts = [int(b.first[0]) for b in sources if len(b.ids)]
         lasts = [int(b.last[-1]) for b in sources if len(b.ids)]
