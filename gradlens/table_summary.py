@@ -108,30 +108,43 @@ def _codes(column: Any) -> tuple[list[str], np.ndarray]:
     return d.dictionary.to_pylist(), d.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def _last_written(lc: np.ndarray, st: np.ndarray, n_names: int) -> np.ndarray | None:
+    """Indices of the last-written row of each (layer, step) in write order, or None when no
+    pair repeats (the usual case, checked in O(rows) when the steps never decrease)."""
+    if np.all(st[1:] >= st[:-1]):
+        col = np.cumsum(np.concatenate([[True], st[1:] != st[:-1]])) - 1
+        if np.bincount(col * n_names + lc).max() <= 1:
+            return None
+    key = (st - st.min()) * n_names + lc
+    _, last_rev = np.unique(key[::-1], return_index=True)
+    return None if len(last_rev) == len(key) else np.sort(len(key) - 1 - last_rev)
+
+
 def _summary_blobs(table: Any, source: Path) -> tuple[dict[str, Any], list[bytes]]:
     """The header and the per-statistic blobs of ``table``'s summary (rows of one range)."""
     import pyarrow.compute as pc
 
-    t = table.filter(pc.not_equal(table["layer"], GLOBAL))
-    steps_all = table["step"].to_numpy()
-    width = block_size(steps_all) if len(steps_all) else STEPS_PER_BLOCK
-    names, lcode = _codes(t["layer"])
-    roles, rcode = _codes(t["role"])
-    stats, scode = _codes(t["stat"])
-    steps = t["step"].to_numpy().astype(np.int64)
-    values = t["value"].to_numpy().astype(np.float64)
+    steps_all = table["step"].to_numpy().astype(np.int64)
+    distinct = pc.unique(table["step"]).to_numpy()
+    width = block_size(distinct) if len(distinct) else STEPS_PER_BLOCK
+    names, lcode = _codes(table["layer"])
+    roles, rcode = _codes(table["role"])
+    stats, scode = _codes(table["stat"])
+    values = table["value"].to_numpy().astype(np.float64)
+    if GLOBAL in names:  # run-level rows: not in the heatmaps
+        scode = np.where(lcode == names.index(GLOBAL), len(stats), scode)
+    by_stat = np.argsort(scode, kind="stable")  # write order kept within a statistic
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(scode, minlength=len(stats) + 1))])
     blobs: list[bytes] = []
     index: dict[str, list[Any]] = {}
     offset = 0
-    for k in np.argsort(stats, kind="stable") if stats else []:
-        sel = np.flatnonzero(scode == k)
+    for k in sorted(range(len(stats)), key=lambda i: stats[i]):
+        sel = by_stat[bounds[k]:bounds[k + 1]]
         if not len(sel):
             continue
-        lc, st, va, rc = lcode[sel], steps[sel], values[sel], rcode[sel]
-        key = (st - st.min()) * len(names) + lc
-        _, last_rev = np.unique(key[::-1], return_index=True)
-        if len(last_rev) < len(key):  # a row written twice: keep the last-written
-            keep = np.sort(len(key) - 1 - last_rev)
+        lc, st, va, rc = lcode[sel], steps_all[sel], values[sel], rcode[sel]
+        keep = _last_written(lc, st, len(names))
+        if keep is not None:  # a row written twice: keep the last-written
             lc, st, va, rc = lc[keep], st[keep], va[keep], rc[keep]
         uniq, first_at = np.unique(lc, return_index=True)
         order = np.argsort(first_at, kind="stable")

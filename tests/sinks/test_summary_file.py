@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gradlens.sinks._parquet import rows_table, write_range
 from gradlens.table_summary import block_size, read_summary, summary_path
@@ -54,10 +55,11 @@ def _brute(rows: list[tuple], stat: str, width: int):
     return layers, roles, blocks, steps, cells
 
 
-def test_a_summary_holds_the_rows_aggregates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("again", [[105, 130], [163]])  # steps re-written out of order / last
+def test_a_summary_holds_the_rows_aggregates(tmp_path: Path, again: list[int]) -> None:
     steps = list(range(100, 164))
     rows = _rows(steps)
-    rows += [(s, la, ro, st, v + 1.0) for s, la, ro, st, v in _rows([105, 130], seed=1)]
+    rows += [(s, la, ro, st, v + 1.0) for s, la, ro, st, v in _rows(again, seed=1)]
     f = write_range(tmp_path, 1, 64, rows_table(rows), fsync=False)
     assert summary_path(f).name == "stats-000001-000064.summary.bin"
     assert block_size(np.array(steps)) == 8
