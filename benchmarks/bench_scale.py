@@ -70,9 +70,11 @@ def dir_bytes(d: Path) -> dict[str, int]:
 
 def bytes_per_step(steps: int, work: Path, layers: int = 32
                    ) -> tuple[dict[str, float], list, dict]:
-    """Per-step bytes of each file kind, one step's rows, and the run metadata. Measured over
-    ``steps`` steps after two warm-up steps: with ``steps >= 126`` the table's parts of the
-    first 128 flushes are merged into two range files and their summaries."""
+    """Per-step bytes of each file kind, one step's rows, and the run metadata. TensorBoard's
+    events (and other files): their growth over ``steps`` steps after two warm-up steps. The
+    table and its summaries: those of the merged range files per step they hold (a long run's
+    rate: the last < 64 flushes stay as parts until merged); ``steps >= 126`` gives two (one
+    flush per step, written before ``step`` returns)."""
     import torch
 
     from gradlens import GradLens
@@ -83,7 +85,8 @@ def bytes_per_step(steps: int, work: Path, layers: int = 32
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     logdir = work / "bytes"
     mem = MemorySink()
-    lens = GradLens(model, opt, logdir=logdir, preset="standard", sinks=[mem])
+    lens = GradLens(model, opt, logdir=logdir, preset="standard", sinks=[mem],
+                    background_io=False)
 
     def step() -> None:
         for micro in torch.randint(0, 512, (2, 2, 32)):  # 2 micro-batches
@@ -99,11 +102,29 @@ def bytes_per_step(steps: int, work: Path, layers: int = 32
         step()
     lens.close()
     after = dir_bytes(logdir)
-    per = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in after}
+    per = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in after
+           if k not in ("table", "summaries")}
+    per.update(_merged_per_step(logdir))
     last = mem.rows[-1][0]
     rows = [tuple(r) for r in mem.rows if r[0] == last]
     meta = json.loads((logdir / "run.json").read_text())
     return per, rows, meta
+
+
+def _merged_per_step(logdir: Path) -> dict[str, float]:
+    """Bytes of the range files and of their summaries per logged step they hold."""
+    import pyarrow.parquet as pq
+
+    from gradlens.table_parts import list_parts
+
+    ranges = [f for first, last, f in list_parts(logdir) if first < last]
+    if not ranges:
+        raise SystemExit("no merged range file: run more --steps (>= 126)")
+    steps = sum(len(json.loads(pq.ParquetFile(f).schema_arrow.metadata[b"gradlens"])["steps"])
+                for f in ranges)
+    summaries = [f.with_name(f.name.removesuffix(".parquet") + SUMMARY_SUFFIX) for f in ranges]
+    return {"table": sum(f.stat().st_size for f in ranges) / steps,
+            "summaries": sum(f.stat().st_size for f in summaries if f.exists()) / steps}
 
 
 def write_direct(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, float]:
@@ -281,7 +302,7 @@ def main() -> None:
     lines = ["| measure | value |", "|---|---|",
              f"| tracked tensors ({args.layers} decoder layers) | {len(meta['layers']):,} |",
              f"| rows per logged step | {len(rows):,} |",
-             f"| bytes per logged step (all sinks) | {total / 1e3:,.1f} KB ("
+             f"| bytes per logged step (all sinks; the table merged) | {total / 1e3:,.1f} KB ("
              + ", ".join(f"{k} {v / 1e3:,.1f} KB" for k, v in sorted(per.items())) + ") |",
              f"| a 100k-step run, log_every=1 / 10 | {total * 1e5 / 1e9:,.2f} GB / "
              f"{total * 1e4 / 1e9:,.2f} GB |"]
