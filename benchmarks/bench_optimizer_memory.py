@@ -16,8 +16,8 @@ import torch
 from gradlens.data import build_llama
 from gradlens.optim import (
     SCALE,
-    optimizer_state_bytes,
     optimizer_state_numel,
+    predicted_state_bytes,
     role_numels,
     scale_param_groups,
     weights_plus_state_ratio,
@@ -55,8 +55,8 @@ def paper_table() -> None:
     for size, paper in PAPER_PERCENT.items():
         numels = role_numels(build_llama(size, device="meta"))
         total = sum(numels.values())
-        adam = 2 * total + optimizer_state_bytes(numels, "adam")
-        scale = 2 * total + optimizer_state_bytes(numels, "scale")
+        adam = 2 * total + predicted_state_bytes(numels, "adam")
+        scale = 2 * total + predicted_state_bytes(numels, "scale")
         print(f"{size:<6}{total / 1e6:>9.1f}{numels['output'] / total:>8.0%} "
               f"{numels['vector']:>8,}{adam / 1e9:>9.3f}{scale / 1e9:>10.3f}"
               f"{100 * weights_plus_state_ratio(numels):>11.1f}%{paper:>6.1f}%")

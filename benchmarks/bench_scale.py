@@ -13,7 +13,7 @@
    ``--direct-above``: generated with the sink's own writer functions, range files and their
    summaries, then parts), then each reader runs in a fresh process: ``load_run`` (the whole
    table), ``load_run`` of one statistic, ``gradlens report``, and the plugin's routes on a
-   fresh :class:`~gradlens.tb_plugin.data.RunStore` (first request ``/runs``, then the heatmap
+   fresh :class:`~gradlens.tensorboard.plugin.data.RunStore` (first request ``/runs``, then the heatmap
    and role summary of a statistic, then the same heatmap again and another statistic's
    heatmap: the "later" requests).
 
@@ -207,7 +207,7 @@ def peak_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the forking pa
 what, run, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
 if what == "plugin":  # what TensorBoard loads with the plugin
-    import gradlens.tb_plugin.plugin  # noqa
+    import gradlens.tensorboard.plugin.plugin  # noqa
 elif what == "report":
     import gradlens.cli, gradlens.report.build  # noqa
 else:
@@ -234,7 +234,7 @@ elif what == "report":
     from gradlens.cli import main
     main(["report", run, "-o", arg])
 elif what == "plugin":
-    from gradlens.tb_plugin.data import RunStore
+    from gradlens.tensorboard.plugin.data import RunStore
     store = RunStore(run)
     stat, other = arg.split(",")
     t = time.perf_counter(); store.list_runs(); out["runs"] = time.perf_counter() - t

@@ -4,7 +4,7 @@ The rows are one real ``standard`` step of the benchmark LLaMA (``build_llama("s
 micro-batches; about 830 values). Each round writes them as a new step, then flushes, with:
 
 - ``TensorBoardSink`` (scalars and per-group aggregates from a cached tag template,
-  :mod:`gradlens.sinks._scalar_events`, and numpy) against one protobuf ``Summary.Value`` per
+  :mod:`gradlens.tensorboard._scalar_events`, and numpy) against one protobuf ``Summary.Value`` per
   value and Python sums per group, serialized, with the same CRC and framing;
 - ``TableSink`` (CSV from cached quoted fragments) against ``csv.writer`` on every row, written
   to a file of its own.

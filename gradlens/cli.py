@@ -77,7 +77,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from gradlens.dashboard import LOG_FILE, serve
+    from gradlens.tensorboard.launcher import LOG_FILE, serve
 
     def ready(proc, url: str) -> None:
         print(f"TensorBoard (pid {proc.pid}) is serving {args.run_dir} at {url}  (Ctrl-C to "

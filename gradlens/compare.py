@@ -55,7 +55,8 @@ def sweep_points(optimizers: Sequence[str], lr_factors: Sequence[float],
     """``(optimizer, lr)`` pairs: each optimizer's base lr (``lrs``, else the demo-scale
     :data:`gradlens.experiment.DEFAULT_LRS`, else the registry's published value) times every
     factor."""
-    from gradlens.experiment import OPTIMIZERS, default_lr
+    from gradlens.experiment import default_lr
+    from gradlens.optim.registry import OPTIMIZERS
 
     points = []
     for name in optimizers:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradlens.experiment import RunConfig, TrainResult, run_experiment, save_result
+from gradlens.experiment import RunConfig, run_experiment, save_result
+from gradlens.training import TrainResult
 
 DEMO_STEPS = 150
 DEMO_BATCH = 8
@@ -36,7 +37,7 @@ class DemoResult:
         """Plain-text table: eval loss, perplexity, optimizer state, step time, tokens/s.
 
         Every optimizer is timed the same way: the median wall time of its steps after the
-        warm-up steps (:func:`gradlens.experiment.warmup_steps`), and tokens/s from that
+        warm-up steps (:func:`gradlens.training.warmup_steps`), and tokens/s from that
         median. A run that goes first no longer pays for the warm-up of the machine, and a
         step slowed by another process does not move the median.
         """
@@ -76,7 +77,7 @@ def run_demo(
         size: model size (``demo``: hidden 128, 4 layers, vocabulary 4096; ``tiny``: hidden
             32, 2 layers, vocabulary 512; ``small``: hidden 256, 4 layers; the papers' ``60m``
             .. ``1b``): a :data:`gradlens.experiment.MODEL_PRESETS` or ``LLAMA_SIZES`` name.
-        optimizers: names of :data:`gradlens.experiment.OPTIMIZERS`, run one after the other.
+        optimizers: names of :data:`gradlens.optim.registry.OPTIMIZERS`, run one after the other.
         corpus: a text file or directory; None: Shakespeare's plays.
         seed: initialization and batch order.
         preset: lens preset.

@@ -1,4 +1,8 @@
-"""One vocabulary of layer kinds and one colour per kind, for every screen and file.
+"""One vocabulary of layer names: the kinds, one colour per kind, short labels, block order.
+
+Every screen and file classifies and labels a parameter from its name here (the structural
+:class:`gradlens.roles.Role` of a parameter comes from the model's modules instead, and the
+kind refines it with the name).
 
 A tracked parameter is one of
 
@@ -18,6 +22,10 @@ their ``role`` column, and :func:`layer_kind` maps them when the runs are read.
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from gradlens.schema import GLOBAL, LAYER_GROUPS
@@ -25,7 +33,18 @@ from gradlens.schema import GLOBAL, LAYER_GROUPS
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["KINDS", "KIND_COLORS", "kind_color", "layer_group", "layer_kind"]
+__all__ = [
+    "KINDS",
+    "KIND_COLORS",
+    "block_index",
+    "in_block_rank",
+    "kind_color",
+    "layer_group",
+    "layer_kind",
+    "short_labels",
+    "short_layer_name",
+    "with_kinds",
+]
 
 KINDS: tuple[str, ...] = LAYER_GROUPS
 KIND_COLORS: dict[str, str] = {
@@ -117,3 +136,80 @@ def with_kinds(df: pd.DataFrame) -> pd.DataFrame:
     df.loc[old, "role"] = [kind[(n, r)] for n, r in zip(df.loc[old, "layer"],
                                                         df.loc[old, "role"], strict=True)]
     return df
+
+
+_BLOCKS = r"(?:layers|layer|h|blocks|block)"  # the container of a model's transformer blocks
+
+
+def block_index(name: str) -> float:
+    """The transformer block a parameter sits in (``model.layers.3...`` -> 3.0), inf outside."""
+    m = re.search(rf"(?:^|\.){_BLOCKS}\.(\d+)(?:\.|$)", name)
+    return float(m.group(1)) if m else math.inf
+
+
+_LEAF_RANK = {n: i for i, n in enumerate((
+    "q_proj", "query", "k_proj", "key", "v_proj", "value", "c_attn", "query_key_value",
+    "qkv_proj", "o_proj", "out_proj", "gate_proj", "gate_up_proj", "up_proj", "c_fc",
+    "down_proj", "c_proj", "input_layernorm", "ln_1", "post_attention_layernorm", "ln_2",
+))}
+
+
+def in_block_rank(name: str, role: str = "vector") -> tuple[int, int]:
+    """Order inside a block: attention before MLP before the rest (:func:`layer_kind`), then
+    the projections in their usual order (q, k, v, o; gate, up, down; the norms)."""
+    kind = layer_kind(name, role)
+    part = 0 if kind == "attention" else 1 if kind == "mlp" else 2
+    parts = name.split(".")
+    return part, min((_LEAF_RANK[p] for p in parts if p in _LEAF_RANK), default=99)
+
+
+_PREFIXES = ("_orig_mod.", "module.", "base_model.model.", "model.", "transformer.",
+             "gpt_neox.", "decoder.")
+_SEGMENTS = {
+    "self_attn": "attn", "attention": "attn", "attn": "attn",
+    "feed_forward": "mlp", "ffn": "mlp", "mlp": "mlp",
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+    "query": "q", "key": "k", "value": "v",
+    "c_attn": "qkv", "query_key_value": "qkv", "qkv_proj": "qkv", "Wqkv": "qkv",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "gate_up_proj": "gate_up",
+    "input_layernorm": "ln_in", "post_attention_layernorm": "ln_post",
+    "embed_tokens": "embed", "wte": "embed", "tok_embeddings": "embed",
+    "word_embeddings": "embed", "embed_in": "embed", "wpe": "pos_embed",
+    "embed_out": "lm_head",
+}
+
+
+def short_layer_name(name: str) -> str:
+    """A short label: ``model.layers.0.self_attn.q_proj.weight`` -> ``L0.attn.q``.
+
+    ``model.embed_tokens.weight`` -> ``embed``, ``lm_head.weight`` -> ``lm_head``; a ``.bias``
+    becomes ``.b``. Unknown names are only stripped of common prefixes and ``.weight``.
+    """
+    s = str(name)
+    if s == GLOBAL:
+        return s
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if s.startswith(p) and len(s) > len(p):
+                s, changed = s[len(p):], True
+    bias = s.endswith(".bias")
+    if s.endswith(".weight"):
+        s = s[: -len(".weight")]
+    elif bias:
+        s = s[: -len(".bias")]
+    s = re.sub(rf"^{_BLOCKS}\.(\d+)\.", r"L\1.", s)
+    parts = [_SEGMENTS.get(p, p) for p in s.split(".")]
+    if parts[:1] == ["embeddings"] and len(parts) > 1:
+        parts = parts[1:]
+    s = ".".join(parts)
+    return s + ".b" if bias else s
+
+
+def short_labels(names: Iterable[str]) -> dict[str, str]:
+    """``{name: short label}``; names whose short labels collide keep their full name."""
+    names = [str(n) for n in names]
+    short = {n: short_layer_name(n) for n in names}
+    counts = Counter(short.values())
+    return {n: (s if counts[s] == 1 else n) for n, s in short.items()}

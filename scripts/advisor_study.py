@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from gradlens import GradLens, scale_param_groups
     from gradlens.advise import advise_momentum, momentum_table, within_budget
     from gradlens.compare import comparison_rows, run_compare
-    from gradlens.experiment import OPTIMIZERS, RunConfig, register_optimizer, run_experiment
+    from gradlens.experiment import RunConfig, run_experiment
     from gradlens.families.lag import GradLag
-    from gradlens.optim import SCALE
+    from gradlens.optim import OPTIMIZERS, SCALE, OptimizerSpec, register_optimizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,24 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"within the output layer's {output_bytes} bytes: {budget}")
 
-    def momentum_on(name: str, chosen: list[str]):
-        def build(model, lr, **kw):
-            groups = scale_param_groups(model, lr=lr, lr_1d=kw.pop("lr_1d", 20.0 * lr),
-                                        momentum_roles=(), momentum_layers=chosen)
-            return SCALE(groups), dict(name=name, lr=lr, momentum_layers=chosen)
+    def build(model, lr, *, momentum_layers, **kw):
+        groups = scale_param_groups(model, lr=lr, lr_1d=kw.pop("lr_1d", 20.0 * lr),
+                                    momentum_roles=(), momentum_layers=momentum_layers)
+        return SCALE(groups)
 
+    added = ("scale_advised", "scale_budget")  # momentum_layers: optimizer_kwargs below
+    for name in added:
         OPTIMIZERS.pop(name, None)
-        register_optimizer(name)(build)
-
-    momentum_on("scale_advised", layers)
-    momentum_on("scale_budget", budget)
+        register_optimizer(OptimizerSpec(name, "SCALE with momentum on the given layers", lr,
+                                         False, "the comparison's best SCALE lr", build))
     names = ["adamw", "scale", "scale_advised", "scale_budget", "colnorm_sgd_momentum_all"]
     size, steps = config.pop("size"), config.pop("steps")
-    run_compare(out, optimizers=names, lr_factors=[1.0], steps=steps, size=size, seed=args.seed,
-                seeds=args.seeds, preset=args.preset, progress=not args.quiet,
-                lrs={"adamw": float(rows["adamw"]["best_lr"]), "scale": lr,
-                     "scale_advised": lr, "scale_budget": lr, "colnorm_sgd_momentum_all": lr},
-                **config)
+    try:
+        run_compare(out, optimizers=names, lr_factors=[1.0], steps=steps, size=size,
+                    seed=args.seed, seeds=args.seeds, preset=args.preset,
+                    progress=not args.quiet,
+                    lrs={"adamw": float(rows["adamw"]["best_lr"]), "scale": lr,
+                         "scale_advised": lr, "scale_budget": lr,
+                         "colnorm_sgd_momentum_all": lr},
+                    optimizer_kwargs={"scale_advised": {"momentum_layers": layers},
+                                      "scale_budget": {"momentum_layers": budget}},
+                    **config)
+    finally:  # the registry is the package's: leave it as it was
+        for name in added:
+            OPTIMIZERS.pop(name, None)
     return 0
 
 

@@ -29,7 +29,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert "data:image/png;base64" in html and "scale" in html and "adamw" in html
     # the printed dashboard command (logdir runs/) finds the demo's report and its verdicts
     assert f"gradlens dashboard {out / 'runs'}" in printed
-    from gradlens.tb_plugin.data import RunStore
+    from gradlens.tensorboard.plugin.data import RunStore
 
     found = RunStore(out / "runs").verdicts("scale")
     assert found["source"] == str((out / "report" / "verdicts.json").resolve())

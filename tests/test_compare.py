@@ -59,11 +59,11 @@ def test_compare_table_and_resume(tmp_path, corpus_file, capsys):
 def test_training_loop_builds_every_optimizer_of_the_registry(tiny_llama):
     import torch
 
-    from gradlens.experiment import DEFAULT_LRS, make_optimizer
+    from gradlens.experiment import DEFAULT_LRS, make_run_optimizer
     from gradlens.optim.registry import OPTIMIZERS
 
     for name in OPTIMIZERS:
-        opt, info = make_optimizer(name, tiny_llama)
+        opt, info = make_run_optimizer(name, tiny_llama)
         assert info["name"] == name and info["lr"] == pytest.approx(
             DEFAULT_LRS.get(name, OPTIMIZERS[name].lr))
         if name in ("scale", "colnorm_sgd"):

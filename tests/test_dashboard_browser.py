@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gradlens import GradLens
-from gradlens.dashboard import start_tensorboard
 from gradlens.data import build_llama
+from gradlens.tensorboard.launcher import start_tensorboard
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [

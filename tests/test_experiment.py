@@ -1,4 +1,4 @@
-"""The shared training loop: optimizers, schedule, train(), runs from a config."""
+"""Runs of demo and compare: the registry, the schedule, train(), runs from a config."""
 
 from __future__ import annotations
 
@@ -16,20 +16,15 @@ from gradlens.data.models import build_llama
 from gradlens.data.tokenizer import train_tokenizer
 from gradlens.experiment import (
     DEFAULT_LRS,
-    OPTIMIZERS,
     RunConfig,
-    StepInfo,
-    TrainResult,
     build_model,
-    cosine_lr_factor,
-    cosine_schedule,
-    make_optimizer,
-    optimizer_state_bytes,
-    register_optimizer,
+    make_run_optimizer,
     run_experiment,
-    train,
-    warmup_steps,
 )
+from gradlens.optim.memory import optimizer_state_bytes
+from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, register_optimizer
+from gradlens.optim.schedule import cosine_lr_factor, cosine_schedule
+from gradlens.training import StepInfo, TrainResult, train, warmup_steps
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -74,12 +69,13 @@ def test_schedule_closed_form() -> None:
 def test_registry_and_adamw_state_bytes(tiny_llama: torch.nn.Module) -> None:
     assert {"adamw", "scale", "sgd"} <= set(OPTIMIZERS)
     with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
-        make_optimizer("nope", tiny_llama)
+        make_run_optimizer("nope", tiny_llama)
     with pytest.raises(ValueError, match="lr"):
-        make_optimizer("adamw", tiny_llama, lr=0.0)
+        make_run_optimizer("adamw", tiny_llama, lr=0.0)
     with pytest.raises(ValueError, match="already registered"):
-        register_optimizer("adamw")(lambda model, lr: None)  # type: ignore[arg-type,return-value]
-    opt, info = make_optimizer("AdamW", tiny_llama)
+        register_optimizer(OptimizerSpec("adamw", "again", 1e-3, False, "a clash",
+                                         OPTIMIZERS["adamw"].build))
+    opt, info = make_run_optimizer("AdamW", tiny_llama)
     assert info["lr"] == DEFAULT_LRS["adamw"] and info["name"] == "adamw"
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is True
     assert tuple(opt.defaults["betas"]) == (0.9, 0.95)
@@ -92,7 +88,7 @@ def test_registry_and_adamw_state_bytes(tiny_llama: torch.nn.Module) -> None:
 
 def test_scale_state_bytes(tiny_llama: torch.nn.Module) -> None:
     pytest.importorskip("gradlens.optim.scale")
-    opt, info = make_optimizer("scale", tiny_llama, lr=1e-3)
+    opt, info = make_run_optimizer("scale", tiny_llama, lr=1e-3)
     assert info["lr_1d"] == pytest.approx(2e-2)
     x = torch.randint(0, 128, (2, 9))
     tiny_llama(input_ids=x, labels=x).loss.backward()
@@ -113,7 +109,7 @@ def test_train_decreases_loss_on_a_repeated_batch(name: str, lr: float) -> None:
     if name == "scale":
         pytest.importorskip("gradlens.optim.scale")
     model = build_llama("tiny", seed=0)
-    opt, _ = make_optimizer(name, model, lr=lr)
+    opt, _ = make_run_optimizer(name, model, lr=lr)
     batch = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
     infos: list[StepInfo] = []
     res = train(model, opt, None, _repeat(batch, 20), 20, eval_batches=[batch],
@@ -171,7 +167,7 @@ def test_lens_factory_clip_and_scheduler(tiny_llama: torch.nn.Module) -> None:
         seen.extend([model, optimizer])
         return lens
 
-    opt, _ = make_optimizer("adamw", tiny_llama, lr=1e-3)
+    opt, _ = make_run_optimizer("adamw", tiny_llama, lr=1e-3)
     sched = cosine_schedule(opt, 6)
     batches = [torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(i))
                for i in range(12)]

@@ -188,7 +188,7 @@ def test_guarded_steps_reach_the_report_and_tensorboard(tmp_path):
     from gradlens.report import load_run, load_spikes
     from gradlens.report.verdicts import instability_verdict
     from gradlens.schema import SpikeEvent
-    from gradlens.sinks.tensorboard import spike_markdown
+    from gradlens.tensorboard.sink import spike_markdown
 
     model = build_llama("tiny", seed=0)
     opt = make_optimizer("scale", model)

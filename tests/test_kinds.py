@@ -66,7 +66,7 @@ def test_the_lens_writes_kinds(tmp_path: Path):
 
 def test_one_colour_map_everywhere():
     assert plots.ROLE_COLORS is KIND_COLORS
-    static = Path(plots.__file__).parents[1] / "tb_plugin" / "static"
+    static = Path(plots.__file__).parents[1] / "tensorboard" / "plugin" / "static"
     # the plugin's defaults are the kinds' colours, and the colours served with each heatmap's
     # bands and each role chart replace them
     heat = (static / "heatmap.js").read_text()

@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gradlens import _args as A
+from gradlens import catalog
 from gradlens.stats.spikes import SpikeConfig
 
-PRESETS = ("minimal", "standard", "gns", "full")
+PRESETS = tuple(catalog.PRESETS)  # lists of families: gradlens.catalog
 
 
 @dataclass
@@ -103,12 +104,7 @@ class LensConfig:
         estimators)."""
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-        flags = {
-            "minimal": dict(columns=False, microbatch=False),
-            "standard": {},
-            "gns": dict(per_example=True, per_example_scope="norms"),
-            "full": dict(per_example=True, temporal=True, histograms=True, spam=True),
-        }[preset]
+        flags = catalog.preset_flags(preset)
         unknown = set(overrides) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown lens option(s) {sorted(unknown)}")
@@ -117,30 +113,14 @@ class LensConfig:
         return cfg
 
     def stat_names(self) -> list[str]:
-        """Names of the statistics this configuration can write (schema.STATS order)."""
-        from gradlens.schema import STATS
-
-        families = {"norms", "spikes", "global"}
-        names = []
-        for name, info in STATS.items():
-            if (name == "critical_batch_size" and not self.per_example) or (
-                    name == "batch_size" and not (self.microbatch or self.per_example)):
-                continue
-            if info.family in families or (info.family == "columns" and self.columns):
-                names.append(name)
-            elif info.family == "variance":
-                est = name
-                if (est.startswith("pe_") and self.per_example) or (
-                    est.startswith("temporal_") and self.temporal
-                ) or (not est.startswith(("pe_", "temporal_")) and self.microbatch):
-                    names.append(name)
-        return names
+        """Names of the statistics this configuration's built-in families can write
+        (:func:`gradlens.catalog.stat_names`)."""
+        return catalog.stat_names(catalog.enabled(vars(self)))
 
     def validate(self) -> None:
         """Every field's type and range: a clear error naming the field (gradlens._args)."""
         A.check_int("log_every", self.log_every, 1)
-        for flag in ("columns", "microbatch", "per_example", "temporal", "histograms", "spam",
-                     "background_io"):
+        for flag in (*catalog.flags(), "background_io"):
             A.check_bool(flag, getattr(self, flag))
         for name in ("temporal_beta", "noise_ema"):
             A.check_real(name, getattr(self, name), 0.0, 1.0, high_open=True)

@@ -52,7 +52,6 @@ collective per such tensor per step, announced by a warning.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -62,8 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlens.roles import output_units_view
-from gradlens.stats.norms import accumulation_dtype
+from gradlens.dtensor import dtensor_types, is_dtensor, local_tensor
+from gradlens.stats.shards import fan_finite_counts, spam_counts, unit_count
 
 __all__ = [
     "Pack",
@@ -115,28 +114,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=1)
-def _dtensor_types() -> tuple[type, type] | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    return DTensor, Shard
-
-
-def is_dtensor(t: Any) -> bool:
-    """``isinstance(t, DTensor)``, False where torch.distributed is missing."""
-    types = _dtensor_types()
-    return types is not None and isinstance(t, types[0])
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor`` (a view), else ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 @dataclass(frozen=True)
 class Span:
     """This rank's contiguous block ``[offset, offset + length)`` of an axis of size ``total``."""
@@ -164,14 +141,9 @@ class Sharding:
     fan: Span | None = None
 
 
-def unit_count(shape: Sequence[int], layout: str) -> int:
-    """Number of output units of a parameter of this (global) shape and layout."""
-    return int(shape[1]) if layout in ("conv1d", "embedding") else int(shape[0])
-
-
 def _dtensor_sharding(g: Any, layout: str, world: int) -> Sharding | None:
     """The :class:`Sharding` of a ``DTensor`` gradient, or None where it cannot be placed."""
-    _, shard_cls = _dtensor_types()  # type: ignore[misc]
+    _, shard_cls = dtensor_types()  # type: ignore[misc]
     mesh = g.device_mesh
     coord = mesh.get_coordinate()
     if coord is None or mesh.size() != world:
@@ -260,24 +232,6 @@ def place(vec: torch.Tensor, span: Span | None, contributes: bool = True) -> tor
     if contributes and span.length:
         out.narrow(0, span.offset, span.length).copy_(vec)
     return out
-
-
-def fan_finite_counts(g: torch.Tensor, layout: str) -> torch.Tensor:
-    """Per-fan number of finite entries (over the units) of ``g``'s ``(units, fan)`` view,
-    in the accumulation dtype: the denominator of :func:`gradlens.stats.fan_rms`."""
-    z = output_units_view((g * 0).nan_to_num_(nan=1.0), layout)  # 0 where finite, 1 where not
-    return z.shape[0] - z.sum(dim=0, dtype=accumulation_dtype(g.dtype))
-
-
-def spam_counts(g: torch.Tensor, v: torch.Tensor,
-                theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hits, ok)``: the numerator and denominator of :func:`gradlens.stats.spam_fraction`
-    (``#{i: g_i**2 > theta v_i}`` and ``#{i: g_i, v_i finite}``), which add over shards."""
-    acc = accumulation_dtype(g.dtype)
-    gf, vf = g.to(acc), v.to(acc)
-    ok = torch.isfinite(gf) & torch.isfinite(vf)
-    hit = ok & (gf.square() > theta * vf)
-    return hit.sum().to(acc), ok.sum().to(acc)
 
 
 class Pack:

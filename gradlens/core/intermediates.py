@@ -23,12 +23,29 @@ if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
 
-class Intermediates:
-    """Lazily computed shared values of one logged step (``ctx.shared``)."""
+def step_summaries(lens: GradLens, grads: list[torch.Tensor], present: list[bool],
+                   logging: bool, shards: list[D.Sharding] | None):
+    """``(sq, max_abs, nonfinite, axis_sq)`` of the step's gradients: finite squared norms,
+    largest finite ``|g|`` (logged steps only), non-finite counts, each ``(L,)``; on logged
+    steps of a family that reads fan norms (one process), the per-unit and per-fan squared
+    norms from the same finite copy (``{k: (units, fans)}``), else None."""
+    if logging and "fan_sq_norms" in lens.intermediates and shards is None:
+        summary, axis_sq = S.grad_summaries_with_axes(grads, [
+            info.layout if lens.matrix[k] and present[k] else None
+            for k, info in enumerate(lens.layers)])
+    else:
+        summary, axis_sq = S.grad_summaries(grads, max_abs=logging), None
+    return summary[:, 0], summary[:, 1], summary[:, 2], axis_sq
 
-    def __init__(self, lens: GradLens, ctx: StepContext, need_units: bool, need_fans: bool):
+
+class Intermediates:
+    """Lazily computed shared values of one logged step (``ctx.shared``): those the enabled
+    families declare (``catalog.INTERMEDIATES``)."""
+
+    def __init__(self, lens: GradLens, ctx: StepContext, declared: frozenset[str]):
         self.lens, self.ctx = lens, ctx
-        self.need_units, self.need_fans = need_units or need_fans, need_fans
+        self.need_fans = "fan_sq_norms" in declared
+        self.need_units = self.need_fans or "unit_sq_norms" in declared
         self._units: list[torch.Tensor | None] | None = None
         self._fans: dict[int, torch.Tensor] = {}
 

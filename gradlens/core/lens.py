@@ -49,17 +49,17 @@ from gradlens.core import settings
 from gradlens.core.arguments import check_lens_arguments
 from gradlens.core.config import LensConfig
 from gradlens.core.constants import DeviceConstants
-from gradlens.core.intermediates import Intermediates
+from gradlens.core.emit import complete_steps
+from gradlens.core.intermediates import step_summaries
 from gradlens.core.observer import Observer
-from gradlens.core.records import StepOutput, device_tensors, to_records
+from gradlens.core.records import device_tensors, to_records
 from gradlens.core.selection import select_layers
 from gradlens.core.writer import BackgroundWriter
 from gradlens.families import Statistic, StepContext, builtin_families, register_statistic
-from gradlens.families.base import mask_layers
 from gradlens.families.guard import SpikeGuard
 from gradlens.roles import LayerInfo, Role, discover_layers
-from gradlens.schema import GLOBAL, SpikeEvent
-from gradlens.sinks.base import Sink
+from gradlens.schema import GLOBAL
+from gradlens.sink_api import Sink
 
 __all__ = ["GradLens"]
 
@@ -171,6 +171,7 @@ class GradLens(DeviceConstants):
         if guard is not None:  # last: every statistic describes the gradient before it acts
             self.families.append(guard)
         needs = set().union(*(f.needs for f in self.families))
+        self.intermediates = frozenset().union(*(f.intermediates for f in self.families))
         self.consistency_families = [f.name for f in self.families
                                      if "consistent_grad" in f.needs]
         self.observer = Observer(self, needs)
@@ -283,8 +284,8 @@ class GradLens(DeviceConstants):
     def module_of(self, k: int) -> nn.Module | None:
         return self._modules.get(self.layers[k].module_name)
 
-    def add_histogram(self, step: int, layer: str, edges, counts, moments) -> None:
-        self._pending.append((step, "hist", (layer, edges, counts, moments)))
+    def add_histogram(self, step: int, layer: str, edges, counts, moments, stat: str) -> None:
+        self._pending.append((step, "hist", (layer, edges, counts, moments, stat)))
 
     # ------------------------------------------------------------------ the step (on device)
 
@@ -305,16 +306,7 @@ class GradLens(DeviceConstants):
         micro = max(obs.micro_seen)
         g_list = [g.detach() if g is not None else self.const("zero") for g in grads]
         g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self.world)
-        # (L, 4): finite sq, max |g| (logged steps only), non-finite, numel; on logged steps
-        # the columns' per-unit and per-fan norms come from the same finite copy
-        with_axes = logging and self.config.columns and shards is None
-        if with_axes:
-            summary, axis_sq = S.grad_summaries_with_axes(g_list, [
-                info.layout if self.matrix[k] and present[k] else None
-                for k, info in enumerate(self.layers)])
-        else:
-            summary, axis_sq = S.grad_summaries(g_list, max_abs=logging), None
-        sq, max_abs, nonfinite = summary[:, 0], summary[:, 1], summary[:, 2]
+        sq, max_abs, nonfinite, axis_sq = step_summaries(self, g_list, present, logging, shards)
         if shards is not None:  # this rank's share of the sums (core.distributed)
             contrib = self.mask([s.contributes for s in shards])
             sq = torch.where(contrib, sq, 0.0)
@@ -363,49 +355,7 @@ class GradLens(DeviceConstants):
             f.reset()
 
     def _complete(self) -> None:
-        """Families' statistics of the deferred steps, in step order, after ONE reduction of
-        everything rank-local (none with a single process)."""
-        records, self._deferred = self._deferred, []
-        if not records:
-            return
-        pack = D.Pack(self.world, D.rank())
-        runs = []
-        for j, ctx in enumerate(records):
-            ctx.key = f"{j}:"
-            last = j == len(records) - 1 and ctx.logging and ctx.grads is not None
-            run = [f for f in self.families if f.every_step or last]
-            runs.append((ctx, run, last))
-            if last:
-                needs_fans = self.config.columns
-                ctx.shared = Intermediates(self, ctx, need_units=self.config.columns
-                                           or self.config.histograms or self.config.microbatch,
-                                           need_fans=needs_fans)
-                ctx.shared.contribute(pack)
-            for f in run:
-                f.contribute(ctx, pack)
-        red = pack.reduce()  # the one collective under torch.distributed
-        for ctx, run, last in runs:
-            out: dict[str, torch.Tensor] = {}
-            invalid = dict(ctx.data["host_invalid"])
-            for f in run:
-                before = set(out)
-                f.emit(ctx, red, out)
-                bad = {**(f.invalid(ctx) if last else {}), **invalid.get(f.name, {})}
-                if bad:
-                    invalid[f.name] = bad
-                    mask_layers(out, set(out) - before, self.mask(
-                        [-1 not in bad and k not in bad for k in range(len(self.layers))]))
-            if last and self.consistency_families:
-                raw_ok = ctx.shared.raw(red)[2]
-                if raw_ok is not None and ctx.pre_sq is not None:
-                    out["_edit_ok"] = raw_ok.to(self.dtype)
-            self._pending.append((ctx.step, "step", StepOutput(
-                out, ctx.present, ctx.micro, ctx.logging, ctx.skipped,
-                batch=ctx.batch * self.world if len(ctx.sizes) == ctx.micro else 0,
-                invalid=invalid)))
-            if ctx.skipped:
-                self._pending.append((ctx.step, "event", SpikeEvent(ctx.step, GLOBAL,
-                                                                    "skipped_step", 1.0, 1.0)))
+        complete_steps(self)  # gradlens.core.emit: ONE reduction, then the families emit
 
     # ------------------------------------------------------------------ flush (host side)
 

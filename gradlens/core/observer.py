@@ -42,15 +42,10 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
+from gradlens.families.base import in_backward
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward pass (a checkpointed module's recomputation)."""
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return fn is not None and fn() != -1
 
 
 class Observer:

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradlens.catalog import scope
 from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
-from gradlens.sinks.base import Histogram
+from gradlens.sink_api import Histogram
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
-
-_GLOBAL_ONLY = {"critical_batch_size"}  # per-layer entries are placeholders
 
 
 @dataclass
@@ -44,7 +43,7 @@ def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
         if kind == "step":
             out.extend(payload.values.values())
         elif kind == "hist":
-            out.extend(payload[1:])
+            out.extend(payload[1:4])
         elif kind == "scalars":
             out.append(payload[1])
     return out
@@ -72,9 +71,9 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
             pos += t.numel()
             continue
         if kind == "hist":
-            layer, edges, counts, moments = payload
+            layer, edges, counts, moments, stat = payload
             ne, nc, nm = edges.numel(), counts.numel(), moments.numel()
-            hists.append(Histogram(step, layer, "unit_rms_hist", host[pos:pos + ne],
+            hists.append(Histogram(step, layer, stat, host[pos:pos + ne],
                                    host[pos + ne:pos + ne + nc],
                                    host[pos + ne + nc:pos + ne + nc + nm]))
             pos += ne + nc + nm
@@ -95,11 +94,12 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
         for key, vals in values.items():
             if key.startswith("_"):
                 continue
-            if key in ("loss", "loss_z"):
+            where = scope(key)  # gradlens.catalog: layer | global | run
+            if where == "run":  # one value: the global row
                 rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
                 continue
             pairs = zip(labels, keep, strict=True)
-            if len(vals) == L + 1 and key in _GLOBAL_ONLY:
+            if len(vals) == L + 1 and where == "global":  # per-layer entries: placeholders
                 rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs
                              if not math.isnan(vals[k])])
             else:

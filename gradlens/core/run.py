@@ -1,23 +1,38 @@
-"""The collector's edges: its sinks (made, opened, written and closed so that an I/O error
-never reaches the training loop) and the GradScaler it listens to."""
+"""The collector's edges: its sinks (built by the factory the sinks install, opened, written
+and closed so that an I/O error never reaches the training loop) and the GradScaler it listens
+to."""
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradlens import catalog
 from gradlens.core import distributed as D
 from gradlens.core import settings
 from gradlens.core.optimizers import optimizer_name
-from gradlens.schema import STATS
-from gradlens.sinks.base import Sink
-from gradlens.sinks.base import close_sink as _close_sink
+from gradlens.sink_api import Sink
+from gradlens.sink_api import close_sink as _close_sink
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
+
+
+SinkFactory = Callable[[Path | None, list[Sink], str | None, bool], tuple[list[Sink], Any]]
+"""``(logdir, sinks, table_format, tensorboard) -> (sinks, memory sink or None)``."""
+
+_sink_factory: SinkFactory | None = None
+
+
+def use_default_sinks(factory: SinkFactory) -> None:
+    """Install the builder of the sinks a lens writes by default. The sinks sit above the
+    collector, so they hand it in (:mod:`gradlens.sinks.defaults`, run when ``gradlens.sinks``
+    is imported, as ``gradlens.GradLens`` does)."""
+    global _sink_factory
+    _sink_factory = factory
 
 
 def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str | None,
@@ -25,27 +40,19 @@ def default_sinks(logdir: Path | None, sinks: list[Sink], table_format: str | No
     """``(sinks, memory sink or None)``: under torch.distributed only rank 0 writes."""
     if not D.is_writer_rank():
         return [], None
-    if logdir is not None:
-        from gradlens.sinks.table import TableSink
-
-        sinks.insert(0, TableSink(logdir, format=table_format))
-        if tensorboard:
-            from gradlens.sinks.tensorboard import TensorBoardSink
-
-            sinks.append(TensorBoardSink(logdir))
+    if logdir is None and sinks:
         return sinks, None
-    if not sinks:
-        from gradlens.sinks.memory import MemorySink
-
-        memory = MemorySink()
-        return [memory], memory
-    return sinks, None
+    if _sink_factory is None:
+        raise RuntimeError(
+            "gradlens: no default sinks are installed (gradlens.sinks was never imported); "
+            "create the lens as gradlens.GradLens, or import gradlens.sinks first")
+    return _sink_factory(logdir, sinks, table_format, tensorboard)
 
 
 def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None) -> None:
     if not lens.sinks:
         return
-    from gradlens import __version__
+    from gradlens._version import __version__
     from gradlens.kinds import layer_kind
 
     run_meta: dict[str, Any] = {
@@ -60,9 +67,9 @@ def open_sinks(lens: GradLens, name: str | None, meta: Mapping[str, Any] | None)
         "log_every": lens.config.log_every,
         "loss_reduction": lens.config.loss_reduction,
         "world_size": lens.world,
-        "stats": lens.config.stat_names() + [  # and the user families' (registered "custom")
-            s for f in lens.families for s in f.emits
-            if s in STATS and STATS[s].family == "custom"],
+        "stats": (stats := catalog.stat_names(  # the enabled families' (gradlens.catalog)
+            [f.name for f in lens.families if f.name in catalog.FAMILIES])),
+        "stat_specs": catalog.user_specs(stats),  # user statistics' declarations, for reports
         "layers": [
             {"name": i.name, "role": layer_kind(i.name, i.role.value), "layout": i.layout,
              "shape": list(i.param.shape), "numel": i.numel,

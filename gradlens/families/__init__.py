@@ -1,5 +1,8 @@
 """Statistic families: one module each, the collector calls them in order.
 
+What each family emits, needs and reads, and the presets that run it, are declared in
+:mod:`gradlens.catalog` (``FAMILIES[name]``, each class's ``spec``); this table summarizes it.
+
 ==============  ===============================================  ===========================
 family          statistics                                       needs
 ==============  ===============================================  ===========================
@@ -24,31 +27,25 @@ grad_lag        grad_lag1_dot, grad_lag2_dot (opt-in,            p.grad every st
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
+from gradlens import catalog
 from gradlens.families.base import LayerStatistic, Statistic, StepContext, register_statistic
-from gradlens.families.columns import Columns
-from gradlens.families.histograms import Histograms
-from gradlens.families.norms import Norms
-from gradlens.families.per_example import PerExample
-from gradlens.families.spam import Spam
-from gradlens.families.spikes import Spikes
-from gradlens.families.temporal import Temporal
-from gradlens.families.twobatch import TwoBatch
 
 if TYPE_CHECKING:
     from gradlens.core.config import LensConfig
 
-__all__ = ["LayerStatistic", "Statistic", "StepContext", "builtin_families",
+__all__ = ["LayerStatistic", "Statistic", "StepContext", "builtin_families", "family_class",
            "register_statistic"]
+
+
+def family_class(name: str) -> type[Statistic]:
+    """The torch side of a declared family (``catalog.FAMILIES[name].impl``)."""
+    module, _, cls = catalog.FAMILIES[name].impl.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def builtin_families(config: LensConfig) -> list[Statistic]:
     """The built-in families a configuration enables, in the order they run."""
-    chosen: list[Statistic] = [Norms(), Spikes()]
-    for flag, cls in (("columns", Columns), ("microbatch", TwoBatch),
-                      ("per_example", PerExample), ("temporal", Temporal),
-                      ("histograms", Histograms), ("spam", Spam)):
-        if getattr(config, flag):
-            chosen.append(cls())
-    return chosen
+    return [family_class(name)() for name in catalog.enabled(vars(config))]

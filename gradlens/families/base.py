@@ -25,25 +25,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from gradlens.schema import STATS, StatInfo
+from gradlens import catalog
+from gradlens.catalog import NEEDS, FamilySpec, StatSpec
 
 if TYPE_CHECKING:
     from gradlens.core import distributed as D
     from gradlens.core.lens import GradLens
 
 __all__ = ["LayerStatistic", "Statistic", "StepContext", "register_statistic"]
-
-# Needs a family may declare (the collector computes each intermediate once per step).
-NEEDS = frozenset({
-    "microbatch_grads",  # a hook per parameter per backward pass (Tensor.register_hook)
-    "layer_io",  # forward hooks on the owning modules: inputs and output gradients
-    "step_grad",  # p.grad at the optimizer step (always available)
-    "consistent_grad",  # the gradient the hooks saw and p.grad at the step must agree
-    "optimizer_state",  # the optimizer's per-parameter state
-    "loss",  # the loss handed to observe_loss
-    "batch_size",  # micro-batch sizes from the tracked layers' inputs
-})
-
 
 @dataclass
 class StepContext:
@@ -117,17 +106,31 @@ class StepContext:
 class Statistic:
     """One family of per-layer statistics (subclass it; see the module docstring).
 
-    Class attributes: ``name`` (the family, used in validity events), ``emits`` (statistic
-    names: built-ins from :mod:`gradlens.schema`, a user family's are registered on first
-    use), ``needs`` (from :data:`NEEDS`), ``every_step`` (observe and emit at every step, not
-    only logged ones), ``docs`` (one line per emitted statistic, for the schema).
+    A built-in family sets ``spec`` (its :class:`gradlens.catalog.FamilySpec`), which fills
+    ``name``, ``emits``, ``needs`` and ``intermediates``. A user family sets them itself:
+    ``name`` (the family, used in validity events), ``emits`` (statistic names, registered
+    on first use), ``needs`` (from :data:`gradlens.catalog.NEEDS`), ``intermediates`` (from
+    :data:`gradlens.catalog.INTERMEDIATES`), ``docs`` (one line per emitted statistic, for
+    the schema), ``heatmap`` (the report draws a layer x step heatmap of each). Also
+    ``every_step``: observe and emit at every step, not only logged ones.
     """
 
+    spec: ClassVar[FamilySpec | None] = None
     name: ClassVar[str] = ""
     emits: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset()
+    intermediates: ClassVar[frozenset[str]] = frozenset()
     every_step: ClassVar[bool] = False
     docs: ClassVar[dict[str, str]] = {}
+    heatmap: ClassVar[bool] = True
+    reduce: ClassVar[str] = "derived"
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls.name, cls.emits = spec.name, spec.names + spec.histograms
+            cls.needs, cls.intermediates = spec.needs, spec.intermediates
 
     def bind(self, lens: GradLens) -> None:
         """Called once with the collector: layers, config, device helpers."""
@@ -169,7 +172,7 @@ class LayerStatistic(Statistic):
     under FSDP2 ``grad`` and ``param`` are this rank's shards. Logged steps only.
     """
 
-    reduce: ClassVar[str] = "mean"
+    reduce: ClassVar[str] = "mean"  # or "sum"
     needs = frozenset({"step_grad"})
 
     def compute(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -199,7 +202,7 @@ class LayerStatistic(Statistic):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from gradlens.core.distributed import local_tensor
+    from gradlens.stats.shards import local_tensor
 
     return local_tensor(t)
 
@@ -208,16 +211,19 @@ _REGISTERED: dict[str, type[Statistic]] = {}
 
 
 def register_statistic(cls: type[Statistic]) -> type[Statistic]:
-    """Register a family's statistics in the schema (usable as a class decorator).
+    """Register a family's statistics in the catalog (usable as a class decorator): a
+    built-in's declaration is its ``spec``; a user family's is made from ``name``, ``emits``,
+    ``docs``, ``reduce`` and ``heatmap`` (category ``custom``, one value per layer).
 
     A name that is already a built-in statistic, or that another registered family emits, is
     an error: a silent clash would mix two meanings under one name.
     """
     if not cls.name or not cls.emits:
         raise ValueError(f"{cls.__name__} must set name and emits")
-    bad = set(cls.needs) - NEEDS
+    bad = (set(cls.needs) - NEEDS) | (set(cls.intermediates) - catalog.INTERMEDIATES)
     if bad:
-        raise ValueError(f"{cls.__name__}: unknown needs {sorted(bad)}; choose from {sorted(NEEDS)}")
+        raise ValueError(f"{cls.__name__}: unknown needs {sorted(bad)}; choose from "
+                         f"{sorted(NEEDS | catalog.INTERMEDIATES)}")
     owner = _REGISTERED.get(cls.name)
     if owner is not None and (owner.__module__, owner.__qualname__) == (cls.__module__,
                                                                         cls.__qualname__):
@@ -225,15 +231,31 @@ def register_statistic(cls: type[Statistic]) -> type[Statistic]:
     if owner is not None and owner is not cls:
         raise ValueError(f"a statistic family named {cls.name!r} is already registered "
                          f"({owner.__module__}.{owner.__qualname__})")
-    for stat in cls.emits:
-        info = STATS.get(stat)
-        if info is not None and not (info.family == "custom" and owner is cls):
-            raise ValueError(f"{cls.__name__}: statistic {stat!r} already exists "
-                             f"(family {info.family!r}); choose another name")
+    spec = cls.spec
+    if spec is not None and any(spec.name in p for p in catalog.PRESETS.values()):
+        switch = f"its flag {spec.flag!r}" if spec.flag else "every preset"
+        raise ValueError(f"{cls.__name__} is a built-in family: it runs with {switch}, not "
+                         "through statistics=")
+    if spec is None:
+        if cls.reduce not in ("mean", "sum", "derived"):
+            raise ValueError(f"{cls.__name__}.reduce must be 'mean' or 'sum', got {cls.reduce!r}")
+        stats = tuple(StatSpec(s, cls.docs.get(s, cls.__doc__ or s), "custom",
+                               reduce=cls.reduce, heatmap=s if cls.heatmap else None)
+                      for s in cls.emits)
+        spec = FamilySpec(cls.name, stats, f"{cls.__module__}:{cls.__qualname__}",
+                          needs=frozenset(cls.needs),
+                          intermediates=frozenset(cls.intermediates))
+        if owner is cls:  # a reloaded module: its earlier declaration is replaced
+            catalog.FAMILIES.pop(cls.name, None)
+    catalog.register(spec)
     _REGISTERED[cls.name] = cls
-    for stat in cls.emits:
-        STATS[stat] = StatInfo(stat, "custom", cls.docs.get(stat, cls.__doc__ or stat))
     return cls
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (a checkpointed module's recomputation)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
 
 
 def nan_where(values: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:

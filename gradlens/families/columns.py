@@ -9,13 +9,12 @@ gradient the optimizer consumes (a common clipping factor leaves every spread un
 from __future__ import annotations
 
 from gradlens import stats as S
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext
 
 
 class Columns(Statistic):
-    name = "columns"
-    emits = tuple(f"{axis}_rms_{s}" for s in S.SPREAD_FIELDS for axis in ("unit", "fan"))
-    needs = frozenset({"step_grad"})
+    spec = FAMILIES["columns"]
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens, shared = self.lens, ctx.shared

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from gradlens import stats as S
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext
 
 
 class Histograms(Statistic):
-    name = "histograms"
-    emits = ("unit_rms_hist",)
-    needs = frozenset({"step_grad"})
+    spec = FAMILIES["histograms"]
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens, shared = self.lens, ctx.shared
@@ -22,4 +21,5 @@ class Histograms(Statistic):
         moments = S.histograms_moments(rs)
         for j, k in enumerate(ks):
             edges, counts = hists[j]
-            lens.add_histogram(ctx.step, lens.layers[k].name, edges, counts, moments[j])
+            lens.add_histogram(ctx.step, lens.layers[k].name, edges, counts, moments[j],
+                               self.spec.histograms[0])

@@ -16,20 +16,17 @@ Not for FSDP2 shards (the inner products would need a reduction across shards pe
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext, register_statistic
 
 
 @register_statistic
 class GradLag(Statistic):
-    name = "grad_lag"
-    emits = ("grad_lag1_dot", "grad_lag2_dot")
-    needs = frozenset({"step_grad"})
-    docs: ClassVar[dict[str, str]] = {"grad_lag1_dot": "<g_t, g_{t-1}>: the gradient's lag-1 inner product",
-                                      "grad_lag2_dot": "<g_t, g_{t-2}>: the gradient's lag-2 inner product"}
+    spec = FAMILIES["grad_lag"]
 
     def bind(self, lens) -> None:
         super().bind(lens)

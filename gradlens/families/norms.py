@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext, nan_where
 from gradlens.families.raw import raw_sq
 
 
 class Norms(Statistic):
-    name = "norms"
-    emits = ("grad_norm", "grad_rms", "grad_max_abs", "nonfinite_count", "grad_norm_preclip")
-    needs = frozenset({"step_grad"})
+    spec = FAMILIES["norms"]
     every_step = True
 
     def contribute(self, ctx: StepContext, pack) -> None:

@@ -46,9 +46,15 @@ import torch
 from torch import nn
 
 from gradlens import stats as S
-from gradlens.core.distributed import is_dtensor as _is_dtensor
-from gradlens.core.observer import in_backward
-from gradlens.families.base import Statistic, StepContext, micro_weights, nan_where, spike_free
+from gradlens.catalog import FAMILIES
+from gradlens.families.base import (
+    Statistic,
+    StepContext,
+    in_backward,
+    micro_weights,
+    nan_where,
+    spike_free,
+)
 from gradlens.families.per_example_check import DecompositionCheck
 from gradlens.families.per_example_rules import (
     Elementwise,
@@ -59,6 +65,7 @@ from gradlens.families.per_example_rules import (
     may_look_up,
     rule_for,
 )
+from gradlens.stats.shards import is_dtensor
 
 CHECK_FAILED = ("the decomposition self-check failed: the per-example factors summed over the "
                 "micro-batch are not the gradient autograd computed (probe directions u, v: "
@@ -73,10 +80,7 @@ _COMPUTED_IDS = ("the lookup's ids are built inside the model (not a model input
 
 
 class PerExample(Statistic):
-    name = "per_example"
-    emits = ("pe_trace", "pe_signal", "pe_noise_scale", "pe_var_per_element",
-             "critical_batch_size")
-    needs = frozenset({"layer_io", "consistent_grad", "batch_size"})
+    spec = FAMILIES["per_example"]
 
     def bind(self, lens) -> None:
         super().bind(lens)
@@ -113,7 +117,7 @@ class PerExample(Statistic):
         if self.check is not None:
             for k in self.tracked:
                 param = lens.layers[k].param
-                if not _is_dtensor(param):
+                if not is_dtensor(param):
                     lens.observer.add(param.register_hook(self._grad_hook(k)))
         # the inputs of every module enclosing a lookup (the model, a Lightning module's
         # inner model, an embeddings block): ids that share their storage are examples' ids

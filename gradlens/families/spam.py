@@ -9,21 +9,20 @@ import math
 import torch
 
 from gradlens import stats as S
-from gradlens.core import distributed as D
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext
+from gradlens.stats.shards import local_tensor, spam_counts
 
 
 class Spam(Statistic):
-    name = "spam"
-    emits = ("spam_fraction",)
-    needs = frozenset({"step_grad", "optimizer_state"})
+    spec = FAMILIES["spam"]
 
     def _v(self, ctx: StepContext, k: int) -> torch.Tensor | None:
         opt = self.lens.optimizer
         if opt is None or not ctx.present[k]:
             return None
         v = opt.state.get(self.lens.layers[k].param, {}).get("exp_avg_sq")
-        return D.local_tensor(v) if torch.is_tensor(v) else None
+        return local_tensor(v) if torch.is_tensor(v) else None
 
     def contribute(self, ctx: StepContext, pack) -> None:
         if ctx.shards is None or self.lens.optimizer is None:
@@ -37,7 +36,7 @@ class Spam(Statistic):
                 hits.append(zero)
                 oks.append(zero)
                 continue
-            h, ok = D.spam_counts(ctx.grads[k], v, lens.config.spikes.spam_theta)
+            h, ok = spam_counts(ctx.grads[k], v, lens.config.spikes.spam_theta)
             hits.append(h.to(lens.dtype))
             oks.append(ok.to(lens.dtype))
         pack.sum("spam_hits", torch.stack(hits))

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 
 from gradlens import stats as S
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext
 from gradlens.schema import GLOBAL, SpikeEvent
 
 
 class Spikes(Statistic):
-    name = "spikes"
-    emits = ("grad_norm_z", "grad_norm_ratio_max", "loss", "loss_z")
-    needs = frozenset({"step_grad", "loss"})
+    spec = FAMILIES["spikes"]
     every_step = True
 
     def bind(self, lens) -> None:

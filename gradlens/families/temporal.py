@@ -20,15 +20,13 @@ from typing import Any
 import torch
 
 from gradlens import stats as S
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import Statistic, StepContext, spike_free
 from gradlens.roles import Role
 
 
 class Temporal(Statistic):
-    name = "temporal"
-    emits = ("temporal_var", "temporal_var_per_element", "temporal_noise_scale",
-             "temporal_var_normalized")
-    needs = frozenset({"step_grad"})
+    spec = FAMILIES["temporal"]
     every_step = True  # the EMAs advance at every step, after the detectors
 
     def bind(self, lens) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from gradlens import stats as S
-from gradlens.core import distributed as D
+from gradlens.catalog import FAMILIES
 from gradlens.families.base import (
     Statistic,
     StepContext,
@@ -45,13 +45,11 @@ from gradlens.families.base import (
     nan_where,
     spike_free,
 )
+from gradlens.stats.shards import unit_count
 
 
 class TwoBatch(Statistic):
-    name = "twobatch"
-    emits = ("twobatch_trace", "twobatch_signal", "noise_scale", "var_per_element",
-             "unit_nsr_median", "unit_nsr_mean")
-    needs = frozenset({"microbatch_grads", "consistent_grad", "batch_size"})
+    spec = FAMILIES["twobatch"]
 
     def bind(self, lens) -> None:
         super().bind(lens)
@@ -104,7 +102,7 @@ class TwoBatch(Statistic):
         pack.sum("tb_has", lens.flags(tuple(bool(v) for v in self.sq)))
         for k in range(len(lens.layers)):
             if lens.matrix[k]:
-                units = torch.zeros(D.unit_count(lens.layers[k].param.shape, lens.layers[k].layout),
+                units = torch.zeros(unit_count(lens.layers[k].param.shape, lens.layers[k].layout),
                                     device=lens.device, dtype=lens.dtype)
                 pack.sum(f"tb_unit{k}", self._weighted(self.unit[k], w, units))
 

@@ -35,6 +35,7 @@ except ImportError as err:  # pragma: no cover - transformers is a core dependen
 
 import torch
 
+import gradlens.sinks  # noqa: F401  (installs the lens's default sinks)
 from gradlens.core import distributed as D
 from gradlens.core.lens import GradLens
 

@@ -24,6 +24,7 @@ except ImportError as err:
         "gradlens.integrations.lightning needs Lightning: pip install 'gradlens[lightning]'"
     ) from err
 
+import gradlens.sinks  # noqa: F401  (installs the lens's default sinks)
 from gradlens.core.lens import GradLens
 
 

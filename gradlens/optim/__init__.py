@@ -1,4 +1,5 @@
-"""gradlens.optim: the SCALE optimizer, its parameter groups, kernels and memory accounting.
+"""gradlens.optim: the SCALE optimizer, its parameter groups, kernels, schedule and memory
+accounting.
 
 Stands alone: nothing here imports the gradient collector.
 
@@ -16,19 +17,22 @@ host sync); :class:`GatedOptimizer` gives ``torch.optim`` optimizers the same.
 """
 
 from gradlens.optim.chained import ChainedOptimizer
-from gradlens.optim.functional import RMS_FLOOR, adamw_update, scale_update, unit_rms
+from gradlens.optim.functional import RMS_FLOOR, adamw_update, clamped_unit_rms, scale_update
 from gradlens.optim.gate import GatedOptimizer, check_step_gate
 from gradlens.optim.groups import GROUP_OPTIONS, scale_param_groups
 from gradlens.optim.memory import (
     optimizer_state_bytes,
     optimizer_state_numel,
+    predicted_state_bytes,
     role_numels,
     weights_plus_state_ratio,
 )
 from gradlens.optim.muon import muon_adamw
-from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, make_optimizer
+from gradlens.optim.registry import OPTIMIZERS, OptimizerSpec, make_optimizer, register_optimizer
 from gradlens.optim.scale import ALGORITHMS, SCALE
-from gradlens.optim.stable_spam import StableSPAM, stable_spam_update
+from gradlens.optim.schedule import cosine_lr_factor, cosine_schedule
+from gradlens.optim.stable_spam import StableSPAM
+from gradlens.optim.stable_spam_functional import stable_spam_update
 from gradlens.optim.swan import SWAN, swan_param_groups
 from gradlens.optim.swan_functional import grad_norm, grad_whitening, swan_update
 from gradlens.optim.variants import VARIANTS, scale_variant_groups
@@ -47,12 +51,17 @@ __all__ = [
     "StableSPAM",
     "adamw_update",
     "check_step_gate",
+    "clamped_unit_rms",
+    "cosine_lr_factor",
+    "cosine_schedule",
     "grad_norm",
     "grad_whitening",
     "make_optimizer",
     "muon_adamw",
     "optimizer_state_bytes",
     "optimizer_state_numel",
+    "predicted_state_bytes",
+    "register_optimizer",
     "role_numels",
     "scale_param_groups",
     "scale_update",
@@ -60,6 +69,5 @@ __all__ = [
     "stable_spam_update",
     "swan_param_groups",
     "swan_update",
-    "unit_rms",
     "weights_plus_state_ratio",
 ]

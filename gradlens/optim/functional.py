@@ -40,7 +40,6 @@ kernel with the same list of sharded tensors (the all_reduce is collective).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,16 +47,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.dtensor import is_dtensor, local_tensor
 from gradlens.optim.gate import gate_restore, gate_snapshot
 
-__all__ = ["RMS_FLOOR", "adamw_update", "scale_update", "unit_rms"]
+__all__ = ["RMS_FLOOR", "adamw_update", "clamped_unit_rms", "scale_update"]
 
 RMS_FLOOR = 1e-8
 """Lower clamp of the per-unit RMS, as in the SCALE authors' code."""
 
 
-def unit_rms(g: Tensor, norm_dim: int) -> Tensor:
-    """One RMS per output unit: ``sqrt(mean(g**2, dim=norm_dim, keepdim=True)).clamp_min(1e-8)``.
+def clamped_unit_rms(g: Tensor, norm_dim: int) -> Tensor:
+    """SCALE's divisor, one RMS per output unit clamped at :data:`RMS_FLOOR`:
+    ``sqrt(mean(g**2, dim=norm_dim, keepdim=True)).clamp_min(1e-8)``, keepdim.
+
+    Not the statistic :func:`gradlens.stats.unit_rms` (no clamp, finite entries only, one
+    value per unit).
 
     ``g`` is 2-D (callers view ndim > 2 tensors as ``(size0, -1)``). Computed as
     ``||g||_2 / sqrt(n)`` along ``norm_dim``, which makes no temporary the size of ``g``;
@@ -71,7 +75,7 @@ def unit_rms(g: Tensor, norm_dim: int) -> Tensor:
     full, unsharded ``n``; the result is a plain tensor shaped to broadcast against
     ``g.to_local()``.
     """
-    if _is_dtensor(g):
+    if is_dtensor(g):
         return _rms_list([g.to_local()], norm_dim, [g])[0]
     n = g.shape[norm_dim]
     if g.device.type == "cpu" and g.stride(norm_dim) != 1:
@@ -85,15 +89,16 @@ def unit_rms(g: Tensor, norm_dim: int) -> Tensor:
 
 
 def _rms_for(u: Tensor, norm_dim: int, spec: Tensor | None = None) -> Tensor:
-    """:func:`unit_rms` of ``u`` viewed as ``(size0, -1)``, shaped to broadcast against ``u``.
+    """:func:`clamped_unit_rms` of ``u`` viewed as ``(size0, -1)``, shaped to broadcast against
+    ``u``.
 
     ``spec``: the ``DTensor`` whose local shard ``u`` is (sharded path), or None.
     """
     if spec is not None:
         return _rms_list([u], norm_dim, [spec])[0]
     if u.ndim == 2:
-        return unit_rms(u, norm_dim)
-    r = unit_rms(u.reshape(u.shape[0], -1), norm_dim)
+        return clamped_unit_rms(u, norm_dim)
+    r = clamped_unit_rms(u.reshape(u.shape[0], -1), norm_dim)
     return _unflatten_rms(r, u, norm_dim)
 
 
@@ -107,28 +112,6 @@ def _unflatten_rms(r: Tensor, u: Tensor, norm_dim: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- sharded tensors
-
-
-@functools.lru_cache(maxsize=1)
-def _dtensor_class() -> type | None:
-    """``torch.distributed.tensor.DTensor``, or None on builds without torch.distributed."""
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: Any) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a ``DTensor`` (a view: in-place ops update the DTensor), else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _sharded_mesh_dims(spec: Any, norm_dim: int) -> list[int]:
@@ -163,7 +146,7 @@ def _sq_sum(u2d: Tensor, norm_dim: int) -> Tensor:
     """Per-unit sum of squares of a 2-D local shard, keepdim, float32 for 16-bit inputs."""
     acc = torch.float64 if u2d.dtype == torch.float64 else torch.float32
     if u2d.device.type == "cpu" and u2d.stride(norm_dim) != 1:
-        return u2d.square().sum(dim=norm_dim, keepdim=True, dtype=acc)  # see unit_rms
+        return u2d.square().sum(dim=norm_dim, keepdim=True, dtype=acc)  # see clamped_unit_rms
     return torch.linalg.vector_norm(u2d, dim=norm_dim, keepdim=True, dtype=acc).square_()
 
 
@@ -212,16 +195,16 @@ def _finish_rms(sq: Tensor, n: int, u: Tensor, norm_dim: int) -> Tensor:
 def _dtensor_specs(params: list[Tensor], grads: list[Tensor]) -> list[Any | None] | None:
     """None when no tensor is a ``DTensor``; else, per index, the ``DTensor`` gradient whose
     placements describe the param, grad and buffers (or None for a plain tensor)."""
-    if not any(_is_dtensor(g) or _is_dtensor(p) for p, g in zip(params, grads, strict=True)):
+    if not any(is_dtensor(g) or is_dtensor(p) for p, g in zip(params, grads, strict=True)):
         return None
     specs: list[Any | None] = []
     for p, g in zip(params, grads, strict=True):
-        if _is_dtensor(p) != _is_dtensor(g):
+        if is_dtensor(p) != is_dtensor(g):
             raise ValueError(
                 "a parameter and its gradient must both be DTensors or both plain tensors, got "
                 f"{type(p).__name__} and {type(g).__name__}"
             )
-        if _is_dtensor(g):
+        if is_dtensor(g):
             if tuple(p.placements) != tuple(g.placements) or p.device_mesh != g.device_mesh:
                 raise ValueError(
                     f"parameter placements {tuple(p.placements)} differ from its gradient's "
@@ -269,9 +252,9 @@ def scale_update(
         raise ValueError("scale_update: momentum > 0 needs momentum_buffers")
     specs = _dtensor_specs(params, grads)
     if specs is not None:  # DTensors: elementwise math on local shards, see the module docstring
-        params, grads = [_local(p) for p in params], [_local(g) for g in grads]
+        params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]
         if momentum_buffers is not None:
-            momentum_buffers = [_local(b) for b in momentum_buffers]
+            momentum_buffers = [local_tensor(b) for b in momentum_buffers]
     written = (params, momentum_buffers or [])
     snapshot = gate_snapshot(step_gate, *written)
     _scale_step(params, grads, momentum_buffers, specs, lr=lr, weight_decay=weight_decay,
@@ -352,8 +335,9 @@ def adamw_update(
     if not params:
         return
     if _dtensor_specs(params, grads) is not None:  # elementwise: the local shards suffice
-        params, grads = [_local(p) for p in params], [_local(g) for g in grads]
-        exp_avgs, exp_avg_sqs = [_local(m) for m in exp_avgs], [_local(v) for v in exp_avg_sqs]
+        params, grads = [local_tensor(p) for p in params], [local_tensor(g) for g in grads]
+        exp_avgs = [local_tensor(m) for m in exp_avgs]
+        exp_avg_sqs = [local_tensor(v) for v in exp_avg_sqs]
     snapshot = gate_snapshot(step_gate, params, exp_avgs, exp_avg_sqs, steps)
     decay = 1.0 - lr * weight_decay
     if foreach:

@@ -1,8 +1,12 @@
-"""One entry point for every optimizer gradlens compares: ``make_optimizer(name, model, lr)``.
+"""The one registry of optimizers gradlens compares: ``make_optimizer(name, model, lr)``.
 
     from gradlens.optim.registry import OPTIMIZERS, make_optimizer
     opt = make_optimizer("scale", model)            # the default lr of OPTIMIZERS["scale"]
     opt = make_optimizer("swan", model, lr=2e-3)
+
+``gradlens demo`` and ``gradlens compare`` build their optimizers from it too
+(:func:`gradlens.experiment.make_run_optimizer` adds their demo-tuned learning rates); add an
+entry with :func:`register_optimizer`.
 
 Default learning rates are for a small LLaMA (``build_llama("small")`` .. 60M) trained on
 ~1e5-1e6 tokens. Where a paper or its code publishes a setting it is used (``published=True``
@@ -27,7 +31,7 @@ from gradlens.optim.stable_spam import StableSPAM
 from gradlens.optim.swan import SWAN, swan_param_groups
 from gradlens.optim.variants import scale_variant_groups
 
-__all__ = ["ADAMW_BETAS", "OPTIMIZERS", "OptimizerSpec", "make_optimizer"]
+__all__ = ["ADAMW_BETAS", "OPTIMIZERS", "OptimizerSpec", "make_optimizer", "register_optimizer"]
 
 ADAMW_BETAS = (0.9, 0.95)
 """Betas of the ``adamw`` baseline: the LLaMA pretraining setting (Touvron et al. 2023). The
@@ -96,6 +100,13 @@ def _muon(model: nn.Module, lr: float, **kw: Any) -> Optimizer:
     return muon_adamw(model, lr=lr, **kw)
 
 
+def _sgd(model: nn.Module, lr: float, *, momentum: float = 0.9, nesterov: bool = False,
+         weight_decay: float = 0.0, **kw: Any) -> Optimizer:
+    kw.setdefault("foreach", True)
+    return torch.optim.SGD(_trainable(model), lr=lr, momentum=momentum, nesterov=nesterov,
+                           weight_decay=weight_decay, **kw)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
@@ -150,6 +161,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "Adam-family lr 1e-3 (arXiv 2502.16982); not tuned here",
             _muon,
         ),
+        OptimizerSpec(
+            "sgd", "torch.optim.SGD with heavy-ball momentum 0.9 (a reference point, not a "
+            "contender)",
+            0.1, False, "guess: a plain value, not tuned", _sgd,
+        ),
     )
 }
 """Every name :func:`make_optimizer` accepts, with its description and default lr."""
@@ -163,7 +179,7 @@ def make_optimizer(
     Args:
         name: a key of :data:`OPTIMIZERS`: ``adamw``, ``scale``, ``colnorm_sgd``,
             ``colnorm_sgd_momentum_all``, ``sgd_output_momentum``, ``swan``, ``stable_spam``,
-            ``muon``.
+            ``muon``, ``sgd``, and whatever :func:`register_optimizer` added.
         model: the model; roles come from :func:`gradlens.roles.discover_layers` where the
             method needs them. Frozen parameters are left out.
         lr: peak learning rate (None: ``OPTIMIZERS[name].lr``).
@@ -172,7 +188,8 @@ def make_optimizer(
             (SCALE variants; ``lr_1d`` defaults to 2e-2); ``adam_lr`` and
             :func:`gradlens.optim.swan_param_groups` / :class:`gradlens.optim.SWAN` options
             (``swan``); :class:`gradlens.optim.StableSPAM` options (``stable_spam``);
-            :func:`gradlens.optim.muon_adamw` options (``muon``).
+            :func:`gradlens.optim.muon_adamw` options (``muon``); ``torch.optim.SGD`` options
+            (``sgd``: ``momentum`` 0.9 by default).
 
     Raises:
         ValueError: unknown name (the message lists the names).
@@ -181,3 +198,17 @@ def make_optimizer(
     if spec is None:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
     return spec.build(model, spec.lr if lr is None else lr, **kw)
+
+
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec`` to :data:`OPTIMIZERS` under ``spec.name``; returns it.
+
+    Raises:
+        ValueError: the name is taken (``OPTIMIZERS.pop(name)`` first to replace an entry).
+    """
+    if spec.name in OPTIMIZERS:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    if not spec.lr > 0:
+        raise ValueError(f"OptimizerSpec.lr must be > 0, got lr={spec.lr} for {spec.name!r}")
+    OPTIMIZERS[spec.name] = spec
+    return spec

@@ -1,7 +1,8 @@
 """gradlens.report: read the files a run wrote, and turn them into tables, figures and verdicts.
 
-:func:`build_report` and :func:`compute_verdicts` (and :class:`ReportPaths`,
-:class:`Verdict`) are imported on first use: they load matplotlib, seaborn and scipy.
+:func:`build_report`, :func:`compute_verdicts` and :func:`register_verdict` (and
+:class:`ReportPaths`, :class:`Verdict`, :class:`VerdictKind`) are imported on first use: they
+load matplotlib, seaborn and scipy.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ __all__ = [
     "RunNotFoundError",
     "TruncatedRunWarning",
     "Verdict",
+    "VerdictKind",
     "build_report",
     "compute_verdicts",
     "load_meta",
     "load_run",
     "load_spikes",
+    "register_verdict",
 ]
 
 _LAZY = {
@@ -43,6 +46,8 @@ _LAZY = {
     "ReportPaths": "gradlens.report.build",
     "compute_verdicts": "gradlens.report.verdicts",
     "Verdict": "gradlens.report.verdicts",
+    "VerdictKind": "gradlens.report.verdicts",
+    "register_verdict": "gradlens.report.verdicts",
 }
 
 

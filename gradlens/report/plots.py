@@ -34,16 +34,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gradlens.kinds import KIND_COLORS, KINDS, with_kinds
+from gradlens.report.layer_names import layer_order, short_labels
+from gradlens.report.ranking import layer_ranking
 from gradlens.report.scales import heatmap_norm, scale_name, spans_decades
-from gradlens.report.verdicts import (
-    layer_order,
-    layer_ranking,
-    layer_roles,
-    select_run,
-    short_labels,
-    spike_layers,
-    wide_table,
-)
+from gradlens.report.verdicts.base import layer_roles, select_run, spike_layers, wide_table
 from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS
 
 __all__ = [
@@ -88,7 +82,7 @@ def new_figure(width: float, height: float, layout: str | None = "constrained") 
 
 def _stat_note(stat: str) -> str:
     info = STATS.get(stat)
-    if info is not None and info.family == "variance" and not info.size_fair:
+    if info is not None and info.category == "variance" and not info.size_fair:
         return " (raw: favours big tensors)"
     return ""
 

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from gradlens.report.layer_names import layer_order, short_labels
-from gradlens.report.verdict_base import layer_roles, select_run, wide_table
+from gradlens.report.verdicts.base import layer_roles, select_run, wide_table
 from gradlens.stats.noise_scale import circular_block_indices
 
 __all__ = ["bootstrap_indices", "layer_ranking", "rank_order", "step_ranks"]

@@ -2,7 +2,8 @@
 the TensorBoard plugin's Verdicts view shows (the report writes them into ``verdicts.json``;
 the plugin displays them as they are, it computes nothing).
 
-:func:`summary_cells` formats :func:`verdict_figures`; :func:`register_report` leaves a
+:func:`summary_cells` formats :func:`verdict_figures` (each verdict kind of the registry
+declares its numbers); :func:`register_report` leaves a
 pointer to a report's ``verdicts.json`` in each run directory it covers, so that the plugin
 finds the report wherever it was written (``gradlens demo`` writes ``runs/`` and ``report/``
 side by side; TensorBoard's logdir is ``runs/``).
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gradlens.report.verdicts import Verdict
+    from gradlens.report.verdicts.base import Verdict
 
 __all__ = ["REPORTS_FILE", "SUMMARY_COLUMNS", "register_report", "report_pointers",
-           "summary_cells", "verdict_figures"]
+           "row_summary", "summary_cells", "verdict_figures"]
 
 SUMMARY_COLUMNS = ("question", "answer", "effect size", "p-value", "fraction of steps")
 REPORTS_FILE = "reports.json"  # in a run directory: the verdicts.json files that cover it
@@ -28,34 +29,15 @@ REPORTS_FILE = "reports.json"  # in a run directory: the verdicts.json files tha
 
 def verdict_figures(v: Verdict) -> dict[str, Any]:
     """The headline numbers of a verdict: ``effect`` (its name in ``effect_size``), ``p_value``
-    and ``fraction_steps``; None where the question has no such number.
+    and ``fraction_steps``, from its registered kind's ``figures``
+    (:mod:`gradlens.report.verdicts.registry`); None where the question has no such number
+    (and for a kind that is not registered, or declares no figures)."""
+    from gradlens.report.verdicts import verdict_kind
 
-    - output highest: matched-pairs rank-biserial of ``log(output / largest other)``, the
-      one-sided Wilcoxon p-value, the fraction of steps at which the output ranks first;
-    - column spread: epsilon^2 = H / (n - 1) of the Kruskal-Wallis test (layers as samples),
-      or, with a role of too few layers, the per-step test's rank-biserial / Kendall's W and
-      its p-value; no fraction of steps;
-    - instability: the fraction of logged steps with a spike event (``n_spike_steps`` over
-      ``n_logged_steps``) when both are known.
-    """
-    n = v.numbers
-    out: dict[str, Any] = {"effect_size": None, "effect": None, "p_value": None,
-                           "fraction_steps": None}
-    if v.kind == "output_highest":
-        out.update(effect_size="rank-biserial", effect=n.get("rank_biserial"),
-                   p_value=n.get("p_value"), fraction_steps=n.get("fraction_first"))
-    elif v.kind == "column_spread":
-        if n.get("test") == "kruskal":
-            out.update(effect_size="epsilon^2", effect=n.get("epsilon_sq"),
-                       p_value=n.get("p_value"))
-        elif "p_steps" in n:
-            name = "Kendall's W" if n.get("test") == "friedman" else "rank-biserial"
-            out.update(effect_size=name, effect=n.get("effect"), p_value=n.get("p_steps"))
-    elif v.kind == "instability":
-        steps, total = n.get("n_spike_steps"), n.get("n_logged_steps")
-        if isinstance(steps, (int, float)) and isinstance(total, (int, float)) and total > 0:
-            out["fraction_steps"] = steps / total
-    return out
+    kind = verdict_kind(v.kind)
+    if kind is None or kind.figures is None:
+        return {"effect_size": None, "effect": None, "p_value": None, "fraction_steps": None}
+    return kind.figures(v).as_dict()
 
 
 def fmt_p(p: Any) -> str:
@@ -84,6 +66,21 @@ def summary_cells(v: Verdict) -> dict[str, str]:
         "fraction of steps": ("" if f["fraction_steps"] is None
                               else f"{100 * f['fraction_steps']:.0f}%"),
     }
+
+
+def row_summary(row: dict[str, Any]) -> dict[str, str]:
+    """The summary cells of a ``verdicts.json`` row: the stored ones, or, for a report written
+    before the rows carried them, computed here by the verdict's registered kind."""
+    if isinstance(row.get("summary"), dict):
+        return row["summary"]
+    from gradlens.report.verdicts.base import ANSWERS, Verdict
+
+    if row.get("answer") not in ANSWERS:
+        return {}
+    v = Verdict(str(row.get("question", "")), row["answer"], dict(row.get("numbers") or {}),
+                str(row.get("reason", "")), str(row.get("kind", "")), row.get("stat"),
+                row.get("run"))
+    return summary_cells(v)
 
 
 def register_report(verdicts_json: Path, run_dirs: Iterable[Path]) -> None:

@@ -1,122 +1,39 @@
-"""The sink interface: where the collector's host-side records go.
-
-The collector calls a sink in this order::
-
-    open(meta)                      once, with the run metadata (see below)
-    write_stats(rows)               \\
-    write_histograms(hists)          | zero or more times per flush, then
-    write_events(events)            /
-    flush()                         once per flush: everything written so far must be durable
-    close(ended=None)               once or more (idempotent); flushes first. ``ended`` says how
-                                    the run ended: "finished", or "interrupted" (an exception
-                                    or Ctrl-C unwound the training loop); None: "interrupted"
-                                    when called while an exception is being handled (see
-                                    :func:`check_ended`), else "finished"
-
-I/O never stops training: a sink that writes files (table, TensorBoard) never lets a write
-error (disk full, run directory deleted, read-only file) out of these calls. It warns once
-(``RuntimeWarning``, naming the path and the error), keeps what it could not write in a bounded
-in-memory backlog, retries at the next flush and counts what it had to drop
-(:attr:`Sink.rows_dropped`). Only misuse raises: a write after ``close``, a bad ``ended``.
-
-Everything handed to a sink is plain Python data already on the host (no tensors): one
-device-to-host transfer per flush happens in the collector, never in a sink.
-
-``meta`` is a JSON-able dict: ``name``, ``model``, ``optimizer``, ``preset``,
-``gradlens_version``, ... and ``layers``, a list of ``{name, role, layout, shape, numel, group}``
-where ``group`` (see :func:`layer_group`) is the dashboard group of the layer. A sink may be used
-without ``open`` (tests, notebooks): it then behaves as if opened with ``{}``.
-"""
+"""What the file-writing sinks share: the log directory check, the one write-error warning,
+the backlog cap, and :class:`MultiSink`. The interface itself (:class:`Sink`, the records) is
+:mod:`gradlens.sink_api`, imported here for the sinks."""
 
 from __future__ import annotations
 
-import inspect
 import os
-import sys
 import tempfile
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from gradlens.kinds import layer_group
 from gradlens.schema import SpikeEvent
+from gradlens.sink_api import ENDED, Histogram, Sink, StatRow, check_ended, close_sink
 
 __all__ = [
+    "DEFAULT_BACKLOG_ROWS",
     "ENDED",
     "Histogram",
     "LogdirError",
     "MultiSink",
     "Sink",
     "StatRow",
+    "WarnOnce",
     "check_ended",
     "close_sink",
     "ensure_writable_dir",
     "layer_group",
 ]
 
-ENDED = ("finished", "interrupted")
-"""How a run can end, as :meth:`Sink.close` takes it and ``run.json`` records it."""
-
 DEFAULT_BACKLOG_ROWS = 1_000_000
 """Default cap of a sink's in-memory backlog while its files cannot be written, in rows (a
 spike event or a histogram counts as one row): about 100 MB of CSV text; past it the oldest
 steps are dropped and counted."""
-
-StatRow = tuple[int, str, str, str, float]
-"""One row of the long table, in ``schema.STAT_COLUMNS`` order: step, layer, role, stat, value."""
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """A histogram already binned on device, in one of two layouts told apart by length:
-
-    - ``len(edges) == len(counts) + 1``: bin edges, ``counts[i]`` values fell in
-      ``[edges[i], edges[i + 1])``;
-    - ``len(edges) == len(counts)``: TensorBoard's right limits (``bucket_limits``),
-      ``counts[i]`` values fell in ``(edges[i - 1], edges[i]]`` and ``counts[0]`` at or below
-      ``edges[0]`` (an underflow bucket, as :func:`gradlens.stats.columns.log_histogram` gives).
-
-    Attributes:
-        step: optimizer step.
-        layer: parameter name (or ``"global"``).
-        stat: what was binned (``unit_rms_hist``: the per-output-unit gradient RMS).
-        edges: increasing bin edges or right limits (see above).
-        counts: counts (floats, as they come off the device).
-        moments: optional exact ``[min, max, num, sum, sum_squares]`` of the binned values
-            (:func:`gradlens.stats.columns.histogram_moments`); without them TensorBoard gets
-            the outer edges and bin-center estimates.
-    """
-
-    step: int
-    layer: str
-    stat: str
-    edges: Sequence[float]
-    counts: Sequence[float]
-    moments: Sequence[float] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.edges) - len(self.counts) not in (0, 1):
-            raise ValueError(
-                f"Histogram {self.stat}/{self.layer} at step {self.step}: {len(self.edges)} "
-                f"edges for {len(self.counts)} counts; pass n + 1 bin edges or n right limits "
-                "for n counts"
-            )
-        if self.moments is not None and len(self.moments) != 5:
-            raise ValueError(
-                f"Histogram {self.stat}/{self.layer}: moments must be [min, max, num, sum, "
-                f"sum_squares], got {len(self.moments)} numbers"
-            )
-
-    @property
-    def bucket_limits(self) -> list[float]:
-        """Right limit of each count (TensorBoard's ``bucket_limits``)."""
-        edges = [float(e) for e in self.edges]
-        return edges[1:] if len(edges) == len(self.counts) + 1 else edges
-
 
 class LogdirError(OSError):
     """The log directory cannot be created or written to."""
@@ -150,116 +67,6 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
             "permissions or pass another logdir"
         ) from err
     return p
-
-
-class Sink(ABC):
-    """Where records go. Subclasses implement :meth:`write_stats` and :meth:`write_events`,
-    and override the others as needed (calling ``super()`` in :meth:`open` and :meth:`close`).
-
-    A sink is a context manager (an exception leaving the block closes it with
-    ``ended="interrupted"``); :meth:`close` may be called any number of times. Writing to a
-    closed sink raises ``RuntimeError``.
-
-    Attributes:
-        ended: ``None`` while open, then the ``ended`` given to the first :meth:`close`.
-        rows_dropped: rows (events, histograms) this sink could not write and gave up on; 0 for
-            a sink that cannot fail.
-        flushes_coalesced: flushes the lens's writer thread merged into a later write because
-            the disk was behind (:mod:`gradlens.core.writer`); nothing lost.
-        background: the lens may write it on its writer thread (:mod:`gradlens.core.writer`):
-            only for sinks that nothing reads while the run trains (False by default).
-    """
-
-    meta: dict[str, Any]
-    background: bool = False
-    _opened: bool = False
-    _closed: bool = False
-    ended: str | None = None
-    rows_dropped: int = 0
-    flushes_coalesced: int = 0
-
-    def open(self, meta: Mapping[str, Any]) -> None:
-        """Receive the run metadata; called once, before any write."""
-        self._check_not_closed()
-        self.meta = dict(meta)
-        self._opened = True
-
-    @abstractmethod
-    def write_stats(self, rows: Sequence[StatRow]) -> None:
-        """Append rows ``(step, layer, role, stat, value)``; ``value`` may be NaN or +-inf."""
-
-    def write_histograms(self, hists: Sequence[Histogram]) -> None:  # noqa: B027
-        """Record histograms; the default ignores them (tables have no place for them)."""
-
-    @abstractmethod
-    def write_events(self, events: Sequence[SpikeEvent]) -> None:
-        """Record spike events."""
-
-    def flush(self) -> None:  # noqa: B027
-        """Make everything written so far durable (a killed run keeps it)."""
-
-    def close(self, ended: str | None = None) -> None:
-        """Flush and release resources; ``ended`` is ``"finished"``, ``"interrupted"`` or None
-        (see :func:`check_ended`). Idempotent (the first call's ``ended`` is kept)."""
-        ended = check_ended(ended)
-        if not self._closed:
-            self.ended = ended
-        self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def opened(self) -> bool:
-        return self._opened
-
-    def _check_not_closed(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} is closed; create a new sink")
-
-    def _ensure_open(self) -> None:
-        """Open with empty metadata when a write comes before :meth:`open`."""
-        self._check_not_closed()
-        if not self._opened:
-            self.open({})
-
-    def __enter__(self) -> Sink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(ended="finished" if exc_type is None else "interrupted")
-
-
-def check_ended(ended: str | None) -> str:
-    """``ended`` itself (a ``ValueError`` naming the accepted values for anything else); for
-    ``None``, ``"interrupted"`` while an exception is being handled (``close`` called from a
-    ``with`` block that an exception, ``KeyboardInterrupt`` included, is leaving, or from an
-    ``except`` clause) and ``"finished"`` otherwise."""
-    if ended is None:
-        return "interrupted" if sys.exc_info()[1] is not None else "finished"
-    if ended not in ENDED:
-        raise ValueError(f"ended must be one of {ENDED}, got {ended!r}")
-    return ended
-
-
-def close_sink(sink: Sink, ended: str | None = None) -> None:
-    """``sink.close(ended=ended)``, or ``sink.close()`` for a sink written before ``close``
-    took ``ended`` (a user's subclass overriding ``close(self)``)."""
-    ended = check_ended(ended)
-    try:
-        params = inspect.signature(sink.close).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "ended" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        sink.close(ended=ended)
-    else:
-        sink.close()
 
 
 class WarnOnce:
@@ -336,4 +143,3 @@ class MultiSink(Sink):
                 first = first or err
         if first is not None:
             raise first
-

@@ -253,7 +253,7 @@ def kernel_checks(rank: int) -> dict[str, float]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from gradlens.optim.functional import _rms_for, scale_update, unit_rms
+    from gradlens.optim.functional import _rms_for, clamped_unit_rms, scale_update
 
     mesh = init_device_mesh("cpu", (WORLD,))
     g = torch.Generator().manual_seed(3)
@@ -265,7 +265,7 @@ def kernel_checks(rank: int) -> dict[str, float]:
         dt = distribute_tensor(full, mesh, [Shard(dim)])
         want = distribute_tensor(full / _rms_for(full, norm_dim), mesh, [Shard(dim)]).to_local()
         if len(shape) == 2:
-            got = dt.to_local() / unit_rms(dt, norm_dim)
+            got = dt.to_local() / clamped_unit_rms(dt, norm_dim)
         else:
             got = dt.to_local() / _rms_for(dt.to_local(), norm_dim, dt)
         errors[f"rms{shape}/shard{dim}/norm{norm_dim}"] = float((got - want).abs().max()) \

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from gradlens.cli import main
-from gradlens.dashboard import LOG_FILE, free_port, start_tensorboard
 from gradlens.sinks.table import TableSink
+from gradlens.tensorboard.launcher import LOG_FILE, free_port, start_tensorboard
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 

@@ -20,8 +20,8 @@ from gradlens.report.load import CorruptLineWarning, load_meta, load_run, load_s
 from gradlens.schema import GLOBAL, SpikeEvent, tb_tag
 from gradlens.sinks.memory import MemorySink
 from gradlens.sinks.table import TableSink
-from gradlens.sinks.tensorboard import TensorBoardSink
-from gradlens.tb_plugin.data import RunStore
+from gradlens.tensorboard.plugin.data import RunStore
+from gradlens.tensorboard.sink import TensorBoardSink
 
 NAMES = ["line\nbreak", "carriage\rreturn", "crlf\r\nend", "tab\there", 'quote"double',
          "quote'single", "a,b;c", "ünïcødé-层-🙂", "x" * 300, "trailing\n"]

@@ -23,7 +23,7 @@ import os, signal, sys
 import gradlens.report.build as B
 def killed(*args, **kwargs):  # tables and figures are written by now; the documents are next
     os.kill(os.getpid(), signal.SIGKILL)
-B._documents = killed
+B.outline = killed
 B.build_report(sys.argv[1:-1], sys.argv[-1], title="new", progress=False)
 """
 
@@ -83,7 +83,7 @@ def test_a_failing_report_leaves_the_previous_one_and_no_litter(tmp_path: Path,
     def failing(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(B, "_documents", failing)
+    monkeypatch.setattr(B, "outline", failing)
     with pytest.raises(RuntimeError, match="injected"):
         build_report([b], out, title="new", progress=False)
     assert _snapshot(out) == before and _siblings(out) == []

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import metadata
 
 from gradlens.schema import tb_tag
-from gradlens.sinks.tensorboard import TensorBoardSink
+from gradlens.tensorboard.sink import TensorBoardSink
 from tests.faults._faults import Faults, recorded, write_warnings
 from tests.sinks._records import layer_dicts
 

@@ -8,8 +8,8 @@ import torch
 from gradlens.data import build_llama
 from gradlens.optim import (
     SCALE,
-    optimizer_state_bytes,
     optimizer_state_numel,
+    predicted_state_bytes,
     role_numels,
     scale_param_groups,
     weights_plus_state_ratio,
@@ -29,10 +29,10 @@ def test_60m_counts() -> None:
     total = sum(numels.values())
     assert round(total / 1e6) == 58
     assert round(numels["output"] / total, 2) == 0.28
-    assert optimizer_state_bytes(numels, "adam") == 4 * total
-    assert optimizer_state_bytes(numels, "scale") == 2 * (numels["output"] + 2 * numels["vector"])
+    assert predicted_state_bytes(numels, "adam") == 4 * total
+    assert predicted_state_bytes(numels, "scale") == 2 * (numels["output"] + 2 * numels["vector"])
     with pytest.raises(ValueError, match="'adam' or 'scale'"):
-        optimizer_state_bytes(numels, "sgd")
+        predicted_state_bytes(numels, "sgd")
 
 
 def test_live_state_matches_the_formula() -> None:
@@ -44,8 +44,8 @@ def test_live_state_matches_the_formula() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     scale.step()
     adamw.step()
-    assert optimizer_state_numel(scale) == optimizer_state_bytes(numels, "scale", 1)
-    assert optimizer_state_numel(adamw) == optimizer_state_bytes(numels, "adam", 1)
+    assert optimizer_state_numel(scale) == predicted_state_bytes(numels, "scale", 1)
+    assert optimizer_state_numel(adamw) == predicted_state_bytes(numels, "adam", 1)
     n_vectors = sum(1 for p in model.parameters() if p.ndim == 1)
     assert optimizer_state_numel(scale, include_step=True) == (
         optimizer_state_numel(scale) + n_vectors

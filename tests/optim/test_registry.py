@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from gradlens.data import build_llama
-from gradlens.optim import OPTIMIZERS, make_optimizer
+from gradlens.optim import OPTIMIZERS, OptimizerSpec, make_optimizer, register_optimizer
 from tests.optim._helpers import backward_random_batch
 
 NAMES = ["adamw", "scale", "colnorm_sgd", "colnorm_sgd_momentum_all", "sgd_output_momentum",
-         "swan", "stable_spam", "muon"]
+         "swan", "stable_spam", "muon", "sgd"]
 
 
 def test_registry_lists_every_name_with_a_description_and_lr() -> None:
@@ -58,3 +58,19 @@ def test_unknown_name_lists_the_names() -> None:
         make_optimizer("lion", build_llama("tiny", seed=0))
     for name in NAMES:
         assert name in str(err.value)
+
+
+def test_register_optimizer_adds_one_entry_and_refuses_a_clash() -> None:
+    spec = OptimizerSpec("adagrad_test", "torch.optim.Adagrad", 0.05, False, "a test entry",
+                         lambda model, lr, **kw: torch.optim.Adagrad(model.parameters(), lr=lr))
+    try:
+        assert register_optimizer(spec) is spec
+        opt = make_optimizer("adagrad_test", build_llama("tiny", seed=0))
+        assert isinstance(opt, torch.optim.Adagrad) and opt.param_groups[0]["lr"] == 0.05
+        with pytest.raises(ValueError, match="'adagrad_test' is already registered"):
+            register_optimizer(spec)
+    finally:
+        OPTIMIZERS.pop("adagrad_test", None)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        register_optimizer(OptimizerSpec("bad_lr", "", 0.0, False, "", spec.build))
+    assert "bad_lr" not in OPTIMIZERS

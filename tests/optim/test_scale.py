@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from gradlens.data import build_llama
-from gradlens.optim import SCALE, adamw_update, scale_param_groups, scale_update, unit_rms
+from gradlens.optim import (
+    SCALE,
+    adamw_update,
+    clamped_unit_rms,
+    scale_param_groups,
+    scale_update,
+)
 from tests.optim._helpers import backward_random_batch
 from tests.optim._reference import RefParam, reference_step
 
@@ -111,12 +117,12 @@ def test_adamw_update_paths_agree_float64() -> None:
         torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
 
 
-def test_unit_rms_is_rms_not_l2() -> None:
+def test_clamped_unit_rms_is_rms_not_l2() -> None:
     g = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(unit_rms(g, 1), torch.tensor([[math.sqrt(12.5)], [1e-8]],
-                                                               dtype=torch.float64))
-    torch.testing.assert_close(unit_rms(g, 0), torch.tensor([[math.sqrt(4.5), math.sqrt(8.0)]],
-                                                               dtype=torch.float64))
+    torch.testing.assert_close(clamped_unit_rms(g, 1), torch.tensor(
+        [[math.sqrt(12.5)], [1e-8]], dtype=torch.float64))
+    torch.testing.assert_close(clamped_unit_rms(g, 0), torch.tensor(
+        [[math.sqrt(4.5), math.sqrt(8.0)]], dtype=torch.float64))
 
 
 def test_state_dict_round_trip_is_bit_identical() -> None:

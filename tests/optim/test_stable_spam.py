@@ -15,7 +15,7 @@ from torch import nn
 
 from gradlens.data import build_llama
 from gradlens.optim import StableSPAM, stable_spam_update
-from gradlens.optim.stable_spam import decay_factor, warmup_factor
+from gradlens.optim.stable_spam_functional import decay_factor, warmup_factor
 from tests.optim._helpers import backward_random_batch
 
 LR, WD, EPS = 1e-2, 0.1, 1e-8

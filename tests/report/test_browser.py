@@ -38,7 +38,7 @@ def _render(html: Path, work: Path) -> tuple[np.ndarray, str]:
         "--no-first-run", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", f"--user-data-dir={work / ('profile-' + html.stem)}",
         "--virtual-time-budget=5000", f"--screenshot={shot}", "--dump-dom",
-        "--window-size=1200,2000", html.resolve().as_uri(),
+        "--window-size=1200,4000", html.resolve().as_uri(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert shot.is_file(), f"Chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
@@ -54,7 +54,7 @@ def _colourful(img: np.ndarray) -> float:
 
 def test_report_renders_with_its_images(built_report: ReportPaths, tmp_path: Path):
     img, dom = _render(built_report.html, tmp_path)
-    assert img.shape[:2] == (2000, 1200)
+    assert img.shape[:2] == (4000, 1200)  # the figures start below the answers and tables
     nonwhite = float((img.min(axis=2) < 245).mean())
     colours = len(np.unique(img.reshape(-1, 3), axis=0))
     assert nonwhite > 0.05, f"page looks blank: {nonwhite:.3f} non-white"

@@ -16,7 +16,7 @@ from gradlens.cli import main
 from gradlens.report import load_meta, load_run
 from gradlens.schema import GLOBAL
 from gradlens.sinks.table import TableSink
-from gradlens.tb_plugin.data import RunStore
+from gradlens.tensorboard.plugin.data import RunStore
 
 OLD = Path(__file__).parent / "old_runs"
 

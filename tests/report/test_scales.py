@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from matplotlib.colors import LogNorm, Normalize, SymLogNorm
 
-from gradlens.report import build as B
+from gradlens.report.figures import figure_plan
 from gradlens.report.plots import heatmap_norm, plot_heatmap
+from gradlens.report.verdicts.registry import ReportContext, RunData
 from gradlens.schema import VARIANCE_ESTIMATORS
 from tests.report._synth import make_table
 
@@ -45,9 +46,8 @@ def test_report_heatmaps_share_one_colour_scale_across_runs():
     a = make_table(20, seed=0, estimators=("noise_scale",)).assign(run="a")
     b = make_table(20, seed=1, estimators=("noise_scale",)).assign(run="b")
     b.loc[b["stat"] == "noise_scale", "value"] *= 1e3  # run b's values are 1000x larger
-    runs = [B._Run(label=x, slug=x, path=Path(x), df=d, spikes=d.iloc[:0], meta={})
-            for x, d in (("a", a), ("b", b))]
-    figs = {f.key: f for f in B._figure_plan(runs, pd.concat([a, b]), n_boot=50)}
+    runs = [RunData(d, d.iloc[:0], {}, x, path=Path(x), slug=x) for x, d in (("a", a), ("b", b))]
+    figs = {f.key: f for f in figure_plan(ReportContext(runs, pd.concat([a, b]), n_boot=50))}
     meshes = [figs[f"heatmap_noise_scale_{x}"].draw().axes[0].collections[0] for x in "ab"]
     both = pd.concat([a, b])
     vals = both.loc[(both["stat"] == "noise_scale") & (both["layer"] != "global"), "value"]
@@ -75,5 +75,5 @@ def test_report_heatmaps_share_one_colour_scale_across_runs():
 ])
 def test_a_one_run_report_draws_a_few_figures_per_kind(estimators, expected):
     df = make_table(20, seed=0, estimators=tuple(estimators))
-    run = B._Run(label="r", slug="r", path=Path("r"), df=df, spikes=df.iloc[:0], meta={})
-    assert {f.key for f in B._figure_plan([run], df, n_boot=50)} == expected
+    run = RunData(df, df.iloc[:0], {}, "r", path=Path("r"), slug="r")
+    assert {f.key for f in figure_plan(ReportContext([run], df, n_boot=50))} == expected

@@ -195,3 +195,36 @@ def test_a_spike_step_does_not_decide_the_critical_batch_size():
     assert got.answer == clean.answer
     unflagged = critical_batch_size_verdict(spiked, n_boot=200)  # what the event prevents
     assert unflagged.numbers["critical_batch_size"] > 10 * clean.numbers["critical_batch_size"]
+
+
+def test_the_norm_gns_section_draws_both_noise_scales():
+    """The figure's curves are the EMA(0.8) ratios of the summed pe_trace and pe_signal, over
+    all layers and over the norm gains, recomputed here with a loop."""
+    from gradlens.report.figures import figure_plan
+    from gradlens.report.verdicts import RunData
+    from gradlens.report.verdicts.registry import ReportContext
+
+    df = gns_table(60).assign(run="r")
+    vs = compute_verdicts(df, meta=meta_layers(), n_boot=100)
+    run = RunData(df, None, meta_layers(), "r", slug="r")
+    (spec,) = [f for f in figure_plan(ReportContext([run], df, verdicts=vs))
+               if f.section == "norm_gns"]
+    lines = spec.draw().axes[0].lines
+
+    def ema_ratio(layer_names):
+        sub = df[df["layer"].isin(layer_names)]
+        tr = sub[sub["stat"] == "pe_trace"].groupby("step")["value"].sum().to_numpy()
+        sg = sub[sub["stat"] == "pe_signal"].groupby("step")["value"].sum().to_numpy()
+        m_t = m_s = 0.0
+        out = []
+        for t, s in zip(tr, sg, strict=True):
+            m_t, m_s = 0.8 * m_t + 0.2 * t, 0.8 * m_s + 0.2 * s
+            out.append(m_t / m_s)
+        return np.array(out)
+
+    everything = ema_ratio([n for n, _, _ in layers()])
+    norms = ema_ratio(sorted(NORMS))
+    assert lines[0].get_label() == f"all {len(layers())} layers"
+    np.testing.assert_allclose(lines[0].get_ydata(), everything[everything > 0], rtol=1e-12)
+    assert lines[1].get_label() == f"{len(NORMS)} norm-gain layers"
+    np.testing.assert_allclose(lines[1].get_ydata(), norms[norms > 0], rtol=1e-12)

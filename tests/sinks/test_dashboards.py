@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS, SpikeEvent, tb_group_tag
-from gradlens.sinks.dashboards import (
+from gradlens.schema import GLOBAL, SPIKE_KINDS, STATS, SpikeEvent, tb_group_tag, tb_tag
+from gradlens.tensorboard.dashboards import (
     DashboardError,
     build_layout,
     dashboard_files,
     layout_tags,
     load_templates,
 )
-from gradlens.sinks.tensorboard import TensorBoardSink
+from gradlens.tensorboard.sink import TensorBoardSink
 from tests.sinks._records import GROUPS, LAYERS, layer_dicts
 
 ATTN = [n for n, g in GROUPS.items() if g == "attention"]
@@ -40,10 +40,31 @@ def test_packaged_templates_load() -> None:
     assert [t.title for t in templates] == ["By statistic", "By group"]
     used = set().union(*(t.stats for t in templates))
     assert used <= set(STATS)
-    # every built-in family of statistics has a chart somewhere (user statistics, registered
-    # by other tests of this process, have none in the packaged templates)
-    assert {STATS[s].family for s in used} == {s.family for s in STATS.values()
-                                               if s.family != "custom"}
+    # every category of built-in statistics has a chart in the packaged templates
+    assert {STATS[s].category for s in used} >= {
+        s.category for s in STATS.values() if s.category not in ("custom", "lag")}
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_every_statistic_a_run_writes_has_a_chart(per_layer: bool) -> None:
+    """The templates chart the presets' statistics; any other one a run writes (an opt-in
+    family's, a user's) gets a chart in the generated "Other statistics" category."""
+    from gradlens import catalog
+    from gradlens.tensorboard.dashboards import OTHER_TITLE
+
+    stats = catalog.stat_names([*catalog.FULL, "grad_lag"])
+    layout = build_layout(layer_dicts(), stats=stats, per_layer=per_layer)
+    regexes, exact = layout_tags(layout)
+    for stat in stats:
+        tags = {tb_tag(stat, GLOBAL), tb_tag(stat, LAYERS[0][0]), tb_tag(stat, LAYERS[-1][0]),
+                *(tb_group_tag(stat, g, "mean") for g in set(GROUPS.values()))}
+        assert any(re.match(r, t) for r in regexes for t in tags) or tags & set(exact), stat
+    (other,) = [c for c in layout.category if c.title == f"By statistic: {OTHER_TITLE}"]
+    charted = {ch.title.split(" by group")[0] for ch in other.chart}
+    in_templates = set().union(*(t.stats for t in load_templates()))
+    assert charted == set(stats) - in_templates  # each once, none a template charts
+    assert {"grad_lag1_dot", "grad_lag2_dot", "pe_signal"} <= charted
+    assert not [c for c in build_layout(layer_dicts()).category if OTHER_TITLE in c.title]
 
 
 def _every_tag_the_lens_writes(tmp_path: Path, per_layer: bool = True) -> set[str]:
@@ -53,11 +74,11 @@ def _every_tag_the_lens_writes(tmp_path: Path, per_layer: bool = True) -> set[st
     rows = []
     for name, role, layout, _ in LAYERS:
         for stat, info in STATS.items():
-            if info.family == "global" or (info.family == "columns" and layout == "vector"):
+            if info.scope != "layer" or (info.category == "columns" and layout == "vector"):
                 continue
             rows.append((1, name, role, stat, 1.0))
     for stat, info in STATS.items():
-        if info.family == "global" or stat in ("grad_norm", "grad_norm_z", "grad_norm_preclip"):
+        if info.scope != "layer" or stat in ("grad_norm", "grad_norm_z", "grad_norm_preclip"):
             rows.append((1, GLOBAL, GLOBAL, stat, 1.0))
     events = [SpikeEvent(1, GLOBAL, kind, 1.0, 2.0) for kind in SPIKE_KINDS]
     with TensorBoardSink(tmp_path, per_layer=per_layer) as sink:

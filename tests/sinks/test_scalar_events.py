@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gradlens.sinks._scalar_events import ScalarTemplate
+from gradlens.tensorboard._scalar_events import ScalarTemplate
 
 pytest.importorskip("tensorboard")
 

@@ -11,8 +11,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
 from gradlens.schema import GLOBAL, SPIKES_TEXT_TAG, tb_group_tag, tb_spike_tag, tb_tag
 from gradlens.sinks.base import Histogram, LogdirError
-from gradlens.sinks.dashboards import build_layout
-from gradlens.sinks.tensorboard import TensorBoardSink
+from gradlens.tensorboard.dashboards import build_layout
+from gradlens.tensorboard.sink import TensorBoardSink
 from tests.sinks._records import sample_rows
 
 Q = "model.layers.0.self_attn.q_proj.weight"

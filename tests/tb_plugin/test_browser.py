@@ -18,8 +18,8 @@ import torch
 from matplotlib import image as mpimg
 
 from gradlens import GradLens
-from gradlens.dashboard import free_port
 from gradlens.data import build_llama
+from gradlens.tensorboard.launcher import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -32,7 +32,7 @@ pytestmark = [
 # so the test does not depend on how the package was installed
 _LAUNCH = (
     "import sys; from tensorboard import default, program; "
-    "from gradlens.tb_plugin import GradLensPlugin; "
+    "from gradlens.tensorboard.plugin import GradLensPlugin; "
     "ps = [p for p in default.get_plugins() if getattr(p, 'plugin_name', '') != 'gradlens']; "
     "tb = program.TensorBoard(ps + [GradLensPlugin]); "
     "tb.configure(argv=[None, '--logdir', sys.argv[1], '--host', '127.0.0.1', '--port', "

@@ -19,8 +19,8 @@ import pytest
 from gradlens.sinks import _parquet
 from gradlens.sinks.table import TableSink
 from gradlens.table_summary import SUMMARY_SUFFIX, read_summary
-from gradlens.tb_plugin._bins import bin_width, matrix_columns
-from gradlens.tb_plugin.data import RunStore, round_sig
+from gradlens.tensorboard.plugin._bins import bin_width, matrix_columns
+from gradlens.tensorboard.plugin.data import RunStore, round_sig
 
 from ._runs import synthetic_layers
 
@@ -105,7 +105,9 @@ def _reference(steps: np.ndarray, m: np.ndarray, max_cols: int):
 
 
 def _strip(body: dict) -> dict:
-    return {k: v for k, v in body.items() if k not in ("run", "version")}
+    """Without the run's name and version, and the colour scale's kind (from every step's
+    value when the rows were read, from the columns when the summaries gave them)."""
+    return {k: v for k, v in body.items() if k not in ("run", "version", "scale")}
 
 
 def _raw_copy(run: Path, dest: Path) -> Path:

@@ -1,33 +1,43 @@
-"""Noise-scale verdicts: does the normalization layers' gradient noise scale predict the
-whole model's (Gray et al. 2024), and is the run's batch size below its critical batch size
-(McCandlish et al. 2018)? Same conventions as :mod:`gradlens.report.verdicts`."""
+"""Does the normalization layers' gradient noise scale predict the whole model's (Gray et al.
+2024)? Correlations of the log GNS over steps and the norm/total ratio, from the per-example
+rows."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from gradlens.report.verdict_base import (
-    ROLE_ORDER,
+from gradlens.report.verdicts.base import (
     Verdict,
     fmt,
     fmt_p,
     layer_roles,
+    layer_sums,
     missing_reason,
+    pe_wide,
     select_run,
-    wide_table,
 )
-from gradlens.schema import GLOBAL
+from gradlens.report.verdicts.registry import (
+    Answer,
+    FigureSpec,
+    ReportContext,
+    RunData,
+    SummaryFigures,
+    VerdictKind,
+    register_verdict,
+)
 from gradlens.stats.noise_scale import lag1_autocorrelation
 
-# --------------------------------------------------------------------------- question 4: GNS
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
+__all__ = ["KIND", "norm_gain_layers", "norm_gns_verdict"]
 
 _NORM_MODULE = re.compile(r"norm|^ln(_|\d|$)")
 _GAIN_LEAVES = ("weight", "scale", "gamma", "g")
@@ -62,23 +72,6 @@ def norm_gain_layers(layers: Iterable[str], roles: Mapping[str, str] | None = No
                                                              for p in parts[:-1]):
             out.append(name)
     return out
-
-
-def _layer_sums(tr: pd.DataFrame, sg: pd.DataFrame, cols: Sequence[str]
-                ) -> tuple[pd.Series, pd.Series]:
-    """Per-step sums of trace and signal over ``cols``; NaN at a step where any is missing."""
-    t = tr[list(cols)].sum(axis=1, min_count=len(cols))
-    s = sg[list(cols)].sum(axis=1, min_count=len(cols))
-    return t, s
-
-
-def _pe_wide(one: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    tr, sg = wide_table(one, "pe_trace"), wide_table(one, "pe_signal")
-    if tr.empty or sg.empty:
-        return tr, sg
-    cols = [c for c in tr.columns if c in set(sg.columns)]
-    idx = tr.index.intersection(sg.index)
-    return tr.loc[idx, cols], sg.loc[idx, cols]
 
 
 def _fisher_ci(r: float, n_eff: float, level: float = 0.95) -> tuple[float, float]:
@@ -135,7 +128,7 @@ def norm_gns_verdict(
     question = "Does the normalization layers' GNS predict the total GNS here?"
     mk = dict(kind="norm_gns", stat="pe_noise_scale", run=run)
     base: dict[str, Any] = {"beta": beta}
-    tr, sg = _pe_wide(one)
+    tr, sg = pe_wide(one)
     if tr.empty:
         return Verdict(question, "not computable", base, missing_reason("pe_trace", one, meta),
                        **mk)
@@ -155,8 +148,8 @@ def norm_gns_verdict(
         return Verdict(question, "not computable", base,
                        "only normalization layers have per-example rows: the total GNS would "
                        "be the norm layers' own", **mk)
-    t_all, s_all = _layer_sums(tr, sg, list(tr.columns))
-    t_norm, s_norm = _layer_sums(tr, sg, norms)
+    t_all, s_all = layer_sums(tr, sg, list(tr.columns))
+    t_norm, s_norm = layer_sums(tr, sg, norms)
     ok = (t_all.notna() & s_all.notna() & t_norm.notna() & s_norm.notna()).to_numpy()
     steps = tr.index.to_numpy()[ok]
     total = smoothed_noise_scale(t_all.to_numpy()[ok], s_all.to_numpy()[ok], beta)
@@ -214,134 +207,78 @@ def norm_gns_verdict(
     return Verdict(question, answer, base, head + ".", **mk)
 
 
-SPIKE_STEP_KINDS = ("grad_norm", "grad_norm_global", "nonfinite", "skipped_step")
+# --------------------------------------------------------------------------- the kind
 
 
-def spike_steps(spikes: pd.DataFrame | None, run: str | None = None) -> set[int]:
-    """Steps with a spike event of :data:`SPIKE_STEP_KINDS` (the steps the lens keeps out of
-    its variance EMAs)."""
-    if spikes is None or spikes.empty or "kind" not in spikes.columns:
-        return set()
-    sp = select_run(spikes, run) if "run" in spikes.columns else spikes
-    return {int(s) for s in sp.loc[sp["kind"].isin(SPIKE_STEP_KINDS), "step"]}
+def _compute(data: RunData) -> list[Verdict]:
+    return [norm_gns_verdict(data.df, meta=data.meta, alpha=data.options.get("alpha", 0.05))]
 
 
-def _batch_size(one: pd.DataFrame, meta: Mapping[str, Any] | None) -> tuple[float | None, str]:
-    rows = one[(one["stat"] == "batch_size") & (one["layer"] == GLOBAL)]
-    vals = pd.to_numeric(rows.sort_values("step")["value"], errors="coerce").dropna()
-    vals = vals[np.isfinite(vals) & (vals > 0)]
-    if not vals.empty:
-        return float(vals.iloc[-1]), "batch_size rows"
-    if meta and isinstance(meta.get("batch_size"), (int, float)) and meta["batch_size"] > 0:
-        return float(meta["batch_size"]), "run.json"
-    return None, ""
+def _figures(v: Verdict) -> SummaryFigures:
+    """Spearman's rho of log norm-layer GNS with log total GNS, and its one-sided p-value."""
+    return SummaryFigures("Spearman rho" if "spearman" in v.numbers else None,
+                          v.numbers.get("spearman"), v.numbers.get("spearman_p"))
 
 
-def critical_batch_size_verdict(
-    df: pd.DataFrame,
-    *,
-    meta: Mapping[str, Any] | None = None,
-    run: str | None = None,
-    window: int | None = 100,
-    beta: float = 0.95,
-    ci: float = 0.95,
-    n_boot: int = 2000,
-    seed: int = 0,
-    min_steps: int = 10,
-    spikes: pd.DataFrame | None = None,
-) -> Verdict:
-    """Is the batch size below the critical batch size (McCandlish et al. 2018)?
+def _draw(r: RunData, v: Verdict) -> Figure:
+    """The smoothed GNS of all layers and of the norm-gain layers over steps (log scale)."""
+    from gradlens.report.plots import new_figure
+    from gradlens.stats.noise_scale import smoothed_noise_scale
 
-    ``B_crit ~ B_simple = tr(Sigma) / |G|**2`` of the whole model (the assumptions are in
-    :mod:`gradlens.stats.noise_scale`): per step the sums over all layers of ``pe_trace`` and
-    ``pe_signal`` (or, without per-example rows, ``twobatch_trace`` and ``twobatch_signal``),
-    a step used when every layer has both. Over the last ``window`` such steps: the ratio of
-    means with a circular block-bootstrap percentile interval at level ``ci``
-    (:func:`gradlens.stats.noise_scale.noise_scale_readout`), the smoothed ratio of EMAs at the
-    last step, and per role the ratio of means of the role's sums (``b_simple_<role>``).
-    Steps with a spike event (``spikes``: ``grad_norm``, ``grad_norm_global``, ``nonfinite``,
-    ``skipped_step``) are left out, as the lens leaves them out of its EMAs: one spike step
-    would otherwise decide a ratio of means (``n_spike_steps_excluded``).
+    tr, sg = pe_wide(r.df)
+    norms = norm_gain_layers(tr.columns, layer_roles(r.df), r.meta)
+    fig = new_figure(8.0, 3.4)
+    ax = fig.add_subplot()
+    for cols, label, color in ((list(tr.columns), f"all {tr.shape[1]} layers", "#1f618d"),
+                               (norms, f"{len(norms)} norm-gain layers", "#b9770e")):
+        t, sig = layer_sums(tr, sg, cols)
+        gns = smoothed_noise_scale(t.to_numpy(), sig.to_numpy(), v.numbers["beta"])
+        shown = np.isfinite(gns) & (gns > 0)
+        ax.plot(tr.index.to_numpy()[shown], gns[shown], color=color, lw=1.4, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("GNS (examples)")
+    ax.set_title(f"{r.label}: per-example GNS, EMA {v.numbers['beta']:g} "
+                 f"(Spearman {v.numbers['spearman']:.2f})")
+    ax.legend(loc="best", fontsize=8)
+    return fig
 
-    The batch size ``B`` (examples per optimizer step, all micro-batches and ranks) is the last
-    ``batch_size`` global row, else run.json's ``batch_size``. Answer ``yes`` when ``B`` is
-    below the interval (more data per step would still speed training up nearly linearly),
-    ``no`` when above (a larger batch mostly costs compute), ``cannot tell`` inside it or when
-    the mean signal is not positive (no detectable signal), ``not computable`` without the
-    estimates, the batch size or ``min_steps`` steps.
-    """
-    from gradlens.stats.noise_scale import noise_scale_readout
 
-    one = select_run(df, run)
-    question = "Is the batch size below the critical batch size?"
-    mk = dict(kind="critical_batch", stat="critical_batch_size", run=run)
-    base: dict[str, Any] = {"ci": ci, "window": window}
-    tr, sg = _pe_wide(one)
-    source = "per-example"
-    if tr.empty or sg.empty or tr.shape[1] == 0:
-        tr, sg = wide_table(one, "twobatch_trace"), wide_table(one, "twobatch_signal")
-        source = "two-batch"
-        if not tr.empty and not sg.empty:
-            cols = [c for c in tr.columns if c in set(sg.columns)]
-            idx = tr.index.intersection(sg.index)
-            tr, sg = tr.loc[idx, cols], sg.loc[idx, cols]
-    if tr.empty or sg.empty or tr.shape[1] == 0:
-        return Verdict(question, "not computable", base,
-                       "no (trace, signal) pairs: the critical batch size needs pe_trace and "
-                       "pe_signal (full preset) or twobatch_trace and twobatch_signal "
-                       f"({missing_reason('twobatch_trace', one, meta)})", **mk)
-    bsz, bsz_src = _batch_size(one, meta)
-    if bsz is None:
-        return Verdict(question, "not computable", base,
-                       "the run's batch size is unknown: no batch_size global row and no "
-                       "batch_size in run.json", **mk)
-    t_all, s_all = _layer_sums(tr, sg, list(tr.columns))
-    flagged = spike_steps(spikes, run)
-    ok = (t_all.notna() & s_all.notna()).to_numpy() & ~tr.index.isin(flagged)
-    base["n_spike_steps_excluded"] = int(tr.index.isin(flagged).sum())
-    n_ok = int(ok.sum())
-    base.update(source=source, batch_size=bsz, batch_size_from=bsz_src,
-                n_layers=int(tr.shape[1]))
-    if n_ok < min_steps:
-        base["n_steps"] = n_ok
-        return Verdict(question, "not computable", base,
-                       f"only {n_ok} step(s) with {source} estimates for every layer; need >= "
-                       f"{min_steps}", **mk)
-    steps = tr.index.to_numpy()[ok]
-    r = noise_scale_readout(t_all.to_numpy()[ok], s_all.to_numpy()[ok], steps=steps,
-                            window=window, beta=beta, ci=ci, n_boot=n_boot, seed=seed)
-    base.update(critical_batch_size=r.estimate, ci_low=r.ci_low, ci_high=r.ci_high,
-                smoothed=r.smoothed, step=r.step, n_steps=r.n_steps, block=r.block,
-                mean_trace=r.mean_trace, mean_signal=r.mean_signal)
-    logged = one[(one["stat"] == "critical_batch_size") & (one["layer"] == GLOBAL)]
-    if not logged.empty:
-        base["logged_critical_batch_size"] = float(logged.sort_values("step")["value"].iloc[-1])
-    roles = layer_roles(one)
-    lo_step = int(steps[-r.n_steps:][0]) if r.n_steps else None
-    win = tr.index >= lo_step if lo_step is not None else np.ones(len(tr.index), bool)
-    for role in sorted({roles.get(c, "") for c in tr.columns} - {""},
-                       key=lambda x: ROLE_ORDER.get(x, 9)):
-        cols = [c for c in tr.columns if roles.get(c) == role]
-        t_r, s_r = _layer_sums(tr.loc[win], sg.loc[win], cols)
-        good = t_r.notna() & s_r.notna()
-        ms = float(s_r[good].mean()) if good.any() else math.nan
-        base[f"b_simple_{role}"] = (float(t_r[good].mean()) / ms if ms > 0 else
-                                    (math.inf if good.any() else math.nan))
-    pct = f"{100 * ci:g}%"
-    span = f"steps {lo_step}..{r.step} (n={r.n_steps}, {source} estimates)"
-    interval = f"~{fmt(r.estimate)} ({pct} CI {fmt(r.ci_low)}..{fmt(r.ci_high)})"
-    if not math.isfinite(r.estimate):
-        return Verdict(question, "cannot tell", base,
-                       f"no detectable gradient signal over {span}: the mean |G|^2 estimate is "
-                       f"{fmt(r.mean_signal)} <= 0, so the noise scale is unbounded; the batch "
-                       f"size B={bsz:g} is not compared", **mk)
-    if bsz < r.ci_low:
-        answer, where = "yes", "below"
-    elif bsz > r.ci_high:
-        answer, where = "no", "above"
-    else:
-        answer, where = "cannot tell", "within the interval of"
-    reason = (f"the batch size B={bsz:g} is {where} the critical batch size {interval} at step "
-              f"{r.step}; ratio of means over {span}, smoothed B_simple {fmt(r.smoothed)}. "
-              "B_crit ~ B_simple assumes a Hessian close to a multiple of the identity.")
-    return Verdict(question, answer, base, reason, **mk)
+def _plots(ctx: ReportContext) -> list[FigureSpec]:
+    """One figure per run whose correlation was computed."""
+    figs = []
+    for r in ctx.runs:
+        v = next((v for v in ctx.verdicts if v.kind == "norm_gns" and v.run == r.label), None)
+        if v is not None and isinstance(v.numbers.get("spearman"), (int, float)):
+            figs.append(FigureSpec(
+                f"norm_gns_{r.slug}", "norm_gns",
+                f"{r.label}: the smoothed gradient noise scale of all layers and of the "
+                "normalization gains alone.", lambda r=r, v=v: _draw(r.only(KIND.needs), v)))
+    return figs
+
+
+def _answer(verdicts: list[Verdict]) -> Answer | None:
+    """In words: whether the norm layers' GNS is a stand-in for the whole model's."""
+    v = verdicts[0] if verdicts else None
+    if v is None or v.answer not in ("yes", "no") or v.numbers.get("spearman") is None:
+        return None
+    n = v.numbers
+    nums = (f"Spearman {n['spearman']:.2f} over {n['n_steps']} steps, norm/total ratio median "
+            f"{fmt(n['ratio_median'])}")
+    if v.answer == "yes":
+        return Answer(f"The normalization layers' GNS tracks the whole model's ({nums}).",
+                      "The norm layers alone can monitor the noise scale: the gns preset "
+                      "computes per-example norms for them only.")
+    return Answer(f"The normalization layers' GNS does not track the whole model's ({nums}).",
+                  "Monitor the noise scale over all layers, not the norm layers alone.")
+
+
+KIND = register_verdict(VerdictKind(
+    name="norm_gns",
+    title="Does the normalization layers' noise scale predict the whole model's?",
+    intro="Gray et al. (2024) find that the per-example gradient noise scale of the "
+          "normalization layers alone tracks the noise scale of the whole model; if it does "
+          "here, the cheap per-example norms of those layers suffice to monitor it.",
+    needs=("pe_trace", "pe_signal", "microbatches"),
+    compute=_compute, figures=_figures, plots=_plots, answer=_answer, order=40,
+))

@@ -23,7 +23,7 @@ from gradlens.report.load import find_tables, load_run
 from gradlens.schema import GLOBAL
 from gradlens.table_parts import list_parts
 from gradlens.table_summary import Blocks, read_summary
-from gradlens.tb_plugin._bins import Columns, bin_width, combine_blocks, matrix_columns
+from gradlens.tensorboard.plugin._bins import Columns, bin_width, combine_blocks, matrix_columns
 
 __all__ = ["Table"]
 
@@ -97,7 +97,7 @@ class Table:
         they cannot give the heatmap exactly: not parquet, no summary, a logged step in two
         files (a resumed run), a column narrower than a summary's blocks, or a summary missing
         before the last summarized file. Equal to the columns of :meth:`stat_matrix`'s
-        matrix (:func:`~gradlens.tb_plugin._bins.matrix_columns`), sums up to rounding."""
+        matrix (:func:`~gradlens.tensorboard.plugin._bins.matrix_columns`), sums up to rounding."""
         if self.fmt != "parquet":
             return None
         parts = list_parts(self.path)

@@ -5,6 +5,6 @@ Registered through the ``tensorboard_plugins`` entry point: ``tensorboard --logd
 ``gradlens dashboard RUNS``) shows a "gradlens" tab whenever a run directory is found.
 """
 
-from gradlens.tb_plugin.plugin import GradLensPlugin
+from gradlens.tensorboard.plugin.plugin import GradLensPlugin
 
 __all__ = ["GradLensPlugin"]

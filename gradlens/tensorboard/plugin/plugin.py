@@ -1,4 +1,5 @@
-"""The TensorBoard side of the plugin: routes (WSGI apps) over :class:`~gradlens.tb_plugin.data.RunStore`.
+"""The TensorBoard side of the plugin: routes (WSGI apps) over
+:class:`~gradlens.tensorboard.plugin.data.RunStore`.
 
 Routes, under ``/data/plugin/gradlens``::
 
@@ -24,7 +25,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from gradlens.tb_plugin.data import DEFAULT_MAX_COLS, PluginInputError, RunStore, find_runs
+from gradlens.tensorboard.plugin.data import DEFAULT_MAX_COLS, PluginInputError, RunStore, find_runs
 
 __all__ = ["PLUGIN_NAME", "GradLensPlugin"]
 
@@ -77,7 +78,8 @@ class GradLensPlugin(base_plugin.TBPlugin):
     def _serve_js(name: str) -> Callable[..., Any]:
         @wrappers.Request.application
         def app(request: wrappers.Request) -> wrappers.Response:
-            js = resources.files("gradlens.tb_plugin").joinpath(f"static/{name}").read_text("utf-8")
+            static = resources.files("gradlens.tensorboard.plugin").joinpath("static")
+            js = static.joinpath(name).read_text("utf-8")
             return http_util.Respond(request, js, "application/javascript")
 
         return app

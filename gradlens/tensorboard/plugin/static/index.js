@@ -2,7 +2,7 @@
 // TensorBoard loads it in an iframe whose base is /data/plugin/gradlens/ and calls render().
 
 import {ROLE_COLOURS, colourLimits, drawHeatmap, drawLegend, el, flaggedSteps, fmt, layoutRows,
-  zoomColumns} from "./heatmap.js";
+  scaleKind, transform, zoomColumns} from "./heatmap.js";
 
 const POLL_MS = 5000;
 const COLLAPSE_ABOVE = 160;  // more rows than this: blocks start collapsed
@@ -49,7 +49,8 @@ async function getJSON(route, params = {}) {
   return body;
 }
 
-const state = {runs: [], a: null, b: "", stat: null, agg: "max", versions: "", timer: null};
+const state = {runs: [], a: null, b: "", stat: null, agg: "max", versions: "", timer: null,
+  scale: {kind: "log"}};
 
 export async function render() {
   document.head.append(el("style", {text: CSS}));
@@ -83,8 +84,8 @@ export async function render() {
   state.a = first.run;
   const beside = new URLSearchParams(window.location.search).get("gl_beside");
   if (state.runs.some((r) => r.run === beside)) state.b = beside;
-  const stats = first.stats;
-  state.stat = stats.includes("grad_norm") ? "grad_norm" : stats[0] || null;
+  const stats = first.stats, askedStat = new URLSearchParams(window.location.search).get("gl_stat");
+  state.stat = stats.includes(askedStat) ? askedStat : stats.includes("grad_norm") ? "grad_norm" : stats[0] || null;
   buildControls();
   await refresh(true);
   state.timer = setInterval(() => refresh(false).catch(() => {}), POLL_MS);
@@ -130,6 +131,7 @@ async function refresh(force) {
   if (!force && versions === state.versions) return;
   state.versions = versions;
   const events = await Promise.all(names.map((run) => getJSON("events", {run}).catch(() => ({events: []}))));
+  state.scale = scaleKind(maps.filter((m) => !m.error));  // the heatmap's, for the role charts
   drawHeatmaps(maps, events);
   const roles = await Promise.all(names.map((run) =>
     getJSON("roles", {run, stat: state.stat}).catch((e) => ({run, error: String(e)}))));
@@ -235,7 +237,8 @@ function redraw() {
     const rows = layoutRows(m, {...view, cols, clean});
     return {rows, cols, clean};
   });
-  const limits = colourLimits(layouts.filter((x) => x), view.clipLo, view.clipHi);
+  const limits = colourLimits(layouts.filter((x) => x), view.clipLo, view.clipHi,
+    scaleKind(maps.filter((m) => !m.error)));
   const width = maps.length > 1 ? 520 : 1000;
   maps.forEach((m, i) => {
     const panel = el("div", {class: "gl-panel"}, el("h3", {text: `${m.run} · ${state.stat}`}));
@@ -269,26 +272,29 @@ function drawRoles(results) {
 
 function roleChart(res, role, s) {
   const W = 300, H = 140, P = 36;
-  const vals = [...s.min, ...s.max, ...s.median].filter((v) => v !== null && v > 0);
-  const fig = el("div", {class: "gl-role"}, el("div", {text: `${res.run} · ${role} (${s.layers} layers)`}));
+  // the y axis on the heatmap's scale kind (log, symlog or linear; transform() in heatmap.js)
+  const {f, inv} = transform(state.scale), ok = (v) => v !== null && Number.isFinite(v) && f(v) !== null;
+  const vals = [...s.min, ...s.max, ...s.median].filter(ok).map(f);
+  const fig = el("div", {class: "gl-role"}, el("div", {text: `${res.run} · ${role} (${s.layers} layers, ${state.scale.kind} scale)`}));
   const c = el("canvas"); c.width = W; c.height = H;
   fig.append(c);
-  if (!vals.length) { fig.append(el("div", {class: "gl-note", text: "no positive values"})); return fig; }
-  const lo = Math.log10(Math.min(...vals)), hi = Math.log10(Math.max(...vals));
-  const y = (v) => H - 14 - ((hi > lo ? (Math.log10(v) - lo) / (hi - lo) : 0.5) * (H - 24));
+  if (!vals.length) { fig.append(el("div", {class: "gl-note", text: "no values to draw on this scale"})); return fig; }
+  const lo = Math.min(...vals), hi = Math.max(...vals);
+  const y = (v) => H - 14 - ((hi > lo ? (f(v) - lo) / (hi - lo) : 0.5) * (H - 24));
   const n = res.columns.length, x = (i) => P + (n > 1 ? i / (n - 1) : 0.5) * (W - P - 6);
   const ctx = c.getContext("2d");
   const colr = s.color || ROLE_COLOURS[role] || "#555";  // the kind's colour, served (gradlens.kinds)
   ctx.fillStyle = colr; ctx.globalAlpha = 0.2; ctx.beginPath();
   let started = false;
-  for (let i = 0; i < n; i++) { if (s.max[i] > 0) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.max[i])); started = true; } }
-  for (let i = n - 1; i >= 0; i--) { if (s.min[i] > 0) ctx.lineTo(x(i), y(s.min[i])); else if (s.max[i] > 0) ctx.lineTo(x(i), H - 14); }
+  for (let i = 0; i < n; i++) { if (ok(s.max[i])) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.max[i])); started = true; } }
+  for (let i = n - 1; i >= 0; i--) { if (ok(s.min[i])) ctx.lineTo(x(i), y(s.min[i])); else if (ok(s.max[i])) ctx.lineTo(x(i), H - 14); }
   ctx.fill(); ctx.globalAlpha = 1;
   ctx.strokeStyle = colr; ctx.lineWidth = 1.5; ctx.beginPath(); started = false;
-  for (let i = 0; i < n; i++) { if (s.median[i] > 0) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.median[i])); started = true; } }
+  for (let i = 0; i < n; i++) { if (ok(s.median[i])) { ctx[started ? "lineTo" : "moveTo"](x(i), y(s.median[i])); started = true; } }
   ctx.stroke();
+  if (lo < 0 && hi > 0) { ctx.fillStyle = "#aab7b8"; ctx.fillRect(P, y(0), W - P - 6, 1); }  // zero
   ctx.fillStyle = "#566573"; ctx.font = "10px sans-serif";
-  ctx.fillText(fmt(Math.pow(10, hi)), 0, 12); ctx.fillText(fmt(Math.pow(10, lo)), 0, H - 16);
+  ctx.fillText(fmt(inv(hi)), 0, 12); ctx.fillText(fmt(inv(lo)), 0, H - 16);
   ctx.fillText(`step ${res.columns[0][0]}`, P, H - 2);
   const last = `step ${res.columns[n - 1][1]}`;
   ctx.fillText(last, W - 6 - ctx.measureText(last).width, H - 2);
@@ -331,6 +337,20 @@ function drawVerdicts(results) {
       continue;
     }
     box.append(el("p", {class: "gl-note", text: `${res.run}: from ${res.source}`}));
+    // the report's first section: each verdict kind's answer in plain words, then what to do next
+    const answers = res.answers || [];
+    if (answers.length) {
+      const list = el("ul", {});
+      for (const a of answers) list.append(el("li", {text: a.text}));
+      box.append(list);
+      const next = answers.filter((a) => a.next_step);
+      if (next.length) {
+        box.append(el("p", {text: "What to do next:"}));
+        const todo = el("ul", {});
+        for (const a of next) todo.append(el("li", {text: a.next_step}));
+        box.append(todo);
+      }
+    }
     const computed = res.verdicts.filter((v) => v.answer !== "not computable");
     const missing = res.verdicts.filter((v) => v.answer === "not computable");
     // the report's own summary cells (gradlens.report.summary): same numbers, same words

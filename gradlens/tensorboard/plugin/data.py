@@ -2,12 +2,12 @@
 
 The plugin reads ``run.json``, ``stats.*`` and ``spikes.jsonl``, never TensorBoard event
 files, and never a whole parquet table: the run list comes from the files' footers
-(:mod:`gradlens.tb_plugin._tables`), a heatmap reads the row groups of its statistic only.
+(:mod:`gradlens.tensorboard.plugin._tables`), a heatmap reads the row groups of its statistic only.
 :class:`RunStore` caches each run under a key of the (name, size, mtime) of its files: a poll
 of an unchanged run costs a few ``stat`` calls; a run that wrote a flush since reads the new
 footers, and a statistic asked for again is read again.
 
-Step downsampling (:mod:`gradlens.tb_plugin._bins`): a statistic logged at more than
+Step downsampling (:mod:`gradlens.tensorboard.plugin._bins`): a statistic logged at more than
 ``max_cols`` steps is shown in columns of aligned step ranges of a power-of-two width; the
 cell of layer ``l`` is ``max`` (default: a spike stays visible) or ``mean`` of the layer's
 finite values in the column, NaN when it has none. Each column carries the first and last
@@ -35,12 +35,13 @@ import numpy as np
 import pandas as pd
 
 from gradlens.kinds import KINDS, kind_color, layer_kind
-from gradlens.report.layer_names import layer_order, short_labels
 from gradlens.report.load import RunError, find_tables, load_meta
-from gradlens.report.summary import report_pointers
+from gradlens.report.summary import report_pointers, row_summary
+from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
-from gradlens.tb_plugin._bins import Columns, bin_width, cells, matrix_columns
-from gradlens.tb_plugin._tables import Table
+from gradlens.tensorboard.plugin._bins import Columns, bin_width, cells, matrix_columns
+from gradlens.tensorboard.plugin._scale import heatmap_scale
+from gradlens.tensorboard.plugin._tables import Table
 
 __all__ = [
     "AGGREGATES",
@@ -141,6 +142,7 @@ class _Run:
     wide: dict[str, tuple[list[str], dict[str, str], np.ndarray, np.ndarray]] = field(
         default_factory=dict)
     columns: dict[tuple[str, int], tuple[list[str], int, Columns]] = field(default_factory=dict)
+    scales: dict[tuple[str, int], dict[str, Any] | None] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
 
 
@@ -267,13 +269,14 @@ class RunStore:
     def heatmap(self, name: str | None, stat: str | None, max_cols: int = DEFAULT_MAX_COLS,
                 agg: str = "max") -> dict[str, Any]:
         """Layers (grouped by role, model order inside a role) x step columns of ``stat``
-        (:mod:`gradlens.tb_plugin._bins`).
+        (:mod:`gradlens.tensorboard.plugin._bins`).
 
         Returns ``layers`` ([{name, label, role}]), ``roles`` (bands: role, first row, rows),
         ``columns`` ([first step, last step] per column), ``values`` (rows of floats or null),
         ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale;
-        5 significant digits, as the values),
-        ``agg``, ``n_steps`` (logged steps before binning) and ``version`` (changes when the
+        5 significant digits, as the values), ``scale`` (the report's colour-scale kind,
+        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`: see :meth:`_scale`), ``agg``, ``n_steps`` (logged steps before binning) and
+        ``version`` (changes when the
         files do).
         """
         if not stat:
@@ -303,8 +306,24 @@ class RunStore:
             "values": _json_floats(binned),
             "vmin": _json_floats(pos.min(keepdims=True))[0] if pos.size else None,
             "vmax": _json_floats(pos.max(keepdims=True))[0] if pos.size else None,
+            "scale": self._scale(run, stat, max_cols),
             "version": repr(run.key),
         }
+
+    @staticmethod
+    def _scale(run: _Run, stat: str, max_cols: int) -> dict[str, Any] | None:
+        """The colour-scale kind: the report's rule over every logged step's value where the
+        statistic's rows were read; where its columns came from the range summaries, the
+        same rule over the columns' maxima and means (both, so that the kind does not change
+        with ``agg``; the summaries hold no per-step value)."""
+        if stat in run.wide:
+            return heatmap_scale(run.wide[stat][3])
+        key = (stat, max_cols)
+        if key not in run.scales:
+            cols = run.columns[key][2]
+            run.scales[key] = heatmap_scale(np.concatenate([cells(cols, "max"),
+                                                            cells(cols, "mean")], axis=1))
+        return run.scales[key]
 
     def role_summary(self, name: str | None, stat: str | None,
                      max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean") -> dict[str, Any]:
@@ -356,7 +375,10 @@ class RunStore:
         ``reports.json`` points (``gradlens report`` records itself there: the demo's
         ``report/`` sits beside the logdir ``runs/``); rows are matched by the run directory
         the report recorded, or else by the run's label. Each row carries the report's
-        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are.
+        ``summary`` cells (:func:`gradlens.report.summary.summary_cells`), shown as they are
+        (a report written before the rows carried them gets them from the verdict registry);
+        ``answers`` lists the report's first section for this run (each verdict kind's answer in
+        plain words and what to do next, in the report's order).
         """
         path = self._resolve(name).resolve()
         run = self._run(path)
@@ -388,7 +410,10 @@ class RunStore:
             return {"run": name, "verdicts": [], "source": None,
                     "hint": f"no report covers this run yet: gradlens report {path} -o REPORT"}
         _, f, mine = max(found, key=lambda t: t[0])
-        return {"run": name, "verdicts": mine, "source": str(f)}
+        for r in mine:  # a report written before the rows carried their summary cells
+            r["summary"] = row_summary(r)
+        answers = [r["plain"] for r in mine if isinstance(r.get("plain"), dict)]
+        return {"run": name, "verdicts": mine, "answers": answers, "source": str(f)}
 
 
 def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:

@@ -1,5 +1,5 @@
 """The dashboard templates: their data classes, their validation, and loading the packaged ones
-(the file format is described in :mod:`gradlens.sinks.dashboards`)."""
+(the file format is described in :mod:`gradlens.tensorboard.dashboards`)."""
 
 from __future__ import annotations
 
@@ -92,11 +92,11 @@ class DashboardTemplate:
 
 
 def dashboard_files() -> list[Traversable]:
-    """The packaged template files (``gradlens/dashboards/*.json``), sorted by name."""
-    folder = resources.files("gradlens") / "dashboards"
+    """The packaged template files (``gradlens/tensorboard/templates/*.json``), sorted by name."""
+    folder = resources.files("gradlens.tensorboard") / "templates"
     if not folder.is_dir():
         raise DashboardError(
-            "the dashboard templates are missing (gradlens/dashboards is not a folder); "
+            "the dashboard templates are missing (gradlens/tensorboard/templates is not a folder); "
             "reinstall gradlens"
         )
     return sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)

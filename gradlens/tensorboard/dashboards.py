@@ -1,10 +1,10 @@
 """TensorBoard custom-scalar dashboards from declarative templates.
 
 The templates are the JSON files of the top-level ``dashboards/`` folder, shipped in the package
-as ``gradlens/dashboards`` (read with :mod:`importlib.resources`). A template names statistics
+as ``gradlens/tensorboard/templates`` (read with :mod:`importlib.resources`). A template names statistics
 and layer groups, never layer names; :func:`build_layout` turns the templates and the layers of
 one run (``run.json``'s ``layers``) into a ``layout_pb2.Layout``, which
-:class:`~gradlens.sinks.tensorboard.TensorBoardSink` writes once, at ``open``.
+:class:`~gradlens.tensorboard.sink.TensorBoardSink` writes once, at ``open``.
 
 Template file::
 
@@ -29,6 +29,10 @@ group's display name):
 - ``global``: run-level ``stats`` (exact tags ``gradlens/global/<stat>``).
 - ``spikes``: the spike-score scalars ``gradlens/spikes/<kind>`` (optionally only ``kinds``).
 
+Given the statistics a run writes (``run.json``'s ``stats``), every one that no template charts
+(a user statistic, an opt-in family's) gets a chart in a generated last category, "Other
+statistics" (:func:`other_chart`).
+
 A ``for_each_group`` category is repeated for each group present in the run (in
 ``schema.LAYER_GROUPS`` order, or only the listed ``groups``); its title must contain
 ``{group}``. Category titles in the layout are prefixed with the template's title.
@@ -45,6 +49,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradlens import catalog
 from gradlens.schema import (
     GLOBAL,
     GROUP_AGGREGATES,
@@ -53,7 +58,8 @@ from gradlens.schema import (
     tb_spike_tag,
     tb_tag,
 )
-from gradlens.sinks._templates import (
+from gradlens.sinks.base import layer_group
+from gradlens.tensorboard._templates import (
     CHART_KINDS,
     GROUP_TITLES,
     CategoryTemplate,
@@ -64,11 +70,11 @@ from gradlens.sinks._templates import (
     load_templates,
     parse_template,
 )
-from gradlens.sinks.base import layer_group
 
 __all__ = [
     "CHART_KINDS",
     "GROUP_TITLES",
+    "OTHER_TITLE",
     "CategoryTemplate",
     "ChartTemplate",
     "DashboardError",
@@ -80,6 +86,9 @@ __all__ = [
     "load_templates",
     "parse_template",
 ]
+
+
+OTHER_TITLE = "Other statistics"
 
 
 @dataclass
@@ -122,7 +131,8 @@ def build_layout(
             the group is derived), and ``layout`` (``"vector"`` marks 1-D layers).
         templates: validated templates (default: :func:`load_templates`).
         stats: the statistics the run writes, when known: charts of other statistics are left
-            out (and categories left empty). ``None`` keeps every chart.
+            out (and categories left empty), and those no template charts get the "Other
+            statistics" category. ``None`` keeps every chart.
         per_layer: the run has per-layer scalars. False (what ``TensorBoardSink`` writes by
             default): a ``layers`` chart becomes the ``group_margin`` chart of the same groups
             (the per-layer lines are in the gradlens tab).
@@ -217,7 +227,24 @@ def build_layout(
                 categories.append(layout_pb2.Category(
                     title=f"{t.title}: {ctitle}", chart=charts, closed=cat.closed,
                 ))
+    if stats is not None:  # what no template charts: one generated category
+        charted = set().union(*(t.stats for t in templates))
+        charts = [ch for ch in (chart(other_chart(st), None) for st in stats
+                                if st not in charted) if ch is not None]
+        if charts:
+            head = f"{templates[0].title}: " if templates else ""
+            categories.append(layout_pb2.Category(title=head + OTHER_TITLE, chart=charts,
+                                                  closed=True))
     return layout_pb2.Layout(category=categories)
+
+
+def other_chart(stat: str) -> ChartTemplate:
+    """The generated chart of a statistic no template charts: its run-level row for a
+    ``global`` or ``run`` statistic (gradlens.catalog's scope), else its layers."""
+    spec = catalog.STATS.get(stat)
+    if spec is not None and spec.scope != "layer":
+        return ChartTemplate("global", stats=(stat,))
+    return ChartTemplate("layers", stat=stat)
 
 
 def layout_tags(layout: Any) -> tuple[list[str], list[str]]:

@@ -15,12 +15,12 @@ What it writes (tags from :mod:`gradlens.schema`):
   the step), because TensorBoard down-samples scalars and text but a spike stays visible as a
   scalar peak;
 - at :meth:`~TensorBoardSink.open`, the custom-scalars layout built by
-  :func:`gradlens.sinks.dashboards.build_layout` from the packaged templates and the run's
+  :func:`gradlens.tensorboard.dashboards.build_layout` from the packaged templates and the run's
   layers.
 
 Scalars of one step go out as one event holding many values, encoded from a template of the
-step's tags (:mod:`gradlens.sinks._scalar_events`: much faster than one ``add_scalar`` call, or
-one protobuf object, per value), checksummed by a vectorized CRC-32C (``_crc32c``, about 15x
+step's tags (:mod:`gradlens.tensorboard._scalar_events`: much faster than one ``add_scalar``
+call, or one protobuf object, per value), checksummed by a vectorized CRC-32C (``_crc32c``, about 15x
 faster than TensorBoard's per-byte Python one on a 40 kB event). TensorBoard stores scalars
 as float32.
 
@@ -55,7 +55,6 @@ from gradlens.schema import (
 )
 from gradlens.sinks import _crc32c as _crc
 from gradlens.sinks._files import AppendFiles
-from gradlens.sinks._scalar_events import ScalarTemplate
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Histogram,
@@ -66,6 +65,7 @@ from gradlens.sinks.base import (
     ensure_writable_dir,
     layer_group,
 )
+from gradlens.tensorboard._scalar_events import ScalarTemplate
 
 __all__ = ["TensorBoardSink", "spike_markdown"]
 
@@ -93,7 +93,7 @@ class TensorBoardSink(Sink):
             run-level rows and the per-group aggregates only).
         dashboards: install the custom-scalars layout at :meth:`open`.
         templates: dashboard templates (default: the packaged ones,
-            :func:`gradlens.sinks.dashboards.load_templates`).
+            :func:`gradlens.tensorboard.dashboards.load_templates`).
         max_queue, flush_secs: also write the queued events, before the next :meth:`flush`,
             once this many are queued or this many seconds have passed since the last write.
         max_backlog_rows: the cap of the in-memory backlog while the event file cannot be
@@ -154,7 +154,7 @@ class TensorBoardSink(Sink):
             for la in layers
         }
         if self.dashboards:
-            from gradlens.sinks.dashboards import build_layout, layout_summary
+            from gradlens.tensorboard.dashboards import build_layout, layout_summary
 
             stats = self.meta.get("stats")
             self.layout = build_layout(layers, self.templates,
@@ -226,7 +226,7 @@ class TensorBoardSink(Sink):
 
     def write_stats(self, rows: Sequence[StatRow]) -> None:
         """Scalars per row, plus the per-group aggregates; one event per step, encoded from
-        the step's tag list (:mod:`gradlens.sinks._scalar_events`)."""
+        the step's tag list (:mod:`gradlens.tensorboard._scalar_events`)."""
         self._ensure_open()
         by_step: dict[int, list[StatRow]] = defaultdict(list)
         for row in rows:

@@ -1,10 +1,15 @@
 // gradlens plugin: the heatmap at real model size, laid out in the browser from the data the
 // /heatmap route already sent. Rows: grouped by block (collapsible) or by role, or sorted by the
-// shown statistic; a name/role filter; a step range (zoom); a log colour scale clipped at
-// percentiles computed without the flagged (event) steps by default.
+// shown statistic; a name/role filter; a step range (zoom); a colour scale of the kind the report
+// gives the statistic (log, symmetric log on a diverging map, or linear: the route's `scale`),
+// clipped at percentiles computed without the flagged (event) steps by default.
 
 export const VIRIDIS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
   [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]];
+// signed statistics (symlog): blue below zero, white at zero, red above (ColorBrewer RdBu, reversed)
+export const DIVERGING = [[5, 48, 97], [33, 102, 172], [67, 147, 195], [146, 197, 222],
+  [209, 229, 240], [247, 247, 247], [253, 219, 199], [244, 165, 130], [214, 96, 77], [178, 24, 43],
+  [103, 0, 31]];
 // one colour per layer kind (gradlens.kinds.KIND_COLORS); the colours the server sends with
 // each heatmap's bands replace these (index.js), so the two cannot drift apart
 export const ROLE_COLOURS = {embedding: "#1f77b4", attention: "#ff7f0e", mlp: "#2ca02c",
@@ -33,10 +38,10 @@ export function fmt(v) {
   return a >= 1e4 || a < 1e-3 ? v.toExponential(3) : Number(v.toPrecision(4)).toString();
 }
 
-export function colour(t) {
-  const x = Math.min(Math.max(t, 0), 1) * (VIRIDIS.length - 1);
-  const i = Math.min(Math.floor(x), VIRIDIS.length - 2), f = x - i;
-  return VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
+export function colour(t, map = VIRIDIS) {
+  const x = Math.min(Math.max(t, 0), 1) * (map.length - 1);
+  const i = Math.min(Math.floor(x), map.length - 2), f = x - i;
+  return map[i].map((c, k) => Math.round(c + f * (map[i + 1][k] - c)));
 }
 
 function quantile(sorted, q) {
@@ -111,26 +116,71 @@ export function layoutRows(m, view) {
       rows.push({kind: "group", label: `${g.members.length} tensor${g.members.length === 1 ? "" : "s"} (max)`, group: g.key,
         role: "", values, members: g.members.length, head: true});
     } else {
-      g.members.forEach((i, k) => rows.push({...layerRow(i), head: k === 0,
+      g.members.forEach((i, k) => rows.push({...layerRow(i), group: g.key, head: k === 0,
         members: g.members.length}));
     }
   }
   return rows;
 }
 
-/** Log colour limits: the lo/hi percentiles of the positive values of the shown, clean cells. */
-export function colourLimits(layouts, lo, hi) {
+/**
+ * The scale of the runs shown, from each heatmap's `scale` (the report's choice,
+ * gradlens.report.scales): symlog when any run's is (the smallest linthresh), log when one run's
+ * is and every run's values are positive, else linear; log when the server sent none.
+ */
+export function scaleKind(maps) {
+  const s = maps.map((m) => m && m.scale).filter((x) => x);
+  if (!s.length) return {kind: "log"};
+  const sym = s.filter((x) => x.kind === "symlog");
+  if (sym.length) return {kind: "symlog", linthresh: Math.min(...sym.map((x) => x.linthresh))};
+  if (s.some((x) => x.kind === "log") && s.every((x) => x.min > 0)) return {kind: "log"};
+  return {kind: "linear"};
+}
+
+/**
+ * The forward and inverse transforms of a scale. symlog is matplotlib's SymLogNorm (base 10,
+ * linscale 1, as the report's): f(v) = v a within +-L, sign(v) L (a + log10(|v| / L)) beyond,
+ * a = 1 / (1 - 1/10). log: log10 (v <= 0: no colour). linear: the identity.
+ */
+export function transform(scale) {
+  if (scale.kind === "log") return {f: (v) => (v > 0 ? Math.log10(v) : null), inv: (y) => Math.pow(10, y)};
+  if (scale.kind === "linear") return {f: (v) => v, inv: (y) => y};
+  const L = scale.linthresh, a = 10 / 9;
+  return {
+    f: (v) => (Math.abs(v) <= L ? v * a : Math.sign(v) * L * (a + Math.log10(Math.abs(v) / L))),
+    inv: (y) => (Math.abs(y) <= L * a ? y / a : Math.sign(y) * L * Math.pow(10, Math.abs(y) / L - a)),
+  };
+}
+
+/**
+ * Colour limits: the lo/hi percentiles of the transformed values of the shown, clean cells
+ * (log: the positive ones). symlog: symmetric about zero (+-the larger end), so that zero is
+ * the diverging map's white centre. Returns {kind, linthresh, lo, hi (transformed), vmin, vmax}.
+ */
+export function colourLimits(layouts, lo, hi, scale = {kind: "log"}) {
+  const {f, inv} = transform(scale);
   const vals = [];
   for (const {rows, cols, clean} of layouts) {
     for (const r of rows) for (const c of cols) {
       const v = r.values[c];
-      if (clean[c] && v !== null && v > 0 && Number.isFinite(v)) vals.push(Math.log10(v));
+      const y = clean[c] && v !== null && Number.isFinite(v) ? f(v) : null;
+      if (y !== null) vals.push(y);
     }
   }
   if (!vals.length) return null;
   vals.sort((a, b) => a - b);
-  const a = quantile(vals, lo / 100), b = quantile(vals, hi / 100);
-  return {vmin: Math.pow(10, a), vmax: Math.pow(10, Math.max(a, b)), n: vals.length};
+  let a = quantile(vals, lo / 100), b = Math.max(a, quantile(vals, hi / 100));
+  if (scale.kind === "symlog") { b = Math.max(Math.abs(a), Math.abs(b)); a = -b; }
+  return {...scale, lo: a, hi: b, vmin: inv(a), vmax: inv(b), n: vals.length,
+    map: scale.kind === "symlog" ? DIVERGING : VIRIDIS, f, inv};
+}
+
+/** The colour position (0..1) of a value, null for no colour (no value; <= 0 on a log scale). */
+function position(limits, v) {
+  if (!limits || v === null || !Number.isFinite(v)) return null;
+  const y = limits.f(v);
+  if (y === null) return null;
+  return limits.hi > limits.lo ? (y - limits.lo) / (limits.hi - limits.lo) : 0.5;
 }
 
 /**
@@ -145,9 +195,6 @@ export function drawHeatmap(ctxt) {
   const wrap = el("div", {class: "gl-map",
     style: `width:${left + W + 8}px;height:${TOP + STRIP + H + 20}px`});
   const y0 = TOP + STRIP;
-  const lo = limits ? Math.log10(limits.vmin) : 0, span = limits ? Math.log10(limits.vmax) - lo : 0;
-  const scale = (v) => (!limits || v === null || !(v > 0) ? null
-    : span > 0 ? (Math.log10(v) - lo) / span : 0.5);
   rows.forEach((r, i) => {
     const y = y0 + i * RH;
     if (r.head && ctxt.view.order !== "value") {
@@ -179,8 +226,8 @@ export function drawHeatmap(ctxt) {
   // cells
   const img = new ImageData(Math.max(nC, 1), Math.max(nR, 1));
   rows.forEach((r, i) => cols.forEach((c, j) => {
-    const t = scale(r.values[c]);
-    const rgb = t === null ? [204, 204, 204] : colour(t);
+    const t = position(limits, r.values[c]);
+    const rgb = t === null ? [204, 204, 204] : colour(t, limits.map);
     const o = 4 * (i * nC + j);
     img.data[o] = rgb[0]; img.data[o + 1] = rgb[1]; img.data[o + 2] = rgb[2]; img.data[o + 3] = 255;
   }));
@@ -255,19 +302,24 @@ export function drawHeatmap(ctxt) {
 
 export function drawLegend(box, limits, stat, view) {
   box.replaceChildren();
-  if (!limits) { box.append(el("span", {text: "no positive values to colour"})); return; }
+  if (!limits) { box.append(el("span", {text: "no values to colour (a log scale colours positive values)"})); return; }
   const W = 300, c = el("canvas", {id: "gl-legend-bar"});
   c.width = W; c.height = 12;
   const ctx = c.getContext("2d");
-  for (let x = 0; x < W; x++) { ctx.fillStyle = `rgb(${colour(x / (W - 1)).join(",")})`; ctx.fillRect(x, 0, 1, 12); }
+  for (let x = 0; x < W; x++) { ctx.fillStyle = `rgb(${colour(x / (W - 1), limits.map).join(",")})`; ctx.fillRect(x, 0, 1, 12); }
+  // each tick's value is the inverse transform at its place on the bar
   const ticks = el("div", {class: "gl-legend-ticks", style: `width:${W}px`});
-  const lo = Math.log10(limits.vmin), hi = Math.log10(limits.vmax);
-  for (const f of [0, 0.5, 1]) {
-    ticks.append(el("span", {class: "gl-legend-tick", text: fmt(Math.pow(10, lo + f * (hi - lo))),
-      style: `position:absolute;left:${f * W - (f === 1 ? 40 : f === 0.5 ? 20 : 0)}px`}));
+  const sym = limits.kind === "symlog";
+  for (const f of sym ? [0, 0.25, 0.5, 0.75, 1] : [0, 0.5, 1]) {
+    const y = limits.lo + f * (limits.hi - limits.lo);
+    ticks.append(el("span", {class: "gl-legend-tick", "data-pos": String(f),
+      text: fmt(limits.inv(y)), style: `position:absolute;left:${f * W - f * 40}px`}));
   }
   const how = `percentiles ${view.clipLo}–${view.clipHi} of the shown cells` +
     (view.ignoreFlagged ? ", flagged steps left out" : "");
-  box.append(el("span", {text: `${stat} (log scale, shared):`}), el("div", {}, c, ticks),
-    el("span", {class: "gl-note", text: `${how}; beyond the ends: the end colour; grey: no value or ≤ 0`}));
+  const name = `${limits.kind} scale, shared` + (sym ? `, linthresh=${fmt(limits.linthresh)}` : "");
+  const grey = limits.kind === "log" ? "grey: no value or ≤ 0" : "grey: no value";
+  const more = sym ? `; linear within ±linthresh, logarithmic beyond, symmetric about 0 (white)` : "";
+  box.append(el("span", {text: `${stat} (${name}):`}), el("div", {}, c, ticks),
+    el("span", {class: "gl-note", text: `${how}${more}; beyond the ends: the end colour; ${grey}`}));
 }

@@ -7,8 +7,10 @@ process.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,8 +20,9 @@ import pandas as pd
 from gradlens.kinds import KINDS, layer_kind
 from gradlens.schema import GLOBAL
 
-__all__ = ["ANSWERS", "ROLE_ORDER", "Verdict", "estimator_family", "fmt", "fmt_p",
-           "layer_roles", "missing_reason", "select_run", "wide_table"]
+__all__ = ["ANSWERS", "ROLE_ORDER", "Verdict", "all_nan", "all_nan_reason", "estimator_family",
+           "fmt", "fmt_p", "layer_roles", "layer_sums", "missing_reason", "pe_wide",
+           "rank_biserial", "select_run", "spike_layers", "wide_table"]
 
 ANSWERS = ("yes", "no", "cannot tell", "not computable")
 ROLE_ORDER = {k: i for i, k in enumerate(KINDS)}
@@ -34,8 +37,9 @@ class Verdict:
         answer: ``"yes"``, ``"no"``, ``"cannot tell"`` or ``"not computable"``.
         numbers: the numbers behind the answer (JSON-serializable scalars).
         reason: one or two sentences saying why, with the key numbers.
-        kind: ``"output_highest"``, ``"column_spread"``, ``"instability"``, ``"norm_gns"`` or
-            ``"critical_batch"``.
+        kind: the name of its registered kind (:mod:`gradlens.report.verdicts.registry`):
+            ``"output_highest"``, ``"column_spread"``, ``"instability"``, ``"norm_gns"``,
+            ``"critical_batch"`` or a user's.
         stat: the statistic the verdict is about (``None`` for instability).
         run: the run label, when known.
     """
@@ -96,6 +100,72 @@ def wide_table(df: pd.DataFrame, stat: str) -> pd.DataFrame:
     wide = sub.pivot(index="step", columns="layer", values="value").astype(float).sort_index()
     wide = wide.where(np.isfinite(wide))
     return wide.loc[:, wide.notna().any()]  # layers that never have a value are not compared
+
+
+def layer_sums(tr: pd.DataFrame, sg: pd.DataFrame, cols: Sequence[str]
+                ) -> tuple[pd.Series, pd.Series]:
+    """Per-step sums of trace and signal over ``cols``; NaN at a step where any is missing."""
+    t = tr[list(cols)].sum(axis=1, min_count=len(cols))
+    s = sg[list(cols)].sum(axis=1, min_count=len(cols))
+    return t, s
+
+
+def pe_wide(one: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The step x layer matrices of ``pe_trace`` and ``pe_signal`` on their common steps and
+    layers."""
+    tr, sg = wide_table(one, "pe_trace"), wide_table(one, "pe_signal")
+    if tr.empty or sg.empty:
+        return tr, sg
+    cols = [c for c in tr.columns if c in set(sg.columns)]
+    idx = tr.index.intersection(sg.index)
+    return tr.loc[idx, cols], sg.loc[idx, cols]
+
+
+
+def all_nan(one: pd.DataFrame, stat: str) -> bool:
+    """``stat`` has rows, and not one finite value."""
+    if one.empty:
+        return False
+    values = one.loc[one["stat"] == stat, "value"].to_numpy(dtype=float)
+    return values.size > 0 and not np.isfinite(values).any()
+
+
+def all_nan_reason(one: pd.DataFrame, stat: str) -> str:
+    """Why a statistic recorded only NaN: the lens could not compute it at any step."""
+    rows = one[one["stat"] == stat]
+    return (f"every {stat} value is NaN ({len(rows)} rows over {rows['step'].nunique()} steps): "
+            "the lens recorded the statistic but could not compute it at any step (see the "
+            "run's events and warnings for the reason, e.g. unequal micro-batches or "
+            "non-finite gradients)")
+
+
+def rank_biserial(d: np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation ``(W+ - W-) / (W+ + W-)``, zeros dropped."""
+    from scipy import stats as sps
+
+    d = d[d != 0]
+    if d.size == 0:
+        return math.nan
+    r = sps.rankdata(np.abs(d))
+    return float((r[d > 0].sum() - r[d < 0].sum()) / r.sum())
+
+
+
+def spike_layers(value: Any) -> list[str]:
+    """The ``layers`` field of a spike row as a list (list, tuple, JSON or comma-separated)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v) for v in value]
+    s = str(value).strip()
+    if not s:
+        return []
+    if s.startswith("["):
+        try:
+            return [str(v) for v in json.loads(s)]
+        except ValueError:
+            pass
+    return [p.strip() for p in re.split(r"[;,]", s) if p.strip()]
 
 
 def _plain(v: Any) -> Any:

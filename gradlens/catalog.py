@@ -1,0 +1,327 @@
+"""The catalog of statistics: what each family emits, and the presets, as plain data.
+
+The one owner of every statistic's metadata. A family (the torch side in
+:mod:`gradlens.families`) points at its :class:`FamilySpec` here; everything else reads this
+module: the documented schema (:data:`gradlens.schema.STATS`), the presets and
+``LensConfig.stat_names``, the run-level rows of a flush, the dashboards' generated "other
+statistics" section and the report's heatmaps. Nothing here imports torch, so the report
+and the TensorBoard plugin read it without the collector.
+
+Per statistic (:class:`StatSpec`): its doc, its ``category`` (the dashboards' and report's
+grouping: norms, columns, variance, spikes, run, ...), its ``scope`` (``layer``: a value per
+layer, and a ``global`` row where the family writes one; ``global``: the run-level row only,
+per-layer entries are placeholders written only where set; ``run``: one value of the step),
+how it crosses ranks (``reduce``), whether a variance estimator is size-fair, and its heatmap
+slot in the report. Per family: its needs (hooks and observations, checked by
+:data:`NEEDS`), the shared intermediates it reads (:data:`INTERMEDIATES`, computed once per
+layer per step by the collector), and the ``LensConfig`` flag that switches it.
+
+Adding a built-in family: a kernel in ``gradlens/stats``, a family file in
+``gradlens/families`` (``spec = catalog.FAMILIES["name"]``), and here its declaration and one
+preset line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Needs a family may declare (the collector installs the hooks and observations once).
+NEEDS = frozenset({
+    "microbatch_grads",  # a hook per parameter per backward pass (Tensor.register_hook)
+    "layer_io",  # forward hooks on the owning modules: inputs and output gradients
+    "step_grad",  # p.grad at the optimizer step (always available)
+    "consistent_grad",  # the gradient the hooks saw and p.grad at the step must agree
+    "optimizer_state",  # the optimizer's per-parameter state
+    "loss",  # the loss handed to observe_loss
+    "batch_size",  # micro-batch sizes from the tracked layers' inputs
+})
+# Shared per-step intermediates (core.intermediates computes each once per layer per step).
+INTERMEDIATES = frozenset({
+    "unit_sq_norms",  # per-output-unit squared norms of each matrix's step gradient
+    "fan_sq_norms",  # per-input (fan) squared norms and finite counts
+    "raw_sq_norms",  # squared norms before any edit between backward and step
+})
+CATEGORIES = ("norms", "columns", "variance", "spikes", "run", "lag", "custom")
+SCOPES = ("layer", "global", "run")
+REDUCTIONS = ("sum", "max", "mean", "derived")
+# the report's heatmaps: per slot (in this order, then user slots), the first statistic present
+HEATMAP_SLOTS = ("grad_norm", "per_element_variance", "noise_scale", "unit_spread")
+
+
+@dataclass(frozen=True)
+class StatSpec:
+    """One statistic's declaration.
+
+    ``reduce``: across data-parallel ranks, ``sum`` (partial sums add: squared norms, counts),
+    ``max``, ``mean`` (averaged over ranks) or ``derived`` (computed after the one collective
+    from reduced sums, as every ratio and estimator is). ``estimator``: the variance verdicts'
+    name for it (None: not an estimator the report judges). ``heatmap``: the report's heatmap
+    slot (None: no heatmap; a user statistic's slot is its own name).
+    """
+
+    name: str
+    doc: str
+    category: str
+    scope: str = "layer"
+    reduce: str = "derived"
+    estimator: str | None = None
+    size_fair: bool = False
+    heatmap: str | None = None
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("category", self.category, CATEGORIES),
+                                    ("scope", self.scope, SCOPES),
+                                    ("reduce", self.reduce, REDUCTIONS)):
+            if value not in allowed:
+                raise ValueError(f"statistic {self.name!r}: {key} must be one of {allowed}, "
+                                 f"got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One family's declaration: ``impl`` is ``"module:Class"`` of its torch side (empty for
+    the collector's own rows), ``flag`` the ``LensConfig`` switch (None: always on when in a
+    preset, opt-in otherwise), ``histograms`` the histogram names it writes."""
+
+    name: str
+    stats: tuple[StatSpec, ...]
+    impl: str = ""
+    flag: str | None = None
+    needs: frozenset[str] = frozenset()
+    intermediates: frozenset[str] = frozenset()
+    histograms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = (set(self.needs) - NEEDS) | (set(self.intermediates) - INTERMEDIATES)
+        if bad:
+            raise ValueError(f"family {self.name!r}: unknown needs {sorted(bad)}; choose from "
+                             f"{sorted(NEEDS | INTERMEDIATES)}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stats)
+
+
+def _s(name: str, category: str, doc: str, **kw: Any) -> StatSpec:
+    return StatSpec(name, doc, category, **kw)
+
+
+def _variance(name: str, doc: str, heatmap: str | None = None, fair: bool = False,
+              estimator: bool = True) -> StatSpec:
+    return StatSpec(name, doc, "variance", estimator=name if estimator else None,
+                    size_fair=fair, heatmap=heatmap)
+
+
+_SPREADS = (("cv", "coefficient of variation std/mean"), ("max_min", "max/min ratio"),
+            ("p99_p50", "99th/50th percentile ratio"), ("gini", "Gini coefficient"))
+_AXES = (("unit", "output-unit (SCALE's axis)"), ("fan", "input (other axis)"))
+
+_BUILTIN = (
+    FamilySpec("norms", (
+        _s("grad_norm", "norms", "||g||_2 of the gradient the optimizer consumes", reduce="sum",
+           heatmap="grad_norm"),
+        _s("grad_rms", "norms", "||g||_2 / sqrt(numel)", reduce="sum"),
+        _s("grad_max_abs", "norms", "max |g_i| over finite entries", reduce="max"),
+        _s("nonfinite_count", "norms", "number of NaN/Inf entries (excluded from every other "
+           "stat)", reduce="sum"),
+        _s("grad_norm_preclip", "norms", "raw ||g||_2: after the last backward and the "
+           "data-parallel reduction, before clipping or any other edit, unscaled (per layer "
+           "and global, every preset)", reduce="sum"),
+    ), "gradlens.families.norms:Norms", needs=frozenset({"step_grad"}),
+        intermediates=frozenset({"raw_sq_norms"})),
+    FamilySpec("spikes", (
+        _s("grad_norm_z", "spikes", "z-score of log grad_norm_preclip (the raw norm) against "
+           "its forecast"),
+        _s("grad_norm_ratio_max", "spikes", "grad_norm_preclip / running maximum of earlier "
+           "steps"),
+        _s("loss", "run", "training loss handed to the lens", scope="run", reduce="mean"),
+        _s("loss_z", "run", "z-score of the loss against its EMA mean/variance", scope="run"),
+    ), "gradlens.families.spikes:Spikes", needs=frozenset({"step_grad", "loss"})),
+    FamilySpec("columns", tuple(  # 'unit' = SCALE's axis (one RMS per output unit)
+        _s(f"{axis}_rms_{s}", "columns", f"{desc} of the per-{what} RMS vector",
+           heatmap="unit_spread" if (axis, s) == ("unit", "cv") else None)
+        for axis, what in _AXES for s, desc in _SPREADS),
+        "gradlens.families.columns:Columns", flag="columns", needs=frozenset({"step_grad"}),
+        intermediates=frozenset({"unit_sq_norms", "fan_sq_norms"})),
+    FamilySpec("twobatch", (  # McCandlish et al., arXiv 1812.06162
+        _variance("twobatch_trace", "tr(Sigma) from micro-batch (or rank-local) vs full-batch "
+                  "squared norms (McCandlish et al.)"),
+        _variance("twobatch_signal", "|G|^2 estimated by the two-batch estimator",
+                  estimator=False),
+        _variance("noise_scale", "B_simple = EMA tr(Sigma) / EMA |G|^2 (two-batch)",
+                  "noise_scale", fair=True),
+        _variance("var_per_element", "two-batch tr(Sigma) / numel", "per_element_variance",
+                  fair=True),
+        _variance("unit_nsr_median", "median over output units of tr(Sigma_i)/||G_i||^2",
+                  fair=True),
+        _variance("unit_nsr_mean", "mean over output units of tr(Sigma_i)/||G_i||^2",
+                  fair=True),
+    ), "gradlens.families.twobatch:TwoBatch", flag="microbatch",
+        needs=frozenset({"microbatch_grads", "consistent_grad", "batch_size"}),
+        intermediates=frozenset({"unit_sq_norms", "raw_sq_norms"})),
+    FamilySpec("per_example", (
+        _variance("pe_trace", "per-example covariance trace B/(B-1)(mean ||g_b||^2 - ||G||^2)"),
+        _variance("pe_signal", "per-example unbiased |G|^2 estimate ||G||^2 - pe_trace/B (the "
+                  "noise scale's denominator; summed over layers for the run's GNS)",
+                  estimator=False),
+        _variance("pe_noise_scale", "per-example tr(Sigma) / unbiased |G|^2", "noise_scale",
+                  fair=True),
+        _variance("pe_var_per_element", "per-example tr(Sigma) / numel", "per_element_variance",
+                  fair=True),
+        _s("critical_batch_size", "run", "B_crit ~ B_simple = EMA(sum_l pe_trace) / "
+           "EMA(sum_l pe_signal) over all layers, in examples (McCandlish et al.)",
+           scope="global"),
+    ), "gradlens.families.per_example:PerExample", flag="per_example",
+        needs=frozenset({"layer_io", "consistent_grad", "batch_size"}),
+        intermediates=frozenset({"raw_sq_norms"})),
+    FamilySpec("temporal", (
+        _variance("temporal_var", "E||g||^2 - ||E g||^2 across steps (EMA)"),
+        _variance("temporal_var_per_element", "temporal_var / numel", "per_element_variance",
+                  fair=True),
+        _variance("temporal_noise_scale", "temporal_var / ||E g||^2", "noise_scale", fair=True),
+        _variance("temporal_var_normalized", "temporal variance of SCALE's normalized "
+                  "gradient G/r, per element", fair=True),
+    ), "gradlens.families.temporal:Temporal", flag="temporal", needs=frozenset({"step_grad"})),
+    FamilySpec("histograms", (), "gradlens.families.histograms:Histograms", flag="histograms",
+               needs=frozenset({"step_grad"}), intermediates=frozenset({"unit_sq_norms"}),
+               histograms=("unit_rms_hist",)),
+    FamilySpec("spam", (
+        _s("spam_fraction", "spikes", "fraction of entries with g^2 > theta * v (Adam's v)",
+           reduce="sum"),
+    ), "gradlens.families.spam:Spam", flag="spam",
+        needs=frozenset({"step_grad", "optimizer_state"})),
+    FamilySpec("grad_lag", (  # opt-in: statistics=[GradLag] (the momentum advisor's evidence)
+        _s("grad_lag1_dot", "lag", "<g_t, g_{t-1}>: the gradient's lag-1 inner product"),
+        _s("grad_lag2_dot", "lag", "<g_t, g_{t-2}>: the gradient's lag-2 inner product"),
+    ), "gradlens.families.lag:GradLag", needs=frozenset({"step_grad"})),
+)
+# the collector's own run-level rows (core.records), not a family's
+STEP_ROWS = (
+    _s("microbatches", "run", "micro-batches (backward passes) in the step", scope="run"),
+    _s("skipped_step", "run", "1 when AMP's GradScaler skipped the step (inf/NaN)",
+       scope="run"),
+    _s("batch_size", "run", "examples per optimizer step (all micro-batches and ranks): the "
+       "B the critical batch size is compared with", scope="run", reduce="sum"),
+)
+BATCH_SIZE_ROW = "batch_size"  # written when a family needs the batch sizes
+
+# presets: lists of families, each the one before plus what it adds
+MINIMAL = ("norms", "spikes")
+STANDARD = (*MINIMAL, "columns", "twobatch")
+GNS = (*STANDARD, "per_example")
+FULL = (*STANDARD, "per_example", "temporal", "histograms", "spam")
+PRESETS: dict[str, tuple[str, ...]] = {"minimal": MINIMAL, "standard": STANDARD, "gns": GNS,
+                                       "full": FULL}
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {"gns": {"per_example_scope": "norms"}}
+
+# ----------------------------------------------------------------------------- the registry
+
+FAMILIES: dict[str, FamilySpec] = {f.name: f for f in _BUILTIN}
+BUILTIN = frozenset(FAMILIES)
+STATS: dict[str, StatSpec] = {s.name: s for f in _BUILTIN for s in f.stats}
+STATS.update({s.name: s for s in STEP_ROWS})
+_OWNER: dict[str, str] = {s.name: f.name for f in _BUILTIN for s in f.stats}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    """Add a user family's declaration. A family name or statistic that another family owns
+    is an error (a silent clash would mix two meanings under one name); registering the same
+    declaration again is not."""
+    old = FAMILIES.get(spec.name)
+    if old is not None and old != spec:
+        raise ValueError(f"a statistic family named {spec.name!r} is already registered")
+    for s in spec.stats:
+        owner = _OWNER.get(s.name) or (None if s.name not in STATS else "the collector")
+        if owner is not None and owner != spec.name:
+            raise ValueError(f"statistic {s.name!r} already exists (family {owner!r}, "
+                             f"category {STATS[s.name].category!r}); choose another name")
+    FAMILIES[spec.name] = spec
+    for s in spec.stats:
+        STATS[s.name] = s
+        _OWNER[s.name] = spec.name
+    return spec
+
+
+def enabled(settings: Mapping[str, Any]) -> list[str]:
+    """The built-in families a configuration runs, in catalog order: those in every preset,
+    and each whose flag is set in ``settings`` (``LensConfig`` fields)."""
+    always = set.intersection(*(set(p) for p in PRESETS.values()))
+    return [f.name for f in _BUILTIN
+            if f.name in always or (f.flag is not None and settings.get(f.flag))]
+
+
+def flags() -> dict[str, str]:
+    """``{LensConfig flag: family}`` of the switchable built-in families."""
+    return {f.flag: f.name for f in _BUILTIN if f.flag}
+
+
+def preset_flags(preset: str) -> dict[str, Any]:
+    """The ``LensConfig`` fields a preset sets: each family flag, then its options."""
+    chosen = PRESETS[preset]
+    return {**{flag: fam in chosen for flag, fam in flags().items()},
+            **PRESET_OPTIONS.get(preset, {})}
+
+
+def stat_names(families: Iterable[str]) -> list[str]:
+    """The statistics the given families (names, in order) write, then the collector's
+    run-level rows (``batch_size`` only when a family reads the batch sizes)."""
+    specs = [FAMILIES[f] for f in families]
+    names = [s.name for f in specs for s in f.stats]
+    sizes = any("batch_size" in f.needs for f in specs)
+    return names + [s.name for s in STEP_ROWS if s.name != BATCH_SIZE_ROW or sizes]
+
+
+def user_specs(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Declarations of the non-built-in statistics among ``names`` (run.json's
+    ``stat_specs``: how a report in another process learns a user statistic)."""
+    return {n: STATS[n].to_json() for n in names
+            if n in STATS and _OWNER.get(n) not in BUILTIN and n not in _ROW_NAMES}
+
+
+_ROW_NAMES = frozenset(s.name for s in STEP_ROWS)
+
+
+def spec_of(name: str, metas: Iterable[Mapping[str, Any]] = ()) -> StatSpec | None:
+    """A statistic's declaration: the registry's, else one a run recorded (run.json's
+    ``stat_specs``), else None."""
+    if name in STATS:
+        return STATS[name]
+    for meta in metas:
+        raw = (meta.get("stat_specs") or {}).get(name)
+        if raw:
+            return StatSpec(**{k: v for k, v in raw.items()
+                               if k in StatSpec.__dataclass_fields__})
+    return None
+
+
+def heatmap_stats(present: Iterable[str], metas: Iterable[Mapping[str, Any]] = ()) -> list[str]:
+    """The report's heatmaps: per slot (:data:`HEATMAP_SLOTS`, then user statistics' slots),
+    the first statistic present in registry order. A per-layer statistic no registry or run
+    declares (a user statistic of a run written before run.json kept specs) gets its own."""
+    metas = list(metas)
+    present = set(present)
+    order = {n: i for i, n in enumerate(STATS)}
+    slots: dict[str, list[str]] = {}
+    for name in sorted(present, key=lambda n: (order.get(n, len(order)), n)):
+        spec = spec_of(name, metas)
+        slot = name if spec is None else spec.heatmap
+        if slot is not None:
+            slots.setdefault(slot, []).append(name)
+    ranked = [s for s in HEATMAP_SLOTS if s in slots] + [s for s in slots
+                                                          if s not in HEATMAP_SLOTS]
+    return [slots[s][0] for s in ranked]
+
+
+def scope(name: str) -> str:
+    """A statistic's scope (``layer`` for a name nobody declared)."""
+    spec = STATS.get(name)
+    return "layer" if spec is None else spec.scope
+
+
+def variance_estimators() -> tuple[str, ...]:
+    return tuple(s.name for s in STATS.values() if s.estimator)
