@@ -1,23 +1,30 @@
 """Runs at pretraining scale: bytes per logged step, and what reading a large run costs.
 
 1. **Bytes per logged step.** A model with LLaMA-7B's layer list (32 decoder layers, 291
-   tracked tensors; width 64 so that it runs on a CPU), preset ``standard``, 2 micro-batches
-   per step, trained under a :class:`~gradlens.GradLens` with its default sinks (table and
-   TensorBoard) for ``--steps`` logged steps: the growth of the run directory per step, per
-   file kind, and the rows per step.
+   tracked tensors; width 64 so that it runs on a CPU; ``--layers 80``: LLaMA-70B's, 723
+   tensors), preset ``standard``, 2 micro-batches per step, trained under a
+   :class:`~gradlens.GradLens` with its default sinks (table and TensorBoard) for ``--steps``
+   logged steps (126 after 2 warm-up steps: the table's first 128 flushes merged into two range
+   files with their summaries): the growth of the run directory per step, per file kind, and
+   the rows per step.
 2. **Large runs.** For each ``--rows`` size, a run of ``rows / rows-per-step`` logged steps is
    written through the real :class:`~gradlens.sinks.TableSink` (default format, one flush per
-   step) with the rows of one real step of part 1 and synthetic log-normal values, then each
-   reader runs in a fresh process (peak RSS is that process's ``ru_maxrss``):
-   ``load_run`` (the whole table), ``load_run`` of one statistic, ``gradlens report``, and the
-   plugin's routes on a fresh :class:`~gradlens.tensorboard.plugin.data.RunStore` (first request
-   ``/runs``, then the heatmap and role summary of a statistic, then the same heatmap again
-   and another statistic's heatmap: the "later" requests).
+   step) with the rows of one real step of part 1 and synthetic log-normal values (sizes above
+   ``--direct-above``: generated with the sink's own writer functions, range files and their
+   summaries, then parts), then each reader runs in a fresh process: ``load_run`` (the whole
+   table), ``load_run`` of one statistic, ``gradlens report``, and the plugin's routes on a
+   fresh :class:`~gradlens.tensorboard.plugin.data.RunStore` (first request ``/runs``, then the heatmap
+   and role summary of a statistic, then the same heatmap again and another statistic's
+   heatmap: the "later" requests).
 
-Prints one table. Times exclude importing gradlens (torch, pandas, pyarrow: ~0.5 GB of the
-peak RSS, shown apart). A reader that runs past ``--timeout`` seconds is reported as ``>T``.
+Prints one table. Times exclude importing what the reader needs (the plugin: gradlens's tab
+with TensorBoard's plugin base; the report: matplotlib and the rest). Peak RSS is the reader
+process's own high-water mark (``VmHWM``; ``ru_maxrss`` would include the benchmark process
+it was forked from), shown with its value after the imports. A reader that runs past
+``--timeout`` seconds is reported as ``>T``.
 
-    python benchmarks/bench_scale.py [--steps 20] [--rows 1e6,1e7,1e8] [--timeout 900]
+    python benchmarks/bench_scale.py [--steps 126] [--layers 32] [--rows 1e6,1e7,1e8]
+        [--timeout 900]
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
+from gradlens.table_summary import SUMMARY_SUFFIX
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def narrow_llama():  # type: ignore[no-untyped-def]
-    """LLaMA-7B's layer list (32 layers, untied head: 291 tensors), 64 wide."""
+def narrow_llama(layers: int = 32):  # type: ignore[no-untyped-def]
+    """LLaMA-7B's layer list (32 layers, untied head: 291 tensors; 80 layers: 723 tensors,
+    LLaMA-70B's), 64 wide."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=32,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
                       max_position_embeddings=64, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
@@ -52,24 +62,31 @@ def dir_bytes(d: Path) -> dict[str, int]:
     for f in d.rglob("*"):
         if f.is_file():
             kind = ("tensorboard" if f.name.startswith("events.out") else
+                    "summaries" if f.name.endswith(SUMMARY_SUFFIX) else
                     "table" if f.name.startswith("stats") else "other")
             out[kind] = out.get(kind, 0) + f.stat().st_size
     return out
 
 
-def bytes_per_step(steps: int, work: Path) -> tuple[dict[str, float], list, dict]:
-    """Per-step bytes of each file kind, one step's rows, and the run metadata."""
+def bytes_per_step(steps: int, work: Path, layers: int = 32
+                   ) -> tuple[dict[str, float], list, dict]:
+    """Per-step bytes of each file kind, one step's rows, and the run metadata. TensorBoard's
+    events (and other files): their growth over ``steps`` steps after two warm-up steps. The
+    table and its summaries: those of the merged range files per step they hold (a long run's
+    rate: the last < 64 flushes stay as parts until merged); ``steps >= 126`` gives two (one
+    flush per step, written before ``step`` returns)."""
     import torch
 
     from gradlens import GradLens
     from gradlens.sinks import MemorySink
 
     torch.manual_seed(0)
-    model = narrow_llama()
+    model = narrow_llama(layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     logdir = work / "bytes"
     mem = MemorySink()
-    lens = GradLens(model, opt, logdir=logdir, preset="standard", sinks=[mem])
+    lens = GradLens(model, opt, logdir=logdir, preset="standard", sinks=[mem],
+                    background_io=False)
 
     def step() -> None:
         for micro in torch.randint(0, 512, (2, 2, 32)):  # 2 micro-batches
@@ -85,11 +102,29 @@ def bytes_per_step(steps: int, work: Path) -> tuple[dict[str, float], list, dict
         step()
     lens.close()
     after = dir_bytes(logdir)
-    per = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in after}
+    per = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in after
+           if k not in ("table", "summaries")}
+    per.update(_merged_per_step(logdir))
     last = mem.rows[-1][0]
     rows = [tuple(r) for r in mem.rows if r[0] == last]
     meta = json.loads((logdir / "run.json").read_text())
     return per, rows, meta
+
+
+def _merged_per_step(logdir: Path) -> dict[str, float]:
+    """Bytes of the range files and of their summaries per logged step they hold."""
+    import pyarrow.parquet as pq
+
+    from gradlens.table_parts import list_parts
+
+    ranges = [f for first, last, f in list_parts(logdir) if first < last]
+    if not ranges:
+        raise SystemExit("no merged range file: run more --steps (>= 126)")
+    steps = sum(len(json.loads(pq.ParquetFile(f).schema_arrow.metadata[b"gradlens"])["steps"])
+                for f in ranges)
+    summaries = [f.with_name(f.name.removesuffix(".parquet") + SUMMARY_SUFFIX) for f in ranges]
+    return {"table": sum(f.stat().st_size for f in ranges) / steps,
+            "summaries": sum(f.stat().st_size for f in summaries if f.exists()) / steps}
 
 
 def write_direct(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, float]:
@@ -155,10 +190,29 @@ def write_large(run: Path, rows: list, meta: dict, n_rows: int) -> tuple[int, fl
 _PROBE = r"""
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
+
+
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+
 what, run, arg = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
-import gradlens.report, gradlens.report.build, gradlens.cli, gradlens.tensorboard.plugin.data  # noqa
-out["import_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if what == "plugin":  # what TensorBoard loads with the plugin
+    import gradlens.tensorboard.plugin.plugin  # noqa
+elif what == "report":
+    import gradlens.cli, gradlens.report.build  # noqa
+else:
+    import gradlens.report  # noqa
+out["import_mb"] = peak_mb()
 t0 = time.perf_counter()
 if what == "load_run":
     from gradlens.report import load_run
@@ -192,7 +246,7 @@ elif what == "plugin":
     out["again"] = time.perf_counter() - t
     t = time.perf_counter(); store.heatmap(".", other); out["other"] = time.perf_counter() - t
 out["s"] = time.perf_counter() - t0
-out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["rss_mb"] = peak_mb()
 print("RESULT", json.dumps(out))
 """
 
@@ -228,7 +282,9 @@ def fmt(r: dict, key: str = "s") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="logged steps of the bytes run")
+    ap.add_argument("--steps", type=int, default=126, help="logged steps of the bytes run")
+    ap.add_argument("--layers", type=int, default=32,
+                    help="decoder layers of the bytes run (80: LLaMA-70B's 723 tensors)")
     ap.add_argument("--rows", default="1e6,1e7,1e8", help="comma-separated run sizes, in rows")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per reader")
     ap.add_argument("--skip-report", action="store_true")
@@ -241,11 +297,12 @@ def main() -> None:
     torch.set_num_threads(1)
     work = args.keep or Path(tempfile.mkdtemp(prefix="gradlens-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    per, rows, meta = bytes_per_step(args.steps, work)
+    per, rows, meta = bytes_per_step(args.steps, work, args.layers)
     total = sum(per.values())
     lines = ["| measure | value |", "|---|---|",
+             f"| tracked tensors ({args.layers} decoder layers) | {len(meta['layers']):,} |",
              f"| rows per logged step | {len(rows):,} |",
-             f"| bytes per logged step (all sinks) | {total / 1e3:,.1f} KB ("
+             f"| bytes per logged step (all sinks; the table merged) | {total / 1e3:,.1f} KB ("
              + ", ".join(f"{k} {v / 1e3:,.1f} KB" for k, v in sorted(per.items())) + ") |",
              f"| a 100k-step run, log_every=1 / 10 | {total * 1e5 / 1e9:,.2f} GB / "
              f"{total * 1e4 / 1e9:,.2f} GB |"]

@@ -190,9 +190,10 @@ def steps_disjoint(run: Path) -> bool:
 
 
 def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS, *,
-         dedupe_each: bool = False) -> Any:
+         dedupe_each: bool = False, only: Collection[Path] | None = None) -> Any:
     """The rows of the query as one pyarrow table of ``columns`` (file order; strings as
-    dictionaries), or None when the table has no part. ``dedupe_each``: keep only the
+    dictionaries), or None when the table has no part (no part in ``only``, when given: the
+    files to read). ``dedupe_each``: keep only the
     last-written row of each ``(step, layer, stat)`` of each file (exact for the whole table
     when :func:`steps_disjoint`; bounded by one file's memory)."""
     pa, _ = _pyarrow()
@@ -214,7 +215,7 @@ def scan(run: Path, query: Query, columns: Sequence[str] = STAT_COLUMNS, *,
             t = _last_of_each(t)
         return t.cast(_schema(t.schema, pa))
 
-    tables = _each_file(run, read)
+    tables = _each_file(run, read, only=None if only is None else set(only))
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")

@@ -9,7 +9,10 @@ reader lists a run's steps from the footers alone.
 
 Merging (``MERGE_EVERY`` parts into one range file) keeps the number of files small (a
 100k-step run with ``log_every=1`` has ~1,600 files instead of 100k) and groups the rows by
-statistic, one row group each, which is what a reader of one statistic skips by.
+statistic, one row group each, which is what a reader of one statistic skips by. Each range
+file gets its summary beside it (:mod:`gradlens.table_summary`, for the heatmaps'
+downsampling); a summary that cannot be written is skipped with a warning (readers then read
+the range's rows).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +30,7 @@ import numpy as np
 from gradlens.atomic_files import fsync_dir, write_atomic
 from gradlens.schema import GLOBAL
 from gradlens.table_parts import Part, part_name
+from gradlens.table_summary import write_summary
 
 __all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
 
@@ -114,4 +119,10 @@ def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool)
 
     final = logdir / part_name(first, last)
     write_atomic(final, write, opener=_open_new, fsync=fsync)
+    try:
+        write_summary(final, table, fsync=fsync)
+    except Exception as err:  # an optimisation only: readers fall back to the rows
+        warnings.warn(f"{final}: its summary was not written ({type(err).__name__}: {err}); "
+                      "the plugin reads this range's rows instead", RuntimeWarning,
+                      stacklevel=2)
     return final

@@ -10,8 +10,10 @@ Files (names from :mod:`gradlens.schema`):
 - ``stats-*.parquet`` (the default format): one file per flush, written to a temporary name,
   fsync-ed and renamed (a killed run never leaves a partial file, a reader never sees a
   partial row), merged every 64 flushes into one range file grouped by statistic
-  (:mod:`gradlens.table_parts`, :mod:`gradlens.sinks._parquet`). A merge that fails leaves
-  the parts as they were. About 50 KB per logged step of a 7B-shaped model (``standard``).
+  (:mod:`gradlens.table_parts`, :mod:`gradlens.sinks._parquet`), with the range's summary
+  beside it for the dashboard's heatmaps (:mod:`gradlens.table_summary`). A merge that fails
+  leaves the parts as they were. About 21 KB of table and 16 KB of summaries per logged step
+  of a 7B-shaped model (``standard``).
 - ``stats.csv`` (header once) or ``stats.jsonl`` (``format="csv" | "jsonl"``): one row per
   line, appended at each :meth:`~TableSink.flush`, then flushed and ``fsync``-ed: a run killed
   at any moment keeps every flushed row. Being killed *during* a flush can leave a partial

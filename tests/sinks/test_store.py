@@ -127,13 +127,17 @@ def test_what_a_killed_merge_or_write_leaves_is_harmless(tmp_path: Path) -> None
     for f in keep.iterdir():
         shutil.copy(f, run)
     (run / ".stats-000065.parquet.999.tmp").write_bytes(b"PAR1 half")
+    # and while writing the range's summary (after the range file): the old summary stays
+    summary = (run / "stats-000001-000064.summary.bin").read_bytes()
+    (run / ".stats-000001-000064.summary.bin.999.tmp").write_bytes(summary[:50])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _sorted(load_run(run)) == expected
     with pytest.warns(UserWarning, match="already holds a run"):
         TableSink(run).close()  # the next writer deletes both
     assert sorted(p.name for p in run.iterdir() if "stats" in p.name) == [
-        "stats-000001-000064.parquet"]
+        "stats-000001-000064.parquet", "stats-000001-000064.summary.bin"]
+    assert (run / "stats-000001-000064.summary.bin").read_bytes() == summary
     assert _sorted(load_run(run)) == expected
 
 

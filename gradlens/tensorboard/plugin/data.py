@@ -7,13 +7,15 @@ files, and never a whole parquet table: the run list comes from the files' foote
 of an unchanged run costs a few ``stat`` calls; a run that wrote a flush since reads the new
 footers, and a statistic asked for again is read again.
 
-Step downsampling (:func:`bin_steps`): a statistic logged at ``S`` steps is shown in at most
-``max_cols`` columns. The logged steps (sorted) are cut into ``C = min(S, max_cols)`` runs of
-consecutive steps of near-equal length (``numpy.array_split``); the cell of column ``c`` for
-layer ``l`` is ``max`` (default: a spike stays visible) or ``mean`` of the layer's finite
-values in that run, NaN when it has none. Each column carries the first and last step it
-covers. The role summary is computed from the binned matrix: per role and column, the median,
-min and max over the role's layers.
+Step downsampling (:mod:`gradlens.tensorboard.plugin._bins`): a statistic logged at more than
+``max_cols`` steps is shown in columns of aligned step ranges of a power-of-two width; the
+cell of layer ``l`` is ``max`` (default: a spike stays visible) or ``mean`` of the layer's
+finite values in the column, NaN when it has none. Each column carries the first and last
+logged step it covers. A parquet run's columns come from the range files' summaries
+(:mod:`gradlens.table_summary`: a few numbers per layer and block of steps, equal to the rows'
+aggregates) and the rows of the parts after them; a run without summaries, or one they cannot
+give exactly, is binned from the statistic's rows. The role summary is computed from the
+binned matrix: per role and column, the median, min and max over the role's layers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.summary import report_pointers, row_summary
 from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
+from gradlens.tensorboard.plugin._bins import Columns, bin_width, cells, matrix_columns
 from gradlens.tensorboard.plugin._scale import heatmap_scale
 from gradlens.tensorboard.plugin._tables import Table
 
@@ -46,7 +49,6 @@ __all__ = [
     "ROLE_ORDER",
     "PluginInputError",
     "RunStore",
-    "bin_steps",
     "find_runs",
 ]
 
@@ -96,33 +98,32 @@ def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(key)
 
 
-def bin_steps(n_steps: int, max_cols: int) -> list[np.ndarray]:
-    """Indices of the logged steps in each column: ``array_split(arange(n), min(n, max_cols))``."""
-    if n_steps <= 0:
-        return []
-    return np.array_split(np.arange(n_steps), min(n_steps, max_cols))
-
-
-def _reduce_bins(values: np.ndarray, bins: list[np.ndarray], agg: str) -> np.ndarray:
-    """``values`` (layers x steps, NaN = no value) reduced over each bin of steps, ignoring
-    NaN; a bin without any finite value is NaN."""
-    if len(bins) == values.shape[1]:
-        return values
-    starts = np.array([b[0] for b in bins])
-    finite = np.isfinite(values)
-    counts = np.add.reduceat(finite, starts, axis=1)
-    if agg == "mean":
-        sums = np.add.reduceat(np.where(finite, values, 0.0), starts, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = sums / counts
-    else:
-        out = np.maximum.reduceat(np.where(finite, values, -np.inf), starts, axis=1)
-    return np.where(counts > 0, out, np.nan)
+def round_sig(a: np.ndarray, digits: int = 5) -> np.ndarray:
+    """``a`` rounded to ``digits`` significant digits (as ``float(f"{x:.5g}")``, vectorized:
+    ``round(x * 10**k) / 10**k`` with ``10**k`` exact, so the result is the double nearest
+    to the rounded decimal; it can differ from the string's only where ``x * 10**k`` lands
+    within an ulp of a tie). Non-finite values, zeros and magnitudes outside 1e-17..1e22
+    (where ``10**k`` is not exact) go through the string."""
+    a = np.asarray(a, np.float64)
+    out = a.copy()
+    mag = np.abs(a)
+    ok = np.isfinite(a) & (mag >= 1e-17) & (mag < 1e22)
+    x = a[ok]
+    k = (digits - 1) - np.floor(np.log10(np.abs(x)))  # 10**k scales the last kept digit to 1
+    r = np.empty_like(x)
+    up = k >= 0
+    r[up] = np.round(x[up] * 10.0 ** k[up]) / 10.0 ** k[up]
+    r[~up] = np.round(x[~up] / 10.0 ** -k[~up]) * 10.0 ** -k[~up]
+    out[ok] = r
+    rest = np.flatnonzero(~ok & np.isfinite(a))
+    out.flat[rest] = [float(f"{v:.{digits}g}") for v in a.flat[rest]]
+    return out
 
 
 def _json_floats(a: np.ndarray) -> list[Any]:
     """Nested lists with 5 significant digits; NaN and +-inf as None (JSON has neither)."""
-    flat = [None if not math.isfinite(x) else float(f"{x:.5g}") for x in a.ravel().tolist()]
+    a = np.asarray(a, np.float64)
+    flat = [v if math.isfinite(v) else None for v in round_sig(a).ravel().tolist()]
     if a.ndim == 1:
         return flat
     n = a.shape[1]
@@ -138,7 +139,10 @@ class _Run:
     summary: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    wide: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
+    wide: dict[str, tuple[list[str], dict[str, str], np.ndarray, np.ndarray]] = field(
+        default_factory=dict)
+    columns: dict[tuple[str, int], tuple[list[str], int, Columns]] = field(default_factory=dict)
+    scales: dict[tuple[str, int], dict[str, Any] | None] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
 
 
@@ -225,12 +229,25 @@ class RunStore:
             out.append(entry)
         return out
 
-    def _wide(self, run: _Run, table: Table, stat: str
-              ) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(layers in display order, steps, layers x steps values) of one statistic, cached."""
-        if stat in run.wide:
-            return run.wide[stat]
-        layers, roles, steps, values = table.stat_matrix(stat)
+    def _columns(self, run: _Run, table: Table, stat: str, max_cols: int
+                 ) -> tuple[list[str], int, Columns]:
+        """(layers in display order, logged steps, their columns) of one statistic, cached:
+        from the range files' summaries where they give it exactly, else from the matrix of
+        the statistic's rows (cached too, for other ``max_cols``)."""
+        hit = run.columns.get((stat, max_cols))
+        if hit is not None:
+            return hit
+        found = None if stat in run.wide else table.stat_columns(stat, max_cols)
+        if found is not None:
+            layers, roles, n_steps, cols = found
+        else:
+            if stat not in run.wide:
+                run.wide[stat] = table.stat_matrix(stat)
+            layers, roles, steps, values = run.wide[stat]
+            n_steps = len(steps)
+            cols = matrix_columns(steps, values,
+                                  bin_width(int(steps[0]), int(steps[-1]), n_steps, max_cols)
+                                  if n_steps else None)
         if not layers:
             stats = (run.summary or {}).get("stats", [])
             raise PluginInputError(f"statistic {stat!r} has no per-layer rows in this run "
@@ -243,21 +260,23 @@ class RunStore:
         pos = {name: i for i, name in enumerate(order)}
         order = sorted(order, key=lambda n: (rank.get(roles.get(n, ""), len(rank)), pos[n]))
         row = {n: i for i, n in enumerate(layers)}
-        entry = (order, steps, values[[row[n] for n in order]])
-        run.wide[stat] = entry
+        entry = (order, n_steps, cols.take([row[n] for n in order]))
+        run.columns[(stat, max_cols)] = entry
         return entry
 
     # ------------------------------------------------------------------ views
 
     def heatmap(self, name: str | None, stat: str | None, max_cols: int = DEFAULT_MAX_COLS,
                 agg: str = "max") -> dict[str, Any]:
-        """Layers (grouped by role, model order inside a role) x step columns of ``stat``.
+        """Layers (grouped by role, model order inside a role) x step columns of ``stat``
+        (:mod:`gradlens.tensorboard.plugin._bins`).
 
         Returns ``layers`` ([{name, label, role}]), ``roles`` (bands: role, first row, rows),
         ``columns`` ([first step, last step] per column), ``values`` (rows of floats or null),
-        ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale),
-        ``scale`` (the report's colour-scale kind for these values:
-        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`), ``agg``, ``n_steps`` (logged steps before binning) and ``version`` (changes when the
+        ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale;
+        5 significant digits, as the values), ``scale`` (the report's colour-scale kind,
+        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`: see :meth:`_scale`), ``agg``, ``n_steps`` (logged steps before binning) and
+        ``version`` (changes when the
         files do).
         """
         if not stat:
@@ -267,9 +286,8 @@ class RunStore:
         if not 1 <= max_cols <= MAX_COLS_LIMIT:
             raise PluginInputError(f"max_cols must be in 1..{MAX_COLS_LIMIT}, got {max_cols}")
         _path, run, table = self._data(name)
-        layers, steps, values = self._wide(run, table, stat)
-        bins = bin_steps(len(steps), max_cols)
-        binned = _reduce_bins(values, bins, agg)
+        layers, n_steps, cols = self._columns(run, table, stat, max_cols)
+        binned = cells(cols, agg)
         roles = run.roles
         labels = short_labels(layers)
         bands: list[dict[str, Any]] = []
@@ -281,24 +299,38 @@ class RunStore:
                 bands.append({"role": role, "first": i, "rows": 1, "color": kind_color(role)})
         pos = binned[np.isfinite(binned) & (binned > 0)]
         return {
-            "run": name, "stat": stat, "agg": agg, "n_steps": len(steps),
+            "run": name, "stat": stat, "agg": agg, "n_steps": n_steps,
             "layers": [{"name": n, "label": labels[n], "role": roles.get(n, "")} for n in layers],
             "roles": bands,
-            "columns": [[int(steps[b[0]]), int(steps[b[-1]])] for b in bins],
+            "columns": [[int(a), int(b)] for a, b in zip(cols.first, cols.last, strict=True)],
             "values": _json_floats(binned),
-            "vmin": float(pos.min()) if pos.size else None,
-            "vmax": float(pos.max()) if pos.size else None,
-            "scale": heatmap_scale(values),
+            "vmin": _json_floats(pos.min(keepdims=True))[0] if pos.size else None,
+            "vmax": _json_floats(pos.max(keepdims=True))[0] if pos.size else None,
+            "scale": self._scale(run, stat, max_cols),
             "version": repr(run.key),
         }
+
+    @staticmethod
+    def _scale(run: _Run, stat: str, max_cols: int) -> dict[str, Any] | None:
+        """The colour-scale kind: the report's rule over every logged step's value where the
+        statistic's rows were read; where its columns came from the range summaries, the
+        same rule over the columns' maxima and means (both, so that the kind does not change
+        with ``agg``; the summaries hold no per-step value)."""
+        if stat in run.wide:
+            return heatmap_scale(run.wide[stat][3])
+        key = (stat, max_cols)
+        if key not in run.scales:
+            cols = run.columns[key][2]
+            run.scales[key] = heatmap_scale(np.concatenate([cells(cols, "max"),
+                                                            cells(cols, "mean")], axis=1))
+        return run.scales[key]
 
     def role_summary(self, name: str | None, stat: str | None,
                      max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean") -> dict[str, Any]:
         """Per role: the median, min and max over its layers of the binned values, per column."""
         hm = self.heatmap(name, stat, max_cols, agg)
         _path, run, table = self._data(name)
-        _layers, steps, values = self._wide(run, table, str(stat))
-        binned = _reduce_bins(values, bin_steps(len(steps), max_cols), agg)
+        binned = cells(self._columns(run, table, str(stat), max_cols)[2], agg)
         out: dict[str, Any] = {}
         for band in hm["roles"]:
             block = binned[band["first"]:band["first"] + band["rows"]]
