@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from gradlens.kinds import KINDS, kind_color, layer_kind
+from gradlens.report.layer_names import layer_order, short_labels
 from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.summary import report_pointers, row_summary
-from gradlens.report.verdicts import layer_order, short_labels
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
 from gradlens.tensorboard.plugin._bins import Columns, bin_width, cells, matrix_columns
 from gradlens.tensorboard.plugin._scale import heatmap_scale
