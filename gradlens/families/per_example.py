@@ -40,6 +40,7 @@ and the gradient at the step is the hooks' sum up to a common factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,14 +108,13 @@ class PerExample(Statistic):
                 continue
             self.tracked[k] = leaf
             by_module.setdefault(id(module), (module, rule, []))[2].append((k, leaf))
-        for module, rule, items in by_module.values():
-            lens.observer.add(module.register_forward_hook(
-                self._forward_hook(rule, items, id(module)), with_kwargs=True))
+        hooks: list[Callable[[], Any]] = [  # logged steps only (core.backward_arm)
+            lambda m=module, r=rule, i=items: m.register_forward_hook(
+                self._forward_hook(r, i, id(m)), with_kwargs=True)
+            for module, rule, items in by_module.values()]
         if self.check is not None:
-            for k in self.tracked:
-                param = lens.layers[k].param
-                if not _is_dtensor(param):
-                    lens.observer.add(param.register_hook(self._grad_hook(k)))
+            hooks += [lambda p=lens.layers[k].param, k=k: p.register_hook(self._grad_hook(k))
+                      for k in self.tracked if not _is_dtensor(lens.layers[k].param)]
         # the inputs of every module enclosing a lookup (the model, a Lightning module's
         # inner model, an embeddings block): ids that share their storage are examples' ids
         lookups = {lens.layers[k].module_name for k in self.tracked
@@ -123,8 +123,9 @@ class PerExample(Statistic):
         modules = dict(lens.model.named_modules())
         outer = [modules[n] for n in names if n in modules]
         outer += [lens.compiled] if lookups and lens.compiled is not None else []
-        for m in {id(m): m for m in outer}.values():
-            lens.observer.add(m.register_forward_pre_hook(self._model_inputs, with_kwargs=True))
+        hooks += [lambda m=m: m.register_forward_pre_hook(self._model_inputs, with_kwargs=True)
+                  for m in {id(m): m for m in outer}.values()]
+        lens.observer.on_logged(lambda: [install() for install in hooks])
 
     def reset(self) -> None:
         L = len(self.lens.layers)
