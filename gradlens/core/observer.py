@@ -1,16 +1,22 @@
 """The collector's hooks: what one optimizer step looked like, from cheap observations.
 
-- **Micro-batches**: a hook per tracked parameter counts backward passes and hands each
-  micro-batch's gradient to the families that asked (logged steps). In one process the first
+- **Micro-batches**: on logged steps a hook per tracked parameter counts backward passes and
+  hands each micro-batch's gradient to the families that asked. In one process the first
   micro-batch costs nothing: at the second, ``p.grad`` still holds exactly the first (the
-  hook runs before autograd accumulates; grads are zeroed between steps).
+  hook runs before autograd accumulates; grads are zeroed between steps). On other steps
+  (once the route below is verified) those hooks are not installed: the end of each backward
+  counts a pass for every layer whose ``p.grad`` it created or added to.
+- **Once per backward** (:mod:`gradlens.core.backward_arm`): the end-of-backward callback is
+  armed by the first gradient hook to fire on the model's output tensors, one call per
+  backward; a post-accumulate hook per parameter does it until a step has shown that the
+  route saw every backward (and for good where it did not).
 - **Batch sizes**: on logged steps, a forward pre-hook on each module owning a tracked
   parameter reads the batch dimension of its first tensor input (a shape, never a value;
   a checkpoint's recomputation in backward is not counted). The micro-batch sizes
   are the list most modules agree on; modules that ran more often (shared, checkpointed)
   are not counted, and a disagreement is reported once.
-- **The raw gradient, and edits between backward and step**: the first post-accumulate hook
-  of a backward queues an autograd final callback, which queues a second one: that runs
+- **The raw gradient, and edits between backward and step**: the arm of a backward queues an
+  autograd final callback, which queues a second one: that runs
   after every callback queued during the backward, DDP's reducer finalization (the
   all-reduced ``p.grad``) and FSDP2's reduce-scatter wait included. It records each
   ``p.grad``'s identity and version counter (a Python loop, no tensor work) and, while the
