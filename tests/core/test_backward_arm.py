@@ -126,3 +126,28 @@ def test_two_batch_norms_reduced_in_small_batches_give_the_same_rows(monkeypatch
     monkeypatch.setattr("gradlens.families.twobatch.BUFFER_BYTES", 1024)
     small, *_ = _run("standard", 1, 2)
     _same(rows, small)
+
+
+def test_a_compiled_training_step_keeps_the_per_parameter_hooks():
+    """Forward, backward and step in one compiled function: dynamo traces the model's hooks,
+    so the route never fires and is dropped after the first step (the rows of such a step
+    against the eager ones: tests/test_compile.py)."""
+    torch._dynamo.reset()
+    model = build_llama("tiny", seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    lens = GradLens(model, opt, preset="standard", log_every=2, batch_size=2)
+
+    def train_step(ids):
+        for micro in ids.chunk(2):
+            (model(input_ids=micro, labels=micro).loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step = torch.compile(train_step, backend="eager")
+    for _ in range(3):
+        step(torch.randint(0, VOCAB, (4, 8)))
+    assert lens.observer.route is None and not lens.observer.fast
+    n = sum(1 for _ in model.parameters())
+    assert _hooks(model)[1] == n
+    lens.close()
+    torch._dynamo.reset()
