@@ -24,6 +24,9 @@ LLaMA-7B), where the step's compute is small and the lens's per-tensor host work
 row also gives the lens's host time per tracked tensor per step: the median over rounds of
 (lens block - adjacent bare block) / (steps x tracked tensors), in microseconds.
 
+``--pe-sample 2`` adds ``full`` with ``per_example_sample=2`` (2 examples of each micro-batch
+read for the per-example estimators: unbiased, noisier), shown as ``full:pe2``.
+
 ``--io inline`` adds each preset with ``background_io=False`` (the sinks write on the
 training thread), shown as ``<preset>:inline``.
 """
@@ -118,6 +121,11 @@ class Arm:
             getattr(p, "_post_accumulate_grad_hooks", None) for p in self.model.parameters())
 
 
+def sample_of(name: str) -> int:
+    """``per_example_sample`` of a configuration named ``<opt>/full:pe<m>/<every>`` (else 0)."""
+    return int(name.split(":pe")[1].split("/")[0]) if ":pe" in name else 0
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +146,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--io", nargs="+", choices=("thread", "inline"), default=["thread"],
                    help="where the sinks write: the writer thread (default) and/or the "
                         "training thread (background_io=False)")
+    p.add_argument("--pe-sample", nargs="*", type=int, default=[], metavar="M",
+                   help="also `full` reading M examples per micro-batch (per_example_sample)")
     p.add_argument("--narrow", action="store_true",
                    help="hidden 64, 32 layers (291 tensors): the per-tensor cost at a real "
                         "tensor count")
@@ -177,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         configs += [(f"{opt}/{preset}{'' if io == 'thread' else ':' + io}/{every}", opt,
                      preset, every) for io in args.io for preset in args.presets
                     for every in args.log_every]
+        configs += [(f"{opt}/full:pe{m}/{every}", opt, "full", every)
+                    for m in args.pe_sample for every in args.log_every]
     arms = {opt: Arm(model, opt) for opt in args.optimizers}
     wall: dict[str, list[float]] = {c[0]: [] for c in configs}  # per-round ratios
     cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
@@ -198,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                     if with_lens and preset is not None:
                         lens = GradLens(arm.model, arm.opt, logdir=root / f"{r + args.warmup}-"
                                         f"{name.replace('/', '_')}", preset=preset,
-                                        log_every=every, background_io=":inline" not in name)
+                                        log_every=every, background_io=":inline" not in name,
+                                        per_example_sample=sample_of(name))
                         arm.steps(batches[:1], lens)  # untimed: the lens allocates its state
                     timed[with_lens] = arm.steps(batches[1:], lens)
                     if lens is not None:

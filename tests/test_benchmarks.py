@@ -85,3 +85,16 @@ def test_bench_pe_check_quick() -> None:
     share = float(amortized.split("mean")[1].strip().rstrip("%"))
     assert math.isfinite(share) and 0 <= share < 100
     assert "check on / off" in out and "noise floor off2 / off" in out
+
+
+def test_bench_lens_calls_quick_unlogged_standard_steps_add_no_call_per_tensor() -> None:
+    """Counts, not timings: on a step that is not logged, ``standard`` (two-batch and column
+    hooks when logged) makes fewer extra Python calls than ``minimal`` than there are tracked
+    tensors (the per-tensor hooks exist on logged steps only); before, 8 more per tensor."""
+    out = _run("benchmarks/bench_lens_calls.py", "--quick", "--presets", "minimal", "standard")
+    rows = {w[0]: w for w in (line.split() for line in out.splitlines())
+            if w[:1] in (["minimal"], ["standard"])}
+    tensors = int(rows["minimal"][1])
+    unlogged = {p: float(rows[p][2]) for p in rows}
+    assert unlogged["minimal"] > 0 and abs(unlogged["standard"] - unlogged["minimal"]) < tensors
+    assert float(rows["standard"][3]) > unlogged["standard"]  # logged steps do the work

@@ -68,6 +68,10 @@ class LensConfig:
             to the gradient autograd computes, along fixed random probe directions
             (``u^T G v`` against ``sum_b (D_b u)^T (A_b v)``); a mismatch beyond rounding makes
             the layer's per-example statistics NaN with a reason.
+        per_example_sample: read only this many examples of each micro-batch, drawn at random,
+            and scale their sum up: unbiased ``pe_trace`` / ``pe_signal`` at ``m/b`` of the
+            per-example cost, with the extra variance stated in
+            :mod:`gradlens.families.per_example_sample`. 0 (default): every example.
         spikes: detector settings (z threshold, EMA factor, warm-up, SPAM theta, how many
             layers a global spike is attributed to): :class:`gradlens.stats.SpikeConfig`.
         background_io: the file sinks (table, TensorBoard) write on a writer thread
@@ -93,6 +97,7 @@ class LensConfig:
     batch_size: int | None = None
     per_example_scope: str = "all"
     per_example_check: bool = True
+    per_example_sample: int = 0
     batch_dim: int = 0
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     background_io: bool = True
@@ -130,5 +135,6 @@ class LensConfig:
         A.check_choice("loss_reduction", self.loss_reduction, ("mean", "global_mean", "sum"))
         A.check_int("batch_size", self.batch_size, 1, none_ok=True)
         A.check_choice("per_example_scope", self.per_example_scope, ("all", "norms"))
+        A.check_int("per_example_sample", self.per_example_sample, 0)
         A.check_int("batch_dim", self.batch_dim, 0)
         A.check_type("spikes", self.spikes, SpikeConfig, "a gradlens.stats.SpikeConfig")

@@ -3,9 +3,11 @@
 Event flow of one optimizer step::
 
     forward            pre-hooks read the batch size; [full] forward hooks keep layer inputs
-    loss.backward()    parameter hooks count micro-batches and hand their gradients to the
-                       families that need them (logged steps); at its end (after DDP's
-                       all-reduce / FSDP2's reduce-scatter) each p.grad's version is noted
+    loss.backward()    one hook on the model's output arms the end of the pass (per-parameter
+                       hooks until verified: core.backward_arm); on logged steps parameter
+                       hooks count micro-batches and hand their gradients to the families
+                       that need them; at its end (after DDP's all-reduce / FSDP2's
+                       reduce-scatter) each p.grad's version is noted
                        and, while the loop edits, the raw norms measured (one reduction)
     optimizer.step()   step pre-hook (of the first of several optimizers to step; of the
                        inner optimizer of a wrapper, :mod:`gradlens.core.optimizers`): the

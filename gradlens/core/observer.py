@@ -1,16 +1,22 @@
 """The collector's hooks: what one optimizer step looked like, from cheap observations.
 
-- **Micro-batches**: a hook per tracked parameter counts backward passes and hands each
-  micro-batch's gradient to the families that asked (logged steps). In one process the first
+- **Micro-batches**: on logged steps a hook per tracked parameter counts backward passes and
+  hands each micro-batch's gradient to the families that asked. In one process the first
   micro-batch costs nothing: at the second, ``p.grad`` still holds exactly the first (the
-  hook runs before autograd accumulates; grads are zeroed between steps).
+  hook runs before autograd accumulates; grads are zeroed between steps). On other steps
+  (once the route below is verified) those hooks are not installed: the end of each backward
+  counts a pass for every layer whose ``p.grad`` it created or added to.
+- **Once per backward** (:mod:`gradlens.core.backward_arm`): the end-of-backward callback is
+  armed by the first gradient hook to fire on the model's output tensors, one call per
+  backward; a post-accumulate hook per parameter does it until a step has shown that the
+  route saw every backward (and for good where it did not).
 - **Batch sizes**: on logged steps, a forward pre-hook on each module owning a tracked
   parameter reads the batch dimension of its first tensor input (a shape, never a value;
   a checkpoint's recomputation in backward is not counted). The micro-batch sizes
   are the list most modules agree on; modules that ran more often (shared, checkpointed)
   are not counted, and a disagreement is reported once.
-- **The raw gradient, and edits between backward and step**: the first post-accumulate hook
-  of a backward queues an autograd final callback, which queues a second one: that runs
+- **The raw gradient, and edits between backward and step**: the arm of a backward queues an
+  autograd final callback, which queues a second one: that runs
   after every callback queued during the backward, DDP's reducer finalization (the
   all-reduced ``p.grad``) and FSDP2's reduce-scatter wait included. It records each
   ``p.grad``'s identity and version counter (a Python loop, no tensor work) and, while the
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +48,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
+from gradlens.core.backward_arm import HookGroup, Route
 from gradlens.families.base import in_backward
 
 if TYPE_CHECKING:
@@ -54,7 +61,8 @@ class Observer:
     def __init__(self, lens: GradLens, needs: set[str]) -> None:
         self.lens = lens
         self.handles: list[Any] = []
-        self._subscribers: list[Callable[[int, torch.Tensor], None]] = []
+        self._subscribers: list[Callable[[int, torch.Tensor, bool], None]] = []
+        self._backward_end: list[Callable[[], None]] = []
         self._unsharded: dict[int, Any] = {}
         L = len(lens.layers)
         # backward passes are also counted for a GradScaler (a skipped step has them) and for
@@ -68,6 +76,18 @@ class Observer:
         self._module_of_layer = [lens.module_of(k) for k in range(L)]
         self._params = [info.param for info in lens.layers]
         self._sharded = any(D.is_dtensor(p) for p in self._params)
+        # once per backward without a call per tensor (core.backward_arm): not under FSDP2
+        # (its unsharded parameters are hooked per module) nor a compiled model
+        self.route = None if self._sharded or lens.compiled is not None else Route(self._arm)
+        self._route_handle: Any = None
+        self._sentinel: Any = None
+        self.fast = False  # the route verified: no per-parameter arms, logged-step hooks
+        self.traced = False  # dynamo traced the model's forward hook (a compiled step)
+        self._closed = False
+        self._armed_by_param = False
+        self.arms = HookGroup()  # a post-accumulate hook per parameter (until verified)
+        self.logged = HookGroup()  # hooks that serve logged steps only
+        self._seen: list[tuple[Any, int] | None] = [None] * L  # touched-in-backward check
         self.reset()
 
     # ------------------------------------------------------------------ installation
@@ -75,9 +95,21 @@ class Observer:
     def add(self, handle: Any) -> None:
         self.handles.append(handle)
 
-    def on_microbatch(self, fn: Callable[[int, torch.Tensor], None]) -> None:
-        """``fn(k, g)`` for each micro-batch gradient of layer k on logged steps."""
+    def on_microbatch(self, fn: Callable[[int, torch.Tensor, bool], None]) -> None:
+        """``fn(k, g, first)`` for each micro-batch gradient of layer k on logged steps;
+        ``first``: ``g`` is ``p.grad`` (the first micro-batch's, one process), about to be
+        added to in place, so it must be read during the call."""
         self._subscribers.append(fn)
+
+    def on_backward_end(self, fn: Callable[[], None]) -> None:
+        """``fn()`` at the end of each backward pass (after the data-parallel reduction)."""
+        self._backward_end.append(fn)
+
+    def on_logged(self, installer: Callable[[], Iterable[Any]]) -> None:
+        """Hooks whose work serves logged steps only: ``installer()`` registers them and
+        returns the handles; they exist from the start of each logged step to its end once
+        the route is verified (:mod:`gradlens.core.backward_arm`), else all the time."""
+        self.logged.add(installer)
 
     def install(self) -> None:
         lens = self.lens
@@ -85,19 +117,29 @@ class Observer:
         if lens.compiled is not None:  # its hooks run outside the compiled frame
             self.add(lens.compiled.register_forward_pre_hook(self._on_model_forward,
                                                              with_kwargs=True))
+        if self.route is not None:
+            self._route_handle = self.route.install(lens.model)
         if self.track_sizes:
-            seen: set[int] = set()
-            for module in self._module_of_layer:
-                if module is not None and id(module) not in seen:
-                    seen.add(id(module))
-                    self.add(module.register_forward_pre_hook(self._size_hook(id(module)),
-                                                              with_kwargs=True))
-        for k, info in enumerate(lens.layers):
-            if not D.is_dtensor(info.param):  # FSDP2 shards: see _install_unsharded
-                if self.count_micro:
-                    self.add(info.param.register_hook(self._micro_hook(k)))
-                self.add(info.param.register_post_accumulate_grad_hook(self._arm))
+            self.on_logged(self._size_hooks)
+        plain = [k for k, info in enumerate(lens.layers) if not D.is_dtensor(info.param)]
+        if self.count_micro:  # FSDP2 shards: see _install_unsharded
+            self.on_logged(lambda: [self._params[k].register_hook(self._micro_hook(k))
+                                    for k in plain])
+        self.arms.add(lambda: [self._params[k].register_post_accumulate_grad_hook(self._arm_param)
+                               for k in plain])
+        self.arms.set(True)
+        self.logged.set(True)
         self._install_unsharded()
+
+    def _size_hooks(self) -> list[Any]:
+        seen: set[int] = set()
+        handles = []
+        for module in self._module_of_layer:
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                handles.append(module.register_forward_pre_hook(self._size_hook(id(module)),
+                                                                with_kwargs=True))
+        return handles
 
     def _install_unsharded(self) -> None:
         lens = self.lens
@@ -131,17 +173,54 @@ class Observer:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.drop_route()
+        self.arms.remove()
+        self.logged.remove()
+        self._closed = True
+
+    def drop_route(self) -> None:
+        """The route is not trusted (any more): per-parameter arms for good."""
+        self.route = None
+        self.fast = False
+        if self._route_handle is not None:
+            self._route_handle.remove()
+            self._route_handle = None
+        if self._sentinel is not None:
+            self._sentinel.remove()
+            self._sentinel = None
 
     # ------------------------------------------------------------------ per step
 
     def reset(self) -> None:
+        """A new step: per-step observations cleared; the route verified or dropped from what
+        the step just finalized showed, and the hooks the next step needs installed."""
+        if not self._closed and (self.arms.on or self.fast):
+            self._review()
         L = len(self.lens.layers)
+        self._seen = [None] * L
         self.micro_seen = [0] * L
         self.module_sizes: dict[int, list[int]] = {}
         self.model_sizes: list[int] = []
         self._accumulated: list[tuple[int, int] | None] = [None] * L
         self.pre_sq: torch.Tensor | None = None
         self._armed = False
+
+    def _review(self) -> None:
+        route = self.route
+        if route is not None and (route.missed or self.traced):
+            self.drop_route()
+        elif route is not None and not self.fast and self._armed_by_param:
+            sentinel = next((k for k, a in enumerate(self._accumulated) if a is not None
+                             and not D.is_dtensor(self._params[k])), None)
+            if sentinel is not None:  # a step the route armed every backward of
+                self.fast = True
+                self._sentinel = self._params[sentinel].register_post_accumulate_grad_hook(
+                    self._arm_param)
+        self._armed_by_param = False
+        if self.route is not None:
+            self.route.missed = False
+        self.arms.set(not self.fast)
+        self.logged.set(not self.fast or self.lens.logging_step())
 
     def step_open(self) -> bool:
         return any(self.micro_seen)
@@ -155,6 +234,7 @@ class Observer:
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
+            self.traced = True  # the route's hook is traced too: it cannot be trusted
             return  # traced hooks would make the forward guard on this list: see install
         if torch.is_grad_enabled() and self.lens.logging_step():  # sizes serve logged steps
             b = self._batch_of(args, kwargs)
@@ -184,21 +264,28 @@ class Observer:
                 if self.micro_seen[k] == 1:
                     return
                 if self.micro_seen[k] == 2 and param.grad is not None:
-                    self._dispatch(k, param.grad.detach())
-            self._dispatch(k, grad.detach())
+                    self._dispatch(k, param.grad.detach(), True)
+            self._dispatch(k, grad.detach(), False)
 
         return hook
 
-    def _dispatch(self, k: int, g: torch.Tensor) -> None:
+    def _dispatch(self, k: int, g: torch.Tensor, first: bool) -> None:
         for fn in self._subscribers:
-            fn(k, g)
+            fn(k, g, first)
 
-    @torch.compiler.disable
-    def _arm(self, param: torch.Tensor | None = None) -> None:
+    def _arm(self) -> None:
         """The first gradient of a backward: have :meth:`_end_of_backward` run after it."""
         if not self._armed:
             self._armed = True
             torch.autograd.Variable._execution_engine.queue_callback(self._queue_last)
+
+    @torch.compiler.disable
+    def _arm_param(self, param: torch.Tensor) -> None:
+        """A tracked gradient accumulated: the route must have fired in this backward."""
+        self._armed_by_param = True
+        if self.route is not None:
+            self.route.check()
+        self._arm()
 
     @torch.compiler.disable
     def _arm_unsharded(self, grad: torch.Tensor) -> None:
@@ -215,10 +302,26 @@ class Observer:
         self._armed = False
         grads = [p.grad for p in self._params]
         self._accumulated = [None if g is None else (id(g), g._version) for g in grads]
+        if self.count_micro and not self.logged.on:  # no micro-batch hooks: from the grads
+            self._count_touched(grads)
+        for fn in self._backward_end:
+            fn()
         if self.measure_pre:
             if self._sharded:
                 grads = [None if g is None else D.local_tensor(g) for g in grads]
             self.pre_sq = S.sq_norms(grads)
+
+    def _count_touched(self, grads: list[torch.Tensor | None]) -> None:
+        """Count a backward for every layer whose ``p.grad`` this backward created or added
+        to (a new tensor or a new version since the last backward of the step)."""
+        seen, micro = self._seen, self.micro_seen
+        for k, g in enumerate(grads):
+            if g is None:
+                continue
+            prev = seen[k]
+            if prev is None or prev[0]() is not g or prev[1] != g._version:
+                micro[k] += 1
+                seen[k] = (weakref.ref(g), g._version)
 
     # ------------------------------------------------------------------ readouts
 

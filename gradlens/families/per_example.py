@@ -40,6 +40,7 @@ and the gradient at the step is the hooks' sum up to a common factor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ from gradlens.families.per_example_rules import (
     may_look_up,
     rule_for,
 )
+from gradlens.families.per_example_sample import ExampleSample, take
 from gradlens.stats.shards import is_dtensor
 
 CHECK_FAILED = ("the decomposition self-check failed: the per-example factors summed over the "
@@ -89,6 +91,7 @@ class PerExample(Statistic):
         self.state: dict[str, torch.Tensor] = {}
         self.check = DecompositionCheck(len(lens.layers)) if lens.config.per_example_check \
             else None
+        self.sample = ExampleSample(lens.config.per_example_sample)
         self.reset()
 
     def install(self, lens) -> None:
@@ -111,14 +114,13 @@ class PerExample(Statistic):
                 continue
             self.tracked[k] = leaf
             by_module.setdefault(id(module), (module, rule, []))[2].append((k, leaf))
-        for module, rule, items in by_module.values():
-            lens.observer.add(module.register_forward_hook(
-                self._forward_hook(rule, items, id(module)), with_kwargs=True))
+        hooks: list[Callable[[], Any]] = [  # logged steps only (core.backward_arm)
+            lambda m=module, r=rule, i=items: m.register_forward_hook(
+                self._forward_hook(r, i, id(m)), with_kwargs=True)
+            for module, rule, items in by_module.values()]
         if self.check is not None:
-            for k in self.tracked:
-                param = lens.layers[k].param
-                if not is_dtensor(param):
-                    lens.observer.add(param.register_hook(self._grad_hook(k)))
+            hooks += [lambda p=lens.layers[k].param, k=k: p.register_hook(self._grad_hook(k))
+                      for k in self.tracked if not is_dtensor(lens.layers[k].param)]
         # the inputs of every module enclosing a lookup (the model, a Lightning module's
         # inner model, an embeddings block): ids that share their storage are examples' ids
         lookups = {lens.layers[k].module_name for k in self.tracked
@@ -127,8 +129,9 @@ class PerExample(Statistic):
         modules = dict(lens.model.named_modules())
         outer = [modules[n] for n in names if n in modules]
         outer += [lens.compiled] if lookups and lens.compiled is not None else []
-        for m in {id(m): m for m in outer}.values():
-            lens.observer.add(m.register_forward_pre_hook(self._model_inputs, with_kwargs=True))
+        hooks += [lambda m=m: m.register_forward_pre_hook(self._model_inputs, with_kwargs=True)
+                  for m in {id(m): m for m in outer}.values()]
+        lens.observer.on_logged(lambda: [install() for install in hooks])
 
     def reset(self) -> None:
         L = len(self.lens.layers)
@@ -137,11 +140,12 @@ class PerExample(Statistic):
         self._open: list[tuple[int, list]] = [(-1, []) for _ in range(L)]
         self.notes: dict[int, str] = {}
         self.kinds: dict[int, type] = {}
-        self._grams: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grams: list[tuple[tuple, torch.Tensor]] = []
         self._inputs: dict[int, torch.Tensor] = {}  # storage pointer -> a model input
         self._nograd: dict[int, int] = {}  # module -> forwards run without gradients
         if self.check is not None:
             self.check.reset()
+        self.sample.reset()
 
     # ------------------------------------------------------------------ hooks
 
@@ -229,15 +233,20 @@ class PerExample(Statistic):
                 self.notes[k] = "the input's batch dimension is not the output gradient's"
                 continue
             self.kinds[k] = type(f)
+            idx = self.lens.observer.micro_seen[k]  # backward passes done for this layer
+            pick = self.sample.indices(idx, lead, f.d.device)  # per_example_sample
+            if pick is not None:
+                f = take(f, pick, lead)
             sq = self._vector_sq(k, f) if isinstance(f, Elementwise | Summed) \
-                else self._matrix_sq(k, f, source)
+                else self._matrix_sq(k, f, (source, pick))
             if sq is None:
                 continue
             total = S.finite_sum(sq)
-            idx = self.lens.observer.micro_seen[k]  # backward passes done for this layer
+            if pick is not None:  # unbiased for the sum over all `lead` examples
+                total = total * (lead / pick.numel())
             entry = self.totals[k].get(idx)
             if entry is None:
-                self.totals[k][idx] = [total, int(sq.shape[0])]
+                self.totals[k][idx] = [total, lead]
             else:
                 entry[0] = entry[0] + total
 
@@ -285,7 +294,7 @@ class PerExample(Statistic):
         earlier.append(g)
         return sq
 
-    def _matrix_sq(self, k, f: Outer | Lookup, source) -> torch.Tensor | None:
+    def _matrix_sq(self, k, f: Outer | Lookup, source: tuple) -> torch.Tensor | None:
         """``||g_b||^2`` contributions of this call; a second call of the same module in the
         same backward adds its cross terms with the earlier ones: the per-example gradient
         of a module called c times is ``sum_c D_c^T A_c`` (tokens concatenated), so
@@ -307,12 +316,13 @@ class PerExample(Statistic):
         earlier.append((a, d))
         return sq
 
-    def _input_gram(self, source: torch.Tensor, a: torch.Tensor,
+    def _input_gram(self, source: tuple, a: torch.Tensor,
                     d: torch.Tensor) -> torch.Tensor | None:
         """The token Gram matrices of an input shared by the layers reading it (q/k/v,
-        gate/up): the last two inputs are kept, none above the kernels' chunk budget."""
+        gate/up): the last two inputs are kept, none above the kernels' chunk budget.
+        ``source``: the input tensor and the examples read (``per_example_sample``)."""
         for src, gram in self._grams:
-            if src is source:
+            if src[0] is source[0] and src[1] is source[1]:
                 return gram
         B, fin, fout = a.shape[0], a.shape[-1], d.shape[-1]
         T = a.numel() // max(B * fin, 1)

@@ -45,7 +45,12 @@ from gradlens.families.base import (
     nan_where,
     spike_free,
 )
+from gradlens.stats.microbatch import micro_sq_norms
 from gradlens.stats.shards import unit_count
+
+#: Bytes of micro-batch gradients held at most during a logged step's backward pass before
+#: they are reduced (the memory the batching costs; one gradient more at worst).
+BUFFER_BYTES = 32 << 20
 
 
 class TwoBatch(Statistic):
@@ -58,23 +63,63 @@ class TwoBatch(Statistic):
 
     def install(self, lens) -> None:
         lens.observer.on_microbatch(self._on_grad)
+        lens.observer.on_backward_end(self._drain)
 
     def reset(self) -> None:
         L = len(self.lens.layers)
         self.sq: list[list[torch.Tensor]] = [[] for _ in range(L)]
         self.unit: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        self._buffer: list[tuple[int, torch.Tensor]] = []
+        self._bytes = 0
+        self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._stash_task = -1
 
-    def _on_grad(self, k: int, g: torch.Tensor) -> None:
-        """One micro-batch's gradient of layer k (on logged steps): one reduction, no copy; a
-        non-finite entry makes the layer's estimates NaN at that step (the step's
-        ``nonfinite`` event says why)."""
-        if self.lens.matrix[k]:
-            u = S.unit_sq_norms_propagating(g, self.lens.layers[k].layout)
-            self.unit[k].append(u)
-            self.sq[k].append(u.sum())
+    def _on_grad(self, k: int, g: torch.Tensor, first: bool) -> None:
+        """One micro-batch's gradient of layer k (on logged steps); a non-finite entry makes
+        the layer's estimates NaN at that step (the step's ``nonfinite`` event says why).
+
+        ``first``: ``g`` is ``p.grad`` holding the first micro-batch (one process), about to
+        be accumulated into: read now, for every layer at once at the first such call of the
+        backward pass (no tracked ``p.grad`` has been added to yet; a layer whose hook comes
+        in another pass is read alone). Other gradients are kept by reference and reduced in
+        batches: at the end of the backward pass, or once :data:`BUFFER_BYTES` are held."""
+        if first:
+            task = torch._C._current_graph_task_id()
+            if task != self._stash_task:
+                self._stash_task = task
+                params = [info.param for info in self.lens.layers]
+                ks = [j for j, p in enumerate(params) if p.grad is not None]
+                self._stash = dict(zip(ks, self._norms(ks, [params[j].grad.detach()
+                                                             for j in ks]), strict=True))
+            entry = self._stash.pop(k, None)
+            self._commit(k, entry if entry is not None else self._norms([k], [g])[0])
+        elif self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
+            self._commit(k, self._norms([k], [g])[0])
         else:
-            self.sq[k].append(torch.linalg.vector_norm(
-                g, dtype=S.accumulation_dtype(g.dtype)).square())
+            self._buffer.append((k, g))
+            self._bytes += g.numel() * g.element_size()
+            if self._bytes >= BUFFER_BYTES:
+                self._drain()
+
+    def _norms(self, ks: list[int], gs: list[torch.Tensor]):
+        layers, matrix = self.lens.layers, self.lens.matrix
+        return micro_sq_norms(gs, [layers[k].layout if matrix[k] else None for k in ks])
+
+    def _commit(self, k: int, entry: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+        unit, sq = entry
+        if unit is not None:
+            self.unit[k].append(unit)
+        self.sq[k].append(sq)
+
+    def _drain(self) -> None:
+        """Reduce the held micro-batch gradients (in arrival order: each layer's list stays in
+        micro-batch order)."""
+        if not self._buffer:
+            return
+        buffer, self._buffer, self._bytes = self._buffer, [], 0
+        ks = [k for k, _ in buffer]
+        for k, entry in zip(ks, self._norms(ks, [g for _, g in buffer]), strict=True):
+            self._commit(k, entry)
 
     def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
         """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
@@ -92,6 +137,7 @@ class TwoBatch(Statistic):
         return {}
 
     def contribute(self, ctx: StepContext, pack) -> None:
+        self._drain()
         if ctx.world == 1 or ctx.micro == 0 or len(ctx.sizes) != ctx.micro:
             return
         lens = self.lens
@@ -118,6 +164,7 @@ class TwoBatch(Statistic):
         return total
 
     def emit(self, ctx: StepContext, red, out) -> None:
+        self._drain()
         lens = self.lens
         if ctx.micro * ctx.world < 2 or all(not v for v in self.sq) \
                 or len(ctx.sizes) != ctx.micro:
