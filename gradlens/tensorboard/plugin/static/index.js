@@ -52,7 +52,7 @@ async function getJSON(route, params = {}) {
 // fullWidth: the whole run's steps per column (null: not fetched yet for this run/statistic);
 // wider than 1, a zoom asks the server for the range, binned afresh (finer columns)
 const state = {runs: [], a: null, b: "", stat: null, agg: "max", versions: "", timer: null,
-  scale: {kind: "log"}, fullWidth: null, expand: null};
+  scale: {kind: "log"}, fullWidth: null, expand: null, fullScale: {}};
 
 export async function render() {
   document.head.append(el("style", {text: CSS}));
@@ -149,11 +149,15 @@ async function refresh(force) {
   if (!state.stat) return;
   let params = zoomParams();
   let maps = await fetchMaps(names, params);
+  const key = (m) => `${m.run}\u0000${state.stat}`;
   if (!Object.keys(params).length) {  // the whole run: its width decides where zooms are binned
     state.fullWidth = Math.max(1, ...maps.filter((m) => !m.error).map((m) => m.width || 1));
+    for (const m of maps) if (!m.error) state.fullScale[key(m)] = m.scale;
     params = zoomParams();
     if (Object.keys(params).length) maps = await fetchMaps(names, params);
   }
+  // a zoom keeps the whole run's colour-scale kind (the report's), not its range's
+  for (const m of maps) if (!m.error && m.range && key(m) in state.fullScale) m.scale = state.fullScale[key(m)];
   const versions = JSON.stringify(maps.map((m) => m.version || m.error)) + state.stat + state.agg +
     JSON.stringify(params);
   document.getElementById("gl-status").textContent =
