@@ -133,13 +133,17 @@ def _check(body: dict, ref, agg: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``a``: 3000 logged steps with summaries; ``b``: the same files without them."""
+    """``a``: 3000 logged steps with summaries; ``b``: the same files without them; ``c``: the
+    same rows as a CSV table."""
     logdir = tmp_path_factory.mktemp("zoom") / "runs"
     _write(logdir / "a", np.arange(3000))
     shutil.copytree(logdir / "a", logdir / "b")
     for f in (logdir / "b").glob(f"*{SUMMARY_SUFFIX}"):
         f.unlink()
     assert len(list((logdir / "a").glob(f"*{SUMMARY_SUFFIX}"))) == 4
+    (logdir / "c").mkdir()
+    shutil.copy(logdir / "a" / "run.json", logdir / "c" / "run.json")
+    load_run(logdir / "a").to_csv(logdir / "c" / "stats.csv", index=False, na_rep="nan")
     return logdir
 
 
@@ -156,7 +160,7 @@ def test_zoom_equals_a_brute_force_reference(runs: Path, start, end, max_cols) -
         for agg in ("max", "mean"):
             ref = _reference(runs / "a", stat, start, end, max_cols)
             answers = []
-            for run in ("a", "b"):
+            for run in ("a", "b", "c"):
                 code, body = _get(c, "/heatmap", run=run, stat=stat, agg=agg, start=start,
                                   end=end, max_cols=max_cols)
                 assert code == 200, body
@@ -166,8 +170,8 @@ def test_zoom_equals_a_brute_force_reference(runs: Path, start, end, max_cols) -
                 assert body["n_steps"] == ref[3]
                 answers.append({k: v for k, v in body.items()
                                 if k not in ("run", "version", "scale")})
-            if agg == "max":  # with and without summaries: the same answer
-                assert answers[0] == answers[1], (stat, start, end)
+            if agg == "max":  # with and without summaries, parquet or CSV: the same answer
+                assert answers[0] == answers[1] == answers[2], (stat, start, end)
     # the full view is binned (3000 steps > 400 columns)
     code, full = _get(c, "/heatmap", run="a", stat="grad_norm")
     assert code == 200 and full["width"] == 8 and full["range"] is None

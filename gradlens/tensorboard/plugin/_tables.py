@@ -137,18 +137,20 @@ class Table:
         files: list[Path] = []
         need: set[int] = set()
         for first, last, f in parts:
-            here = [s for s in self._footers[f][1]["steps"] if a <= s <= b]
-            if not here:
+            here = np.array([s for s in self._footers[f][1]["steps"] if a <= s <= b], np.int64)
+            if not len(here):
                 continue
             blk = read_summary(f, stat, self._summaries) if first < last else None
             inside = np.zeros(0, bool) if blk is None else (blk.first >= a) & (blk.last <= b)
             if blk is not None and inside.any():
                 sources.append(_sub_blocks(blk, inside))
-                spans = np.stack([blk.first[inside], blk.last[inside]], axis=1)
-                here = [s for s in here if not np.any((spans[:, 0] <= s) & (s <= spans[:, 1]))]
-            if here:
+                # the steps inside those blocks' spans (the blocks are in step order)
+                lo_s, hi_s = blk.first[inside], blk.last[inside]
+                k = np.searchsorted(lo_s, here, side="right") - 1
+                here = here[(k < 0) | (here > hi_s[np.maximum(k, 0)])]
+            if len(here):
                 files.append(f)
-                need.update(here)
+                need.update(here.tolist())
         if not sources:
             return None
         raw = (_arrow_matrix(self._scan(stat, files, min(need), max(need), need))

@@ -217,6 +217,8 @@ class RunStore:
         found = None if stat in run.wide or span else table.stat_columns(stat, max_cols)
         if span is not None:
             lo, hi = span
+            if stat not in run.wide and table.fmt != "parquet":  # a text table: read whole
+                run.wide[stat] = table.stat_matrix(stat)
             layers, roles, n_steps, w, cols = (
                 slice_columns(*run.wide[stat], lo, hi, max_cols) if stat in run.wide
                 else table.range_columns(stat, lo, hi, max_cols))
