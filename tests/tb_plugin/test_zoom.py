@@ -225,6 +225,8 @@ def test_bad_ranges_answer_400_naming_the_argument(runs: Path, params, name) -> 
         assert code == 400 and body["error"].startswith(name), body
     code, body = _get(c, "/heatmap", run="a", stat="grad_norm", start=5000, end=6000)
     assert code == 400 and "no logged step" in body["error"] and "5000..6000" in body["error"]
+    code, body = _get(c, "/heatmap", run="a", stat="nope", start=5, end=60)
+    assert code == 400 and "no per-layer rows" in body["error"]
 
 
 def test_a_live_runs_zoom_follows_new_steps(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ finite values in the column, NaN when it has none. Each column carries the first
 logged step it covers. A parquet run's columns come from the range files' summaries
 (:mod:`gradlens.table_summary`: a few numbers per layer and block of steps, equal to the rows'
 aggregates) and the rows of the parts after them; a run without summaries, or one they cannot
-give exactly, is binned from the statistic's rows. The role summary is computed from the
+give exactly, is binned from the statistic's rows. A zoom (``start``/``end``) bins the
+logged steps of its range alone, at the finest width that fits ``max_cols``
+(:meth:`Table.range_columns`). The role summary is computed from the
 binned matrix: per role and column, the median, min and max over the role's layers.
 """
 
@@ -222,7 +224,7 @@ class RunStore:
             layers, roles, n_steps, w, cols = (
                 slice_columns(*run.wide[stat], lo, hi, max_cols) if stat in run.wide
                 else table.range_columns(stat, lo, hi, max_cols))
-            if not n_steps:
+            if not n_steps and stat in (run.summary or {}).get("stats", []):
                 raise PluginInputError(f"statistic {stat!r} has no logged step in steps "
                                        f"{_fmt_span(span)}")
             if len([k for k in run.columns if k[2] is not None]) >= _ZOOMS_KEPT:
