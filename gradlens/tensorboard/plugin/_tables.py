@@ -25,7 +25,7 @@ from gradlens.table_parts import list_parts
 from gradlens.table_summary import Blocks, read_summary
 from gradlens.tensorboard.plugin._bins import Columns, bin_width, combine_blocks, matrix_columns
 
-__all__ = ["Table"]
+__all__ = ["Table", "slice_columns"]
 
 
 class Table:
@@ -82,24 +82,20 @@ class Table:
         return _matrix(names, lcode, role_dict.tolist(), rcode, df["step"].to_numpy(np.int64),
                        df["value"].to_numpy(np.float64))
 
-    def _scan(self, stat: str, only: list[Path] | None) -> Any:
+    def _scan(self, stat: str, only: list[Path] | None, lo: int | None = None,
+              hi: int | None = None, steps: set[int] | None = None) -> Any:
+        """The rows of ``stat`` in steps ``lo..hi`` (None: open; ``steps``: only these), of
+        the files ``only`` (None: all); pyarrow skips the row groups outside the range."""
         from gradlens.report._parquet import scan
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return scan(self.path, ([stat], None, (None, None), None),
+            return scan(self.path, ([stat], None, (lo, hi), steps),
                         columns=("step", "layer", "role", "value"), only=only)
 
-    def stat_columns(self, stat: str, max_cols: int
-                     ) -> tuple[list[str], dict[str, str], int, Columns] | None:
-        """``(layers, role of each, logged steps, columns)`` of ``stat`` from the range files'
-        summaries (and the rows of the files after the last summarized one), or None where
-        they cannot give the heatmap exactly: not parquet, no summary, a logged step in two
-        files (a resumed run), a column narrower than a summary's blocks, or a summary missing
-        before the last summarized file. Equal to the columns of :meth:`stat_matrix`'s
-        matrix (:func:`~gradlens.tensorboard.plugin._bins.matrix_columns`), sums up to rounding."""
-        if self.fmt != "parquet":
-            return None
+    def _disjoint_footers(self) -> list[tuple[int, int, Path]] | None:
+        """The parts, when every part's footer is known and no logged step is in two of them
+        (else None: a resumed run, read from the rows)."""
         parts = list_parts(self.path)
         seen: set[int] = set()
         total = 0
@@ -109,8 +105,69 @@ class Table:
                 return None
             seen.update(hit[1]["steps"])
             total += len(hit[1]["steps"])
-        if len(seen) != total:
+        return parts if len(seen) == total else None
+
+    def range_columns(self, stat: str, lo: int | None, hi: int | None, max_cols: int
+                      ) -> tuple[list[str], dict[str, str], int, int | None, Columns]:
+        """``(layers, role of each, logged steps in lo..hi, width (None: one column per logged
+        step), columns)`` of ``stat`` over the steps ``lo..hi`` (inclusive, None: open),
+        binned by :func:`~gradlens.tensorboard.plugin._bins.bin_width` over the steps in the
+        range. Reads the range files' summary blocks that lie inside the range where the
+        width is at least their block width, and the rows of the range's other steps (all of
+        the range's rows where the summaries cannot serve: not parquet, few steps, narrow
+        columns, a resumed run)."""
+        found = self._range_from_summaries(stat, lo, hi, max_cols)
+        if found is not None:
+            return found
+        if self.fmt == "parquet":
+            layers, roles, steps, values = _arrow_matrix(self._scan(stat, None, lo, hi))
+        else:
+            layers, roles, steps, values = self.stat_matrix(stat)
+        return slice_columns(layers, roles, steps, values, lo, hi, max_cols)
+
+    def _range_from_summaries(self, stat: str, lo: int | None, hi: int | None, max_cols: int
+                              ) -> tuple[list[str], dict[str, str], int, int | None, Columns] | None:
+        if self.fmt != "parquet" or (parts := self._disjoint_footers()) is None:
             return None
+        a, b = -np.inf if lo is None else lo, np.inf if hi is None else hi
+        logged = {s for _, _, f in parts for s in self._footers[f][1]["steps"] if a <= s <= b}
+        if len(logged) <= max_cols:  # one column per step at most: the rows are few
+            return None
+        sources: list[Blocks] = []
+        files: list[Path] = []
+        need: set[int] = set()
+        for first, last, f in parts:
+            here = np.array([s for s in self._footers[f][1]["steps"] if a <= s <= b], np.int64)
+            if not len(here):
+                continue
+            blk = read_summary(f, stat, self._summaries) if first < last else None
+            inside = np.zeros(0, bool) if blk is None else (blk.first >= a) & (blk.last <= b)
+            if blk is not None and inside.any():
+                sources.append(_sub_blocks(blk, inside))
+                # the steps inside those blocks' spans (the blocks are in step order)
+                lo_s, hi_s = blk.first[inside], blk.last[inside]
+                k = np.searchsorted(lo_s, here, side="right") - 1
+                here = here[(k < 0) | (here > hi_s[np.maximum(k, 0)])]
+            if len(here):
+                files.append(f)
+                need.update(here.tolist())
+        if not sources:
+            return None
+        raw = (_arrow_matrix(self._scan(stat, files, min(need), max(need), need))
+               if need else None)
+        return _combined(sources, raw, max_cols)
+
+    def stat_columns(self, stat: str, max_cols: int
+                     ) -> tuple[list[str], dict[str, str], int, Columns] | None:
+        """``(layers, role of each, logged steps, columns)`` of ``stat`` from the range files'
+        summaries (and the rows of the files after the last summarized one), or None where
+        they cannot give the heatmap exactly: not parquet, no summary, a logged step in two
+        files (a resumed run), a column narrower than a summary's blocks, or a summary missing
+        before the last summarized file. Equal to the columns of :meth:`stat_matrix`'s
+        matrix (:func:`~gradlens.tensorboard.plugin._bins.matrix_columns`), sums up to rounding."""
+        if self.fmt != "parquet" or (parts := self._disjoint_footers()) is None:
+            return None
+
         sources: list[Blocks] = []
         rest: list[Path] = []
         for first, last, f in parts:
@@ -133,24 +190,53 @@ class Table:
         if w is None or any(b.block > w for b in sources):
             return None
         raw = _arrow_matrix(self._scan(stat, rest)) if rest else None
-        firsts = [int(b.first[0]) for b in sources if len(b.ids)]
-        lasts = [int(b.last[-1]) for b in sources if len(b.ids)]
-        n_steps = sum(int(b.count.sum()) for b in sources)
-        if raw is not None and len(raw[2]):
-            firsts.append(int(raw[2][0]))
-            lasts.append(int(raw[2][-1]))
-            n_steps += len(raw[2])
-        if not n_steps:
-            return None
-        w = bin_width(min(firsts), max(lasts), n_steps, max_cols)
-        if w is None or any(b.block > w for b in sources):
-            return None
-        if raw is not None and len(raw[2]):
-            c = matrix_columns(raw[2], raw[3], w)
-            sources.append(Blocks(raw[0], [raw[1][n] for n in raw[0]], w, c.first // w,
-                                  c.first, c.last, c.count, c.n, c.total, c.peak))
-        layers, roles, cols = combine_blocks(sources, w)
-        return layers, dict(zip(layers, roles, strict=True)), n_steps, cols
+        found = _combined(sources, raw, max_cols)
+        return None if found is None else (*found[:3], found[4])
+
+
+def slice_columns(layers: list[str], roles: dict[str, str], steps: np.ndarray,
+                  values: np.ndarray, lo: int | None, hi: int | None, max_cols: int
+                  ) -> tuple[list[str], dict[str, str], int, int | None, Columns]:
+    """:meth:`Table.range_columns` of a statistic's matrix (its steps in ``lo..hi``)."""
+    keep = np.ones(len(steps), bool)
+    if lo is not None:
+        keep &= steps >= lo
+    if hi is not None:
+        keep &= steps <= hi
+    steps, values = steps[keep], values[:, keep]
+    w = bin_width(int(steps[0]), int(steps[-1]), len(steps), max_cols) if len(steps) else None
+    return layers, roles, len(steps), w, matrix_columns(steps, values, w)
+
+
+def _sub_blocks(b: Blocks, m: np.ndarray) -> Blocks:
+    """The blocks ``m`` (a mask) of ``b``."""
+    return Blocks(b.layers, b.roles, b.block, b.ids[m], b.first[m], b.last[m], b.count[m],
+                  b.n[:, m], b.total[:, m], b.peak[:, m])
+
+
+def _combined(sources: list[Blocks], raw: Any, max_cols: int
+              ) -> tuple[list[str], dict[str, str], int, int, Columns] | None:
+    """``(layers, roles, logged steps, width, columns)`` of summary blocks and the rows
+    ``raw`` (a :meth:`Table.stat_matrix` of the other steps, or None), or None where the
+    width is narrower than a block (or every step is its own column)."""
+    firsts = [int(b.first[0]) for b in sources if len(b.ids)]
+    lasts = [int(b.last[-1]) for b in sources if len(b.ids)]
+    n_steps = sum(int(b.count.sum()) for b in sources)
+    if raw is not None and len(raw[2]):
+        firsts.append(int(raw[2][0]))
+        lasts.append(int(raw[2][-1]))
+        n_steps += len(raw[2])
+    if not n_steps:
+        return None
+    w = bin_width(min(firsts), max(lasts), n_steps, max_cols)
+    if w is None or any(b.block > w for b in sources):
+        return None
+    if raw is not None and len(raw[2]):
+        c = matrix_columns(raw[2], raw[3], w)
+        sources = [*sources, Blocks(raw[0], [raw[1][n] for n in raw[0]], w, c.first // w,
+                                    c.first, c.last, c.count, c.n, c.total, c.peak)]
+    layers, roles, cols = combine_blocks(sources, w)
+    return layers, dict(zip(layers, roles, strict=True)), n_steps, w, cols
 
 
 def _arrow_matrix(t: Any) -> tuple[list[str], dict[str, str], np.ndarray, np.ndarray]:

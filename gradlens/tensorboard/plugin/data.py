@@ -14,7 +14,9 @@ finite values in the column, NaN when it has none. Each column carries the first
 logged step it covers. A parquet run's columns come from the range files' summaries
 (:mod:`gradlens.table_summary`: a few numbers per layer and block of steps, equal to the rows'
 aggregates) and the rows of the parts after them; a run without summaries, or one they cannot
-give exactly, is binned from the statistic's rows. The role summary is computed from the
+give exactly, is binned from the statistic's rows. A zoom (``start``/``end``) bins the
+logged steps of its range alone, at the finest width that fits ``max_cols``
+(:meth:`Table.range_columns`). The role summary is computed from the
 binned matrix: per role and column, the median, min and max over the role's layers.
 """
 
@@ -22,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,11 @@ from gradlens.report.load import RunError, find_tables, load_meta
 from gradlens.report.summary import report_pointers, row_summary
 from gradlens.schema import RUN_META_FILE, SPIKES_FILE
 from gradlens.tensorboard.plugin._bins import Columns, bin_width, cells, matrix_columns
+from gradlens.tensorboard.plugin._events import read_events
+from gradlens.tensorboard.plugin._json import json_floats as _json_floats
+from gradlens.tensorboard.plugin._json import round_sig
 from gradlens.tensorboard.plugin._scale import heatmap_scale
-from gradlens.tensorboard.plugin._tables import Table
+from gradlens.tensorboard.plugin._tables import Table, slice_columns
 
 __all__ = [
     "AGGREGATES",
@@ -50,6 +53,7 @@ __all__ = [
     "PluginInputError",
     "RunStore",
     "find_runs",
+    "round_sig",
 ]
 
 DEFAULT_MAX_COLS = 400
@@ -58,6 +62,7 @@ AGGREGATES = ("max", "mean")
 ROLE_ORDER = KINDS
 _MAX_DEPTH = 4  # how deep below the logdir run directories are looked for
 VERDICTS_FILE = "verdicts.json"
+_ZOOMS_KEPT = 8  # zoomed ranges cached per run (a poll of the shown one costs no read)
 
 
 class PluginInputError(ValueError):
@@ -98,38 +103,6 @@ def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(key)
 
 
-def round_sig(a: np.ndarray, digits: int = 5) -> np.ndarray:
-    """``a`` rounded to ``digits`` significant digits (as ``float(f"{x:.5g}")``, vectorized:
-    ``round(x * 10**k) / 10**k`` with ``10**k`` exact, so the result is the double nearest
-    to the rounded decimal; it can differ from the string's only where ``x * 10**k`` lands
-    within an ulp of a tie). Non-finite values, zeros and magnitudes outside 1e-17..1e22
-    (where ``10**k`` is not exact) go through the string."""
-    a = np.asarray(a, np.float64)
-    out = a.copy()
-    mag = np.abs(a)
-    ok = np.isfinite(a) & (mag >= 1e-17) & (mag < 1e22)
-    x = a[ok]
-    k = (digits - 1) - np.floor(np.log10(np.abs(x)))  # 10**k scales the last kept digit to 1
-    r = np.empty_like(x)
-    up = k >= 0
-    r[up] = np.round(x[up] * 10.0 ** k[up]) / 10.0 ** k[up]
-    r[~up] = np.round(x[~up] / 10.0 ** -k[~up]) * 10.0 ** -k[~up]
-    out[ok] = r
-    rest = np.flatnonzero(~ok & np.isfinite(a))
-    out.flat[rest] = [float(f"{v:.{digits}g}") for v in a.flat[rest]]
-    return out
-
-
-def _json_floats(a: np.ndarray) -> list[Any]:
-    """Nested lists with 5 significant digits; NaN and +-inf as None (JSON has neither)."""
-    a = np.asarray(a, np.float64)
-    flat = [v if math.isfinite(v) else None for v in round_sig(a).ravel().tolist()]
-    if a.ndim == 1:
-        return flat
-    n = a.shape[1]
-    return [flat[i:i + n] for i in range(0, len(flat), n)]
-
-
 @dataclass
 class _Run:
     """The cached content of one run directory."""
@@ -141,8 +114,10 @@ class _Run:
     error: str | None = None
     wide: dict[str, tuple[list[str], dict[str, str], np.ndarray, np.ndarray]] = field(
         default_factory=dict)
-    columns: dict[tuple[str, int], tuple[list[str], int, Columns]] = field(default_factory=dict)
-    scales: dict[tuple[str, int], dict[str, Any] | None] = field(default_factory=dict)
+    # (stat, max_cols, step range or None) -> (layers, logged steps, width, columns)
+    columns: dict[tuple[Any, ...], tuple[list[str], int, int, Columns]] = field(
+        default_factory=dict)
+    scales: dict[tuple[Any, ...], dict[str, Any] | None] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
 
 
@@ -229,25 +204,43 @@ class RunStore:
             out.append(entry)
         return out
 
-    def _columns(self, run: _Run, table: Table, stat: str, max_cols: int
-                 ) -> tuple[list[str], int, Columns]:
-        """(layers in display order, logged steps, their columns) of one statistic, cached:
-        from the range files' summaries where they give it exactly, else from the matrix of
-        the statistic's rows (cached too, for other ``max_cols``)."""
-        hit = run.columns.get((stat, max_cols))
+    def _columns(self, run: _Run, table: Table, stat: str, max_cols: int,
+                 span: tuple[int | None, int | None] | None = None
+                 ) -> tuple[list[str], int, int, Columns]:
+        """(layers in display order, logged steps, column width (1: a column per logged
+        step), their columns) of one statistic, cached: from the range files' summaries
+        where they give it exactly, else from the matrix of the statistic's rows (cached too,
+        for other ``max_cols``). ``span``: the steps ``start..end`` only, binned afresh
+        (:meth:`Table.range_columns`; the last few ranges are cached)."""
+        key = (stat, max_cols, span)
+        hit = run.columns.get(key)
         if hit is not None:
             return hit
-        found = None if stat in run.wide else table.stat_columns(stat, max_cols)
-        if found is not None:
+        found = None if stat in run.wide or span else table.stat_columns(stat, max_cols)
+        if span is not None:
+            lo, hi = span
+            if stat not in run.wide and table.fmt != "parquet":  # a text table: read whole
+                run.wide[stat] = table.stat_matrix(stat)
+            layers, roles, n_steps, w, cols = (
+                slice_columns(*run.wide[stat], lo, hi, max_cols) if stat in run.wide
+                else table.range_columns(stat, lo, hi, max_cols))
+            if not n_steps and stat in (run.summary or {}).get("stats", []):
+                raise PluginInputError(f"statistic {stat!r} has no logged step in steps "
+                                       f"{_fmt_span(span)}")
+            if len([k for k in run.columns if k[2] is not None]) >= _ZOOMS_KEPT:
+                for k in [k for k in run.columns if k[2] is not None]:
+                    run.columns.pop(k)
+                    run.scales.pop(k, None)
+        elif found is not None:
             layers, roles, n_steps, cols = found
+            w = bin_width(int(cols.first[0]), int(cols.last[-1]), n_steps, max_cols)
         else:
             if stat not in run.wide:
                 run.wide[stat] = table.stat_matrix(stat)
             layers, roles, steps, values = run.wide[stat]
             n_steps = len(steps)
-            cols = matrix_columns(steps, values,
-                                  bin_width(int(steps[0]), int(steps[-1]), n_steps, max_cols)
-                                  if n_steps else None)
+            w = bin_width(int(steps[0]), int(steps[-1]), n_steps, max_cols) if n_steps else None
+            cols = matrix_columns(steps, values, w)
         if not layers:
             stats = (run.summary or {}).get("stats", [])
             raise PluginInputError(f"statistic {stat!r} has no per-layer rows in this run "
@@ -260,14 +253,15 @@ class RunStore:
         pos = {name: i for i, name in enumerate(order)}
         order = sorted(order, key=lambda n: (rank.get(roles.get(n, ""), len(rank)), pos[n]))
         row = {n: i for i, n in enumerate(layers)}
-        entry = (order, n_steps, cols.take([row[n] for n in order]))
-        run.columns[(stat, max_cols)] = entry
+        entry = (order, n_steps, w or 1, cols.take([row[n] for n in order]))
+        run.columns[key] = entry
         return entry
 
     # ------------------------------------------------------------------ views
 
     def heatmap(self, name: str | None, stat: str | None, max_cols: int = DEFAULT_MAX_COLS,
-                agg: str = "max") -> dict[str, Any]:
+                agg: str = "max", start: int | None = None, end: int | None = None
+                ) -> dict[str, Any]:
         """Layers (grouped by role, model order inside a role) x step columns of ``stat``
         (:mod:`gradlens.tensorboard.plugin._bins`).
 
@@ -275,9 +269,14 @@ class RunStore:
         ``columns`` ([first step, last step] per column), ``values`` (rows of floats or null),
         ``vmin``/``vmax`` (smallest/largest positive finite value, for a log colour scale;
         5 significant digits, as the values), ``scale`` (the report's colour-scale kind,
-        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`: see :meth:`_scale`), ``agg``, ``n_steps`` (logged steps before binning) and
-        ``version`` (changes when the
-        files do).
+        :func:`gradlens.tensorboard.plugin._scale.heatmap_scale`: see :meth:`_scale`),
+        ``agg``, ``n_steps`` (logged steps before binning), ``width`` (steps per column, 1
+        when each logged step is a column), ``range`` (``[start, end]`` of a zoom, open ends
+        filled with the first/last logged step in it; None for the whole run) and
+        ``version`` (changes when the files do).
+
+        Zoom: with ``start`` and/or ``end`` (inclusive), only the logged steps in that range
+        are binned, at the finest width that keeps at most ``max_cols`` columns.
         """
         if not stat:
             raise PluginInputError("give ?stat=<statistic>")
@@ -285,8 +284,9 @@ class RunStore:
             raise PluginInputError(f"agg must be one of {AGGREGATES}, got {agg!r}")
         if not 1 <= max_cols <= MAX_COLS_LIMIT:
             raise PluginInputError(f"max_cols must be in 1..{MAX_COLS_LIMIT}, got {max_cols}")
+        span = _span(start, end)
         _path, run, table = self._data(name)
-        layers, n_steps, cols = self._columns(run, table, stat, max_cols)
+        layers, n_steps, width, cols = self._columns(run, table, stat, max_cols, span)
         binned = cells(cols, agg)
         roles = run.roles
         labels = short_labels(layers)
@@ -299,38 +299,43 @@ class RunStore:
                 bands.append({"role": role, "first": i, "rows": 1, "color": kind_color(role)})
         pos = binned[np.isfinite(binned) & (binned > 0)]
         return {
-            "run": name, "stat": stat, "agg": agg, "n_steps": n_steps,
+            "run": name, "stat": stat, "agg": agg, "n_steps": n_steps, "width": width,
+            "range": None if span is None else [
+                int(cols.first[0]) if start is None else start,
+                int(cols.last[-1]) if end is None else end],
             "layers": [{"name": n, "label": labels[n], "role": roles.get(n, "")} for n in layers],
             "roles": bands,
             "columns": [[int(a), int(b)] for a, b in zip(cols.first, cols.last, strict=True)],
             "values": _json_floats(binned),
             "vmin": _json_floats(pos.min(keepdims=True))[0] if pos.size else None,
             "vmax": _json_floats(pos.max(keepdims=True))[0] if pos.size else None,
-            "scale": self._scale(run, stat, max_cols),
+            "scale": self._scale(run, stat, (stat, max_cols, span)),
             "version": repr(run.key),
         }
 
     @staticmethod
-    def _scale(run: _Run, stat: str, max_cols: int) -> dict[str, Any] | None:
+    def _scale(run: _Run, stat: str, key: tuple[Any, ...]) -> dict[str, Any] | None:
         """The colour-scale kind: the report's rule over every logged step's value where the
-        statistic's rows were read; where its columns came from the range summaries, the
-        same rule over the columns' maxima and means (both, so that the kind does not change
-        with ``agg``; the summaries hold no per-step value)."""
-        if stat in run.wide:
+        statistic's rows were read; where its columns came from the range summaries, or for
+        a zoom, the same rule over the columns' maxima and means (both, so that the kind does
+        not change with ``agg``; the summaries hold no per-step value)."""
+        if stat in run.wide and key[2] is None:
             return heatmap_scale(run.wide[stat][3])
-        key = (stat, max_cols)
         if key not in run.scales:
-            cols = run.columns[key][2]
+            cols = run.columns[key][3]
             run.scales[key] = heatmap_scale(np.concatenate([cells(cols, "max"),
                                                             cells(cols, "mean")], axis=1))
         return run.scales[key]
 
     def role_summary(self, name: str | None, stat: str | None,
-                     max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean") -> dict[str, Any]:
-        """Per role: the median, min and max over its layers of the binned values, per column."""
-        hm = self.heatmap(name, stat, max_cols, agg)
+                     max_cols: int = DEFAULT_MAX_COLS, agg: str = "mean",
+                     start: int | None = None, end: int | None = None) -> dict[str, Any]:
+        """Per role: the median, min and max over its layers of the binned values, per column
+        (of the zoom ``start..end`` when given, as :meth:`heatmap`)."""
+        hm = self.heatmap(name, stat, max_cols, agg, start, end)
         _path, run, table = self._data(name)
-        binned = cells(self._columns(run, table, str(stat), max_cols)[2], agg)
+        binned = cells(self._columns(run, table, str(stat), max_cols,
+                                     _span(start, end))[3], agg)
         out: dict[str, Any] = {}
         for band in hm["roles"]:
             block = binned[band["first"]:band["first"] + band["rows"]]
@@ -350,6 +355,7 @@ class RunStore:
                     "max": _json_floats(np.nanmax(block, axis=0)),
                 }
         return {"run": name, "stat": stat, "agg": agg, "columns": hm["columns"],
+                "width": hm["width"], "range": hm["range"],
                 "roles": roles, "version": hm["version"]}
 
     def events(self, name: str | None) -> dict[str, Any]:
@@ -359,7 +365,7 @@ class RunStore:
         key = _file_key([path])
         cached = self._events.get(path)
         if cached is None or cached[0] != key:
-            cached = (key, list(_read_events(path)))
+            cached = (key, list(read_events(path)))
             self._events[path] = cached
         rows = cached[1]
         kinds: dict[str, int] = {}
@@ -416,6 +422,19 @@ class RunStore:
         return {"run": name, "verdicts": mine, "answers": answers, "source": str(f)}
 
 
+def _span(start: int | None, end: int | None) -> tuple[int | None, int | None] | None:
+    """The zoom ``(start, end)``, None for the whole run; start > end is a bad request."""
+    if start is None and end is None:
+        return None
+    if start is not None and end is not None and start > end:
+        raise PluginInputError(f"start must be <= end, got start={start} end={end}")
+    return start, end
+
+
+def _fmt_span(span: tuple[int | None, int | None]) -> str:
+    return f"{'..' if span[0] is None else span[0]}..{'' if span[1] is None else span[1]}"
+
+
 def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:
     rd = row.get("run_dir")
     if isinstance(rd, str) and rd:
@@ -424,22 +443,3 @@ def _same_run(row: dict[str, Any], path: Path, label: str) -> bool:
         except OSError:
             return False
     return str(row.get("run")) == label
-
-
-def _read_events(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of ``spikes.jsonl``; a damaged line (a live run's partial last line,
-    or worse) is skipped, never raised: the dashboard shows what can be read."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            yield {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in rec.items()}

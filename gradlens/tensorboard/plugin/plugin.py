@@ -5,8 +5,9 @@ Routes, under ``/data/plugin/gradlens``::
 
     /index.js, /heatmap.js           the frontend (plain ES modules, package data)
     /runs                            the lens runs under the logdir
-    /heatmap?run=&stat=&max_cols=&agg=   layers x step columns (see data.RunStore.heatmap)
-    /roles?run=&stat=&max_cols=&agg=     per-role median and min-max band
+    /heatmap?run=&stat=&max_cols=&agg=&start=&end=   layers x step columns
+                                     (data.RunStore.heatmap; start/end: a zoom, inclusive)
+    /roles?run=&stat=&max_cols=&agg=&start=&end=     per-role median and min-max band
     /events?run=                     rows of spikes.jsonl
     /verdicts?run=                   verdicts of the latest report covering the run
 
@@ -33,7 +34,7 @@ PLUGIN_NAME = "gradlens"
 _log = logging.getLogger(__name__)
 
 
-def _int_arg(request: wrappers.Request, name: str, default: int) -> int:
+def _int_arg(request: wrappers.Request, name: str, default: int | None) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
@@ -66,10 +67,12 @@ class GradLensPlugin(base_plugin.TBPlugin):
             "/runs": self._json_route(lambda r: {"runs": self.store.list_runs()}),
             "/heatmap": self._json_route(lambda r: self.store.heatmap(
                 r.args.get("run"), r.args.get("stat"),
-                _int_arg(r, "max_cols", DEFAULT_MAX_COLS), r.args.get("agg") or "max")),
+                _int_arg(r, "max_cols", DEFAULT_MAX_COLS) or 0, r.args.get("agg") or "max",
+                _int_arg(r, "start", None), _int_arg(r, "end", None))),
             "/roles": self._json_route(lambda r: self.store.role_summary(
                 r.args.get("run"), r.args.get("stat"),
-                _int_arg(r, "max_cols", DEFAULT_MAX_COLS), r.args.get("agg") or "mean")),
+                _int_arg(r, "max_cols", DEFAULT_MAX_COLS) or 0, r.args.get("agg") or "mean",
+                _int_arg(r, "start", None), _int_arg(r, "end", None))),
             "/events": self._json_route(lambda r: self.store.events(r.args.get("run"))),
             "/verdicts": self._json_route(lambda r: self.store.verdicts(r.args.get("run"))),
         }

@@ -1,6 +1,7 @@
 // gradlens plugin: the heatmap at real model size, laid out in the browser from the data the
 // /heatmap route already sent. Rows: grouped by block (collapsible) or by role, or sorted by the
-// shown statistic; a name/role filter; a step range (zoom); a colour scale of the kind the report
+// shown statistic; a name/role filter; a step range (zoom: index.js asks the server for the
+// range binned afresh when the whole run's columns are wider than a step); a colour scale of the kind the report
 // gives the statistic (log, symmetric log on a diverging map, or linear: the route's `scale`),
 // clipped at percentiles computed without the flagged (event) steps by default.
 
@@ -221,8 +222,9 @@ export function drawHeatmap(ctxt) {
   }
   const first = nC ? m.columns[cols[0]][0] : "–", last = nC ? m.columns[cols[nC - 1]][1] : "–";
   wrap.append(el("div", {class: "gl-axis", text:
-    `steps ${first}–${last}: ${nC} columns of ${m.n_steps} logged steps (${m.agg} per column); ` +
-    "drag across the map to zoom", style: `left:${left}px;top:${y0 + H + 4}px`}));
+    `steps ${first}–${last}: ${nC} columns of ${m.n_steps} logged steps (${m.agg} per column` +
+    `${m.width > 1 ? `, ${m.width} steps wide` : ""}); drag across the map to zoom`,
+    style: `left:${left}px;top:${y0 + H + 4}px`}));
   // cells
   const img = new ImageData(Math.max(nC, 1), Math.max(nR, 1));
   rows.forEach((r, i) => cols.forEach((c, j) => {
@@ -233,7 +235,8 @@ export function drawHeatmap(ctxt) {
   }));
   const small = el("canvas"); small.width = Math.max(nC, 1); small.height = Math.max(nR, 1);
   small.getContext("2d").putImageData(img, 0, 0);
-  const canvas = el("canvas", {class: "gl-heatmap", style: `position:absolute;left:${left}px;top:${y0}px`});
+  const canvas = el("canvas", {class: "gl-heatmap", "data-columns": String(nC), "data-width": String(m.width || 1),
+    style: `position:absolute;left:${left}px;top:${y0}px`});
   canvas.width = Math.max(W, 1); canvas.height = Math.max(H, 1);
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;

@@ -49,8 +49,10 @@ async function getJSON(route, params = {}) {
   return body;
 }
 
+// fullWidth: the whole run's steps per column (null: not fetched yet for this run/statistic);
+// wider than 1, a zoom asks the server for the range, binned afresh (finer columns)
 const state = {runs: [], a: null, b: "", stat: null, agg: "max", versions: "", timer: null,
-  scale: {kind: "log"}};
+  scale: {kind: "log"}, fullWidth: null, expand: null, fullScale: {}};
 
 export async function render() {
   document.head.append(el("style", {text: CSS}));
@@ -87,6 +89,7 @@ export async function render() {
   const stats = first.stats, askedStat = new URLSearchParams(window.location.search).get("gl_stat");
   state.stat = stats.includes(askedStat) ? askedStat : stats.includes("grad_norm") ? "grad_norm" : stats[0] || null;
   buildControls();
+  state.expand = viewFromQuery();
   await refresh(true);
   state.timer = setInterval(() => refresh(false).catch(() => {}), POLL_MS);
 }
@@ -98,7 +101,7 @@ function select(id, options, value, onChange) {
     if (v === value) o.selected = true;
     s.append(o);
   }
-  s.addEventListener("change", () => { onChange(s.value); refresh(true); });
+  s.addEventListener("change", () => { onChange(s.value); state.fullWidth = null; refresh(true); });
   return s;
 }
 
@@ -120,12 +123,43 @@ function buildControls() {
   );
 }
 
+/** The zoom to ask the server for ({start, end}), {} when the browser zooms the whole run's
+ * columns (no zoom, or the whole run already a column per logged step). */
+function zoomParams() {
+  if ((view.from === null && view.to === null) || !(state.fullWidth > 1)) return {};
+  const p = {};
+  if (view.from !== null) p.start = String(Math.ceil(view.from));
+  if (view.to !== null) p.end = String(Math.floor(view.to));
+  return p;
+}
+
+function fetchMaps(names, params) {
+  return Promise.all(names.map((run) => getJSON("heatmap", {run, stat: state.stat, agg: state.agg, ...params})
+    .catch((e) => ({run, error: String(e)}))));
+}
+
+/** After a change of the step range: fetch the finer columns (or the whole run back). */
+function zoomChanged() {
+  if (drawn.maps.some((m) => m.range) || Object.keys(zoomParams()).length) refresh(true).catch(() => {});
+  else redraw();
+}
+
 async function refresh(force) {
   const names = [state.a, state.b].filter((x) => x);
   if (!state.stat) return;
-  const maps = await Promise.all(names.map((run) =>
-    getJSON("heatmap", {run, stat: state.stat, agg: state.agg}).catch((e) => ({run, error: String(e)}))));
-  const versions = JSON.stringify(maps.map((m) => m.version || m.error)) + state.stat + state.agg;
+  let params = zoomParams();
+  let maps = await fetchMaps(names, params);
+  const key = (m) => `${m.run}\u0000${state.stat}`;
+  if (!Object.keys(params).length) {  // the whole run: its width decides where zooms are binned
+    state.fullWidth = Math.max(1, ...maps.filter((m) => !m.error).map((m) => m.width || 1));
+    for (const m of maps) if (!m.error) state.fullScale[key(m)] = m.scale;
+    params = zoomParams();
+    if (Object.keys(params).length) maps = await fetchMaps(names, params);
+  }
+  // a zoom keeps the whole run's colour-scale kind (the report's), not its range's
+  for (const m of maps) if (!m.error && m.range && key(m) in state.fullScale) m.scale = state.fullScale[key(m)];
+  const versions = JSON.stringify(maps.map((m) => m.version || m.error)) + state.stat + state.agg +
+    JSON.stringify(params);
   document.getElementById("gl-status").textContent =
     `updated ${new Date().toLocaleTimeString()} (polls every ${POLL_MS / 1000} s)`;
   if (!force && versions === state.versions) return;
@@ -134,7 +168,7 @@ async function refresh(force) {
   state.scale = scaleKind(maps.filter((m) => !m.error));  // the heatmap's, for the role charts
   drawHeatmaps(maps, events);
   const roles = await Promise.all(names.map((run) =>
-    getJSON("roles", {run, stat: state.stat}).catch((e) => ({run, error: String(e)}))));
+    getJSON("roles", {run, stat: state.stat, ...params}).catch((e) => ({run, error: String(e)}))));
   drawRoles(roles);
   drawEvents(names, events);
   const verdicts = await Promise.all(names.map((run) => getJSON("verdicts", {run}).catch((e) => ({run, error: String(e), verdicts: []}))));
@@ -161,9 +195,9 @@ function viewFromQuery() {
   return q.has("gl_expand") ? q.get("gl_expand") !== "0" : null;
 }
 
-function input(id, attrs, onChange) {
+function input(id, attrs, onChange, after = redraw) {
   const i = el("input", {id, ...attrs});
-  i.addEventListener("change", () => { onChange(i); redraw(); });
+  i.addEventListener("change", () => { onChange(i); after(); });
   return i;
 }
 
@@ -188,9 +222,9 @@ function buildViewControls() {
     el("label", {text: "filter "}, filt),
     button("gl-collapse", "collapse all", () => { for (const k of allGroups()) view.collapsed.add(k); }),
     button("gl-expand", "expand all", () => view.collapsed.clear()),
-    el("label", {text: "steps "}, input("gl-from", {type: "number", size: "6", value: view.from ?? ""}, (i) => { view.from = num(i); }),
-      el("span", {text: " – "}), input("gl-to", {type: "number", size: "6", value: view.to ?? ""}, (i) => { view.to = num(i); })),
-    button("gl-zoom-reset", "all steps", () => { view.from = null; view.to = null; }),
+    el("label", {text: "steps "}, input("gl-from", {type: "number", size: "6", value: view.from ?? ""}, (i) => { view.from = num(i); }, zoomChanged),
+      el("span", {text: " – "}), input("gl-to", {type: "number", size: "6", value: view.to ?? ""}, (i) => { view.to = num(i); }, zoomChanged)),
+    button("gl-zoom-reset", "all steps", () => { view.from = null; view.to = null; zoomChanged(); }),
     el("label", {text: "colour percentiles "},
       input("gl-clip-lo", {type: "number", min: "0", max: "100", step: "0.5", size: "4", value: view.clipLo}, (i) => { view.clipLo = Math.min(Math.max(num(i) ?? 0, 0), 100); }),
       el("span", {text: " – "}),
@@ -212,7 +246,7 @@ function drawHeatmaps(maps, events) {
   drawn = {maps, events};
   if (!view.started) {
     view.started = true;
-    const expand = viewFromQuery();
+    const expand = state.expand;
     const m = maps.find((x) => !x.error && x.layers);
     const blocks = m ? m.layers.some((l) => /(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\./.test(l.name)) : false;
     view.order = view.order || (blocks ? "block" : "role");
@@ -250,7 +284,7 @@ function redraw() {
       panel.append(drawHeatmap({m, events: (events[i] || {}).events || [], rows, cols, limits, width,
         stat: state.stat, view,
         onToggle: (g) => { if (view.collapsed.has(g)) view.collapsed.delete(g); else view.collapsed.add(g); redraw(); },
-        onZoom: (a, b) => { view.from = a; view.to = b; buildViewControls(); redraw(); }}));
+        onZoom: (a, b) => { view.from = a; view.to = b; buildViewControls(); zoomChanged(); }}));
     }
     panels.append(panel);
   });
