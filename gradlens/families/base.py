@@ -27,6 +27,7 @@ import torch
 
 from gradlens import catalog
 from gradlens.catalog import NEEDS, FamilySpec, StatSpec
+from gradlens.dtensor import local_tensor
 
 if TYPE_CHECKING:
     from gradlens.core import distributed as D
@@ -184,7 +185,7 @@ class LayerStatistic(Statistic):
         lens = self.lens
         nan = lens.const("nan")
         values = [
-            self.compute(g, _local(info.param)).to(lens.dtype).reshape(())
+            self.compute(g, local_tensor(info.param)).to(lens.dtype).reshape(())
             if ctx.present[k] else nan
             for k, (info, g) in enumerate(zip(lens.layers, ctx.grads or [], strict=False))
         ]
@@ -199,12 +200,6 @@ class LayerStatistic(Statistic):
         if self.name in red and self.reduce == "mean":
             v = v / self.lens.world
         out[self.emits[0]] = v
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from gradlens.stats.shards import local_tensor
-
-    return local_tensor(t)
 
 
 _REGISTERED: dict[str, type[Statistic]] = {}

@@ -48,6 +48,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.catalog import FAMILIES
+from gradlens.dtensor import is_dtensor
 from gradlens.families.base import (
     Statistic,
     StepContext,
@@ -67,7 +68,6 @@ from gradlens.families.per_example_rules import (
     rule_for,
 )
 from gradlens.families.per_example_sample import ExampleSample, take
-from gradlens.stats.shards import is_dtensor
 
 CHECK_FAILED = ("the decomposition self-check failed: the per-example factors summed over the "
                 "micro-batch are not the gradient autograd computed (probe directions u, v: "

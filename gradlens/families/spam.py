@@ -10,8 +10,9 @@ import torch
 
 from gradlens import stats as S
 from gradlens.catalog import FAMILIES
+from gradlens.dtensor import local_tensor
 from gradlens.families.base import Statistic, StepContext
-from gradlens.stats.shards import local_tensor, spam_counts
+from gradlens.stats.shards import spam_counts
 
 
 class Spam(Statistic):

@@ -1,6 +1,6 @@
-"""Pure helpers for gradients held as shards (FSDP2's ``DTensor``): the local piece, and the
-counts whose partial sums add over ranks in the flush's one collective
-(:mod:`gradlens.core.distributed` places and reduces them). No collective here."""
+"""Pure helpers for gradients held as shards (FSDP2's ``DTensor``; the local piece is
+:func:`gradlens.dtensor.local_tensor`): the counts whose partial sums add over ranks in the
+flush's one collective (:mod:`gradlens.core.distributed` places and reduces them)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from gradlens.dtensor import is_dtensor, local_tensor
 from gradlens.roles import output_units_view
 from gradlens.stats.norms import accumulation_dtype
 
-__all__ = ["fan_finite_counts", "is_dtensor", "local_tensor", "spam_counts", "unit_count"]
+__all__ = ["fan_finite_counts", "spam_counts", "unit_count"]
 
 
 def unit_count(shape: Sequence[int], layout: str) -> int:
