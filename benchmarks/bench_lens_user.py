@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     print(f"\nLLaMA ({shape}; {param_bytes / 1e6:.1f} MB of parameters), steps of 2 x "
           f"{args.batch // 2} x {args.seq} tokens, {tensors} tracked tensors, "
           f"{args.threads} thread(s), default sinks "
-          f"(CSV + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
+          f"(Parquet table + TensorBoard); {args.rounds} rounds of {args.block}-step blocks. Ratio: "
           "median over rounds of (block time / the adjacent bare block's time, same model "
           "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor. "
           "us/tensor: median of (lens block - bare block) per step per tracked tensor, in "
