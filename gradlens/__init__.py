@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from gradlens._version import __version__
 
 if TYPE_CHECKING:
+    from gradlens.actuators.guard import SpikeGuard
     from gradlens.core.lens import GradLens
     from gradlens.families import LayerStatistic, Statistic, StepContext, register_statistic
-    from gradlens.families.guard import SpikeGuard
     from gradlens.families.per_example_rules import (
         register_per_example_rule,
         unregister_per_example_rule,
@@ -39,7 +39,7 @@ def _load(name: str) -> Any:
 
         return getattr(families, name)
     if name == "SpikeGuard":
-        from gradlens.families.guard import SpikeGuard
+        from gradlens.actuators.guard import SpikeGuard
 
         return SpikeGuard
     if name in ("register_per_example_rule", "unregister_per_example_rule"):

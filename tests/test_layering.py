@@ -3,7 +3,7 @@
 Layers (lower first): ``_args`` (argument checks), ``_version``, ``dtensor`` (sharded tensors),
 ``catalog`` (the statistics' declarations), ``schema``, then ``table_parts`` and
 ``table_summary`` (the run files' names and the range files' summaries), ``kinds`` (the layer-name vocabulary) and ``sink_api`` (the sink interface and its
-records), ``roles`` < ``stats`` < ``families`` < ``core`` < ``sinks`` (which hand the collector
+records), ``roles`` < ``stats`` < ``families`` < ``actuators`` < ``core`` < ``sinks`` (which hand the collector
 its default sinks) < ``integrations`` (which create lenses with them); ``optim`` stands alone
 (an optimizer never imports the collector); the file readers (``report``, ``advise``, the
 TensorBoard plugin ``tensorboard.plugin``) read what the sinks wrote and import only the
@@ -26,7 +26,7 @@ from pathlib import Path
 PKG = Path(__file__).parents[1] / "gradlens"
 RANK = {"_args": 0, "_version": 0, "dtensor": 0, "catalog": 0, "schema": 0.25,
         "table_parts": 0.5, "table_summary": 0.5, "kinds": 0.5, "sink_api": 0.5, "atomic_files": 0, "roles": 0,
-        "stats": 1, "families": 2, "core": 3, "sinks": 4, "integrations": 5}
+        "stats": 1, "families": 2, "actuators": 2.5, "core": 3, "sinks": 4, "integrations": 5}
 READERS = {"report", "advise", "tb_plugin"}
 READS = {"_args", "dtensor", "atomic_files", "catalog", "schema", "table_parts",
          "table_summary", "kinds", "roles", "stats"} | READERS

@@ -14,7 +14,7 @@ from gradlens.schema import TABLE_FORMATS
 
 def check_lens_arguments(args: Mapping[str, Any]) -> None:
     """``args``: the constructor's arguments by name (its ``locals()`` on entry)."""
-    from gradlens.families.guard import SpikeGuard
+    from gradlens.actuators.guard import SpikeGuard
     from gradlens.sink_api import Sink
 
     A.check_type("model", args["model"], nn.Module, "a torch.nn.Module")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from gradlens import stats as S
+from gradlens.actuators.guard import SpikeGuard
 from gradlens.core import distributed as D
 from gradlens.core import optimizers as O
 from gradlens.core import run as R
@@ -58,7 +59,6 @@ from gradlens.core.records import device_tensors, to_records
 from gradlens.core.selection import select_layers
 from gradlens.core.writer import BackgroundWriter
 from gradlens.families import Statistic, StepContext, builtin_families, register_statistic
-from gradlens.families.guard import SpikeGuard
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL
 from gradlens.sink_api import Sink

@@ -18,8 +18,6 @@ temporal        temporal_var(_per_element, _noise_scale,         p.grad every st
                 _normalized)
 histograms      unit_rms_hist                                    p.grad at the step
 spam            spam_fraction                                    the optimizer's exp_avg_sq
-guard           (acts: skips or damps flagged steps;             the detectors' flags, the
-                ``guard=SpikeGuard(...)``)                       optimizer's step gate
 grad_lag        grad_lag1_dot, grad_lag2_dot (opt-in,            p.grad every step
                 ``statistics=[GradLag]``)
 ==============  ===============================================  ===========================
