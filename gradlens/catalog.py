@@ -48,6 +48,9 @@ SCOPES = ("layer", "global", "run")
 REDUCTIONS = ("sum", "max", "mean", "derived")
 # the report's heatmaps: per slot (in this order, then user slots), the first statistic present
 HEATMAP_SLOTS = ("grad_norm", "per_element_variance", "noise_scale", "unit_spread")
+# the report's variance questions, ranked per layer: the total variance tr(Sigma), per entry
+# tr(Sigma)/numel, and the noise scale tr(Sigma)/|G|^2
+QUESTIONS = ("total", "per_entry", "gns")
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,10 @@ class StatSpec:
     ``reduce``: across data-parallel ranks, ``sum`` (partial sums add: squared norms, counts),
     ``max``, ``mean`` (averaged over ranks) or ``derived`` (computed after the one collective
     from reduced sums, as every ratio and estimator is). ``estimator``: the variance verdicts'
-    name for it (None: not an estimator the report judges). ``heatmap``: the report's heatmap
-    slot (None: no heatmap; a user statistic's slot is its own name).
+    name for it (None: not an estimator the report judges). ``question``: which of the report's
+    variance questions (:data:`QUESTIONS`) the estimator answers in the rankings and the
+    output-layer verdict. ``heatmap``: the report's heatmap slot (None: no heatmap; a user
+    statistic's slot is its own name).
     """
 
     name: str
@@ -69,8 +74,12 @@ class StatSpec:
     estimator: str | None = None
     size_fair: bool = False
     heatmap: str | None = None
+    question: str | None = None
 
     def __post_init__(self) -> None:
+        if self.question is not None and self.question not in QUESTIONS:
+            raise ValueError(f"statistic {self.name!r}: question must be one of {QUESTIONS}, "
+                             f"got {self.question!r}")
         for key, value, allowed in (("category", self.category, CATEGORIES),
                                     ("scope", self.scope, SCOPES),
                                     ("reduce", self.reduce, REDUCTIONS)):
@@ -112,9 +121,9 @@ def _s(name: str, category: str, doc: str, **kw: Any) -> StatSpec:
 
 
 def _variance(name: str, doc: str, heatmap: str | None = None, fair: bool = False,
-              estimator: bool = True) -> StatSpec:
+              estimator: bool = True, question: str | None = None) -> StatSpec:
     return StatSpec(name, doc, "variance", estimator=name if estimator else None,
-                    size_fair=fair, heatmap=heatmap)
+                    size_fair=fair, heatmap=heatmap, question=question)
 
 
 _SPREADS = (("cv", "coefficient of variation std/mean"), ("max_min", "max/min ratio"),
@@ -150,13 +159,13 @@ _BUILTIN = (
         intermediates=frozenset({"unit_sq_norms", "fan_sq_norms"})),
     FamilySpec("twobatch", (  # McCandlish et al., arXiv 1812.06162
         _variance("twobatch_trace", "tr(Sigma) from micro-batch (or rank-local) vs full-batch "
-                  "squared norms (McCandlish et al.)"),
+                  "squared norms (McCandlish et al.)", question="total"),
         _variance("twobatch_signal", "|G|^2 estimated by the two-batch estimator",
                   estimator=False),
         _variance("noise_scale", "B_simple = EMA tr(Sigma) / EMA |G|^2 (two-batch)",
-                  "noise_scale", fair=True),
+                  "noise_scale", fair=True, question="gns"),
         _variance("var_per_element", "two-batch tr(Sigma) / numel", "per_element_variance",
-                  fair=True),
+                  fair=True, question="per_entry"),
         _variance("unit_nsr_median", "median over output units of tr(Sigma_i)/||G_i||^2",
                   fair=True),
         _variance("unit_nsr_mean", "mean over output units of tr(Sigma_i)/||G_i||^2",
@@ -165,14 +174,14 @@ _BUILTIN = (
         needs=frozenset({"microbatch_grads", "consistent_grad", "batch_size"}),
         intermediates=frozenset({"unit_sq_norms", "raw_sq_norms"})),
     FamilySpec("per_example", (
-        _variance("pe_trace", "per-example covariance trace B/(B-1)(mean ||g_b||^2 - ||G||^2)"),
+        _variance("pe_trace", "per-example covariance trace B/(B-1)(mean ||g_b||^2 - ||G||^2)", question="total"),
         _variance("pe_signal", "per-example unbiased |G|^2 estimate ||G||^2 - pe_trace/B (the "
                   "noise scale's denominator; summed over layers for the run's GNS)",
                   estimator=False),
         _variance("pe_noise_scale", "per-example tr(Sigma) / unbiased |G|^2", "noise_scale",
-                  fair=True),
+                  fair=True, question="gns"),
         _variance("pe_var_per_element", "per-example tr(Sigma) / numel", "per_element_variance",
-                  fair=True),
+                  fair=True, question="per_entry"),
         _s("critical_batch_size", "run", "B_crit ~ B_simple = EMA(sum_l pe_trace) / "
            "EMA(sum_l pe_signal) over all layers, in examples (McCandlish et al.)",
            scope="global"),
@@ -180,10 +189,10 @@ _BUILTIN = (
         needs=frozenset({"layer_io", "consistent_grad", "batch_size"}),
         intermediates=frozenset({"raw_sq_norms"})),
     FamilySpec("temporal", (
-        _variance("temporal_var", "E||g||^2 - ||E g||^2 across steps (EMA)"),
+        _variance("temporal_var", "E||g||^2 - ||E g||^2 across steps (EMA)", question="total"),
         _variance("temporal_var_per_element", "temporal_var / numel", "per_element_variance",
-                  fair=True),
-        _variance("temporal_noise_scale", "temporal_var / ||E g||^2", "noise_scale", fair=True),
+                  fair=True, question="per_entry"),
+        _variance("temporal_noise_scale", "temporal_var / ||E g||^2", "noise_scale", fair=True, question="gns"),
         _variance("temporal_var_normalized", "temporal variance of SCALE's normalized "
                   "gradient G/r, per element", fair=True),
     ), "gradlens.families.temporal:Temporal", flag="temporal", needs=frozenset({"step_grad"})),
@@ -321,6 +330,20 @@ def scope(name: str) -> str:
     """A statistic's scope (``layer`` for a name nobody declared)."""
     spec = STATS.get(name)
     return "layer" if spec is None else spec.scope
+
+
+def question_estimators(question: str) -> tuple[str, ...]:
+    """The estimators answering one of the report's variance questions (:data:`QUESTIONS`),
+    in registry order (two-batch, per-example, temporal): the first a run has is the one its
+    figures and plain words use."""
+    if question not in QUESTIONS:
+        raise ValueError(f"question must be one of {QUESTIONS}, got {question!r}")
+    return tuple(s.name for s in STATS.values() if s.estimator and s.question == question)
+
+
+def family_of(name: str) -> str | None:
+    """The family that emits a statistic (None: the collector's own rows, or undeclared)."""
+    return _OWNER.get(name)
 
 
 def variance_estimators() -> tuple[str, ...]:

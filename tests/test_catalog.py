@@ -125,3 +125,31 @@ def test_the_catalog_imports_no_torch():
             "assert m.heatmap_stats({'grad_norm'}) == ['grad_norm']\n"
             "sys.exit(1 if 'torch' in sys.modules else 0)\n")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_variance_questions_come_from_the_declarations():
+    """The report's rankings ask three questions; which estimators answer each, and in which
+    order, is the catalog's ``question`` field, and a new declared estimator joins them."""
+    from gradlens.report.verdict_base import estimator_family
+
+    assert catalog.question_estimators("total") == ("twobatch_trace", "pe_trace", "temporal_var")
+    assert catalog.question_estimators("per_entry") == (
+        "var_per_element", "pe_var_per_element", "temporal_var_per_element")
+    assert catalog.question_estimators("gns") == ("noise_scale", "pe_noise_scale",
+                                                  "temporal_noise_scale")
+    assert [estimator_family(e) for e in ("pe_trace", "temporal_var", "unit_nsr_mean")] == [
+        "per_example", "temporal", "twobatch"]
+    with pytest.raises(ValueError, match="question must be one of"):
+        catalog.StatSpec("x", "doc", "variance", question="loudness")
+    spec = catalog.FamilySpec("question_probe", (catalog.StatSpec(
+        "probe_trace", "doc", "variance", estimator="probe_trace", question="total"),))
+    catalog.register(spec)
+    try:
+        assert catalog.question_estimators("total")[-1] == "probe_trace"
+        from gradlens.report.verdicts.output_highest import ranking_stats
+
+        assert ranking_stats()[0][-1] == "probe_trace"  # the report's rankings ask it too
+    finally:
+        catalog.FAMILIES.pop("question_probe")
+        catalog.STATS.pop("probe_trace")
+        catalog._OWNER.pop("probe_trace")

@@ -17,13 +17,12 @@ from gradlens.report.verdicts import kinds
 from gradlens.report.verdicts.registry import FigureSpec, ReportContext
 from gradlens.schema import GLOBAL
 
-__all__ = ["COMPARE_STATS", "DPI", "figure_plan", "render_figures"]
+__all__ = ["DPI", "figure_plan", "render_figures"]
 
 DPI = 100
 # figures: a few statistics that answer the report's questions; every statistic keeps its rows in
-# the CSV tables and its verdict. Heatmaps: the catalog's plan (per slot, the first statistic
-# present; a user statistic in its own slot).
-COMPARE_STATS = ("grad_norm", "var_per_element", "noise_scale", "unit_rms_cv")
+# the CSV tables and its verdict. Heatmaps and the overview's per-kind comparisons: the
+# catalog's plan (per slot, the first statistic present; a user statistic in its own slot).
 
 
 def stats_of(df: pd.DataFrame) -> set[str]:
@@ -39,8 +38,7 @@ def _overview(ctx: ReportContext) -> list[FigureSpec]:
     if ((all_df["layer"] == GLOBAL) & (all_df["stat"] == "loss")).any():
         figs.append(FigureSpec("loss", "overview", "Training loss, one line per run.",
                                lambda: P.plot_global(all_df, "loss")))
-    present = stats_of(all_df)
-    for stat in (s for s in COMPARE_STATS if s in present):
+    for stat in heatmap_stats(stats_of(all_df), [r.meta for r in ctx.runs]):
         figs.append(FigureSpec(f"compare_{stat}", "overview",
                                f"{stat} per role over steps (median over the role's layers), "
                                "one line per run.",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlens.catalog import family_of
 from gradlens.kinds import KINDS
 from gradlens.report.layer_names import layer_roles
 from gradlens.schema import GLOBAL
@@ -193,11 +194,10 @@ _FAMILY_NEEDS = {
 
 
 def estimator_family(est: str) -> str:
-    if est.startswith("pe_"):
-        return "per_example"
-    if est.startswith("temporal_"):
-        return "temporal"
-    return "twobatch"
+    """The family that produces a variance estimator (the catalog's owner; a name no family
+    declares is read as a two-batch one, as runs of older versions wrote them)."""
+    family = family_of(est)
+    return family if family in _FAMILY_NEEDS else "twobatch"
 
 
 def missing_reason(estimator: str, df: pd.DataFrame | None = None,

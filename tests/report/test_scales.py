@@ -66,9 +66,11 @@ def test_report_heatmaps_share_one_colour_scale_across_runs():
                            "heatmap_grad_norm_r", "heatmap_var_per_element_r",
                            "heatmap_noise_scale_r", "heatmap_unit_rms_cv_r", "spikes_r",
                            "loss", "spread_unit_rms_cv"}),
-    # one micro-batch (the gns preset): the per-example estimators stand in
+    # one micro-batch (the gns preset): the per-example estimators stand in, in the overview's
+    # comparisons too (the catalog's heatmap slots choose both)
     (("pe_trace", "pe_var_per_element", "pe_noise_scale", "temporal_var"),
-     {"compare_grad_norm", "compare_unit_rms_cv", "ranking_pe_trace_r",
+     {"compare_grad_norm", "compare_pe_var_per_element", "compare_pe_noise_scale",
+      "compare_unit_rms_cv", "ranking_pe_trace_r",
       "ranking_pe_var_per_element_r", "ranking_pe_noise_scale_r", "heatmap_grad_norm_r",
       "heatmap_pe_var_per_element_r", "heatmap_pe_noise_scale_r", "heatmap_unit_rms_cv_r",
       "spikes_r", "loss", "spread_unit_rms_cv"}),

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from gradlens.catalog import QUESTIONS, question_estimators
 from gradlens.report.layer_names import short_labels, short_layer_name
 from gradlens.report.ranking import rank_order
 from gradlens.report.verdict_base import (
@@ -48,16 +49,17 @@ from gradlens.report.verdicts.registry import (
 from gradlens.schema import STATS, VARIANCE_ESTIMATORS
 from gradlens.stats.noise_scale import lag1_autocorrelation
 
-__all__ = ["GNS", "KIND", "PER_ENTRY", "RANKING_STATS", "RANKING_TOP", "TOTAL",
-           "output_highest_verdict"]
+__all__ = ["KIND", "RANKING_TOP", "output_highest_verdict", "ranking_stats"]
 
-# the estimators answering each question, in order of preference (two-batch, per-example,
-# temporal): the first one a run has is the one its figures and plain words use
-TOTAL = ("twobatch_trace", "pe_trace", "temporal_var")
-PER_ENTRY = ("var_per_element", "pe_var_per_element", "temporal_var_per_element")
-GNS = ("noise_scale", "pe_noise_scale", "temporal_noise_scale")
-RANKING_STATS = (TOTAL, PER_ENTRY, GNS)
 RANKING_TOP = 5  # rows per (run, statistic) inlined in the report; the CSV has every layer
+
+
+def ranking_stats() -> tuple[tuple[str, ...], ...]:
+    """Per variance question (total, per entry, noise scale), the estimators answering it, in
+    order of preference (two-batch, per-example, temporal; each estimator's ``question`` in
+    :mod:`gradlens.catalog`, so a registered one joins): the first one a run has is the one its
+    figures and plain words use."""
+    return tuple(question_estimators(q) for q in QUESTIONS)
 
 
 def output_highest_verdict(
@@ -233,7 +235,7 @@ def _plots(ctx: ReportContext) -> list[FigureSpec]:
 
     present = set(ctx.all_df["stat"].unique())
     figs = []
-    for est in first_present(RANKING_STATS, present):
+    for est in first_present(ranking_stats(), present):
         for r in ctx.runs:
             if est in set(r.df["stat"].unique()):
                 figs.append(FigureSpec(
@@ -292,8 +294,9 @@ def _first_computed(verdicts: list[Verdict], group: Sequence[str]) -> Verdict | 
 
 def _answer(verdicts: list[Verdict]) -> Answer | None:
     """In words: where the output layer's total variance and its variance per entry stand."""
-    total, entry = _first_computed(verdicts, TOTAL), _first_computed(verdicts, PER_ENTRY)
-    gns = _first_computed(verdicts, GNS)
+    total_ests, entry_ests, gns_ests = ranking_stats()
+    total, entry = _first_computed(verdicts, total_ests), _first_computed(verdicts, entry_ests)
+    gns = _first_computed(verdicts, gns_ests)
     parts = []
     if total is not None:
         n = total.numbers
@@ -312,7 +315,7 @@ def _answer(verdicts: list[Verdict]) -> Answer | None:
         parts.append(f"{what} ({size_fair.stat}) it ranks {rank}{lead}" if parts else
                      f"{what.capitalize()} ({size_fair.stat}), the output layer ranks {rank}{lead}")
     if not parts:
-        missing = [v for v in verdicts if v.answer == "not computable" and v.stat in TOTAL]
+        missing = [v for v in verdicts if v.answer == "not computable" and v.stat in total_ests]
         if not missing:
             return None
         why = missing[0].reason
