@@ -22,6 +22,7 @@ their ``role`` column, and :func:`layer_kind` maps them when the runs are read.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -83,6 +84,7 @@ def _block_kind(part: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of two strings; every flush asks it
 def layer_kind(name: str, role: str) -> str:
     """The kind of a parameter: one of :data:`KINDS`.
 
