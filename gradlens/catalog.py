@@ -4,7 +4,8 @@ The one owner of every statistic's metadata. A family (the torch side in
 :mod:`gradlens.families`) points at its :class:`FamilySpec` here; everything else reads this
 module: the documented schema (:data:`gradlens.schema.STATS`), the presets and
 ``LensConfig.stat_names``, the run-level rows of a flush, the dashboards' generated "other
-statistics" section and the report's heatmaps. Nothing here imports torch, so the report
+statistics" section, the report's heatmaps and its variance rankings (each estimator's
+``question``). Nothing here imports torch, so the report
 and the TensorBoard plugin read it without the collector.
 
 Per statistic (:class:`StatSpec`): its doc, its ``category`` (the dashboards' and report's
@@ -254,6 +255,17 @@ def register(spec: FamilySpec) -> FamilySpec:
         STATS[s.name] = s
         _OWNER[s.name] = spec.name
     return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a user family's declaration and its statistics (a built-in one is an error)."""
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is a built-in family; it cannot be unregistered")
+    spec = FAMILIES.pop(name, None)
+    for s in spec.stats if spec is not None else ():
+        if _OWNER.get(s.name) == name:
+            del _OWNER[s.name]
+            STATS.pop(s.name, None)
 
 
 def enabled(settings: Mapping[str, Any]) -> list[str]:

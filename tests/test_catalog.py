@@ -150,6 +150,7 @@ def test_variance_questions_come_from_the_declarations():
 
         assert ranking_stats()[0][-1] == "probe_trace"  # the report's rankings ask it too
     finally:
-        catalog.FAMILIES.pop("question_probe")
-        catalog.STATS.pop("probe_trace")
-        catalog._OWNER.pop("probe_trace")
+        catalog.unregister("question_probe")
+    assert "probe_trace" not in catalog.question_estimators("total")
+    with pytest.raises(ValueError, match="built-in"):
+        catalog.unregister("twobatch")
