@@ -15,7 +15,10 @@ per-layer entries are placeholders written only where set; ``run``: one value of
 how it crosses ranks (``reduce``), whether a variance estimator is size-fair, and its heatmap
 slot in the report. Per family: its needs (hooks and observations, checked by
 :data:`NEEDS`), the shared intermediates it reads (:data:`INTERMEDIATES`, computed once per
-layer per step by the collector), and the ``LensConfig`` flag that switches it.
+layer per step by the collector), the ``LensConfig`` flag that switches it, and the rank-local
+partials it hands to a flush's ONE collective (:class:`Partial`; the intermediates':
+:data:`INTERMEDIATE_PARTIALS`): the collector packs each with its declared reduction and
+nothing else.
 
 Adding a built-in family: a kernel in ``gradlens/stats``, a family file in
 ``gradlens/families`` (``spec = catalog.FAMILIES["name"]``), and here its declaration and one
@@ -47,8 +50,7 @@ INTERMEDIATES = frozenset({
 CATEGORIES = ("norms", "columns", "variance", "spikes", "run", "lag", "custom")
 SCOPES = ("layer", "global", "run")
 REDUCTIONS = ("sum", "max", "mean", "derived")
-# how a packed partial crosses ranks, and its shape: (L,) per layer, a per-layer vector of a
-# matrix's units / fans (one entry per matrix layer), or one value of the step
+# a packed partial's reduction across ranks and its shape (see Partial)
 PARTIAL_REDUCTIONS = ("sum", "max", "mean")
 PARTIAL_SHAPES = ("layer", "unit", "fan", "scalar")
 # the report's heatmaps: per slot (in this order, then user slots), the first statistic present
@@ -145,9 +147,8 @@ class FamilySpec:
         if bad:
             raise ValueError(f"family {self.name!r}: unknown needs {sorted(bad)}; choose from "
                              f"{sorted(NEEDS | INTERMEDIATES)}")
-        names = [p.name for p in self.partials]
-        if len(set(names)) != len(names):
-            raise ValueError(f"family {self.name!r}: partial names repeat: {names}")
+        if len({p.name for p in self.partials}) != len(self.partials):
+            raise ValueError(f"family {self.name!r}: partial names repeat: {self.partials}")
         for p in self.partials:
             stray = set(p.feeds) - set(self.names) - set(self.histograms)
             if not p.feeds or stray:
@@ -280,11 +281,10 @@ _BUILTIN = (
 )
 # the shared intermediates' partials (FSDP2: the rank's pieces of sharded matrices, placed at
 # their offsets in the global vectors); the raw norms' are the norms family's ``pre_sq``
-_UNIT_FEEDS = tuple(f"unit_rms_{s}" for s, _ in _SPREADS)
 INTERMEDIATE_PARTIALS: dict[str, tuple[Partial, ...]] = {
-    "unit_sq_norms": (_p("unit", "sum", "per-unit squared norms of the step gradient",
-                         (*_UNIT_FEEDS, "unit_nsr_median", "unit_nsr_mean", "unit_rms_hist"),
-                         shape="unit"),),
+    "unit_sq_norms": (_p("unit", "sum", "per-unit squared norms of the step gradient", (
+        *(f"unit_rms_{s}" for s, _ in _SPREADS), "unit_nsr_median", "unit_nsr_mean",
+        "unit_rms_hist"), shape="unit"),),
     "fan_sq_norms": tuple(
         _p(name, "sum", doc, tuple(f"fan_rms_{s}" for s, _ in _SPREADS), shape="fan")
         for name, doc in (("fan", "per-fan squared norms over finite entries"),
