@@ -15,7 +15,10 @@ per-layer entries are placeholders written only where set; ``run``: one value of
 how it crosses ranks (``reduce``), whether a variance estimator is size-fair, and its heatmap
 slot in the report. Per family: its needs (hooks and observations, checked by
 :data:`NEEDS`), the shared intermediates it reads (:data:`INTERMEDIATES`, computed once per
-layer per step by the collector), and the ``LensConfig`` flag that switches it.
+layer per step by the collector), the ``LensConfig`` flag that switches it, and the rank-local
+partials it hands to a flush's ONE collective (:class:`Partial`; the intermediates':
+:data:`INTERMEDIATE_PARTIALS`): the collector packs each with its declared reduction and
+nothing else.
 
 Adding a built-in family: a kernel in ``gradlens/stats``, a family file in
 ``gradlens/families`` (``spec = catalog.FAMILIES["name"]``), and here its declaration and one
@@ -47,6 +50,9 @@ INTERMEDIATES = frozenset({
 CATEGORIES = ("norms", "columns", "variance", "spikes", "run", "lag", "custom")
 SCOPES = ("layer", "global", "run")
 REDUCTIONS = ("sum", "max", "mean", "derived")
+# a packed partial's reduction across ranks and its shape (see Partial)
+PARTIAL_REDUCTIONS = ("sum", "max", "mean")
+PARTIAL_SHAPES = ("layer", "unit", "fan", "scalar")
 # the report's heatmaps: per slot (in this order, then user slots), the first statistic present
 HEATMAP_SLOTS = ("grad_norm", "per_element_variance", "noise_scale", "unit_spread")
 # the report's variance questions, ranked per layer: the total variance tr(Sigma), per entry
@@ -93,10 +99,39 @@ class StatSpec:
 
 
 @dataclass(frozen=True)
+class Partial:
+    """One rank-local quantity a family hands to a flush's ONE collective, by this name.
+
+    The collector packs it and reduces it with ``reduce`` (``sum``: partial sums and counts
+    add; ``max``: one slot per rank, max taken after the sum; ``mean``: the sum / world),
+    then hands the family the reduced value by ``name`` (in one process: the value as given).
+    ``shape``: ``layer`` ``(L,)``; ``unit`` / ``fan``: ``{layer index: vector}`` of a matrix's
+    units / fans; ``scalar``: one value. ``per_step``: packed at every deferred step (the
+    detectors' inputs of ``every_step`` families), else at logged steps only. ``feeds``: the
+    statistics (or histograms) computed from it.
+    """
+
+    name: str
+    reduce: str
+    shape: str = "layer"
+    doc: str = ""
+    per_step: bool = False
+    feeds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("reduce", self.reduce, PARTIAL_REDUCTIONS),
+                                    ("shape", self.shape, PARTIAL_SHAPES)):
+            if value not in allowed:
+                raise ValueError(f"partial {self.name!r}: {key} must be one of {allowed}, "
+                                 f"got {value!r}")
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """One family's declaration: ``impl`` is ``"module:Class"`` of its torch side (empty for
     the collector's own rows), ``flag`` the ``LensConfig`` switch (None: always on when in a
-    preset, opt-in otherwise), ``histograms`` the histogram names it writes."""
+    preset, opt-in otherwise), ``histograms`` the histogram names it writes, ``partials`` what
+    it packs into a flush's one collective (each feeds some of its statistics)."""
 
     name: str
     stats: tuple[StatSpec, ...]
@@ -105,12 +140,20 @@ class FamilySpec:
     needs: frozenset[str] = frozenset()
     intermediates: frozenset[str] = frozenset()
     histograms: tuple[str, ...] = ()
+    partials: tuple[Partial, ...] = ()
 
     def __post_init__(self) -> None:
         bad = (set(self.needs) - NEEDS) | (set(self.intermediates) - INTERMEDIATES)
         if bad:
             raise ValueError(f"family {self.name!r}: unknown needs {sorted(bad)}; choose from "
                              f"{sorted(NEEDS | INTERMEDIATES)}")
+        if len({p.name for p in self.partials}) != len(self.partials):
+            raise ValueError(f"family {self.name!r}: partial names repeat: {self.partials}")
+        for p in self.partials:
+            stray = set(p.feeds) - set(self.names) - set(self.histograms)
+            if not p.feeds or stray:
+                raise ValueError(f"family {self.name!r}: partial {p.name!r} must feed some of "
+                                 f"the family's statistics {self.names}, got {p.feeds}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -125,6 +168,11 @@ def _variance(name: str, doc: str, heatmap: str | None = None, fair: bool = Fals
               estimator: bool = True, question: str | None = None) -> StatSpec:
     return StatSpec(name, doc, "variance", estimator=name if estimator else None,
                     size_fair=fair, heatmap=heatmap, question=question)
+
+
+def _p(name: str, reduce: str, doc: str, feeds: tuple[str, ...], shape: str = "layer",
+       per_step: bool = False) -> Partial:
+    return Partial(name, reduce, shape, doc, per_step, feeds)
 
 
 _SPREADS = (("cv", "coefficient of variation std/mean"), ("max_min", "max/min ratio"),
@@ -143,7 +191,14 @@ _BUILTIN = (
            "data-parallel reduction, before clipping or any other edit, unscaled (per layer "
            "and global, every preset)", reduce="sum"),
     ), "gradlens.families.norms:Norms", needs=frozenset({"step_grad"}),
-        intermediates=frozenset({"raw_sq_norms"})),
+        intermediates=frozenset({"raw_sq_norms"}), partials=(  # FSDP2: this rank's shards
+        _p("sq", "sum", "finite squared norms", ("grad_norm", "grad_rms", "grad_norm_preclip"),
+           per_step=True),
+        _p("nonfinite", "sum", "non-finite entries (a layer without a finite one has no norm)",
+           ("nonfinite_count", "grad_norm", "grad_rms", "grad_norm_preclip"), per_step=True),
+        _p("max_abs", "max", "largest finite |g_i|", ("grad_max_abs",)),
+        _p("pre_sq", "sum", "raw squared norms (end of the last backward; contributing ranks)",
+           ("grad_norm_preclip",), per_step=True))),
     FamilySpec("spikes", (
         _s("grad_norm_z", "spikes", "z-score of log grad_norm_preclip (the raw norm) against "
            "its forecast"),
@@ -151,7 +206,9 @@ _BUILTIN = (
            "steps"),
         _s("loss", "run", "training loss handed to the lens", scope="run", reduce="mean"),
         _s("loss_z", "run", "z-score of the loss against its EMA mean/variance", scope="run"),
-    ), "gradlens.families.spikes:Spikes", needs=frozenset({"step_grad", "loss"})),
+    ), "gradlens.families.spikes:Spikes", needs=frozenset({"step_grad", "loss"}), partials=(
+        _p("loss", "mean", "the rank's summed micro-batch losses", ("loss", "loss_z"),
+           shape="scalar", per_step=True),)),
     FamilySpec("columns", tuple(  # 'unit' = SCALE's axis (one RMS per output unit)
         _s(f"{axis}_rms_{s}", "columns", f"{desc} of the per-{what} RMS vector",
            heatmap="unit_spread" if (axis, s) == ("unit", "cv") else None)
@@ -173,7 +230,14 @@ _BUILTIN = (
                   fair=True),
     ), "gradlens.families.twobatch:TwoBatch", flag="microbatch",
         needs=frozenset({"microbatch_grads", "consistent_grad", "batch_size"}),
-        intermediates=frozenset({"unit_sq_norms", "raw_sq_norms"})),
+        intermediates=frozenset({"unit_sq_norms", "raw_sq_norms"}), partials=(  # W > 1
+        _p("a", "sum", "sum_k b_k ||G_k||^2 of the rank's micro-batches (hooks' scale)",
+           ("twobatch_trace", "twobatch_signal", "noise_scale", "var_per_element")),
+        _p("has", "sum", "ranks whose hooks saw the layer (none: NaN, not a zero gradient)",
+           ("twobatch_trace", "twobatch_signal", "noise_scale", "var_per_element",
+            "unit_nsr_median", "unit_nsr_mean")),
+        _p("unit", "sum", "per-unit sum_k b_k ||G_k,i||^2 of the rank's micro-batches",
+           ("unit_nsr_median", "unit_nsr_mean"), shape="unit"))),
     FamilySpec("per_example", (
         _variance("pe_trace", "per-example covariance trace B/(B-1)(mean ||g_b||^2 - ||G||^2)", question="total"),
         _variance("pe_signal", "per-example unbiased |G|^2 estimate ||G||^2 - pe_trace/B (the "
@@ -188,7 +252,10 @@ _BUILTIN = (
            scope="global"),
     ), "gradlens.families.per_example:PerExample", flag="per_example",
         needs=frozenset({"layer_io", "consistent_grad", "batch_size"}),
-        intermediates=frozenset({"raw_sq_norms"})),
+        intermediates=frozenset({"raw_sq_norms"}), partials=(  # W > 1
+        _p("sq", "sum", "weighted sum of the rank's per-example squared norms",
+           ("pe_trace", "pe_signal", "pe_noise_scale", "pe_var_per_element",
+            "critical_batch_size")),)),
     FamilySpec("temporal", (
         _variance("temporal_var", "E||g||^2 - ||E g||^2 across steps (EMA)", question="total"),
         _variance("temporal_var_per_element", "temporal_var / numel", "per_element_variance",
@@ -204,12 +271,27 @@ _BUILTIN = (
         _s("spam_fraction", "spikes", "fraction of entries with g^2 > theta * v (Adam's v)",
            reduce="sum"),
     ), "gradlens.families.spam:Spam", flag="spam",
-        needs=frozenset({"step_grad", "optimizer_state"})),
+        needs=frozenset({"step_grad", "optimizer_state"}), partials=(  # FSDP2: the shards'
+        _p("hits", "sum", "entries with g^2 > theta v", ("spam_fraction",)),
+        _p("ok", "sum", "entries counted (finite g and v)", ("spam_fraction",)))),
     FamilySpec("grad_lag", (  # opt-in: statistics=[GradLag] (the momentum advisor's evidence)
         _s("grad_lag1_dot", "lag", "<g_t, g_{t-1}>: the gradient's lag-1 inner product"),
         _s("grad_lag2_dot", "lag", "<g_t, g_{t-2}>: the gradient's lag-2 inner product"),
     ), "gradlens.families.lag:GradLag", needs=frozenset({"step_grad"})),
 )
+# the shared intermediates' partials (FSDP2: the rank's pieces of sharded matrices, placed at
+# their offsets in the global vectors); the raw norms' are the norms family's ``pre_sq``
+INTERMEDIATE_PARTIALS: dict[str, tuple[Partial, ...]] = {
+    "unit_sq_norms": (_p("unit", "sum", "per-unit squared norms of the step gradient", (
+        *(f"unit_rms_{s}" for s, _ in _SPREADS), "unit_nsr_median", "unit_nsr_mean",
+        "unit_rms_hist"), shape="unit"),),
+    "fan_sq_norms": tuple(
+        _p(name, "sum", doc, tuple(f"fan_rms_{s}" for s, _ in _SPREADS), shape="fan")
+        for name, doc in (("fan", "per-fan squared norms over finite entries"),
+                          ("fan_count", "per-fan finite entries"))),
+    "raw_sq_norms": (),
+}
+
 # the collector's own run-level rows (core.records), not a family's
 STEP_ROWS = (
     _s("microbatches", "run", "micro-batches (backward passes) in the step", scope="run"),

@@ -154,3 +154,77 @@ def test_variance_questions_come_from_the_declarations():
     assert "probe_trace" not in catalog.question_estimators("total")
     with pytest.raises(ValueError, match="built-in"):
         catalog.unregister("twobatch")
+
+
+def test_partials_feed_the_statistics_they_reduce():
+    """The collective is the catalog's: every built-in statistic that crosses ranks by
+    ``sum`` / ``max`` / ``mean`` is fed by declared partials of that reduction, every partial
+    feeds statistics of its family (the shared intermediates': of the families reading
+    them), and a family packs something exactly when it declares partials."""
+    for name in catalog.BUILTIN:
+        spec = catalog.FAMILIES[name]
+        for s in spec.stats:
+            feeders = [p for p in spec.partials if s.name in p.feeds]
+            if s.reduce in ("sum", "max", "mean"):
+                assert feeders, (name, s.name)
+                assert {p.reduce for p in feeders} == {s.reduce}, (name, s.name)
+        for p in spec.partials:
+            assert p.feeds and set(p.feeds) <= set(spec.names + spec.histograms), (name, p)
+        packs = family_class(name).partials is not Statistic.partials
+        assert packs == bool(spec.partials), name
+        assert family_class(name).partial_specs == spec.partials
+    assert [p.name for p in catalog.FAMILIES["norms"].partials if p.per_step] == [
+        "sq", "nonfinite", "pre_sq"]  # the detectors' inputs, at every deferred step
+    assert {p.shape for p in catalog.FAMILIES["spikes"].partials} == {"scalar"}
+    assert catalog.FAMILIES["spikes"].partials[0].reduce == "mean"
+    names = [p.name for ps in catalog.INTERMEDIATE_PARTIALS.values() for p in ps]
+    assert sorted(names) == ["fan", "fan_count", "unit"]
+    assert set(catalog.INTERMEDIATE_PARTIALS) == catalog.INTERMEDIATES
+    for inter, parts in catalog.INTERMEDIATE_PARTIALS.items():
+        readers = [catalog.FAMILIES[f] for f in catalog.BUILTIN
+                   if inter in catalog.FAMILIES[f].intermediates]
+        fed = {n for f in readers for n in f.names + f.histograms}
+        for p in parts:
+            assert p.shape in ("unit", "fan") and p.reduce == "sum"
+            assert p.feeds and set(p.feeds) <= fed, (inter, p.name, set(p.feeds) - fed)
+
+
+def test_partial_declarations_are_checked():
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        catalog.Partial("x", "median")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        catalog.Partial("x", "sum", shape="row")
+    stat = StatSpec("probe_x", "doc", "custom")
+    with pytest.raises(ValueError, match="must feed some of the family's statistics"):
+        FamilySpec("probe", (stat,), partials=(catalog.Partial("x", "sum", feeds=("nope",)),))
+    with pytest.raises(ValueError, match="repeat"):
+        FamilySpec("probe", (stat,), partials=(catalog.Partial("x", "sum", feeds=("probe_x",)),
+                                               catalog.Partial("x", "max", feeds=("probe_x",))))
+
+
+def test_a_user_family_declares_its_partials():
+    """From ``reduce`` (one ``layer`` partial ``value``), or its own ``partial_specs``."""
+
+    class Summed(Statistic):
+        name = "test_catalog_summed"
+        emits = ("test_catalog_summed_a",)
+        reduce = "sum"
+
+    class Declared(Statistic):
+        name = "test_catalog_declared"
+        emits = ("test_catalog_declared_a", "test_catalog_declared_b")
+        partial_specs = (catalog.Partial("peak", "max", feeds=("test_catalog_declared_b",)),
+                         catalog.Partial("count", "sum"))
+
+    try:
+        register_statistic(Summed)
+        register_statistic(Declared)
+        (p,) = catalog.FAMILIES["test_catalog_summed"].partials
+        assert (p.name, p.reduce, p.shape, p.feeds) == ("value", "sum", "layer",
+                                                        ("test_catalog_summed_a",))
+        peak, count = catalog.FAMILIES["test_catalog_declared"].partials
+        assert (peak.reduce, peak.feeds) == ("max", ("test_catalog_declared_b",))
+        assert count.feeds == Declared.emits  # no feeds given: all it emits
+    finally:
+        catalog.unregister("test_catalog_summed")
+        catalog.unregister("test_catalog_declared")

@@ -39,8 +39,9 @@ Sharding-correct statistics, for a gradient ``G`` split into disjoint pieces ``G
   contributes (others add zeros), so nothing is counted twice. Plain tensors held whole by every
   rank (DDP, an unsharded layer next to sharded ones) contribute from rank 0 only.
 
-Rank-local values are never logged as global ones: every reducible quantity goes through one
-:class:`Pack` and is read back reduced.
+Rank-local values are never logged as global ones: every reducible quantity is a partial the
+catalog declares (:class:`gradlens.catalog.Partial`), packed by :mod:`gradlens.core.packing`
+into one :class:`Pack` and read back reduced.
 
 Collectives: ONE ``all_reduce`` per flush (per logged step; ``close()`` / ``flush()`` too when
 steps are pending), none on other steps: per-step detector inputs (norms, non-finite counts,
@@ -54,7 +55,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,19 +254,19 @@ class Pack:
         self.world = world
         self.rank = rank
         self.group = group
-        self._sums: list[tuple[str, torch.Tensor]] = []
-        self._maxes: list[tuple[str, torch.Tensor]] = []
+        self._sums: list[tuple[Hashable, torch.Tensor]] = []
+        self._maxes: list[tuple[Hashable, torch.Tensor]] = []
 
     def __len__(self) -> int:
         return len(self._sums) + len(self._maxes)
 
-    def sum(self, key: str, t: torch.Tensor) -> None:
+    def sum(self, key: Hashable, t: torch.Tensor) -> None:
         self._sums.append((key, t))
 
-    def max(self, key: str, t: torch.Tensor) -> None:
+    def max(self, key: Hashable, t: torch.Tensor) -> None:
         self._maxes.append((key, t))
 
-    def reduce(self) -> dict[str, torch.Tensor]:
+    def reduce(self) -> dict[Hashable, torch.Tensor]:
         """The reduced tensors by key (shapes as added; float32, float64 if any input is)."""
         entries = self._sums + self._maxes
         if not entries:
@@ -283,7 +284,7 @@ class Pack:
             parts.append(slots.reshape(-1))
         flat = torch.cat(parts)
         torch.distributed.all_reduce(flat, group=self.group)  # the one collective
-        out: dict[str, torch.Tensor] = {}
+        out: dict[Hashable, torch.Tensor] = {}
         pos = 0
         for key, t in self._sums:
             out[key] = flat[pos:pos + t.numel()].view(t.shape)

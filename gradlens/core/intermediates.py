@@ -5,11 +5,12 @@
 - ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (from the
   step's summary pass, :func:`gradlens.stats.summary_and_axis_sq_norms`, where the columns
   family runs); FSDP2 shards are placed into their global vectors and summed in the
-  flush's collective.
+  flush's collective (the partials ``catalog.INTERMEDIATE_PARTIALS`` declares).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,27 +49,32 @@ class Intermediates:
         self.need_units = self.need_fans or "unit_sq_norms" in declared
         self._units: list[torch.Tensor | None] | None = None
         self._fans: dict[int, torch.Tensor] = {}
+        # the reduced partials, ``{"unit" | "fan" | "fan_count": {k: vector}}`` (core.emit)
+        self.reduced: Mapping[str, dict[int, torch.Tensor]] = {}
 
-    def contribute(self, pack: D.Pack) -> None:
-        """FSDP2: this rank's pieces of the per-unit / per-fan vectors of sharded layers."""
+    def partials(self) -> dict[str, dict[int, torch.Tensor]]:
+        """FSDP2: this rank's pieces of the per-unit / per-fan vectors of sharded layers, each
+        placed at its offset in the global vector (``catalog.INTERMEDIATE_PARTIALS``)."""
         ctx, lens = self.ctx, self.lens
         if ctx.shards is None or ctx.grads is None:
-            return
+            return {}
+        out: dict[str, dict[int, torch.Tensor]] = {}
         for k, info in enumerate(lens.layers):
             s = ctx.shards[k]
             if not (lens.matrix[k] and ctx.present[k] and s.sharded):
                 continue
             g = ctx.grads[k]
             if self.need_units:
-                pack.sum(f"unit{k}", D.place(S.unit_sq_norms(g, info.layout), s.units,
-                                             s.contributes))
+                out.setdefault("unit", {})[k] = D.place(S.unit_sq_norms(g, info.layout),
+                                                        s.units, s.contributes)
             if self.need_fans:
-                pack.sum(f"fan{k}", D.place(S.fan_sq_norms(g, info.layout), s.fan,
-                                            s.contributes))
-                pack.sum(f"fan_count{k}", D.place(D.fan_finite_counts(g, info.layout), s.fan,
-                                                  s.contributes))
+                out.setdefault("fan", {})[k] = D.place(S.fan_sq_norms(g, info.layout), s.fan,
+                                                       s.contributes)
+                out.setdefault("fan_count", {})[k] = D.place(
+                    D.fan_finite_counts(g, info.layout), s.fan, s.contributes)
+        return out
 
-    def units(self, red: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+    def units(self) -> list[torch.Tensor | None]:
         """Per-unit squared norms of the step gradient per matrix layer (None elsewhere)."""
         if self._units is None:
             lens, ctx = self.lens, self.ctx
@@ -76,8 +82,8 @@ class Intermediates:
             for k, info in enumerate(lens.layers):
                 if not (lens.matrix[k] and ctx.present[k]):
                     continue
-                if f"unit{k}" in red:
-                    units[k] = red[f"unit{k}"]
+                if k in self.reduced.get("unit", ()):
+                    units[k] = self.reduced["unit"][k]
                 elif k in (ctx.data.get("axis_sq") or {}):  # from the step's summary pass
                     units[k], fans = ctx.data["axis_sq"][k]
                     if self.need_fans:
@@ -87,22 +93,22 @@ class Intermediates:
             self._units = units
         return self._units
 
-    def fan_rms(self, k: int, red: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fan_rms(self, k: int) -> torch.Tensor:
         """Per-fan RMS; a sharded layer's from its reduced sums and counts over finite entries;
         in one process from this step's squared copy (non-finite entries count as zeros)."""
         lens = self.lens
-        if f"fan{k}" in red:
-            return (red[f"fan{k}"] / red[f"fan_count{k}"]).sqrt()
-        self.units(red)
+        if k in self.reduced.get("fan", ()):
+            return (self.reduced["fan"][k] / self.reduced["fan_count"][k]).sqrt()
+        self.units()
         if k in self._fans:
             fan = self._fans[k]
             return (fan / (lens.numel[k] // fan.numel())).sqrt()
         return S.fan_rms(self.ctx.grads[k], lens.layers[k].layout)
 
-    def unit_rms(self, k: int, red: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.units(red)[k]
+    def unit_rms(self, k: int) -> torch.Tensor:
+        u = self.units()[k]
         return (u / (self.lens.numel[k] // u.numel())).sqrt()
 
-    def raw(self, red: dict[str, torch.Tensor]):
+    def raw(self):
         """:func:`raw_sq` of this step."""
-        return raw_sq(self.lens, self.ctx, red)
+        return raw_sq(self.lens, self.ctx)

@@ -7,9 +7,14 @@ order:
 
     observe(ctx)            at the step pre-hook, on device (every step for ``every_step``
                             families and for state that advances every step; else logged steps)
-    contribute(ctx, pack)   rank-local sums for the ONE collective of a flush
-    emit(ctx, red, out)     after the reduction: ``out[stat] = (L,)`` or ``(L+1,)`` tensors
-                            (the last entry the ``global`` row); read earlier families' output
+    partials(ctx)           rank-local values by name, each a partial the family's catalog
+                            declaration lists (:class:`gradlens.catalog.Partial`: how it reduces
+                            across ranks, its shape); the collector packs them all into the
+                            ONE collective of a flush
+    emit(ctx, red, out)     after the reduction, ``red[name]`` the family's reduced partials
+                            (in one process: the values as returned): ``out[stat] = (L,)`` or
+                            ``(L+1,)`` tensors (the last entry the ``global`` row); read earlier
+                            families' output
     invalid(ctx)            host-side validity: ``{layer index: reason}`` (``-1``: all layers)
 
 A family whose condition fails for a layer writes NaN for every statistic it emits there; the
@@ -20,13 +25,14 @@ A number computed under a broken assumption is never written.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from gradlens import catalog
-from gradlens.catalog import NEEDS, FamilySpec, StatSpec
+from gradlens.catalog import NEEDS, FamilySpec, Partial, StatSpec
 from gradlens.dtensor import local_tensor
 
 if TYPE_CHECKING:
@@ -60,7 +66,6 @@ class StepContext:
             reduction (rank-local partial sums under FSDP2), where measured; else None.
         loss: the summed micro-batch losses (rank-local), or None.
         world: ranks in the run.
-        key: prefix of this step's entries in the flush's collective.
         data: per-family scratch space for this step (keyed by family name).
     """
 
@@ -78,21 +83,15 @@ class StepContext:
     max_abs: torch.Tensor
     nonfinite: torch.Tensor
     world: int = 1
-    key: str = ""
     edited: list[bool] | None = None
     pre_sq: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     data: dict[str, Any] = field(default_factory=dict)
     sq_reduced: torch.Tensor | None = None  # set by the norms family (NaN where no norm)
+    pre_sq_reduced: torch.Tensor | None = None  # set by the norms family: pre_sq, reduced
     step_ok: torch.Tensor | bool = True  # set by the norms family: no non-finite entry
     shared: Any = None  # core.intermediates.Intermediates of a logged step
     step_unscaled: bool = True  # with a GradScaler: p.grad at the step is unscaled
-
-    def loss_reduced(self, red: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The step's loss (mean over ranks under torch.distributed)."""
-        if self.key + "loss" in red:
-            return red[self.key + "loss"] / self.world
-        return self.loss
 
     @property
     def batch(self) -> int:
@@ -108,12 +107,15 @@ class Statistic:
     """One family of per-layer statistics (subclass it; see the module docstring).
 
     A built-in family sets ``spec`` (its :class:`gradlens.catalog.FamilySpec`), which fills
-    ``name``, ``emits``, ``needs`` and ``intermediates``. A user family sets them itself:
-    ``name`` (the family, used in validity events), ``emits`` (statistic names, registered
-    on first use), ``needs`` (from :data:`gradlens.catalog.NEEDS`), ``intermediates`` (from
-    :data:`gradlens.catalog.INTERMEDIATES`), ``docs`` (one line per emitted statistic, for
-    the schema), ``heatmap`` (the report draws a layer x step heatmap of each). Also
-    ``every_step``: observe and emit at every step, not only logged ones.
+    ``name``, ``emits``, ``needs``, ``intermediates`` and ``partial_specs``. A user family
+    sets them itself: ``name`` (the family, used in validity events), ``emits`` (statistic
+    names, registered on first use), ``needs`` (from :data:`gradlens.catalog.NEEDS`),
+    ``intermediates`` (from :data:`gradlens.catalog.INTERMEDIATES`), ``docs`` (one line per
+    emitted statistic, for the schema), ``heatmap`` (the report draws a layer x step heatmap
+    of each), ``reduce`` (how its statistics cross ranks) and ``partial_specs`` (what
+    :meth:`partials` returns; default: one ``layer`` partial ``value`` reduced by ``reduce``
+    when that is ``sum``, ``mean`` or ``max``). Also ``every_step``: observe and emit at every
+    step, not only logged ones.
     """
 
     spec: ClassVar[FamilySpec | None] = None
@@ -125,6 +127,7 @@ class Statistic:
     docs: ClassVar[dict[str, str]] = {}
     heatmap: ClassVar[bool] = True
     reduce: ClassVar[str] = "derived"
+    partial_specs: ClassVar[tuple[Partial, ...]] = ()
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -132,6 +135,7 @@ class Statistic:
         if spec is not None:
             cls.name, cls.emits = spec.name, spec.names + spec.histograms
             cls.needs, cls.intermediates = spec.needs, spec.intermediates
+            cls.partial_specs = spec.partials
 
     def bind(self, lens: GradLens) -> None:
         """Called once with the collector: layers, config, device helpers."""
@@ -146,12 +150,16 @@ class Statistic:
     def observe(self, ctx: StepContext) -> None:
         """At the step pre-hook, on device (no sync)."""
 
-    def contribute(self, ctx: StepContext, pack: D.Pack) -> None:
-        """Add rank-local sums to the flush's one collective (distributed runs)."""
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
+        """This rank's values for the flush's one collective, by declared partial name
+        (``layer``: ``(L,)``; ``unit`` / ``fan``: ``{layer index: vector}``; ``scalar``: one
+        value). Every rank must return the same names and shapes. On device, no sync."""
+        return {}
 
-    def emit(self, ctx: StepContext, red: dict[str, torch.Tensor],
+    def emit(self, ctx: StepContext, red: Mapping[str, Any],
              out: dict[str, torch.Tensor]) -> None:
-        """Write ``out[stat]``: ``(L,)`` per layer, or ``(L+1,)`` with the global value last."""
+        """Write ``out[stat]``: ``(L,)`` per layer, or ``(L+1,)`` with the global value last;
+        ``red``: the reduced partials by name."""
 
     def invalid(self, ctx: StepContext) -> dict[int, str]:
         """Layers (index; ``-1`` for all) whose statistics would be wrong here, with why."""
@@ -169,11 +177,12 @@ class LayerStatistic(Statistic):
 
     Override :meth:`compute` (``grad``: the gradient the optimizer consumes, ``param``: the
     parameter; return a 0-d tensor, on device, no ``.item()``). Under torch.distributed the
-    per-layer values are averaged over ranks (``reduce = "mean"``) or summed (``"sum"``);
-    under FSDP2 ``grad`` and ``param`` are this rank's shards. Logged steps only.
+    per-layer values (the partial ``value``) are averaged over ranks (``reduce = "mean"``),
+    summed (``"sum"``) or their maximum taken (``"max"``); under FSDP2 ``grad`` and ``param``
+    are this rank's shards. Logged steps only.
     """
 
-    reduce: ClassVar[str] = "mean"  # or "sum"
+    reduce: ClassVar[str] = "mean"  # or "sum", "max"
     needs = frozenset({"step_grad"})
 
     def compute(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -191,15 +200,11 @@ class LayerStatistic(Statistic):
         ]
         ctx.data[self.name] = torch.stack(values)
 
-    def contribute(self, ctx: StepContext, pack: D.Pack) -> None:
-        if self.lens.world > 1:
-            pack.sum(self.name, ctx.data[self.name])
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"value": ctx.data[self.name]}
 
     def emit(self, ctx, red, out) -> None:
-        v = red.get(self.name, ctx.data[self.name])
-        if self.name in red and self.reduce == "mean":
-            v = v / self.lens.world
-        out[self.emits[0]] = v
+        out[self.emits[0]] = red["value"]
 
 
 _REGISTERED: dict[str, type[Statistic]] = {}
@@ -208,7 +213,9 @@ _REGISTERED: dict[str, type[Statistic]] = {}
 def register_statistic(cls: type[Statistic]) -> type[Statistic]:
     """Register a family's statistics in the catalog (usable as a class decorator): a
     built-in's declaration is its ``spec``; a user family's is made from ``name``, ``emits``,
-    ``docs``, ``reduce`` and ``heatmap`` (category ``custom``, one value per layer).
+    ``docs``, ``reduce``, ``heatmap`` and ``partial_specs`` (category ``custom``, one value
+    per layer; without ``partial_specs``, a ``reduce`` of ``sum`` / ``mean`` / ``max``
+    declares one ``layer`` partial ``value`` feeding every emitted statistic).
 
     A name that is already a built-in statistic, or that another registered family emits, is
     an error: a silent clash would mix two meanings under one name.
@@ -232,14 +239,22 @@ def register_statistic(cls: type[Statistic]) -> type[Statistic]:
         raise ValueError(f"{cls.__name__} is a built-in family: it runs with {switch}, not "
                          "through statistics=")
     if spec is None:
-        if cls.reduce not in ("mean", "sum", "derived"):
-            raise ValueError(f"{cls.__name__}.reduce must be 'mean' or 'sum', got {cls.reduce!r}")
+        allowed = ("mean", "sum", "max") + (() if issubclass(cls, LayerStatistic)
+                                            else ("derived",))
+        if cls.reduce not in allowed:
+            raise ValueError(f"{cls.__name__}.reduce must be one of {allowed}, got "
+                             f"{cls.reduce!r}")
         stats = tuple(StatSpec(s, cls.docs.get(s, cls.__doc__ or s), "custom",
                                reduce=cls.reduce, heatmap=s if cls.heatmap else None)
                       for s in cls.emits)
+        partials = tuple(p if p.feeds else replace(p, feeds=cls.emits)
+                         for p in cls.partial_specs)
+        if not partials and cls.reduce != "derived":
+            partials = (Partial("value", cls.reduce, "layer", "the rank's values",
+                                feeds=cls.emits),)
         spec = FamilySpec(cls.name, stats, f"{cls.__module__}:{cls.__qualname__}",
                           needs=frozenset(cls.needs),
-                          intermediates=frozenset(cls.intermediates))
+                          intermediates=frozenset(cls.intermediates), partials=partials)
         if owner is cls:  # a reloaded module: its earlier declaration is replaced
             catalog.FAMILIES.pop(cls.name, None)
     catalog.register(spec)

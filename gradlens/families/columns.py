@@ -18,12 +18,12 @@ class Columns(Statistic):
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens, shared = self.lens, ctx.shared
-        units = shared.units(red)
+        units = shared.units()
         matrices = [k for k in range(len(lens.layers)) if units[k] is not None]
         if not matrices:
             return
-        unit_r = [shared.unit_rms(k, red) for k in matrices]
-        fan_r = [shared.fan_rms(k, red) for k in matrices]
+        unit_r = [shared.unit_rms(k) for k in matrices]
+        fan_r = [shared.fan_rms(k) for k in matrices]
         spreads = S.spread_batched(unit_r + fan_r)  # (2M, 4)
         index = lens.const_index(tuple(matrices))
         nan = lens.const("nan_vec")

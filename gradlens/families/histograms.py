@@ -12,11 +12,11 @@ class Histograms(Statistic):
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens, shared = self.lens, ctx.shared
-        units = shared.units(red)
+        units = shared.units()
         ks = [k for k in range(len(lens.layers)) if units[k] is not None]
         if not ks:
             return
-        rs = [shared.unit_rms(k, red) for k in ks]
+        rs = [shared.unit_rms(k) for k in ks]
         hists = S.log_histograms(rs, bins=lens.config.histogram_bins)
         moments = S.histograms_moments(rs)
         for j, k in enumerate(ks):

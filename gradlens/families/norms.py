@@ -25,31 +25,34 @@ class Norms(Statistic):
     spec = FAMILIES["norms"]
     every_step = True
 
-    def contribute(self, ctx: StepContext, pack) -> None:
-        if ctx.shards is not None:  # FSDP2: partial sums of this rank's shards
-            pack.sum(ctx.key + "sq", ctx.sq)
-            pack.sum(ctx.key + "nonfinite", ctx.nonfinite)
-            if ctx.logging:
-                pack.max(ctx.key + "max_abs", ctx.max_abs)
-            if ctx.pre_sq is not None:  # the raw norms' partial sums, as ctx.sq's
-                contrib = self.lens.mask([s.contributes for s in ctx.shards])
-                pack.sum(ctx.key + "pre_sq", torch.where(contrib, ctx.pre_sq, 0.0))
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """FSDP2: this rank's shards' sums; none where the step's gradient is whole on every
+        rank (one process; DDP, whose ``p.grad`` is already all-reduced)."""
+        if ctx.shards is None:
+            return {}
+        out = {"sq": ctx.sq, "nonfinite": ctx.nonfinite}
+        if ctx.logging:
+            out["max_abs"] = ctx.max_abs
+        if ctx.pre_sq is not None:  # the raw norms' partial sums, as ctx.sq's
+            contrib = self.lens.mask([s.contributes for s in ctx.shards])
+            out["pre_sq"] = torch.where(contrib, ctx.pre_sq, 0.0)
+        return out
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens = self.lens
-        sq = red.get(ctx.key + "sq", ctx.sq)
-        nonfinite = red.get(ctx.key + "nonfinite", ctx.nonfinite)
+        sq = red.get("sq", ctx.sq)  # absent: the step's own values are global
+        nonfinite = red.get("nonfinite", ctx.nonfinite)
         numel = lens.const("numel")
         dead = nonfinite >= numel  # no finite entry: no norm
         present = lens.mask(ctx.present)
         sq = torch.where(present & ~dead, sq, lens.const("nan_vec"))
-        ctx.sq_reduced = sq
+        ctx.sq_reduced, ctx.pre_sq_reduced = sq, red.get("pre_sq", ctx.pre_sq)
         norms = sq.sqrt()
         total = torch.where(present, sq, lens.const("zero")).sum().sqrt().reshape(1)
         out["grad_norm"] = torch.cat([norms, total])
         out["nonfinite_count"] = torch.cat([nonfinite, nonfinite.sum().reshape(1)])
         ctx.step_ok = nonfinite.sum() == 0  # a step with non-finite entries feeds no detector
-        raw, _, ok = raw_sq(lens, ctx, red)
+        raw, _, ok = raw_sq(lens, ctx)
         if ctx.edited is not None and any(ctx.edited) and ctx.pre_sq is None:
             raw = nan_where(raw, ok)  # edited, not measured: unknown
         raw = torch.where(present, raw, lens.const("nan_vec"))
@@ -58,4 +61,4 @@ class Norms(Statistic):
         if not ctx.logging:
             return
         out["grad_rms"] = norms / numel.sqrt()
-        out["grad_max_abs"] = red.get(ctx.key + "max_abs", ctx.max_abs)
+        out["grad_max_abs"] = red.get("max_abs", ctx.max_abs)

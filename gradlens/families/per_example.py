@@ -384,17 +384,17 @@ class PerExample(Statistic):
             total = total + q * fj
         return total
 
-    def contribute(self, ctx: StepContext, pack) -> None:
-        if ctx.world > 1 and any(self.totals):
-            pack.sum("pe_sq", torch.stack([self._sum_sq(k)
-                                           for k in range(len(self.lens.layers))]))
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if ctx.world > 1 and any(self.totals):  # one process reads its own in emit
+            return {"sq": torch.stack([self._sum_sq(k) for k in range(len(self.lens.layers))])}
+        return {}
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens = self.lens
         if not any(self.totals):
             return
         nan = lens.const("nan")
-        raw, _, ok = ctx.shared.raw(red)
+        raw, _, ok = ctx.shared.raw()
         scale2 = 1.0 if ctx.loss_scale is None else ctx.loss_scale**2
         W = ctx.world
         trace, signal = [], []
@@ -406,7 +406,7 @@ class PerExample(Statistic):
                 continue
             _, lam, c = self._weights(k)
             c = c / W
-            total = red["pe_sq"][k] if "pe_sq" in red else self._sum_sq(k)
+            total = red["sq"][k] if "sq" in red else self._sum_sq(k)
             m = total / scale2 / n
             y = raw[k] / lam**2
             t = (m - y) / (1.0 - c)

@@ -24,16 +24,16 @@ if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
 
 
-def raw_sq(lens: GradLens, ctx: StepContext, red: dict[str, torch.Tensor]):
+def raw_sq(lens: GradLens, ctx: StepContext):
     """``(raw_sq, unit_factor, ok)`` of a step (cached in ``ctx.data``): per-layer squared norms
     before edits (after the data-parallel reduction; FSDP2: the reduced sums of the shards'),
     unscaled when a GradScaler was given; the factor that turns the step gradient's per-unit
     squared norms into raw ones (None: 1); and the validity mask (None: all valid). Needs
-    ``ctx.sq_reduced`` (the norms family)."""
+    ``ctx.sq_reduced`` and ``ctx.pre_sq_reduced`` (the norms family)."""
     if "raw" in ctx.data:
         return ctx.data["raw"]
     sq = ctx.sq_reduced
-    pre = red.get(ctx.key + "pre_sq", ctx.pre_sq)
+    pre = ctx.pre_sq_reduced
     factor = ok = None
     scaled = False  # raw still carries the loss scale
     if ctx.edited is None or not any(ctx.edited):

@@ -25,9 +25,10 @@ class Spam(Statistic):
         v = opt.state.get(self.lens.layers[k].param, {}).get("exp_avg_sq")
         return local_tensor(v) if torch.is_tensor(v) else None
 
-    def contribute(self, ctx: StepContext, pack) -> None:
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """FSDP2: this rank's counts (one process and DDP compute the fraction directly)."""
         if ctx.shards is None or self.lens.optimizer is None:
-            return
+            return {}
         lens = self.lens
         zero = lens.const("zero")
         hits, oks = [], []
@@ -40,13 +41,12 @@ class Spam(Statistic):
             h, ok = spam_counts(ctx.grads[k], v, lens.config.spikes.spam_theta)
             hits.append(h.to(lens.dtype))
             oks.append(ok.to(lens.dtype))
-        pack.sum("spam_hits", torch.stack(hits))
-        pack.sum("spam_ok", torch.stack(oks))
+        return {"hits": torch.stack(hits), "ok": torch.stack(oks)}
 
     def emit(self, ctx: StepContext, red, out) -> None:
-        if "spam_hits" in red:
+        if "hits" in red:
             if bool(self._any_state(ctx)):
-                out["spam_fraction"] = red["spam_hits"] / red["spam_ok"]
+                out["spam_fraction"] = red["hits"] / red["ok"]
             return
         if ctx.shards is not None or self.lens.optimizer is None:
             return

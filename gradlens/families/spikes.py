@@ -46,9 +46,8 @@ class Spikes(Statistic):
         ratio, st[f"{key}_max"] = S.max_ratio_update(x, st[f"{key}_max"])
         return z, flags, ratio
 
-    def contribute(self, ctx: StepContext, pack) -> None:
-        if ctx.loss is not None and ctx.world > 1:
-            pack.sum(ctx.key + "loss", ctx.loss)
+    def partials(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {} if ctx.loss is None else {"loss": ctx.loss}  # the mean over ranks
 
     def emit(self, ctx: StepContext, red, out) -> None:
         ok = ctx.step_ok & (not ctx.skipped)
@@ -57,7 +56,7 @@ class Spikes(Statistic):
         out["_flags"] = flags.float()
         if ctx.logging:
             out["grad_norm_ratio_max"] = ratio[: len(self.lens.layers)]
-        loss = ctx.loss_reduced(red)
+        loss = red.get("loss")
         if loss is not None:
             loss_z, loss_flag, _ = self._detect("loss", loss.reshape(1), ok)
             out["loss"] = loss.reshape(1)

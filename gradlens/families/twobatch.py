@@ -136,21 +136,24 @@ class TwoBatch(Statistic):
             return {-1: "micro-batches of unequal size under torch.distributed"}
         return {}
 
-    def contribute(self, ctx: StepContext, pack) -> None:
+    def partials(self, ctx: StepContext) -> dict[str, Any]:
+        """Under torch.distributed: this rank's weighted micro-batch sums (one process reads
+        its own in :meth:`emit`)."""
         self._drain()
         if ctx.world == 1 or ctx.micro == 0 or len(ctx.sizes) != ctx.micro:
-            return
+            return {}
         lens = self.lens
         w, _, _ = self._weights(ctx)
         zero = lens.const("zero")
-        pack.sum("tb_a", torch.stack([self._weighted(self.sq[k], w, zero)
-                                      for k in range(len(lens.layers))]))
-        pack.sum("tb_has", lens.flags(tuple(bool(v) for v in self.sq)))
+        unit = {}
         for k in range(len(lens.layers)):
             if lens.matrix[k]:
                 units = torch.zeros(unit_count(lens.layers[k].param.shape, lens.layers[k].layout),
                                     device=lens.device, dtype=lens.dtype)
-                pack.sum(f"tb_unit{k}", self._weighted(self.unit[k], w, units))
+                unit[k] = self._weighted(self.unit[k], w, units)
+        return {"a": torch.stack([self._weighted(self.sq[k], w, zero)
+                                  for k in range(len(lens.layers))]),
+                "has": lens.flags(tuple(bool(v) for v in self.sq)), "unit": unit}
 
     @staticmethod
     def _weighted(xs: list[torch.Tensor], w: list[float], empty: torch.Tensor) -> torch.Tensor:
@@ -173,11 +176,11 @@ class TwoBatch(Statistic):
         nan = lens.const("nan")
         w, lam, c = self._weights(ctx)
         K, B, c = W * ctx.micro, float(W * ctx.batch), c / W
-        raw, unit_factor, ok = ctx.shared.raw(red)
+        raw, unit_factor, ok = ctx.shared.raw()
         scale2 = 1.0 if ctx.loss_scale is None else ctx.loss_scale**2  # the hooks' scale
-        if "tb_a" in red:
-            has = red["tb_has"] > 0  # a rank without the layer adds a zero gradient
-            a = torch.where(has, red["tb_a"], nan)
+        if "a" in red:
+            has = red["has"] > 0  # a rank without the layer adds a zero gradient
+            a = torch.where(has, red["a"], nan)
         else:
             has = None
             a = torch.stack([self._weighted(self.sq[k], w, nan) for k in range(L)])
@@ -199,12 +202,13 @@ class TwoBatch(Statistic):
             st["count"], lens.config.noise_ema)
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
-        units_big = ctx.shared.units(red)
+        units_big = ctx.shared.units()
+        units_red = red.get("unit", {})
         med, mean = [nan] * L, [nan] * L
         by_length: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for k in range(L):
-            if f"tb_unit{k}" in red and has is not None:
-                u_a = torch.where(has[k], red[f"tb_unit{k}"], nan)
+            if k in units_red and has is not None:
+                u_a = torch.where(has[k], units_red[k], nan)
             elif self.unit[k] and units_big[k] is not None:
                 u_a = self._weighted(self.unit[k], w, nan)
             else:

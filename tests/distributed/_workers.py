@@ -230,6 +230,86 @@ def fsdp_scenario(rank: int, *, micro: int, steps: int, log_every: int, preset: 
     return out
 
 
+def _user_families() -> list[Any]:
+    """Three user families whose per-rank values differ under FSDP2 (each sees its shards):
+    a ``sum`` and a ``mean`` :class:`LayerStatistic`, and a family declaring a ``max``
+    partial; each keeps what it computed on this rank, per logged step."""
+    from gradlens import LayerStatistic, Statistic
+    from gradlens.catalog import Partial
+
+    class Recorded:
+        def observe(self, ctx: Any) -> None:
+            super().observe(ctx)  # type: ignore[misc]
+            if ctx.logging:
+                self.seen[ctx.step] = ctx.data[self.name].clone()  # type: ignore[attr-defined]
+
+    class ShardSq(Recorded, LayerStatistic):
+        """Squared norm of the rank's shard (summed: the layer's squared norm)."""
+
+        name, emits, reduce = "test_shard_sq", ("test_shard_sq",), "sum"
+
+        def compute(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+            return grad.pow(2).sum()
+
+    class ShardMean(Recorded, LayerStatistic):
+        """Mean |g| of the rank's shard (averaged over ranks)."""
+
+        name, emits, reduce = "test_shard_mean", ("test_shard_mean",), "mean"
+
+        def compute(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+            return grad.abs().mean() if grad.numel() else grad.new_zeros(())
+
+    class ShardMax(Recorded, Statistic):
+        """Largest |g| of the rank's shards, through a declared ``max`` partial."""
+
+        name, emits = "test_shard_max", ("test_shard_max",)
+        needs = frozenset({"step_grad"})
+        partial_specs = (Partial("max_abs", "max", doc="largest |g| of the rank's shards"),)
+
+        def observe(self, ctx: Any) -> None:
+            if ctx.logging:
+                ctx.data[self.name] = torch.stack([
+                    g.abs().max() if g.numel() else g.new_zeros(()) for g in ctx.grads
+                ]).to(self.lens.dtype)
+            super().observe(ctx)
+
+        def partials(self, ctx: Any) -> dict[str, torch.Tensor]:
+            return {"max_abs": ctx.data[self.name]}
+
+        def emit(self, ctx: Any, red: Any, out: dict[str, torch.Tensor]) -> None:
+            out[self.emits[0]] = red["max_abs"]
+
+    families = [ShardSq(), ShardMean(), ShardMax()]
+    for f in families:
+        f.seen = {}
+    return families
+
+
+def user_partials_scenario(rank: int) -> dict[str, Any]:
+    """FSDP2 with user families: what each rank computed, and the reduced rows."""
+    from torch.distributed.fsdp import fully_shard
+
+    from gradlens import GradLens
+
+    model = make_model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = make_optimizer(model)
+    families = _user_families()
+    lens = GradLens(model, opt, preset="minimal", log_every=1, noise_ema=0.0,
+                    statistics=families)
+    counts = _train(model, opt, lens, rank, global_batches(2, 8), 1, 2,
+                    lambda k: contextlib.nullcontext(), CollectiveCounter())
+    local = {f.name: {s: v.tolist() for s, v in f.seen.items()} for f in families}
+    ranks: list[Any] = [None] * WORLD
+    dist.all_gather_object(ranks, local)
+    out = {"rows": rows_of(lens) if rank == 0 else None, "counts": counts, "ranks": ranks,
+           "layers": [i.name for i in lens.layers]}
+    lens.close()
+    return out
+
+
 def bf16_scenario(rank: int) -> dict[str, Any]:
     """bf16 gradients under DDP: the lens accumulates in float32."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -333,6 +413,8 @@ def run(rank: int, port: int, outdir: str) -> None:
             "fsdp": fsdp_scenario(rank, micro=2, steps=2, log_every=2, preset="full", seed=3,
                                   temporal=False),
             "bf16": bf16_scenario(rank),
+            # user families' declared partials (sum, mean, max) on FSDP2 shards
+            "user_partials": user_partials_scenario(rank),
             # clipping between the no_sync accumulation and the step: corrected exactly
             "ddp_clip": ddp_scenario(rank, micro=2, steps=2, log_every=1, preset="full",
                                      seed=4, edits={"clip": CLIP}),

@@ -246,6 +246,36 @@ def test_fsdp_collectives(results):
     assert results["fsdp"]["counts"] == [{"lens": 0, "scale": 1}, {"lens": 1, "scale": 1}]
 
 
+# ----------------------------------------------------------------------------- user partials
+
+
+def test_user_partials_reduce_as_declared(results):
+    """User families under FSDP2 (each rank sees its shards): a ``sum`` and a ``mean``
+    LayerStatistic and a family declaring a ``max`` partial give the sum, mean and max of
+    what the two ranks computed, in the lens's one collective per flush."""
+    got = results["user_partials"]
+    rows, ranks, layers = got["rows"], got["ranks"], got["layers"]
+    combine = {"test_shard_sq": sum, "test_shard_max": max,
+               "test_shard_mean": lambda v: sum(v) / len(v)}
+    differ = 0
+    for step in (1, 2):
+        for stat, how in combine.items():
+            for k, name in enumerate(layers):
+                values = [r[stat][step][k] for r in ranks]
+                differ += values[0] != values[1]
+                assert rows[(step, name, stat)] == pytest.approx(how(values), rel=1e-12,
+                                                                 abs=0), (step, name, stat)
+            # independent: the shards' squares add up to the layer's squared norm, and the
+            # largest of their maxima is the lens's own grad_max_abs
+            for name in layers:
+                assert rows[(step, name, "test_shard_sq")] == pytest.approx(
+                    rows[(step, name, "grad_norm")] ** 2, rel=1e-9)
+                assert rows[(step, name, "test_shard_max")] == rows[(step, name,
+                                                                      "grad_max_abs")]
+    assert differ > 3 * len(layers)  # the ranks' values differ: the reduction is tested
+    assert got["counts"] == [{"lens": 1, "scale": 1}] * 2  # still ONE lens collective
+
+
 # ----------------------------------------------------------------------------- precision
 
 
