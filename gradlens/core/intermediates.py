@@ -103,6 +103,37 @@ class Intermediates:
         u = self.units(red)[k]
         return (u / (self.lens.numel[k] // u.numel())).sqrt()
 
+    def rms_rows(self, red: dict[str, torch.Tensor], fan: bool = False
+                 ) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """:meth:`unit_rms` (``fan``: :meth:`fan_rms`) of every matrix layer with a gradient,
+        stacked per length: ``[(layers, (n, length))]``. Squared norms of one length are
+        divided by their counts and rooted at once (``sqrt(x / n)``, elementwise as per
+        layer); a sharded layer's fan RMS (finite counts per entry) is placed in its row."""
+        lens, units = self.lens, self.units(red)
+        groups: dict[int, tuple[list[int], list[torch.Tensor], list[int], list[int]]] = {}
+        for k, u in enumerate(units):
+            if u is None:
+                continue
+            x, direct = u, False
+            if fan:
+                x = self._fans.get(k)
+                if x is None:
+                    x, direct = self.fan_rms(k, red), True
+            ks, xs, counts, rows = groups.setdefault(x.numel(), ([], [], [], []))
+            if direct:
+                rows.append(len(ks))
+            ks.append(k)
+            xs.append(x)
+            counts.append(1 if direct else lens.numel[k] // x.numel())
+        out = []
+        for ks, xs, counts, rows in groups.values():
+            r = (torch.stack(xs) / lens.const_values(tuple(counts)).unsqueeze(1)).sqrt()
+            if rows:  # RMS computed already: placed as they are
+                r = r.index_copy(0, lens.const_index(tuple(rows)),
+                                 torch.stack([xs[j] for j in rows]).to(r.dtype))
+            out.append((tuple(ks), r))
+        return out
+
     def raw(self, red: dict[str, torch.Tensor]):
         """:func:`raw_sq` of this step."""
         return raw_sq(self.lens, self.ctx, red)

@@ -2,11 +2,13 @@
 
 ``unit`` is SCALE's axis (one RMS per output unit: rows of a Linear weight, feature columns of
 the embedding), ``fan`` the other; each RMS vector is summarized by its coefficient of
-variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_batched`). Describes the
+variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_rows`, one sort per group of equal length). Describes the
 gradient the optimizer consumes (a common clipping factor leaves every spread unchanged).
 """
 
 from __future__ import annotations
+
+import torch
 
 from gradlens import stats as S
 from gradlens.catalog import FAMILIES
@@ -17,16 +19,14 @@ class Columns(Statistic):
     spec = FAMILIES["columns"]
 
     def emit(self, ctx: StepContext, red, out) -> None:
-        lens, shared = self.lens, ctx.shared
-        units = shared.units(red)
-        matrices = [k for k in range(len(lens.layers)) if units[k] is not None]
-        if not matrices:
-            return
-        unit_r = [shared.unit_rms(k, red) for k in matrices]
-        fan_r = [shared.fan_rms(k, red) for k in matrices]
-        spreads = S.spread_batched(unit_r + fan_r)  # (2M, 4)
-        index = lens.const_index(tuple(matrices))
+        lens = self.lens
         nan = lens.const("nan_vec")
-        for j, s in enumerate(S.SPREAD_FIELDS):
-            out[f"unit_rms_{s}"] = nan.index_copy(0, index, spreads[: len(matrices), j])
-            out[f"fan_rms_{s}"] = nan.index_copy(0, index, spreads[len(matrices):, j])
+        for side, fan in (("unit", False), ("fan", True)):
+            groups = ctx.shared.rms_rows(red, fan=fan)  # one spread per length, not per layer
+            if not groups:
+                return
+            spreads = torch.cat([S.spread_rows(r) for _, r in groups])  # (M, 4)
+            index = lens.const_index(tuple([k for ks, _ in groups for k in ks]))
+            spreads = spreads.to(nan.dtype)
+            for j, s in enumerate(S.SPREAD_FIELDS):
+                out[f"{side}_rms_{s}"] = nan.index_copy(0, index, spreads[:, j])

@@ -83,7 +83,7 @@ class TwoBatch(Statistic):
         counted when its own call confirms it (a layer whose hook comes in another pass is
         read alone). Other gradients are kept by reference and reduced in batches: at the
         end of the backward pass, or once :data:`BUFFER_BYTES` are held."""
-        norms = self.norms
+        count = self.norms.count  # the layer's gradients in arrival order: m = count[k]
         if first:
             task = torch._C._current_graph_task_id()
             if task != self._stash_task:
@@ -94,14 +94,19 @@ class TwoBatch(Statistic):
                 self._stash_ms = [-1] * len(ks)  # -1 until the layer's own call
                 self._add(ks, self._stash_ms, [params[j].grad.detach() for j in ks])
             pos = self._stash_pos.pop(k, None)
+            m = count[k]
+            count[k] = m + 1
             if pos is None:
-                self._add([k], [norms.index(k)], [g])
+                self._add([k], [m], [g])
             else:
-                self._stash_ms[pos] = norms.index(k)
-        elif self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
-            self._add([k], [norms.index(k)], [g])
+                self._stash_ms[pos] = m
+            return
+        m = count[k]
+        count[k] = m + 1
+        if self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
+            self._add([k], [m], [g])
         else:
-            self._buffer.append((k, norms.index(k), g))
+            self._buffer.append((k, m, g))
             self._bytes += g.numel() * g.element_size()
             if self._bytes >= BUFFER_BYTES:
                 self._drain()
@@ -164,7 +169,7 @@ class TwoBatch(Statistic):
         w, _, _ = self._weights(ctx)
         a, counts, units, _ = self._sums(w)
         pack.sum("tb_a", a)
-        pack.sum("tb_has", lens.flags(tuple(c > 0 for c in counts)))
+        pack.sum("tb_has", lens.flags([c > 0 for c in counts]))
         for U, ks in self.unit_rows.items():
             for j, k in enumerate(ks):
                 pack.sum(f"tb_unit{k}", units[U][j])
@@ -187,7 +192,7 @@ class TwoBatch(Statistic):
         else:
             has = None
             a, counts, local_units, unit_counts = self._sums(w)
-            a = torch.where(lens.mask(tuple(n > 0 for n in counts)), a, nan)
+            a = torch.where(lens.mask([n > 0 for n in counts]), a, nan)
         a = a / scale2
         y = raw / lam**2
         trace = (a - B * y) / (K - B * c)
@@ -215,7 +220,7 @@ class TwoBatch(Statistic):
                 u_a = torch.stack([red.get(f"tb_unit{k}", blank) for k in ks])
                 u_a = torch.where(has[idx].unsqueeze(1), u_a, nan)
             else:  # a layer without an entry for every micro-batch: NaN
-                u_a = torch.where(lens.mask(tuple(unit_counts[k] == ctx.micro for k in ks))
+                u_a = torch.where(lens.mask([unit_counts[k] == ctx.micro for k in ks])
                                   .unsqueeze(1), local_units[U], nan)
             u_y = torch.stack([blank if units_big[k] is None else units_big[k] for k in ks])
             if unit_factor is not None:

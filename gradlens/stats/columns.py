@@ -55,6 +55,7 @@ __all__ = [
     "sorted_quantile",
     "spread",
     "spread_batched",
+    "spread_rows",
     "summary_and_axis_sq_norms",
     "unit_rms",
     "unit_sq_norms",
@@ -252,8 +253,9 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(num == den, torch.ones_like(num), num / den)
 
 
-def _spread_rows(x: torch.Tensor) -> torch.Tensor:
-    """Spread of each row of ``x`` (``(L, N)``, non-finite = absent) -> ``(L, 4)``."""
+def spread_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`spread` of each row of ``x`` (``(L, N)``, non-finite = absent) -> ``(L, 4)``:
+    one sort for all the rows."""
     acc = accumulation_dtype(x.dtype)
     x = x.to(acc)
     finite = torch.isfinite(x)
@@ -306,7 +308,7 @@ def spread(r: torch.Tensor) -> torch.Tensor:
 
     Cost: one sort of the vector (units are at most a vocabulary: cheap).
     """
-    return _spread_rows(r.reshape(1, -1))[0]
+    return spread_rows(r.reshape(1, -1))[0]
 
 
 def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -322,7 +324,7 @@ def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
     acc = torch.float64 if any(r.dtype == torch.float64 for r in rs) else torch.float32
     out: list[torch.Tensor | None] = [None] * len(rs)
     for members, x in _equal_length_groups([r.to(acc) for r in rs]):
-        for k, row in zip(members, _spread_rows(x), strict=True):
+        for k, row in zip(members, spread_rows(x), strict=True):
             out[k] = row
     return torch.stack(out)  # type: ignore[arg-type]
 

@@ -33,10 +33,6 @@ __all__ = ["MicroNorms", "micro_sq_norm_stacks", "micro_sq_norms"]
 Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
 
 
-def _matrix(g: torch.Tensor) -> torch.Tensor:
-    return g.reshape(g.shape[0], -1) if g.ndim > 2 else g
-
-
 def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
                          ) -> list[Stack]:
     """The squared norms of ``grads`` as computed, one :data:`Stack` per stack: ``units`` the
@@ -59,7 +55,9 @@ def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | 
     for (_shape, dtype, unit_dim), idx in groups.items():
         acc = accumulation_dtype(dtype)
         for chunk in chunked([idx], numels):
-            x = torch.stack([_matrix(grads[i]) for i in chunk])
+            x = torch.stack([grads[i] for i in chunk])
+            if x.ndim > 3:
+                x = x.reshape(x.shape[0], x.shape[1], -1)
             if unit_dim == 1:  # units are columns: a sum of squares down the rows
                 x = x.to(acc)
                 units = (x * x).sum(dim=1)
@@ -84,20 +82,15 @@ def micro_sq_norms(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
 class MicroNorms:
     """One step's micro-batch squared norms per (layer, micro-batch), held in their stacks.
 
-    A layer's gradients are numbered in arrival order (:meth:`index`); an entry whose index
-    is -1 when the sums are formed is left out (a read that was not confirmed). The weighted
+    ``count[k]``: layer ``k``'s gradients so far, the caller's counter: its gradients are
+    numbered in arrival order (``m = count[k]``, then ``count[k] += 1``); an entry whose
+    number is -1 when the sums are formed is left out (a read that was not confirmed). The weighted
     sums ``sum_m w_m x_{k,m}`` need exactly ``len(w)`` entries per layer: a layer with none
     sums to 0, a layer with another number (absent from some micro-batch) is NaN."""
 
     def __init__(self, n_layers: int) -> None:
         self.count = [0] * n_layers
         self.records: list[tuple[list[int], list[int], list[Stack]]] = []
-
-    def index(self, k: int) -> int:
-        """The micro-batch number of layer ``k``'s next gradient."""
-        m = self.count[k]
-        self.count[k] = m + 1
-        return m
 
     def add(self, ks: list[int], ms: list[int], stacks: list[Stack]) -> None:
         """The norms of the gradients of layers ``ks`` (micro-batch numbers ``ms``, read when
