@@ -50,6 +50,9 @@ from gradlens.stats.shards import unit_count
 #: Bytes of micro-batch gradients held at most during a logged step's backward pass before
 #: they are reduced (the memory the batching costs; one gradient more at worst).
 BUFFER_BYTES = 32 << 20
+#: Device index patterns the two-batch scatter keeps (a graph that changes every step makes
+#: new ones: the cache stays bounded).
+INDEX_PATTERNS = 64
 
 
 class TwoBatch(Statistic):
@@ -58,6 +61,7 @@ class TwoBatch(Statistic):
     def bind(self, lens) -> None:
         super().bind(lens)
         self.state: dict[str, torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.reset()
 
     def install(self, lens) -> None:
@@ -143,8 +147,21 @@ class TwoBatch(Statistic):
             lens = self.lens
             self._drain()
             self._sums_of = (w, self.norms.sums(w, self.unit_rows, lens.dtype,
-                                                lens.const_index, lens.device))
+                                                self._index, lens.device))
         return self._sums_of[1]
+
+    def _index(self, positions: tuple[int, ...]) -> torch.Tensor:
+        """A device index for the step's scatter, made once per pattern (a new list each step
+        would be a host-to-device copy). Patterns follow the order gradients arrive in, the
+        same every step unless the graph changes: at most :data:`INDEX_PATTERNS` are kept."""
+        cache = self._indices
+        index = cache.get(positions)
+        if index is None:
+            if len(cache) >= INDEX_PATTERNS:
+                cache.clear()
+            index = cache[positions] = torch.tensor(positions, dtype=torch.long,
+                                                    device=self.lens.device)
+        return index
 
     def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
         """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
