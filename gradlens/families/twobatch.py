@@ -62,6 +62,7 @@ class TwoBatch(Statistic):
         super().bind(lens)
         self.state: dict[str, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._unit_rows: dict[int, tuple[int, ...]] | None = None
         self.reset()
 
     def install(self, lens) -> None:
@@ -131,7 +132,7 @@ class TwoBatch(Statistic):
     @property
     def unit_rows(self) -> dict[int, tuple[int, ...]]:
         """The matrix layers by number of output units (fixed with the layer set)."""
-        rows = getattr(self, "_unit_rows", None)
+        rows = self._unit_rows
         if rows is None:
             lens = self.lens
             by: dict[int, list[int]] = {}
