@@ -39,6 +39,7 @@ from gradlens.stats.norms import (
     finite_copy,
     group_summary,
     order_index,
+    rowwise_max_abs,
 )
 
 __all__ = [
@@ -179,7 +180,7 @@ def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torc
     if c.dtype != acc:
         c = c.to(acc)
     c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = torch.aminmax(c.reshape(n, -1), dim=1)
+    largest = rowwise_max_abs(c.reshape(n, -1))
     u = c.reshape(n, c.shape[1], -1) if c.ndim > 3 else c
     if _LAYOUT_UNIT_DIM[layout] == 1:  # conv1d, embedding: units are columns
         u = u.transpose(1, 2)
@@ -192,7 +193,7 @@ def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torc
         zeroed = torch.stack(list(group)).mul_(0).to(acc)
     count = zeroed.nan_to_num_(nan=1.0).reshape(n, -1).sum(dim=1)
     numel = torch.full((n,), float(group[0].numel()), dtype=acc, device=c.device)
-    return torch.stack([unit.sum(dim=1), torch.maximum(-lo, hi), count, numel], dim=1), \
+    return torch.stack([unit.sum(dim=1), largest, count, numel], dim=1), \
         unit, fan
 
 
