@@ -73,7 +73,8 @@ class Intermediates:
         if self._units is None:
             lens, ctx = self.lens, self.ctx
             units: list[torch.Tensor | None] = [None] * len(lens.layers)
-            for k, info in enumerate(lens.layers):
+            missing: list[int] = []
+            for k in range(len(lens.layers)):
                 if not (lens.matrix[k] and ctx.present[k]):
                     continue
                 if f"unit{k}" in red:
@@ -83,7 +84,12 @@ class Intermediates:
                     if self.need_fans:
                         self._fans[k] = fans
                 else:
-                    units[k] = S.unit_sq_norms(ctx.grads[k], info.layout)
+                    missing.append(k)
+            if missing:  # no summary pass read them: batched per shape all the same
+                _, axes = S.grad_summaries_with_axes([ctx.grads[k] for k in missing],
+                                                     [lens.layers[k].layout for k in missing])
+                for j, k in enumerate(missing):
+                    units[k] = axes[j][0]
             self._units = units
         return self._units
 
