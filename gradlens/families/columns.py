@@ -20,13 +20,26 @@ class Columns(Statistic):
 
     def emit(self, ctx: StepContext, red, out) -> None:
         lens = self.lens
+        sides = [ctx.shared.rms_rows(red, fan=fan) for fan in (False, True)]
+        if not sides[0]:
+            return
+        # rows of one length, unit and fan sides together: one spread (one sort) per length
+        by_length: dict[int, list[tuple[int, tuple[int, ...], torch.Tensor]]] = {}
+        for side, groups in enumerate(sides):
+            for ks, r in groups:
+                by_length.setdefault(r.shape[1], []).append((side, ks, r))
+        order: tuple[list[int], list[int]] = ([], [])
+        parts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for members in by_length.values():
+            rows = members[0][2] if len(members) == 1 else torch.cat([m[2] for m in members])
+            spreads, start = S.spread_rows(rows), 0
+            for side, ks, _ in members:
+                parts[side].append(spreads[start:start + len(ks)])
+                order[side].extend(ks)
+                start += len(ks)
         nan = lens.const("nan_vec")
-        for side, fan in (("unit", False), ("fan", True)):
-            groups = ctx.shared.rms_rows(red, fan=fan)  # one spread per length, not per layer
-            if not groups:
-                return
-            spreads = torch.cat([S.spread_rows(r) for _, r in groups])  # (M, 4)
-            index = lens.const_index(tuple([k for ks, _ in groups for k in ks]))
-            spreads = spreads.to(nan.dtype)
-            for j, s in enumerate(S.SPREAD_FIELDS):
-                out[f"{side}_rms_{s}"] = nan.index_copy(0, index, spreads[:, j])
+        for side, name in enumerate(("unit", "fan")):
+            spreads = torch.cat(parts[side]).to(nan.dtype)  # (matrices, 4)
+            index = lens.const_index(tuple(order[side]))
+            for j, field in enumerate(S.SPREAD_FIELDS):
+                out[f"{name}_rms_{field}"] = nan.index_copy(0, index, spreads[:, j])
