@@ -2,8 +2,9 @@
 
 ``unit`` is SCALE's axis (one RMS per output unit: rows of a Linear weight, feature columns of
 the embedding), ``fan`` the other; each RMS vector is summarized by its coefficient of
-variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_rows`, one sort per group of equal length). Describes the
-gradient the optimizer consumes (a common clipping factor leaves every spread unchanged).
+variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_rows`: the vectors of one
+length stacked, one sort for all of them). Describes the gradient the optimizer consumes (a
+common clipping factor leaves every spread unchanged).
 """
 
 from __future__ import annotations
