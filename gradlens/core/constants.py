@@ -32,14 +32,14 @@ class DeviceConstants:
 
     def mask(self, flags: Sequence[bool]) -> torch.Tensor:
         """A device bool vector, made once per pattern."""
-        key = "mask:" + "".join("1" if f else "0" for f in flags)
+        key = "mask:" + "".join(["1" if f else "0" for f in flags])
         if key not in self._consts:
             self._consts[key] = torch.tensor(list(flags), device=self.device)
         return self._consts[key]
 
     def flags(self, flags: Sequence[bool]) -> torch.Tensor:
         """A device 0/1 vector (accumulation dtype), made once per pattern."""
-        key = "flags:" + "".join("1" if f else "0" for f in flags)
+        key = "flags:" + "".join(["1" if f else "0" for f in flags])
         if key not in self._consts:
             self._consts[key] = torch.tensor(list(flags), device=self.device, dtype=self.dtype)
         return self._consts[key]
@@ -48,4 +48,11 @@ class DeviceConstants:
         key = "index:" + ",".join(map(str, ks))
         if key not in self._consts:
             self._consts[key] = torch.tensor(ks, device=self.device, dtype=torch.long)
+        return self._consts[key]
+
+    def const_values(self, values: tuple[float, ...]) -> torch.Tensor:
+        """A device vector (accumulation dtype) of these values, made once per tuple."""
+        key = "values:" + ",".join(map(repr, values))
+        if key not in self._consts:
+            self._consts[key] = torch.tensor(values, device=self.device, dtype=self.dtype)
         return self._consts[key]

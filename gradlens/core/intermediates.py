@@ -79,7 +79,8 @@ class Intermediates:
         if self._units is None:
             lens, ctx = self.lens, self.ctx
             units: list[torch.Tensor | None] = [None] * len(lens.layers)
-            for k, info in enumerate(lens.layers):
+            missing: list[int] = []
+            for k in range(len(lens.layers)):
                 if not (lens.matrix[k] and ctx.present[k]):
                     continue
                 if k in self.reduced.get("unit", ()):
@@ -89,7 +90,12 @@ class Intermediates:
                     if self.need_fans:
                         self._fans[k] = fans
                 else:
-                    units[k] = S.unit_sq_norms(ctx.grads[k], info.layout)
+                    missing.append(k)
+            if missing:  # no summary pass read them: batched per shape all the same
+                _, axes = S.grad_summaries_with_axes([ctx.grads[k] for k in missing],
+                                                     [lens.layers[k].layout for k in missing])
+                for j, k in enumerate(missing):
+                    units[k] = axes[j][0]
             self._units = units
         return self._units
 
@@ -108,6 +114,36 @@ class Intermediates:
     def unit_rms(self, k: int) -> torch.Tensor:
         u = self.units()[k]
         return (u / (self.lens.numel[k] // u.numel())).sqrt()
+
+    def rms_rows(self, fan: bool = False) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """:meth:`unit_rms` (``fan``: :meth:`fan_rms`) of every matrix layer with a gradient,
+        stacked per length: ``[(layers, (n, length))]``. Squared norms of one length are
+        divided by their counts and rooted at once (``sqrt(x / n)``, elementwise as per
+        layer); a sharded layer's fan RMS (finite counts per entry) is placed in its row."""
+        lens, units = self.lens, self.units()
+        groups: dict[int, tuple[list[int], list[torch.Tensor], list[int], list[int]]] = {}
+        for k, u in enumerate(units):
+            if u is None:
+                continue
+            x, direct = u, False
+            if fan:
+                x = self._fans.get(k)
+                if x is None:
+                    x, direct = self.fan_rms(k), True
+            ks, xs, counts, rows = groups.setdefault(x.numel(), ([], [], [], []))
+            if direct:
+                rows.append(len(ks))
+            ks.append(k)
+            xs.append(x)
+            counts.append(1 if direct else lens.numel[k] // x.numel())
+        out = []
+        for ks, xs, counts, rows in groups.values():
+            r = (torch.stack(xs) / lens.const_values(tuple(counts)).unsqueeze(1)).sqrt()
+            if rows:  # RMS computed already: placed as they are
+                r = r.index_copy(0, lens.const_index(tuple(rows)),
+                                 torch.stack([xs[j] for j in rows]).to(r.dtype))
+            out.append((tuple(ks), r))
+        return out
 
     def raw(self):
         """:func:`raw_sq` of this step."""

@@ -2,11 +2,14 @@
 
 ``unit`` is SCALE's axis (one RMS per output unit: rows of a Linear weight, feature columns of
 the embedding), ``fan`` the other; each RMS vector is summarized by its coefficient of
-variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_batched`). Describes the
-gradient the optimizer consumes (a common clipping factor leaves every spread unchanged).
+variation, max/min, p99/p50 and Gini (:func:`gradlens.stats.spread_rows`: the vectors of one
+length stacked, one sort for all of them). Describes the gradient the optimizer consumes (a
+common clipping factor leaves every spread unchanged).
 """
 
 from __future__ import annotations
+
+import torch
 
 from gradlens import stats as S
 from gradlens.catalog import FAMILIES
@@ -17,16 +20,27 @@ class Columns(Statistic):
     spec = FAMILIES["columns"]
 
     def emit(self, ctx: StepContext, red, out) -> None:
-        lens, shared = self.lens, ctx.shared
-        units = shared.units()
-        matrices = [k for k in range(len(lens.layers)) if units[k] is not None]
-        if not matrices:
+        lens = self.lens
+        sides = [ctx.shared.rms_rows(fan=fan) for fan in (False, True)]
+        if not sides[0]:
             return
-        unit_r = [shared.unit_rms(k) for k in matrices]
-        fan_r = [shared.fan_rms(k) for k in matrices]
-        spreads = S.spread_batched(unit_r + fan_r)  # (2M, 4)
-        index = lens.const_index(tuple(matrices))
+        # rows of one length, unit and fan sides together: one spread (one sort) per length
+        by_length: dict[int, list[tuple[int, tuple[int, ...], torch.Tensor]]] = {}
+        for side, groups in enumerate(sides):
+            for ks, r in groups:
+                by_length.setdefault(r.shape[1], []).append((side, ks, r))
+        order: tuple[list[int], list[int]] = ([], [])
+        parts: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for members in by_length.values():
+            rows = members[0][2] if len(members) == 1 else torch.cat([m[2] for m in members])
+            spreads, start = S.spread_rows(rows), 0
+            for side, ks, _ in members:
+                parts[side].append(spreads[start:start + len(ks)])
+                order[side].extend(ks)
+                start += len(ks)
         nan = lens.const("nan_vec")
-        for j, s in enumerate(S.SPREAD_FIELDS):
-            out[f"unit_rms_{s}"] = nan.index_copy(0, index, spreads[: len(matrices), j])
-            out[f"fan_rms_{s}"] = nan.index_copy(0, index, spreads[len(matrices):, j])
+        for side, name in enumerate(("unit", "fan")):
+            spreads = torch.cat(parts[side]).to(nan.dtype)  # (matrices, 4)
+            index = lens.const_index(tuple(order[side]))
+            for j, field in enumerate(S.SPREAD_FIELDS):
+                out[f"{name}_rms_{field}"] = nan.index_copy(0, index, spreads[:, j])

@@ -31,7 +31,6 @@ does not enter them (its per-step ``twobatch_*`` rows are still written).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -45,12 +44,15 @@ from gradlens.families.base import (
     nan_where,
     spike_free,
 )
-from gradlens.stats.microbatch import micro_sq_norms
+from gradlens.stats.microbatch import MicroNorms, micro_sq_norm_stacks
 from gradlens.stats.shards import unit_count
 
 #: Bytes of micro-batch gradients held at most during a logged step's backward pass before
 #: they are reduced (the memory the batching costs; one gradient more at worst).
 BUFFER_BYTES = 32 << 20
+#: Device index patterns the two-batch scatter keeps (a graph that changes every step makes
+#: new ones: the cache stays bounded).
+INDEX_PATTERNS = 64
 
 
 class TwoBatch(Statistic):
@@ -59,6 +61,8 @@ class TwoBatch(Statistic):
     def bind(self, lens) -> None:
         super().bind(lens)
         self.state: dict[str, torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._unit_rows: dict[int, tuple[int, ...]] | None = None
         self.reset()
 
     def install(self, lens) -> None:
@@ -66,13 +70,13 @@ class TwoBatch(Statistic):
         lens.observer.on_backward_end(self._drain)
 
     def reset(self) -> None:
-        L = len(self.lens.layers)
-        self.sq: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        self.unit: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        self._buffer: list[tuple[int, torch.Tensor]] = []
+        self.norms = MicroNorms(len(self.lens.layers))
+        self._buffer: list[tuple[int, int, torch.Tensor]] = []
         self._bytes = 0
-        self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._stash_pos: dict[int, int] = {}
+        self._stash_ms: list[int] = []
         self._stash_task = -1
+        self._sums_of: tuple | None = None
 
     def _on_grad(self, k: int, g: torch.Tensor, first: bool) -> None:
         """One micro-batch's gradient of layer k (on logged steps); a non-finite entry makes
@@ -80,46 +84,85 @@ class TwoBatch(Statistic):
 
         ``first``: ``g`` is ``p.grad`` holding the first micro-batch (one process), about to
         be accumulated into: read now, for every layer at once at the first such call of the
-        backward pass (no tracked ``p.grad`` has been added to yet; a layer whose hook comes
-        in another pass is read alone). Other gradients are kept by reference and reduced in
-        batches: at the end of the backward pass, or once :data:`BUFFER_BYTES` are held."""
+        backward pass (no tracked ``p.grad`` has been added to yet), each layer's entry
+        counted when its own call confirms it (a layer whose hook comes in another pass is
+        read alone). Other gradients are kept by reference and reduced in batches: at the
+        end of the backward pass, or once :data:`BUFFER_BYTES` are held."""
+        count = self.norms.count  # the layer's gradients in arrival order: m = count[k]
         if first:
             task = torch._C._current_graph_task_id()
             if task != self._stash_task:
                 self._stash_task = task
                 params = [info.param for info in self.lens.layers]
                 ks = [j for j, p in enumerate(params) if p.grad is not None]
-                self._stash = dict(zip(ks, self._norms(ks, [params[j].grad.detach()
-                                                             for j in ks]), strict=True))
-            entry = self._stash.pop(k, None)
-            self._commit(k, entry if entry is not None else self._norms([k], [g])[0])
-        elif self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
-            self._commit(k, self._norms([k], [g])[0])
+                self._stash_pos = {j: i for i, j in enumerate(ks)}
+                self._stash_ms = [-1] * len(ks)  # -1 until the layer's own call
+                self._add(ks, self._stash_ms, [params[j].grad.detach() for j in ks])
+            pos = self._stash_pos.pop(k, None)
+            m = count[k]
+            count[k] = m + 1
+            if pos is None:
+                self._add([k], [m], [g])
+            else:
+                self._stash_ms[pos] = m
+            return
+        m = count[k]
+        count[k] = m + 1
+        if self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
+            self._add([k], [m], [g])
         else:
-            self._buffer.append((k, g))
+            self._buffer.append((k, m, g))
             self._bytes += g.numel() * g.element_size()
             if self._bytes >= BUFFER_BYTES:
                 self._drain()
 
-    def _norms(self, ks: list[int], gs: list[torch.Tensor]):
+    def _add(self, ks: list[int], ms: list[int], gs: list[torch.Tensor]) -> None:
         layers, matrix = self.lens.layers, self.lens.matrix
-        return micro_sq_norms(gs, [layers[k].layout if matrix[k] else None for k in ks])
-
-    def _commit(self, k: int, entry: tuple[torch.Tensor | None, torch.Tensor]) -> None:
-        unit, sq = entry
-        if unit is not None:
-            self.unit[k].append(unit)
-        self.sq[k].append(sq)
+        self.norms.add(ks, ms, micro_sq_norm_stacks(
+            gs, [layers[k].layout if matrix[k] else None for k in ks]))
 
     def _drain(self) -> None:
-        """Reduce the held micro-batch gradients (in arrival order: each layer's list stays in
-        micro-batch order)."""
+        """Reduce the held micro-batch gradients (one batched pass for all of them)."""
         if not self._buffer:
             return
         buffer, self._buffer, self._bytes = self._buffer, [], 0
-        ks = [k for k, _ in buffer]
-        for k, entry in zip(ks, self._norms(ks, [g for _, g in buffer]), strict=True):
-            self._commit(k, entry)
+        self._add([k for k, _, _ in buffer], [m for _, m, _ in buffer],
+                  [g for _, _, g in buffer])
+
+    @property
+    def unit_rows(self) -> dict[int, tuple[int, ...]]:
+        """The matrix layers by number of output units (fixed with the layer set)."""
+        rows = self._unit_rows
+        if rows is None:
+            lens = self.lens
+            by: dict[int, list[int]] = {}
+            for k, info in enumerate(lens.layers):
+                if lens.matrix[k]:
+                    by.setdefault(unit_count(info.param.shape, info.layout), []).append(k)
+            rows = self._unit_rows = {U: tuple(ks) for U, ks in by.items()}
+        return rows
+
+    def _sums(self, w: list[float]):
+        """:meth:`MicroNorms.sums` of this step (once per step)."""
+        if self._sums_of is None or self._sums_of[0] != w:
+            lens = self.lens
+            self._drain()
+            self._sums_of = (w, self.norms.sums(w, self.unit_rows, lens.dtype,
+                                                self._index, lens.device))
+        return self._sums_of[1]
+
+    def _index(self, positions: tuple[int, ...]) -> torch.Tensor:
+        """A device index for the step's scatter, made once per pattern (a new list each step
+        would be a host-to-device copy). Patterns follow the order gradients arrive in, the
+        same every step unless the graph changes: at most :data:`INDEX_PATTERNS` are kept."""
+        cache = self._indices
+        index = cache.get(positions)
+        if index is None:
+            if len(cache) >= INDEX_PATTERNS:
+                cache.clear()
+            index = cache[positions] = torch.tensor(positions, dtype=torch.long,
+                                                    device=self.lens.device)
+        return index
 
     def _weights(self, ctx: StepContext) -> tuple[list[float], float, float]:
         """``(w_k, lam, c)``: ``sum_k b_k ||G_k||^2 = sum_k w_k ||h_k||^2``."""
@@ -144,32 +187,14 @@ class TwoBatch(Statistic):
             return {}
         lens = self.lens
         w, _, _ = self._weights(ctx)
-        zero = lens.const("zero")
-        unit = {}
-        for k in range(len(lens.layers)):
-            if lens.matrix[k]:
-                units = torch.zeros(unit_count(lens.layers[k].param.shape, lens.layers[k].layout),
-                                    device=lens.device, dtype=lens.dtype)
-                unit[k] = self._weighted(self.unit[k], w, units)
-        return {"a": torch.stack([self._weighted(self.sq[k], w, zero)
-                                  for k in range(len(lens.layers))]),
-                "has": lens.flags(tuple(bool(v) for v in self.sq)), "unit": unit}
-
-    @staticmethod
-    def _weighted(xs: list[torch.Tensor], w: list[float], empty: torch.Tensor) -> torch.Tensor:
-        if not xs:
-            return empty
-        if len(xs) != len(w):  # a layer without a gradient in some micro-batch
-            return torch.full_like(empty, math.nan)
-        total = xs[0] * w[0]
-        for x, wk in zip(xs[1:], w[1:], strict=True):
-            total = total + x * wk
-        return total
+        a, counts, units, _ = self._sums(w)
+        unit = {k: units[U][j] for U, ks in self.unit_rows.items() for j, k in enumerate(ks)}
+        return {"a": a, "has": lens.flags([c > 0 for c in counts]), "unit": unit}
 
     def emit(self, ctx: StepContext, red, out) -> None:
         self._drain()
         lens = self.lens
-        if ctx.micro * ctx.world < 2 or all(not v for v in self.sq) \
+        if ctx.micro * ctx.world < 2 or not any(self.norms.count) \
                 or len(ctx.sizes) != ctx.micro:
             return
         L, W = len(lens.layers), ctx.world
@@ -183,7 +208,8 @@ class TwoBatch(Statistic):
             a = torch.where(has, red["a"], nan)
         else:
             has = None
-            a = torch.stack([self._weighted(self.sq[k], w, nan) for k in range(L)])
+            a, counts, local_units, unit_counts = self._sums(w)
+            a = torch.where(lens.mask([n > 0 for n in counts]), a, nan)
         a = a / scale2
         y = raw / lam**2
         trace = (a - B * y) / (K - B * c)
@@ -203,34 +229,36 @@ class TwoBatch(Statistic):
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
         units_big = ctx.shared.units()
-        units_red = red.get("unit", {})
-        med, mean = [nan] * L, [nan] * L
-        by_length: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        for k in range(L):
-            if k in units_red and has is not None:
-                u_a = torch.where(has[k], units_red[k], nan)
-            elif self.unit[k] and units_big[k] is not None:
-                u_a = self._weighted(self.unit[k], w, nan)
-            else:
-                continue
-            u_y = units_big[k]
+        meds, means, order = [], [], []
+        for U, ks in self.unit_rows.items():  # layers of equal width: batched, one sort
+            idx = lens.const_index(ks)
+            blank = nan.expand(U)
+            if has is not None:
+                units_red = red.get("unit", {})
+                u_a = torch.stack([units_red.get(k, blank) for k in ks])
+                u_a = torch.where(has[idx].unsqueeze(1), u_a, nan)
+            else:  # a layer without an entry for every micro-batch: NaN
+                u_a = torch.where(lens.mask([unit_counts[k] == ctx.micro for k in ks])
+                                  .unsqueeze(1), local_units[U], nan)
+            u_y = torch.stack([blank if units_big[k] is None else units_big[k] for k in ks])
             if unit_factor is not None:
-                u_y = u_y * (unit_factor[k] if torch.is_tensor(unit_factor)
+                u_y = u_y * (unit_factor[idx].unsqueeze(1) if torch.is_tensor(unit_factor)
                              and unit_factor.ndim else unit_factor)
             u_y = u_y / lam**2
             u_trace = (u_a / scale2 - B * u_y) / (K - B * c)
             # signal = (K y - c a) / (K - B c): zero within the rounding of its two terms
             floor = S.signal_floor(K * u_y, c * u_a / scale2, K - B * c, lens.grad_dtype)
-            by_length.setdefault(u_trace.numel(), []).append(
-                (k, u_trace, u_y - c * u_trace, floor))
-        for group in by_length.values():  # layers of equal width: one sort for all of them
-            m, mu = S.noise_to_signal_summary(torch.stack([g[1] for g in group]),
-                                              torch.stack([g[2] for g in group]),
-                                              torch.stack([g[3] for g in group]))
-            for j, (k, *_) in enumerate(group):
-                med[k], mean[k] = m[j], mu[j]
-        out["unit_nsr_median"] = nan_where(torch.stack(med), ok)
-        out["unit_nsr_mean"] = nan_where(torch.stack(mean), ok)
+            m, mu = S.noise_to_signal_summary(u_trace, u_y - c * u_trace, floor)
+            meds.append(m)
+            means.append(mu)
+            order += ks
+        med = mean = lens.const("nan_vec")
+        if order:
+            idx = lens.const_index(tuple(order))
+            med = med.index_copy(0, idx, torch.cat(meds).to(med.dtype))
+            mean = mean.index_copy(0, idx, torch.cat(means).to(mean.dtype))
+        out["unit_nsr_median"] = nan_where(med, ok)
+        out["unit_nsr_mean"] = nan_where(mean, ok)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().clone() for k, v in self.state.items()}

@@ -39,6 +39,7 @@ from gradlens.stats.norms import (
     finite_copy,
     group_summary,
     order_index,
+    rowwise_max_abs,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "sorted_quantile",
     "spread",
     "spread_batched",
+    "spread_rows",
     "summary_and_axis_sq_norms",
     "unit_rms",
     "unit_sq_norms",
@@ -178,7 +180,7 @@ def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torc
     if c.dtype != acc:
         c = c.to(acc)
     c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = torch.aminmax(c.reshape(n, -1), dim=1)
+    largest = rowwise_max_abs(c.reshape(n, -1))
     u = c.reshape(n, c.shape[1], -1) if c.ndim > 3 else c
     if _LAYOUT_UNIT_DIM[layout] == 1:  # conv1d, embedding: units are columns
         u = u.transpose(1, 2)
@@ -191,7 +193,7 @@ def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torc
         zeroed = torch.stack(list(group)).mul_(0).to(acc)
     count = zeroed.nan_to_num_(nan=1.0).reshape(n, -1).sum(dim=1)
     numel = torch.full((n,), float(group[0].numel()), dtype=acc, device=c.device)
-    return torch.stack([unit.sum(dim=1), torch.maximum(-lo, hi), count, numel], dim=1), \
+    return torch.stack([unit.sum(dim=1), largest, count, numel], dim=1), \
         unit, fan
 
 
@@ -252,8 +254,9 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(num == den, torch.ones_like(num), num / den)
 
 
-def _spread_rows(x: torch.Tensor) -> torch.Tensor:
-    """Spread of each row of ``x`` (``(L, N)``, non-finite = absent) -> ``(L, 4)``."""
+def spread_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`spread` of each row of ``x`` (``(L, N)``, non-finite = absent) -> ``(L, 4)``:
+    one sort for all the rows."""
     acc = accumulation_dtype(x.dtype)
     x = x.to(acc)
     finite = torch.isfinite(x)
@@ -306,7 +309,7 @@ def spread(r: torch.Tensor) -> torch.Tensor:
 
     Cost: one sort of the vector (units are at most a vocabulary: cheap).
     """
-    return _spread_rows(r.reshape(1, -1))[0]
+    return spread_rows(r.reshape(1, -1))[0]
 
 
 def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -322,7 +325,7 @@ def spread_batched(rs: Sequence[torch.Tensor]) -> torch.Tensor:
     acc = torch.float64 if any(r.dtype == torch.float64 for r in rs) else torch.float32
     out: list[torch.Tensor | None] = [None] * len(rs)
     for members, x in _equal_length_groups([r.to(acc) for r in rs]):
-        for k, row in zip(members, _spread_rows(x), strict=True):
+        for k, row in zip(members, spread_rows(x), strict=True):
             out[k] = row
     return torch.stack(out)  # type: ignore[arg-type]
 

@@ -1,4 +1,5 @@
-"""Squared norms of many micro-batch gradients at once (the two-batch estimator's small batches).
+"""Squared norms of many micro-batch gradients at once (the two-batch estimator's small batches),
+and their weighted sums over micro-batches, per layer, for all layers at once.
 
 For each gradient ``h``: matrices give the per-output-unit squared norms ``u_i = sum_j h_ij^2``
 (``(units,)``, the unit axis from the layout as in :func:`gradlens.roles.output_units_view`)
@@ -9,31 +10,35 @@ entry makes its unit and its total non-finite (the estimator reads that as NaN).
 Batched: matrices of one shape, dtype and layout are stacked (at most
 :data:`gradlens.stats.norms.STACK_ENTRIES` entries per stack) and reduced with one kernel per
 stack; vectors go through one multi-tensor norm (``torch._foreach_norm``) per dtype. The
-kernels launched grow with the distinct shapes, not with the tensors.
+kernels launched grow with the distinct shapes, not with the tensors. :class:`MicroNorms`
+keeps the results in those stacks and forms ``sum_m w_m x_{k,m}`` for every layer ``k`` with
+a few kernels per step (one scatter into a dense ``(layer, micro-batch)`` buffer, then the
+sum over ``m`` in micro-batch order: the same rounding as a per-layer loop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
 from gradlens.roles import _LAYOUT_UNIT_DIM
 from gradlens.stats.norms import accumulation_dtype, chunked
 
-__all__ = ["micro_sq_norms"]
+__all__ = ["MicroNorms", "micro_sq_norm_stacks", "micro_sq_norms"]
+
+#: ``(members, units, sq)``: the norms of ``grads[members]``, stacked: ``units`` ``(n, U)``
+#: (None for vectors), ``sq`` ``(n,)``.
+Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
 
 
-def _matrix(g: torch.Tensor) -> torch.Tensor:
-    return g.reshape(g.shape[0], -1) if g.ndim > 2 else g
-
-
-def micro_sq_norms(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
-                   ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-    """``[(units, sq)]`` per gradient, in input order: ``units`` the ``(units,)`` per-unit
-    squared norms of a matrix (``layouts[i]`` its layout) or None for a vector
-    (``layouts[i] is None``), ``sq`` the 0-d squared norm, in the accumulation dtype."""
-    out: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * len(grads)
+def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+                         ) -> list[Stack]:
+    """The squared norms of ``grads`` as computed, one :data:`Stack` per stack: ``units`` the
+    per-unit squared norms of matrices (``layouts[i]`` their layout; a vector has
+    ``layouts[i] is None`` and no units), ``sq`` the squared norms, in the accumulation
+    dtype. Every input index appears in exactly one stack."""
     vectors: dict[torch.dtype, list[int]] = {}
     groups: dict[tuple, list[int]] = {}
     for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
@@ -41,24 +46,124 @@ def micro_sq_norms(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
             vectors.setdefault(g.dtype, []).append(i)
         else:
             groups.setdefault((tuple(g.shape), g.dtype, _LAYOUT_UNIT_DIM[layout]), []).append(i)
+    out: list[Stack] = []
     for dtype, idx in vectors.items():
         norms = torch._foreach_norm([grads[i] for i in idx], 2,
                                     dtype=accumulation_dtype(dtype))
-        for i, n in zip(idx, norms, strict=True):
-            out[i] = (None, n.square())
-    keys = list(groups)
-    numels = [grads[i].numel() for i in range(len(grads))]
-    for key, idx in zip(keys, [groups[k] for k in keys], strict=True):
-        _shape, dtype, unit_dim = key
+        out.append((idx, None, torch.stack(norms).square()))
+    numels = [g.numel() for g in grads]
+    for (_shape, dtype, unit_dim), idx in groups.items():
         acc = accumulation_dtype(dtype)
         for chunk in chunked([idx], numels):
-            x = torch.stack([_matrix(grads[i]) for i in chunk])
+            x = torch.stack([grads[i] for i in chunk])
+            if x.ndim > 3:
+                x = x.reshape(x.shape[0], x.shape[1], -1)
             if unit_dim == 1:  # units are columns: a sum of squares down the rows
                 x = x.to(acc)
                 units = (x * x).sum(dim=1)
             else:
                 units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
-            sq = units.sum(dim=1)
-            for j, i in enumerate(chunk):
-                out[i] = (units[j], sq[j])
+            out.append((chunk, units, units.sum(dim=1)))
+    return out
+
+
+def micro_sq_norms(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+                   ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """``[(units, sq)]`` per gradient, in input order (:func:`micro_sq_norm_stacks` split):
+    ``units`` the ``(units,)`` per-unit squared norms of a matrix or None for a vector,
+    ``sq`` the 0-d squared norm, in the accumulation dtype."""
+    out: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * len(grads)
+    for members, units, sq in micro_sq_norm_stacks(grads, layouts):
+        for j, i in enumerate(members):
+            out[i] = (None if units is None else units[j], sq[j])
     return out  # type: ignore[return-value]
+
+
+class MicroNorms:
+    """One step's micro-batch squared norms per (layer, micro-batch), held in their stacks.
+
+    ``count[k]``: layer ``k``'s gradients so far, the caller's counter: its gradients are
+    numbered in arrival order (``m = count[k]``, then ``count[k] += 1``); an entry whose
+    number is -1 when the sums are formed is left out (a read that was not confirmed). The weighted
+    sums ``sum_m w_m x_{k,m}`` need exactly ``len(w)`` entries per layer: a layer with none
+    sums to 0, a layer with another number (absent from some micro-batch) is NaN."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.count = [0] * n_layers
+        self.records: list[tuple[list[int], list[int], list[Stack]]] = []
+
+    def add(self, ks: list[int], ms: list[int], stacks: list[Stack]) -> None:
+        """The norms of the gradients of layers ``ks`` (micro-batch numbers ``ms``, read when
+        the sums are formed: an entry may be confirmed later)."""
+        self.records.append((ks, ms, stacks))
+
+    def sums(self, w: Sequence[float], rows: dict[int, tuple[int, ...]], dtype: torch.dtype,
+             index: Callable[[tuple[int, ...]], torch.Tensor], device: torch.device | None
+             ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor], list[int]]:
+        """``(a, counts, units, unit_counts)``: ``a`` ``(L,)`` the weighted sums of the squared
+        norms; ``units[U]`` ``(len(rows[U]), U)`` those of the per-unit norms of the layers
+        ``rows[U]`` (layers of ``U`` units); ``counts`` / ``unit_counts`` the entries per
+        layer (0: sum 0; neither 0 nor ``len(w)``: NaN). ``index`` makes a device index
+        from a tuple (cached: the same pattern every step)."""
+        M, L = len(w), len(self.count)
+        slot: dict[int, tuple[int, int]] = {k: (U, r) for U, ks in rows.items()
+                                           for r, k in enumerate(ks)}
+        ucount = [0] * L
+        pos: list[int] = []
+        parts: list[torch.Tensor] = []
+        upos: dict[int, list[int]] = {U: [] for U in rows}
+        uparts: dict[int, list[torch.Tensor]] = {U: [] for U in rows}
+        for ks, ms, stacks in self.records:
+            for members, units, sq in stacks:
+                keep, p, ukeep, up = [], [], [], []
+                for j, i in enumerate(members):
+                    k, m = ks[i], ms[i]
+                    if m < 0 or m >= M:
+                        continue
+                    keep.append(j)
+                    p.append(k * M + m)
+                    if units is not None and k in slot:
+                        ucount[k] += 1
+                        ukeep.append(j)
+                        up.append(slot[k][1] * M + m)
+                if keep:
+                    pos += p
+                    parts.append(sq if len(keep) == len(members)
+                                 else sq.index_select(0, index(tuple(keep))))
+                if up:
+                    U = slot[ks[members[ukeep[0]]]][0]
+                    upos[U] += up
+                    uparts[U].append(units if len(ukeep) == len(members)  # type: ignore[arg-type]
+                                     else units.index_select(0, index(tuple(ukeep))))
+        a = self._sum(pos, parts, (L,), w, dtype, index, device)
+        a = self._nan_where(a, [c not in (0, M) for c in self.count], index)
+        units_out = {}
+        for U, ks in rows.items():
+            u = self._sum(upos[U], uparts[U], (len(ks), U), w, dtype, index, device)
+            units_out[U] = self._nan_where(u, [ucount[k] not in (0, M) for k in ks], index)
+        return a, list(self.count), units_out, ucount
+
+    @staticmethod
+    def _sum(pos: list[int], parts: list[torch.Tensor], shape: tuple[int, ...],
+             w: Sequence[float], dtype: torch.dtype,
+             index: Callable[[tuple[int, ...]], torch.Tensor], device) -> torch.Tensor:
+        """``sum_m w_m x[.., m]`` of the entries ``parts`` scattered to rows ``pos`` of a
+        dense ``(rows * M, ...)`` buffer, in micro-batch order."""
+        M = len(w)
+        dense = torch.zeros((shape[0] * M, *shape[1:]), dtype=dtype,
+                            device=device)
+        if parts:
+            dense.index_copy_(0, index(tuple(pos)), torch.cat(parts).to(dtype))
+        dense = dense.view(shape[0], M, *shape[1:])
+        total = dense[:, 0] * w[0]
+        for m in range(1, M):
+            total = total + dense[:, m] * w[m]
+        return total
+
+    @staticmethod
+    def _nan_where(x: torch.Tensor, bad: list[bool],
+                   index: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+        if not any(bad):
+            return x
+        rows = index(tuple(j for j, b in enumerate(bad) if b))
+        return x.index_fill(0, rows, math.nan)

@@ -229,10 +229,20 @@ def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
     return chunked(list(groups.values()), [g.numel() for g in grads])
 
 
+def rowwise_max_abs(c: torch.Tensor) -> torch.Tensor:
+    """``max_j |c_ij|`` of each row of a finite 2-D ``c``: ``max(-min, max)``, exact. On CPU
+    from ``amin`` and ``amax`` (a row-wise ``aminmax`` there is 10-20x slower: 230 against 11 us
+    for 16 x 4096, torch 2.13), elsewhere one ``aminmax`` pass."""
+    if c.device.type == "cpu":
+        return torch.maximum(-c.amin(dim=1), c.amax(dim=1))
+    lo, hi = torch.aminmax(c, dim=1)
+    return torch.maximum(-lo, hi)
+
+
 def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
                   max_abs: bool = True) -> torch.Tensor:
     """``(n, 4)`` summaries of ``n`` tensors of one numel and dtype: ONE stacked finite copy
-    ``C`` (``(n, numel)``), ``sq = rowwise C . C``, ``max_abs`` from a row-wise ``aminmax``,
+    ``C`` (``(n, numel)``), ``sq = rowwise C . C``, ``max_abs`` row-wise (:func:`rowwise_max_abs`),
     and the non-finite count in the same buffer (``g * 0``, NaN read as 1, summed per row)."""
     n, numel = len(group), group[0].numel()
     device = group[0].device
@@ -245,8 +255,7 @@ def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
     c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     sq = torch.linalg.vecdot(c, c)
     if max_abs:
-        lo, hi = torch.aminmax(c, dim=1)
-        largest = torch.maximum(-lo, hi)
+        largest = rowwise_max_abs(c)
     else:
         largest = torch.full((n,), math.nan, dtype=acc, device=device)
     if group[0].dtype == acc:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradlens.roles import output_units_view
-from gradlens.stats.microbatch import micro_sq_norms
+from gradlens.stats.microbatch import MicroNorms, micro_sq_norm_stacks, micro_sq_norms
 
 
 def _reference(g: torch.Tensor, layout: str | None):
@@ -49,3 +49,82 @@ def test_a_non_finite_entry_propagates_to_its_unit_and_total_only():
     (ua, sa), (ub, sb) = micro_sq_norms([a, b], ["linear", "linear"])
     assert math.isnan(float(sa)) and math.isnan(float(ua[1]))
     assert ua[0] == 4 and ua[2] == 4 and float(sb) == 12 and torch.equal(ub, torch.full((3,), 4.0))
+
+
+def _index(t: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(t, dtype=torch.long)
+
+
+def test_micro_norms_sums_match_a_float64_per_layer_loop_on_ragged_layers(monkeypatch):
+    """Weighted sums over micro-batches of every layer at once, against the per-layer sum in
+    float64: layers of different unit counts and layouts, 1-D parameters, a layer absent from
+    one micro-batch (NaN), a layer never seen (0), a NaN entry (its unit and total), an entry
+    never confirmed (left out), entries arriving out of micro-batch order, stacks split."""
+    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 40)
+    g = torch.Generator().manual_seed(1)
+    layers = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((4, 3, 2), "other"),
+              ((5,), None), ((6, 4), "embedding"), ((3, 6), "conv1d"), ((6, 5), "linear")]
+    L, M = len(layers), 3
+    w = [0.5, 2.0, 1.25]
+    rows: dict[int, tuple[int, ...]] = {}
+    for k, (shape, lay) in enumerate(layers):
+        if lay is not None:
+            U = shape[1] if lay in ("embedding", "conv1d") else shape[0]
+            rows[U] = (*rows.get(U, ()), k)
+    absent = {(2, 1)}  # layer 2 has no gradient in micro-batch 1
+    never = {4}
+    grads = {(k, m): torch.randn(layers[k][0], generator=g)
+             for k in range(L) for m in range(M) if (k, m) not in absent and k not in never}
+    grads[(0, 2)][1, 3] = math.nan
+    norms = MicroNorms(L)
+
+    def add(entries, extra=()):
+        ks = [k for k, _ in entries] + [k for k, _ in extra]
+        ms = [m for _, m in entries] + [-1] * len(extra)  # extra: read, never confirmed
+        gs = [grads[e] for e in entries] + [torch.full(layers[k][0], 1e6) for k, _ in extra]
+        norms.add(ks, ms, micro_sq_norm_stacks(gs, [layers[k][1] for k in ks]))
+        for k, _ in entries:
+            norms.count[k] += 1
+
+    by_m = {m: [e for e in grads if e[1] == m] for m in range(M)}
+    add(by_m[2][::2])  # out of order: part of micro-batch 2 first
+    add(by_m[0], extra=[(3, 0), (1, 0)])
+    add(by_m[1])
+    add(by_m[2][1::2])
+    a, counts, units, ucounts = norms.sums(w, rows, torch.float32, _index, None)
+    assert counts == [M, M, M - 1, M, 0, M, M, M]
+    for k, (_, lay) in enumerate(layers):
+        mine = [grads[(k, m)].double() for m in range(M) if (k, m) in grads]
+        if k in never:
+            assert float(a[k]) == 0.0
+            continue
+        if len(mine) != M:
+            assert math.isnan(float(a[k]))
+        else:
+            ref = sum(wm * x.square().sum() for wm, x in zip(w, mine, strict=True))
+            if k == 0:
+                assert math.isnan(float(a[k]))
+            else:  # float32 sums of <= 30 squares, 3 terms: relative rounding < 1e-5
+                assert float(a[k]) == pytest.approx(float(ref), rel=1e-5)
+        if lay is None:
+            continue
+        U = next(U for U, ks in rows.items() if k in ks)
+        row = units[U][rows[U].index(k)].double()
+        assert ucounts[k] == len(mine)
+        if len(mine) != M:
+            assert torch.isnan(row).all()
+            continue
+        ref_u = sum(wm * output_units_view(x, lay).square().sum(1)
+                    for wm, x in zip(w, mine, strict=True))
+        finite = torch.isfinite(ref_u)
+        assert torch.equal(torch.isfinite(row), finite)  # NaN in the NaN entry's unit only
+        torch.testing.assert_close(row[finite], ref_u[finite], rtol=1e-5, atol=0)
+    assert (~torch.isfinite(units[6][0])).sum() == 1  # layer 0: one unit hit by its NaN
+
+
+def test_micro_norms_without_entries_sum_to_zero_everywhere():
+    norms = MicroNorms(3)
+    a, counts, units, ucounts = norms.sums([1.0, 1.0], {4: (0, 2)}, torch.float64, _index, None)
+    assert counts == ucounts == [0, 0, 0]
+    assert torch.equal(a, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(units[4], torch.zeros(2, 4, dtype=torch.float64))

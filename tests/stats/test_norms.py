@@ -152,3 +152,19 @@ def test_sq_norms_matches_float64_numpy():
     bad[1] = float("inf")
     assert not math.isfinite(float(S.sq_norms([bad, torch.ones(2)], torch.float32)[0]))
     assert math.isnan(float(S.sq_norms([None, None], torch.float32)[1]))
+
+
+def test_rowwise_max_abs_is_the_largest_magnitude_of_each_row():
+    """Against a float64 per-row reference: rows whose largest magnitude is negative,
+    positive, zero, a single column; exact (a max is not rounded)."""
+    from gradlens.stats.norms import rowwise_max_abs
+
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(5, 7, generator=g)
+    c[1] = -c[1].abs() - 1  # largest magnitude negative
+    c[2] = 0.0
+    c[3, 4] = 50.0
+    for x in (c, c[:, :1], c.double()):
+        ref = torch.tensor([max(abs(v) for v in row.tolist()) for row in x.double()])
+        assert torch.equal(rowwise_max_abs(x).double(), ref)
+        assert rowwise_max_abs(x).dtype == x.dtype
