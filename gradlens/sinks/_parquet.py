@@ -29,10 +29,12 @@ import numpy as np
 
 from gradlens.atomic_files import fsync_dir, write_atomic
 from gradlens.schema import GLOBAL
+from gradlens.sink_api import StatRows
 from gradlens.table_parts import Part, part_name
 from gradlens.table_summary import write_summary
 
-__all__ = ["MERGE_EVERY", "META_KEY", "merge_parts", "rows_table", "write_part", "write_range"]
+__all__ = ["MERGE_EVERY", "META_KEY", "columns_table", "merge_parts", "rows_table", "write_part",
+           "write_range"]
 
 MERGE_EVERY = 64
 META_KEY = b"gradlens"
@@ -46,21 +48,39 @@ _OPTIONS: dict[str, Any] = dict(
 
 def rows_table(rows: Sequence[tuple[int, str, str, str, float]]) -> Any:
     """The rows ``(step, layer, role, stat, value)`` as a pyarrow table of the store's schema."""
+    return columns_table(StatRows.of(rows))
+
+
+def columns_table(rows: StatRows) -> Any:
+    """The rows as a pyarrow table of the store's schema (plain string columns, each taken
+    from its small table of names in C), with the ``gradlens`` metadata (:func:`_meta`)."""
     import pyarrow as pa
 
-    cols = list(zip(*rows, strict=True))
-    return pa.table({
-        "step": pa.array(cols[0], pa.int64()),
-        "layer": pa.array(cols[1], pa.string()),
-        "role": pa.array(cols[2], pa.string()),
-        "stat": pa.array(cols[3], pa.string()),
-        "value": pa.array(cols[4], pa.float64()),
+    layers = pa.array([lab[0] for lab in rows.labels], pa.string())
+    roles = pa.array([lab[1] for lab in rows.labels], pa.string())
+    labels = pa.array(rows.label_ids)
+    table = pa.table({
+        "step": pa.array(rows.steps, pa.int64()),
+        "layer": layers.take(labels),
+        "role": roles.take(labels),
+        "stat": pa.array(rows.stats, pa.string()).take(pa.array(rows.stat_ids)),
+        "value": pa.array(rows.values, pa.float64()),
     })
+    return table.replace_schema_metadata({META_KEY: json.dumps(_meta(rows)).encode()})
+
+
+def _meta(rows: StatRows) -> dict[str, list]:
+    """The ``gradlens`` metadata of a file: its distinct ``steps``, the ``stats`` of its
+    per-layer rows and the ``global`` stats of its run-level rows."""
+    is_global = np.array([lab[0] == GLOBAL for lab in rows.labels] + [False])[rows.label_ids]
+    names = rows.stats
+    return {"steps": np.unique(rows.steps).tolist(),
+            "stats": sorted(names[k] for k in np.unique(rows.stat_ids[~is_global]).tolist()),
+            "global": sorted(names[k] for k in np.unique(rows.stat_ids[is_global]).tolist())}
 
 
 def _with_meta(table: Any) -> Any:
-    """``table`` with the ``gradlens`` metadata: its distinct ``steps``, the ``stats`` of its
-    per-layer rows and the ``global`` stats of its run-level rows."""
+    """``table`` (read back from files) with the ``gradlens`` metadata (:func:`_meta`)."""
     import pyarrow.compute as pc
 
     is_global = pc.equal(table["layer"], GLOBAL)
@@ -80,20 +100,31 @@ def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
     import pyarrow.parquet as pq
 
     final = logdir / part_name(index)
-    table = _with_meta(table)
+    if table.schema.metadata is None or META_KEY not in table.schema.metadata:
+        table = _with_meta(table)
     write_atomic(final, lambda fh: pq.write_table(table, fh, **_OPTIONS), opener=opener,
                  fsync=fsync)
     return final
 
 
-def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
-    """Merge ``parts`` (consecutive, in order) into one range file, then delete them."""
+def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool,
+                columns: Sequence[StatRows] | None = None) -> Path:
+    """Merge ``parts`` (consecutive, in order) into one range file, then delete them.
+    ``columns``: the parts' rows, when the caller still holds them (nothing is read back)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(p[2]).replace_schema_metadata(None)
-                              for p in parts])
-    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync)
+    if columns is not None:
+        rows = StatRows.concat(columns)
+        rank = np.argsort(np.argsort(np.array(rows.stats, dtype=object), kind="stable"))
+        order = np.argsort(rank[rows.stat_ids], kind="stable")  # by statistic, write order kept
+        table = columns_table(StatRows(rows.steps[order], rows.labels, rows.label_ids[order],
+                                       rows.stats, rows.stat_ids[order], rows.values[order]))
+    else:
+        table = pa.concat_tables([pq.read_table(p[2]).replace_schema_metadata(None)
+                                  for p in parts])
+    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync,
+                        is_sorted=columns is not None)
     for p in parts:
         with contextlib.suppress(OSError):
             p[2].unlink()
@@ -102,13 +133,16 @@ def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool) -> Path:
     return final
 
 
-def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool) -> Path:
+def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool,
+                is_sorted: bool = False) -> Path:
     """Write the rows of flushes ``first..last`` as one range file, grouped by statistic (a
-    stable sort: write order kept within a statistic), one row group per statistic."""
+    stable sort: write order kept within a statistic; ``is_sorted``: ``table`` already is,
+    with its metadata), one row group per statistic."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
+    if not is_sorted:
+        table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
     stats = table["stat"].to_numpy(zero_copy_only=False)
     cuts = [0, *(np.flatnonzero(stats[1:] != stats[:-1]) + 1).tolist(), len(stats)]
 
