@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,10 @@ class _Columns:
                         np.concatenate(self._values))
 
 
+_LABELS: weakref.WeakKeyDictionary[Any, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+"""Each lens's row labels (its layers are fixed at its construction)."""
+
+
 def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: Any
                ) -> tuple[StatRows, list[SpikeEvent], list[Histogram]]:
     """``(rows, events, histograms)`` of the pending items, ``host`` the transferred values
@@ -101,11 +106,13 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: Any
     statistic, the present layers' values (a ``global``-scope statistic's per-layer
     placeholders, NaN, left out), then its run-level value when it has one."""
     host = np.asarray(host, dtype=np.float64)
-    names = [i.name for i in lens.layers]
-    roles = [layer_kind(i.name, i.role.value) for i in lens.layers]  # the kinds (gradlens.kinds)
-    L = len(names)
+    labels = _LABELS.get(lens)
+    if labels is None:  # each layer's (name, kind) (gradlens.kinds), then the run's row
+        labels = _LABELS[lens] = [*((i.name, layer_kind(i.name, i.role.value))
+                                    for i in lens.layers), (GLOBAL, GLOBAL)]
+    L = len(labels) - 1
     pos = 0
-    cols = _Columns([*zip(names, roles, strict=True), (GLOBAL, GLOBAL)])
+    cols = _Columns(list(labels))
     events: list[SpikeEvent] = []
     hists: list[Histogram] = []
     for step, kind, payload in pending:

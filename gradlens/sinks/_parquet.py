@@ -73,10 +73,25 @@ def _meta(rows: StatRows) -> dict[str, list]:
     """The ``gradlens`` metadata of a file: its distinct ``steps``, the ``stats`` of its
     per-layer rows and the ``global`` stats of its run-level rows."""
     is_global = np.array([lab[0] == GLOBAL for lab in rows.labels] + [False])[rows.label_ids]
-    names = rows.stats
-    return {"steps": np.unique(rows.steps).tolist(),
-            "stats": sorted(names[k] for k in np.unique(rows.stat_ids[~is_global]).tolist()),
-            "global": sorted(names[k] for k in np.unique(rows.stat_ids[is_global]).tolist())}
+    names, n = rows.stats, len(rows.stats)
+    steps = rows.steps
+    runs = steps[np.flatnonzero(np.diff(steps, prepend=steps[:1] - 1))]  # one per run of a step
+    per_layer = np.bincount(rows.stat_ids[~is_global], minlength=n)
+    run_level = np.bincount(rows.stat_ids[is_global], minlength=n)
+    return {"steps": np.unique(runs).tolist(),
+            "stats": sorted(names[k] for k in np.flatnonzero(per_layer).tolist()),
+            "global": sorted(names[k] for k in np.flatnonzero(run_level).tolist())}
+
+
+def summary_codes(rows: StatRows) -> tuple:
+    """The rows' columns as :func:`gradlens.table_summary.write_summary` takes them: steps,
+    layer names and each row's, roles and each row's, statistics and each row's, values."""
+    names: dict[str, int] = {}
+    roles: dict[str, int] = {}
+    lmap = np.array([names.setdefault(a, len(names)) for a, _ in rows.labels] + [0], np.intp)
+    rmap = np.array([roles.setdefault(b, len(roles)) for _, b in rows.labels] + [0], np.intp)
+    return (rows.steps, list(names), lmap[rows.label_ids], list(roles), rmap[rows.label_ids],
+            list(rows.stats), rows.stat_ids, rows.values)
 
 
 def _with_meta(table: Any) -> Any:
@@ -115,16 +130,11 @@ def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool,
     import pyarrow.parquet as pq
 
     if columns is not None:
-        rows = StatRows.concat(columns)
-        rank = np.argsort(np.argsort(np.array(rows.stats, dtype=object), kind="stable"))
-        order = np.argsort(rank[rows.stat_ids], kind="stable")  # by statistic, write order kept
-        table = columns_table(StatRows(rows.steps[order], rows.labels, rows.label_ids[order],
-                                       rows.stats, rows.stat_ids[order], rows.values[order]))
+        table: Any = StatRows.concat(columns)
     else:
         table = pa.concat_tables([pq.read_table(p[2]).replace_schema_metadata(None)
                                   for p in parts])
-    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync,
-                        is_sorted=columns is not None)
+    final = write_range(logdir, parts[0][0], parts[-1][1], table, fsync=fsync)
     for p in parts:
         with contextlib.suppress(OSError):
             p[2].unlink()
@@ -133,18 +143,42 @@ def merge_parts(logdir: Path, parts: Sequence[Part], *, fsync: bool,
     return final
 
 
-def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool,
-                is_sorted: bool = False) -> Path:
-    """Write the rows of flushes ``first..last`` as one range file, grouped by statistic (a
-    stable sort: write order kept within a statistic; ``is_sorted``: ``table`` already is,
-    with its metadata), one row group per statistic."""
+def _small(codes: np.ndarray, n: int) -> np.ndarray:
+    """``codes`` (< n) in the smallest integer type: numpy's stable sort of 16-bit integers is a
+    radix sort."""
+    return codes.astype(np.int16) if n < 2**15 else codes
+
+
+def by_stat(rows: StatRows) -> tuple[StatRows, list[int]]:
+    """``rows`` grouped by statistic name (a stable sort: write order kept within a
+    statistic), and where each statistic's rows start (and the end)."""
+    rank = np.zeros(len(rows.stats), np.intp)
+    rank[np.argsort(np.array(rows.stats, dtype=object))] = np.arange(len(rows.stats))
+    key = _small(rank[rows.stat_ids], len(rows.stats))
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=len(rows.stats))
+    cuts = np.concatenate([[0], np.cumsum(counts[counts > 0])]).tolist()
+    return StatRows(rows.steps[order], rows.labels, rows.label_ids[order], rows.stats,
+                    rows.stat_ids[order], rows.values[order]), cuts
+
+
+def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool) -> Path:
+    """Write the rows of flushes ``first..last`` (a pyarrow table, or :class:`StatRows`) as
+    one range file, grouped by statistic (a stable sort: write order kept within a
+    statistic), one row group per statistic."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if not is_sorted:
+    codes = None
+    if isinstance(table, StatRows):
+        rows, cuts = by_stat(table)
+        table, codes = columns_table(rows), summary_codes(rows)
+    else:
         table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
-    stats = table["stat"].to_numpy(zero_copy_only=False)
-    cuts = [0, *(np.flatnonzero(stats[1:] != stats[:-1]) + 1).tolist(), len(stats)]
+        stats = table["stat"].combine_chunks()
+        n = len(stats)
+        change = pc.not_equal(stats.slice(1), stats.slice(0, max(n - 1, 0)))
+        cuts = [0, *(np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1).tolist(), n]
 
     def write(fh: BinaryIO) -> None:
         with pq.ParquetWriter(fh, table.schema, **_OPTIONS) as w:
@@ -154,7 +188,7 @@ def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool,
     final = logdir / part_name(first, last)
     write_atomic(final, write, opener=_open_new, fsync=fsync)
     try:
-        write_summary(final, table, fsync=fsync)
+        write_summary(final, table, fsync=fsync, codes=codes)
     except Exception as err:  # an optimisation only: readers fall back to the rows
         warnings.warn(f"{final}: its summary was not written ({type(err).__name__}: {err}); "
                       "the plugin reads this range's rows instead", RuntimeWarning,
