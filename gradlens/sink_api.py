@@ -33,6 +33,8 @@ may be used without ``open`` (tests, notebooks): it then behaves as if opened wi
 from __future__ import annotations
 
 import inspect
+import itertools
+import math
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -144,8 +146,9 @@ class StatRows(Sequence[StatRow]):
             return StatRows(self.steps[i], self.labels, self.label_ids[i], self.stats,
                             self.stat_ids[i], self.values[i])
         layer, role = self.labels[self.label_ids[i]]
+        v = float(self.values[i])
         return (int(self.steps[i]), layer, role, self.stats[self.stat_ids[i]],
-                float(self.values[i]))
+                math.nan if v != v else v)
 
     def __iter__(self) -> Iterator[StatRow]:
         return iter(self.tuples())
@@ -157,8 +160,11 @@ class StatRows(Sequence[StatRow]):
         """One column as a list: ``step``, ``layer``, ``role``, ``stat`` or ``value``."""
         if name == "step":
             return self.steps.tolist()
-        if name == "value":
-            return self.values.tolist()
+        if name == "value":  # NaN as the one ``math.nan``: equal rows compare equal
+            out = self.values.tolist()
+            for i in np.flatnonzero(np.isnan(self.values)).tolist():
+                out[i] = math.nan
+            return out
         if name == "stat":
             return np.array(self.stats, dtype=object)[self.stat_ids].tolist()
         k = ("layer", "role").index(name)
@@ -176,7 +182,7 @@ class StatRows(Sequence[StatRow]):
             return []
         cuts = [0, *(np.flatnonzero(self.steps[1:] != self.steps[:-1]) + 1).tolist(),
                 len(self)]
-        return [(int(self.steps[a]), self[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+        return [(int(self.steps[a]), self[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def test_columns_read_back_as_the_rows() -> None:
     assert _same([cols[i] for i in range(len(rows))], rows)
     assert _same(list(cols[3:11]), rows[3:11])
     assert cols.column("layer") == [r[1] for r in rows]
+    assert list(cols) == list(cols) == cols.tuples()  # NaN is the one math.nan: rows compare
     got = [(s, list(part)) for s, part in cols.step_slices()]
     want = [(s, list(g)) for s, g in itertools.groupby(rows, key=lambda r: r[0])]
     assert [s for s, _ in got] == [s for s, _ in want]
