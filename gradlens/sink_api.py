@@ -21,8 +21,10 @@ error (disk full, run directory deleted, read-only file) out of these calls. It 
 in-memory backlog, retries at the next flush and counts what it had to drop
 (:attr:`Sink.rows_dropped`). Only misuse raises: a write after ``close``, a bad ``ended``.
 
-Everything handed to a sink is plain Python data already on the host (no tensors): one
-device-to-host transfer per flush happens in the collector, never in a sink.
+Everything handed to a sink is already on the host (no tensors): one device-to-host transfer
+per flush happens in the collector, never in a sink. The rows come as :class:`StatRows`, a
+sequence of :data:`StatRow` tuples to whoever iterates it, held as numpy columns (codes into
+small tables of names) so that the sinks that read the columns do no Python work per row.
 
 ``meta`` is a JSON-able dict: ``name``, ``model``, ``optimizer``, ``preset``,
 ``gradlens_version``, ... and ``layers``, a list of ``{name, role, layout, shape, numel, group}``
