@@ -52,21 +52,49 @@ def rows_table(rows: Sequence[tuple[int, str, str, str, float]]) -> Any:
 
 
 def columns_table(rows: StatRows) -> Any:
-    """The rows as a pyarrow table of the store's schema (plain string columns, each taken
-    from its small table of names in C), with the ``gradlens`` metadata (:func:`_meta`)."""
+    """The rows as a pyarrow table with the ``gradlens`` metadata (:func:`_meta`): ``layer``,
+    ``role`` and ``stat`` as dictionary columns over their small tables of names (the
+    parquet writer then encodes the codes without hashing a string per row; files are
+    written without the Arrow schema, so they read back as plain strings)."""
     import pyarrow as pa
 
-    layers = pa.array([lab[0] for lab in rows.labels], pa.string())
-    roles = pa.array([lab[1] for lab in rows.labels], pa.string())
-    labels = pa.array(rows.label_ids)
+    def names(table: Sequence[str], codes: np.ndarray) -> Any:
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)),
+                                              pa.array(table, pa.string()))
+
     table = pa.table({
         "step": pa.array(rows.steps, pa.int64()),
-        "layer": layers.take(labels),
-        "role": roles.take(labels),
-        "stat": pa.array(rows.stats, pa.string()).take(pa.array(rows.stat_ids)),
+        "layer": names([lab[0] for lab in rows.labels], rows.label_ids),
+        "role": names([lab[1] for lab in rows.labels], rows.label_ids),
+        "stat": names(rows.stats, rows.stat_ids),
         "value": pa.array(rows.values, pa.float64()),
     })
     return table.replace_schema_metadata({META_KEY: json.dumps(_meta(rows)).encode()})
+
+
+def _plain(table: Any) -> Any:
+    """``table`` with its dictionary columns decoded to strings."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table[field.name].cast(pa.string()))
+    return table
+
+
+def _write_table(fh: BinaryIO, table: Any, cuts: Sequence[int] | None = None) -> None:
+    """Write ``table`` to ``fh``, one row group per ``cuts`` interval (one in all without),
+    its metadata as the file's key-value metadata, without the Arrow schema (the columns are
+    the store's parquet types: int64, UTF-8 strings, double)."""
+    import pyarrow.parquet as pq
+
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    table = table.replace_schema_metadata(None)
+    cuts = [0, len(table)] if cuts is None else cuts
+    with pq.ParquetWriter(fh, table.schema, store_schema=False, **_OPTIONS) as w:
+        for a, b in itertools.pairwise(cuts):
+            w.write_table(table.slice(a, b - a), row_group_size=max(b - a, 1))
+        w.add_key_value_metadata(meta)
 
 
 def _meta(rows: StatRows) -> dict[str, list]:
@@ -112,13 +140,10 @@ def _open_new(path: Path) -> BinaryIO:
 def write_part(logdir: Path, index: int, table: Any, *, fsync: bool,
                opener: Callable[[Path], BinaryIO]) -> Path:
     """Write one flush's rows as ``stats-<index>.parquet``; the path."""
-    import pyarrow.parquet as pq
-
     final = logdir / part_name(index)
     if table.schema.metadata is None or META_KEY not in table.schema.metadata:
         table = _with_meta(table)
-    write_atomic(final, lambda fh: pq.write_table(table, fh, **_OPTIONS), opener=opener,
-                 fsync=fsync)
+    write_atomic(final, lambda fh: _write_table(fh, table), opener=opener, fsync=fsync)
     return final
 
 
@@ -167,13 +192,13 @@ def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool)
     one range file, grouped by statistic (a stable sort: write order kept within a
     statistic), one row group per statistic."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     codes = None
     if isinstance(table, StatRows):
         rows, cuts = by_stat(table)
         table, codes = columns_table(rows), summary_codes(rows)
     else:
+        table = _plain(table)
         table = _with_meta(table.take(pc.sort_indices(table, [("stat", "ascending")])))
         stats = table["stat"].combine_chunks()
         n = len(stats)
@@ -181,9 +206,7 @@ def write_range(logdir: Path, first: int, last: int, table: Any, *, fsync: bool)
         cuts = [0, *(np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1).tolist(), n]
 
     def write(fh: BinaryIO) -> None:
-        with pq.ParquetWriter(fh, table.schema, **_OPTIONS) as w:
-            for a, b in itertools.pairwise(cuts):
-                w.write_table(table.slice(a, b - a), row_group_size=b - a)
+        _write_table(fh, table, cuts)
 
     final = logdir / part_name(first, last)
     write_atomic(final, write, opener=_open_new, fsync=fsync)

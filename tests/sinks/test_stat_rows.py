@@ -171,7 +171,13 @@ def test_a_range_merged_from_memory_equals_one_read_back(tmp_path: Path, monkeyp
     assert a.metadata.num_row_groups == b.metadata.num_row_groups == len(stats)
     assert [a.metadata.row_group(i).num_rows for i in range(len(stats))] == \
         [b.metadata.row_group(i).num_rows for i in range(len(stats))]
+    stat_col = a.schema_arrow.names.index("stat")
+    for i in range(len(stats)):  # what a reader skips row groups by
+        sa = a.metadata.row_group(i).column(stat_col).statistics
+        sb = b.metadata.row_group(i).column(stat_col).statistics
+        assert sa.has_min_max and (sa.min, sa.max) == (sb.min, sb.max) and sa.min == sa.max
     ta, tb = a.read(), b.read()
+    assert all(ta.schema.field(c).type == "string" for c in ("layer", "role", "stat"))
     assert ta.schema.metadata == tb.schema.metadata and ta.schema == tb.schema
     assert ta.drop(["value"]).equals(tb.drop(["value"]))
     va, vb = ta["value"].to_numpy(), tb["value"].to_numpy()
