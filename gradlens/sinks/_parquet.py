@@ -5,7 +5,10 @@ Encoding (measured on the 7B-shaped ``standard`` step of ``benchmarks/bench_scal
 ``step`` dictionary/RLE (one value per flush); ``value`` float64 with ``BYTE_STREAM_SPLIT``
 then zstd (the exponent bytes of gradient statistics compress, the mantissa bytes do not).
 Each file's key-value metadata ``gradlens`` holds its distinct steps and statistics, so a
-reader lists a run's steps from the footers alone.
+reader lists a run's steps from the footers alone. The writer hands parquet the names as
+dictionary columns over their small tables (the collector's codes, :class:`StatRows`) and
+stores no Arrow schema, so the columns read back as the plain parquet types (int64, UTF-8
+strings, double).
 
 Merging (``MERGE_EVERY`` parts into one range file) keeps the number of files small (a
 100k-step run with ``log_every=1`` has ~1,600 files instead of 100k) and groups the rows by
