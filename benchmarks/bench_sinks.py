@@ -1,7 +1,8 @@
 """Host time of the file sinks per logged step, against the straightforward encodings.
 
 The rows are one real ``standard`` step of the benchmark LLaMA (``build_llama("small")``, 2
-micro-batches; about 830 values). Each round writes them as a new step, then flushes, with:
+micro-batches; about 830 values). Each round writes them as a new step, then flushes, with
+(the sinks get the rows as the collector hands them over: columns, ``StatRows``):
 
 - ``TensorBoardSink`` (scalars and per-group aggregates from a cached tag template,
   :mod:`gradlens.tensorboard._scalar_events`, and numpy) against one protobuf ``Summary.Value`` per
@@ -27,12 +28,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gradlens import GradLens
 from gradlens.data import build_llama
 from gradlens.schema import GLOBAL, tb_group_tag, tb_tag
-from gradlens.sinks import MemorySink, TableSink, TensorBoardSink
+from gradlens.sinks import MemorySink, StatRows, TableSink, TensorBoardSink
 from gradlens.sinks import _crc32c as crc
 
 
@@ -108,10 +110,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     def at(step: int) -> list:
         return [(step, *r[1:]) for r in rows]
 
+    cols = StatRows.of(rows)
+
+    def columns_at(step: int) -> StatRows:  # as the collector hands them over
+        return StatRows(np.full(len(cols), step), cols.labels, cols.label_ids, cols.stats,
+                        cols.stat_ids, cols.values)
+
     pairs = {
-        "tb": lambda s: (tb.write_stats(at(s)), tb.flush()),
+        "tb": lambda s: (tb.write_stats(columns_at(s)), tb.flush()),
         "tb_ref": lambda s: protobuf_scalars(tb, root / "ref.tfevents", at(s), s),
-        "csv": lambda s: (table.write_stats(at(s)), table.flush()),
+        "csv": lambda s: (table.write_stats(columns_at(s)), table.flush()),
         "csv_ref": lambda s: csv_rows(root / "ref.csv", at(s), s),
     }
     for r in range(rounds + 1):

@@ -21,8 +21,10 @@ error (disk full, run directory deleted, read-only file) out of these calls. It 
 in-memory backlog, retries at the next flush and counts what it had to drop
 (:attr:`Sink.rows_dropped`). Only misuse raises: a write after ``close``, a bad ``ended``.
 
-Everything handed to a sink is plain Python data already on the host (no tensors): one
-device-to-host transfer per flush happens in the collector, never in a sink.
+Everything handed to a sink is already on the host (no tensors): one device-to-host transfer
+per flush happens in the collector, never in a sink. The rows come as :class:`StatRows`, a
+sequence of :data:`StatRow` tuples to whoever iterates it, held as numpy columns (codes into
+small tables of names) so that the sinks that read the columns do no Python work per row.
 
 ``meta`` is a JSON-able dict: ``name``, ``model``, ``optimizer``, ``preset``,
 ``gradlens_version``, ... and ``layers``, a list of ``{name, role, layout, shape, numel, group}``
@@ -33,22 +35,156 @@ may be used without ``open`` (tests, notebooks): it then behaves as if opened wi
 from __future__ import annotations
 
 import inspect
+import itertools
+import math
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from gradlens.schema import SpikeEvent
 
-__all__ = ["ENDED", "Histogram", "Sink", "StatRow", "check_ended", "close_sink"]
+__all__ = ["ENDED", "Histogram", "Sink", "StatRow", "StatRows", "check_ended", "close_sink"]
 
 ENDED = ("finished", "interrupted")
 """How a run can end, as :meth:`Sink.close` takes it and ``run.json`` records it."""
 
 StatRow = tuple[int, str, str, str, float]
 """One row of the long table, in ``schema.STAT_COLUMNS`` order: step, layer, role, stat, value."""
+
+
+class StatRows(Sequence[StatRow]):
+    """Rows held as columns: what the collector hands its sinks at a flush.
+
+    A sequence of :data:`StatRow` tuples to whoever iterates it (``int`` step, ``float``
+    value), built without a Python object per row: ``labels[label_ids[i]]`` is row i's
+    ``(layer, role)``, ``stats[stat_ids[i]]`` its statistic, ``steps[i]`` and ``values[i]``
+    (int64, float64 arrays) the rest. The sinks that know it (the table, TensorBoard, the
+    in-memory sink) read the columns; :meth:`of` turns any sequence of rows into one. Never
+    mutated once built (the writer thread shares it between sinks).
+    """
+
+    __slots__ = ("label_ids", "labels", "stat_ids", "stats", "steps", "values")
+
+    def __init__(self, steps: np.ndarray, labels: Sequence[tuple[str, str]],
+                 label_ids: np.ndarray, stats: Sequence[str], stat_ids: np.ndarray,
+                 values: np.ndarray) -> None:
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.labels = tuple(labels)
+        self.label_ids = np.asarray(label_ids, dtype=np.intp)
+        self.stats = tuple(stats)
+        self.stat_ids = np.asarray(stat_ids, dtype=np.intp)
+        self.values = np.asarray(values, dtype=np.float64)
+        n = len(self.steps)
+        if not len(self.label_ids) == len(self.stat_ids) == len(self.values) == n:
+            raise ValueError("StatRows: steps, label_ids, stat_ids and values must have one "
+                             "entry per row")
+
+    @classmethod
+    def of(cls, rows: Sequence[StatRow]) -> StatRows:
+        """``rows`` as columns (itself when it already is)."""
+        if isinstance(rows, StatRows):
+            return rows
+        labels: dict[tuple[str, str], int] = {}
+        stats: dict[str, int] = {}
+        n = len(rows)
+        steps = np.empty(n, np.int64)
+        values = np.empty(n, np.float64)
+        lid = np.empty(n, np.intp)
+        sid = np.empty(n, np.intp)
+        for i, (step, layer, role, stat, v) in enumerate(rows):
+            steps[i], values[i] = int(step), float(v)
+            lid[i] = labels.setdefault((str(layer), str(role)), len(labels))
+            sid[i] = stats.setdefault(str(stat), len(stats))
+        return cls(steps, list(labels), lid, list(stats), sid, values)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Sequence[StatRow]]) -> StatRows:
+        """The rows of ``parts`` in order, as one (codes remapped where the tables differ)."""
+        cols = [cls.of(p) for p in parts]
+        cols = [c for c in cols if len(c)] or cols[:1]
+        if not cols:
+            return cls.empty()
+        if len(cols) == 1:
+            return cols[0]
+        first = cols[0]
+        if all(c.labels == first.labels and c.stats == first.stats for c in cols[1:]):
+            lid = np.concatenate([c.label_ids for c in cols])
+            sid = np.concatenate([c.stat_ids for c in cols])
+            labels, stats = first.labels, first.stats
+        else:
+            label_of: dict[tuple[str, str], int] = {}
+            stat_of: dict[str, int] = {}
+            lmaps = [np.array([label_of.setdefault(x, len(label_of)) for x in c.labels],
+                              dtype=np.intp) for c in cols]
+            smaps = [np.array([stat_of.setdefault(x, len(stat_of)) for x in c.stats],
+                              dtype=np.intp) for c in cols]
+            lid = np.concatenate([m[c.label_ids] for m, c in zip(lmaps, cols, strict=True)])
+            sid = np.concatenate([m[c.stat_ids] for m, c in zip(smaps, cols, strict=True)])
+            labels, stats = list(label_of), list(stat_of)
+        return cls(np.concatenate([c.steps for c in cols]), labels, lid, stats, sid,
+                   np.concatenate([c.values for c in cols]))
+
+    @classmethod
+    def empty(cls) -> StatRows:
+        e = np.zeros(0, np.intp)
+        return cls(e, (), e, (), e, np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @overload
+    def __getitem__(self, i: int) -> StatRow: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> StatRows: ...
+
+    def __getitem__(self, i: int | slice) -> StatRow | StatRows:
+        if isinstance(i, slice):
+            return StatRows(self.steps[i], self.labels, self.label_ids[i], self.stats,
+                            self.stat_ids[i], self.values[i])
+        layer, role = self.labels[self.label_ids[i]]
+        v = float(self.values[i])
+        return (int(self.steps[i]), layer, role, self.stats[self.stat_ids[i]],
+                math.nan if v != v else v)
+
+    def __iter__(self) -> Iterator[StatRow]:
+        return iter(self.tuples())
+
+    def __repr__(self) -> str:
+        return f"StatRows({len(self)} rows)"
+
+    def column(self, name: str) -> list[Any]:
+        """One column as a list: ``step``, ``layer``, ``role``, ``stat`` or ``value``."""
+        if name == "step":
+            return self.steps.tolist()
+        if name == "value":  # NaN as the one ``math.nan``: equal rows compare equal
+            out = self.values.tolist()
+            for i in np.flatnonzero(np.isnan(self.values)).tolist():
+                out[i] = math.nan
+            return out
+        if name == "stat":
+            return np.array(self.stats, dtype=object)[self.stat_ids].tolist()
+        k = ("layer", "role").index(name)
+        table = np.array([lab[k] for lab in self.labels], dtype=object)
+        return table[self.label_ids].tolist()
+
+    def tuples(self) -> list[StatRow]:
+        """The rows as tuples ``(step, layer, role, stat, value)``."""
+        return list(zip(*(self.column(c) for c in ("step", "layer", "role", "stat", "value")),
+                        strict=True))
+
+    def step_slices(self) -> list[tuple[int, StatRows]]:
+        """``(step, rows)`` for each run of consecutive rows of one step, in order."""
+        if not len(self):
+            return []
+        cuts = [0, *(np.flatnonzero(self.steps[1:] != self.steps[:-1]) + 1).tolist(),
+                len(self)]
+        return [(int(self.steps[a]), self[a:b]) for a, b in itertools.pairwise(cuts)]
 
 
 @dataclass(frozen=True)

@@ -120,20 +120,27 @@ def _last_written(lc: np.ndarray, st: np.ndarray, n_names: int) -> np.ndarray | 
     return None if len(last_rev) == len(key) else np.sort(len(key) - 1 - last_rev)
 
 
-def _summary_blobs(table: Any, source: Path) -> tuple[dict[str, Any], list[bytes]]:
-    """The header and the per-statistic blobs of ``table``'s summary (rows of one range)."""
-    import pyarrow.compute as pc
-
-    steps_all = table["step"].to_numpy().astype(np.int64)
-    distinct = pc.unique(table["step"]).to_numpy()
-    width = block_size(distinct) if len(distinct) else STEPS_PER_BLOCK
+def _table_codes(table: Any) -> tuple:
+    """``(steps, names, lcode, roles, rcode, stats, scode, values)`` of a pyarrow table."""
     names, lcode = _codes(table["layer"])
     roles, rcode = _codes(table["role"])
     stats, scode = _codes(table["stat"])
-    values = table["value"].to_numpy().astype(np.float64)
+    return (table["step"].to_numpy().astype(np.int64), names, lcode, roles, rcode, stats,
+            scode, table["value"].to_numpy().astype(np.float64))
+
+
+def _summary_blobs(codes: tuple, source: Path) -> tuple[dict[str, Any], list[bytes]]:
+    """The header and the per-statistic blobs of the summary of one range's rows, given as
+    codes (:func:`_table_codes`)."""
+    steps_all, names, lcode, roles, rcode, stats, scode, values = codes
+    names, roles, stats = list(names), list(roles), list(stats)
+    distinct = np.unique(steps_all[np.flatnonzero(np.diff(steps_all, prepend=-1))]
+                         if len(steps_all) else steps_all)  # one entry per run of a step
+    width = block_size(distinct) if len(distinct) else STEPS_PER_BLOCK
     if GLOBAL in names:  # run-level rows: not in the heatmaps
         scode = np.where(lcode == names.index(GLOBAL), len(stats), scode)
-    by_stat = np.argsort(scode, kind="stable")  # write order kept within a statistic
+    key = scode.astype(np.int16) if len(stats) < 2**15 - 1 else scode  # a radix sort
+    by_stat = np.argsort(key, kind="stable")  # write order kept within a statistic
     bounds = np.concatenate([[0], np.cumsum(np.bincount(scode, minlength=len(stats) + 1))])
     blobs: list[bytes] = []
     index: dict[str, list[Any]] = {}
@@ -167,14 +174,17 @@ def _summary_blobs(table: Any, source: Path) -> tuple[dict[str, Any], list[bytes
     return header, blobs
 
 
-def write_summary(range_file: Path, table: Any, *, fsync: bool) -> Path:
-    """Write the summary of ``range_file`` (already written, with the rows ``table``):
+def write_summary(range_file: Path, table: Any, *, fsync: bool,
+                  codes: tuple | None = None) -> Path:
+    """Write the summary of ``range_file`` (already written, with the rows ``table``, or
+    their ``codes`` when the writer has them, :func:`_table_codes`'s tuple):
     ``MAGIC``, the JSON header's length (8 bytes, little-endian), the header (layer and role
     names, block width, and per statistic its blob's offset after the header, length, layers,
     blocks and count type), then per statistic one blob: int64 layer indices, role indices,
     block ids, first steps, last steps, step counts; float64 sums then maxes (layers x
     blocks); the finite counts (layers x blocks)."""
-    header, blobs = _summary_blobs(table, range_file)
+    header, blobs = _summary_blobs(codes if codes is not None else _table_codes(table),
+                                   range_file)
     head = json.dumps(header).encode()
     final = summary_path(range_file)
 

@@ -39,6 +39,21 @@ def test_bench_sinks_quick() -> None:
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
 
 
+def test_bench_flush_quick_times_each_sink_and_the_records() -> None:
+    out = _run("benchmarks/bench_flush.py", "--quick")
+    for preset in ("minimal", "standard"):
+        block = out.split(f"{preset}: ")[1].split("\n  flush")[1]
+        for part in ("records", "TableSink", "TensorBoardSink"):
+            cpu = float(block.split(f"  {part}")[1].split("cpu")[1].split()[0])
+            assert math.isfinite(cpu) and cpu >= 0
+
+
+def test_profile_lens_inline_io_profiles_the_sinks() -> None:
+    out = _run("benchmarks/profile_lens.py", "--quick", "--top", "3", "--io", "inline")
+    writes = float(out.split("the sinks' writes ")[1].split("%")[0])
+    assert 0 < writes < float(out.split("the lens ")[1].split("%")[0]) < 100
+
+
 def test_profile_lens_quick() -> None:
     out = _run("benchmarks/profile_lens.py", "--quick", "--top", "3")
     share = float(out.split("the lens ")[1].split("%")[0])
@@ -98,3 +113,13 @@ def test_bench_lens_calls_quick_unlogged_standard_steps_add_no_call_per_tensor()
     unlogged = {p: float(rows[p][2]) for p in rows}
     assert unlogged["minimal"] > 0 and abs(unlogged["standard"] - unlogged["minimal"]) < tensors
     assert float(rows["standard"][3]) > unlogged["standard"]  # logged steps do the work
+
+
+def test_bench_lens_calls_counts_the_sinks_writing_apart() -> None:
+    """With the file sinks written inline, their calls are counted in a column of their own:
+    a few hundred per logged step (columns, not rows), never zero."""
+    out = _run("benchmarks/bench_lens_calls.py", "--quick", "--presets", "standard",
+               "--sinks", "files")
+    row = next(w for w in (line.split() for line in out.splitlines()) if w[:1] == ["standard"])
+    writing = float(row[4])
+    assert 0 < writing < 2000

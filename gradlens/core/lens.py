@@ -386,7 +386,7 @@ class GradLens(DeviceConstants):
         # in the accumulation dtype: a float64 model's statistics reach the host unrounded
         flat = (torch.cat([t.detach().to(self.dtype).reshape(-1) for t in tensors])
                 if tensors else None)
-        host = flat.cpu().tolist() if flat is not None else []  # the one intentional sync
+        host = flat.cpu().numpy() if flat is not None else []  # the one intentional sync
         rows, events, hists = to_records(self, pending, host)
         for sink in self.sinks:
             if sink.background and self._writer is not None:

@@ -1,4 +1,5 @@
-"""Host side of a flush: the one transferred vector back into rows, histograms and events.
+"""Host side of a flush: the one transferred vector back into rows (as columns), histograms
+and events.
 
 Each pending item is ``(step, kind, payload)``: ``step`` (a finalized step: per-statistic
 device tensors, the validity mask and reasons), ``hist``, ``row`` (host scalars) or
@@ -9,15 +10,17 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from gradlens.catalog import scope
 from gradlens.kinds import layer_kind
 from gradlens.schema import GLOBAL, SpikeEvent
-from gradlens.sink_api import Histogram
+from gradlens.sink_api import Histogram, StatRows
 
 if TYPE_CHECKING:
     from gradlens.core.lens import GradLens
@@ -49,12 +52,67 @@ def device_tensors(pending: list[tuple[int, str, Any]]) -> list[torch.Tensor]:
     return out
 
 
-def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[float]):
-    names = [i.name for i in lens.layers]
-    roles = [layer_kind(i.name, i.role.value) for i in lens.layers]  # the kinds (gradlens.kinds)
-    L = len(names)
+class _Columns:
+    """The rows of one flush, gathered as blocks of columns (no Python object per row)."""
+
+    def __init__(self, labels: list[tuple[str, str]]) -> None:
+        self.labels = labels
+        self._label_of = {lab: k for k, lab in enumerate(labels)}
+        self.stats: list[str] = []
+        self._stat_of: dict[str, int] = {}
+        self._steps: list[int] = []
+        self._stat_ids: list[int] = []
+        self._label_ids: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+
+    def _stat(self, stat: str) -> int:
+        k = self._stat_of.get(stat)
+        if k is None:
+            k = self._stat_of[stat] = len(self.stats)
+            self.stats.append(stat)
+        return k
+
+    def block(self, step: int, label_ids: np.ndarray, stat: str, values: np.ndarray) -> None:
+        self._steps.append(step)
+        self._stat_ids.append(self._stat(stat))
+        self._label_ids.append(label_ids)
+        self._values.append(values)
+
+    def one(self, step: int, layer: str, role: str, stat: str, value: float) -> None:
+        k = self._label_of.get((layer, role))
+        if k is None:
+            k = self._label_of[(layer, role)] = len(self.labels)
+            self.labels.append((layer, role))
+        self.block(step, np.array([k], np.intp), stat, np.array([value], np.float64))
+
+    def rows(self) -> StatRows:
+        if not self._values:
+            return StatRows.empty()
+        sizes = [len(v) for v in self._values]
+        return StatRows(np.repeat(np.asarray(self._steps, np.int64), sizes), self.labels,
+                        np.concatenate(self._label_ids), self.stats,
+                        np.repeat(np.asarray(self._stat_ids, np.intp), sizes),
+                        np.concatenate(self._values))
+
+
+_LABELS: weakref.WeakKeyDictionary[Any, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+"""Each lens's row labels (its layers are fixed at its construction)."""
+
+
+def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: Any
+               ) -> tuple[StatRows, list[SpikeEvent], list[Histogram]]:
+    """``(rows, events, histograms)`` of the pending items, ``host`` the transferred values
+    (in :func:`device_tensors` order). The rows are columns (:class:`StatRows`): per
+    statistic, the present layers' values (a ``global``-scope statistic's per-layer
+    placeholders, NaN, left out), then its run-level value when it has one."""
+    host = np.asarray(host, dtype=np.float64)
+    labels = _LABELS.get(lens)
+    if labels is None:  # each layer's (name, kind) (gradlens.kinds), then the run's row
+        labels = _LABELS[lens] = [*((i.name, layer_kind(i.name, i.role.value))
+                                    for i in lens.layers), (GLOBAL, GLOBAL)]
+    L = len(labels) - 1
     pos = 0
-    rows: list[tuple[int, str, str, str, float]] = []
+    cols = _Columns(list(labels))
     events: list[SpikeEvent] = []
     hists: list[Histogram] = []
     for step, kind, payload in pending:
@@ -62,57 +120,55 @@ def to_records(lens: GradLens, pending: list[tuple[int, str, Any]], host: list[f
             events.append(payload)
             continue
         if kind == "row":
-            rows.append((step, *payload))
+            cols.one(step, *payload)
             continue
         if kind == "scalars":  # global values that were device tensors (tensor lr)
             names_s, t = payload
-            rows.extend((step, GLOBAL, GLOBAL, n, v)
-                        for n, v in zip(names_s, host[pos:pos + t.numel()], strict=True))
+            for n, v in zip(names_s, host[pos:pos + t.numel()].tolist(), strict=True):
+                cols.one(step, GLOBAL, GLOBAL, n, v)
             pos += t.numel()
             continue
         if kind == "hist":
             layer, edges, counts, moments, stat = payload
             ne, nc, nm = edges.numel(), counts.numel(), moments.numel()
-            hists.append(Histogram(step, layer, stat, host[pos:pos + ne],
-                                   host[pos + ne:pos + ne + nc],
-                                   host[pos + ne + nc:pos + ne + nc + nm]))
+            part = host[pos:pos + ne + nc + nm].tolist()
+            hists.append(Histogram(step, layer, stat, part[:ne], part[ne:ne + nc],
+                                   part[ne + nc:]))
             pos += ne + nc + nm
             continue
         out: StepOutput = payload
-        values: dict[str, list[float]] = {}
+        arrays: dict[str, np.ndarray] = {}
         for key, t in out.values.items():
             n = t.numel()
-            values[key] = host[pos:pos + n]
+            arrays[key] = host[pos:pos + n]
             pos += n
+        values = {key: a.tolist() for key, a in arrays.items()}
         for family in lens.families:
             events.extend(family_events(family, step, values, out.present))
         events.extend(validity_events(lens, step, values, out))
         if not out.logging:
             continue
-        keep = [k for k in range(L) if out.present[k]]  # once per step, not per statistic
-        labels = [(names[k], roles[k]) for k in keep]
-        for key, vals in values.items():
+        keep = np.flatnonzero(np.asarray(out.present, dtype=bool))  # the present layers
+        for key, vals in arrays.items():
             if key.startswith("_"):
                 continue
             where = scope(key)  # gradlens.catalog: layer | global | run
             if where == "run":  # one value: the global row
-                rows.append((step, GLOBAL, GLOBAL, key, vals[0]))
+                cols.one(step, GLOBAL, GLOBAL, key, vals[0])
                 continue
-            pairs = zip(labels, keep, strict=True)
+            sel = keep
             if len(vals) == L + 1 and where == "global":  # per-layer entries: placeholders
-                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs
-                             if not math.isnan(vals[k])])
-            else:
-                rows.extend([(step, n, r, key, vals[k]) for (n, r), k in pairs])
+                sel = keep[~np.isnan(vals[keep])]
+            cols.block(step, sel, key, vals[sel])
             if len(vals) == L + 1:
-                rows.append((step, GLOBAL, GLOBAL, key, vals[L]))
+                cols.one(step, GLOBAL, GLOBAL, key, vals[L])
         if out.micro:  # counted by the micro-batch hooks (not installed by "minimal")
-            rows.append((step, GLOBAL, GLOBAL, "microbatches", float(out.micro)))
+            cols.one(step, GLOBAL, GLOBAL, "microbatches", float(out.micro))
         if out.batch:
-            rows.append((step, GLOBAL, GLOBAL, "batch_size", float(out.batch)))
+            cols.one(step, GLOBAL, GLOBAL, "batch_size", float(out.batch))
         if out.skipped:
-            rows.append((step, GLOBAL, GLOBAL, "skipped_step", 1.0))
-    return rows, events, hists
+            cols.one(step, GLOBAL, GLOBAL, "skipped_step", 1.0)
+    return cols.rows(), events, hists
 
 
 def family_events(family: Any, step: int, values: dict[str, list[float]],

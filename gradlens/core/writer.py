@@ -35,6 +35,7 @@ from collections import deque
 from typing import Any
 
 from gradlens.core import run as R
+from gradlens.sink_api import StatRows
 
 DEFAULT_MAX_ROWS = 1_000_000
 """Rows (and histograms) a sink without ``max_backlog_rows`` may have waiting on the writer."""
@@ -166,7 +167,7 @@ class BackgroundWriter:
             sink.rows_dropped = getattr(sink, "rows_dropped", 0) + item.dropped
         if item.coalesced:
             sink.flushes_coalesced = getattr(sink, "flushes_coalesced", 0) + item.coalesced
-        rows = [r for part in item.rows for r in part]
+        rows = StatRows.concat(item.rows)
         hists = [h for part in item.hists for h in part]
         events = [e for part in item.events for e in part]
         try:

@@ -16,7 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from gradlens.sinks import defaults  # noqa: F401  (installs the lens's default sinks)
-from gradlens.sinks.base import Histogram, LogdirError, MultiSink, Sink, StatRow, layer_group
+from gradlens.sinks.base import (
+    Histogram,
+    LogdirError,
+    MultiSink,
+    Sink,
+    StatRow,
+    StatRows,
+    layer_group,
+)
 from gradlens.sinks.memory import MemorySink
 from gradlens.sinks.table import TableSink
 
@@ -27,6 +35,7 @@ __all__ = [
     "MultiSink",
     "Sink",
     "StatRow",
+    "StatRows",
     "TableSink",
     "TensorBoardSink",
     "WandbSink",

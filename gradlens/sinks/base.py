@@ -13,7 +13,7 @@ from typing import Any
 
 from gradlens.kinds import layer_group
 from gradlens.schema import SpikeEvent
-from gradlens.sink_api import ENDED, Histogram, Sink, StatRow, check_ended, close_sink
+from gradlens.sink_api import ENDED, Histogram, Sink, StatRow, StatRows, check_ended, close_sink
 
 __all__ = [
     "DEFAULT_BACKLOG_ROWS",
@@ -23,6 +23,7 @@ __all__ = [
     "MultiSink",
     "Sink",
     "StatRow",
+    "StatRows",
     "WarnOnce",
     "check_ended",
     "close_sink",

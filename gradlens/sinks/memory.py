@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gradlens.schema import SPIKE_FIELDS, STAT_COLUMNS, SpikeEvent
-from gradlens.sinks.base import Histogram, Sink, StatRow
+from gradlens.sinks.base import Histogram, Sink, StatRow, StatRows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +36,9 @@ class MemorySink(Sink):
 
     def write_stats(self, rows: Sequence[StatRow]) -> None:
         self._ensure_open()
+        if isinstance(rows, StatRows):  # the collector's: converted in C
+            self.rows.extend(rows.tuples())
+            return
         self.rows.extend(
             (int(s), str(layer), str(role), str(stat), float(v)) for s, layer, role, stat, v in rows
         )

@@ -46,7 +46,6 @@ overrides it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import time
@@ -68,11 +67,12 @@ from gradlens.sinks._lock import RunLock
 from gradlens.sinks._parquet import MERGE_EVERY
 from gradlens.sinks._reopen import check_existing, clean_leftovers, existing_formats
 from gradlens.sinks._text import CSV_HEADER as _CSV_HEADER
-from gradlens.sinks._text import Backlog, csv_fields, json_float
+from gradlens.sinks._text import Backlog, CellText, csv_fields, json_fields, json_floats
 from gradlens.sinks.base import (
     DEFAULT_BACKLOG_ROWS,
     Sink,
     StatRow,
+    StatRows,
     WarnOnce,
     check_ended,
     ensure_writable_dir,
@@ -82,6 +82,10 @@ from gradlens.table_parts import list_parts
 __all__ = ["TableSink", "write_json_atomic"]  # write_json_atomic: re-exported
 
 PARQUET_HINT = "pip install pyarrow (or: pip install 'gradlens[parquet]')"
+KEEP_ROWS = 1_000_000
+"""Rows of the unmerged parquet parts kept in memory for their merge (at most about 32 MB;
+64 logged steps of a 70B-shaped model's ``standard`` rows), which then reads nothing back;
+past it the merge reads the parts."""
 
 
 def _require_pyarrow() -> None:
@@ -161,7 +165,8 @@ class TableSink(Sink):
         self.rows_dropped = 0
         self.events_dropped = 0
         self._stats = Backlog()
-        self._csv_mid: dict[tuple[str, str, str], str] = {}  # "layer,role,stat", CSV-quoted
+        self._cells = CellText()  # each (layer, role, stat)'s CSV or JSON fragment, cached
+        self._columns: dict[Path, StatRows] = {}  # the unmerged parts written, for the merge
         self._events = Backlog()
         self.files = AppendFiles(fsync=fsync)  # the file seam (tests inject failures there)
         self._failing = False
@@ -232,32 +237,21 @@ class TableSink(Sink):
     def write_stats(self, rows: Sequence[StatRow]) -> None:
         """Queue rows; they reach the file at the next :meth:`flush`."""
         self._ensure_open()
-        if not rows:
+        if not len(rows):
             return
         backlog = self._stats
-        for step, group in itertools.groupby(rows, key=lambda r: int(r[0])):
+        for step, part in StatRows.of(rows).step_slices():
             if self.format == "parquet":
-                items: list[Any] = [(step, str(layer), str(role), str(stat), float(v))
-                                    for _, layer, role, stat, v in group]
+                items: list[Any] = [part]
             elif self.format == "csv":
-                mids = self._csv_mid
-                lines = []
-                for _, layer, role, stat, v in group:
-                    mid = mids.get((layer, role, stat))
-                    if mid is None:
-                        mid = mids[(layer, role, stat)] = csv_fields(layer, role, stat)
-                    lines.append(f"{step},{mid},{float(v)!r}\n")
-                items = ["".join(lines)]
+                mids = self._cells.text(part, csv_fields)
+                items = ["".join(map(f"{step},{{}},{{!r}}\n".format, mids,
+                                     part.values.tolist()))]
             else:
-                dumps = json.dumps
-                items = [
-                    f'{{"step": {step}, "layer": {dumps(str(layer))}, "role": '
-                    f'{dumps(str(role))}, "stat": {dumps(str(stat))}, "value": '
-                    f'{json_float(float(v))}}}\n'
-                    for _, layer, role, stat, v in group
-                ]
-            n = len(items) if self.format != "csv" else items[0].count("\n")
-            backlog.add(step, items, n)
+                mids = self._cells.text(part, json_fields)
+                items = ["".join(map(f'{{{{"step": {step}, {{}}, "value": {{}}}}}}\n'.format,
+                                     mids, json_floats(part.values)))]
+            backlog.add(step, items, len(part))
             self.last_step = step if self.last_step is None else max(self.last_step, step)
         if self._failing:
             self.rows_dropped += backlog.trim(self.max_backlog_rows)
@@ -361,28 +355,36 @@ class TableSink(Sink):
         except Exception as err:
             self._warn(self, self.meta_path, err, self._stats.count)
 
-    def _write_parquet(self, rows: list[StatRow]) -> None:
-        from gradlens.sinks._parquet import rows_table, write_part
+    def _write_parquet(self, parts: list[StatRows]) -> None:
+        from gradlens.sinks._parquet import columns_table, write_part
 
+        rows = StatRows.concat(parts)
         index = self._parquet_index + 1
-        path = write_part(self.logdir, index, rows_table(rows), fsync=self._fsync,
+        path = write_part(self.logdir, index, columns_table(rows), fsync=self._fsync,
                           opener=self._open_file_for_parquet)
         self._parquet_index = index
         self._unmerged.append((index, index, path))
+        if sum(map(len, self._columns.values())) + len(rows) <= KEEP_ROWS:
+            self._columns[path] = rows
         if len(self._unmerged) >= MERGE_EVERY:
             self._merge()
 
     def _merge(self) -> None:
-        """Merge the unmerged parts into one range file; a failure warns (once) and leaves
-        them as they are (they are complete files), to be merged with the next ones."""
+        """Merge the unmerged parts into one range file, from the rows kept in memory when
+        every part was written by this sink (else read back); a failure warns (once) and
+        leaves them as they are (they are complete files), to be merged with the next
+        ones."""
         from gradlens.sinks._parquet import merge_parts
 
+        kept = [self._columns.get(p[2]) for p in self._unmerged]
         try:
-            merge_parts(self.logdir, self._unmerged, fsync=self._fsync)
+            merge_parts(self.logdir, self._unmerged, fsync=self._fsync,
+                        columns=kept if all(c is not None for c in kept) else None)
         except Exception as err:
             self._warn(self, self.logdir / "stats-*.parquet (merge)", err, 0)
             return
         self._unmerged = []
+        self._columns.clear()
 
     def _open_file_for_parquet(self, path: Path) -> BinaryIO:
         """The file seam of the parquet format: a new file for one flush's rows."""

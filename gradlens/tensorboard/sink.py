@@ -60,6 +60,7 @@ from gradlens.sinks.base import (
     Histogram,
     Sink,
     StatRow,
+    StatRows,
     WarnOnce,
     check_ended,
     ensure_writable_dir,
@@ -228,15 +229,14 @@ class TensorBoardSink(Sink):
         """Scalars per row, plus the per-group aggregates; one event per step, encoded from
         the step's tag list (:mod:`gradlens.tensorboard._scalar_events`)."""
         self._ensure_open()
-        by_step: dict[int, list[StatRow]] = defaultdict(list)
-        for row in rows:
-            by_step[int(row[0])].append(row)
-        for step in sorted(by_step):
-            step_rows = by_step[step]
-            template, group_of, n_groups, own = self._tag_layout(
-                tuple((layer, role, stat) for _, layer, role, stat, _ in step_rows))
-            values = np.fromiter((float(r[4]) for r in step_rows), dtype=np.float64,
-                                 count=len(step_rows))
+        rows = StatRows.of(rows)
+        if not len(rows):
+            return
+        steps = np.unique(rows.steps)
+        for step in steps.tolist():
+            part = rows if len(steps) == 1 else _select(rows, rows.steps == step)
+            template, group_of, n_groups, own = self._tag_layout(part)
+            values = part.values
             keep = None
             if n_groups:
                 aggregates, present = _group_aggregates(values, group_of, n_groups)
@@ -249,23 +249,26 @@ class TensorBoardSink(Sink):
             self._add_record(_crc.record(event), step,
                              len(values) if keep is None else int(keep.sum()))
 
-    def _tag_layout(self, key: tuple[tuple[str, str, str], ...]
+    def _tag_layout(self, rows: StatRows
                     ) -> tuple[ScalarTemplate, np.ndarray, int, np.ndarray]:
-        """``(template, group_of, n_groups, own)`` of one step's rows ``(layer, role, stat)``:
-        the event template of the tags of the rows written as their own scalar (indices
-        ``own``: the run-level rows, and every row with ``per_layer``) then ``mean, min, max``
-        of each (stat, dashboard group) in order of first appearance; ``group_of[i]`` is row
-        i's aggregate (-1: none, a run-level row). Cached: the rows are the same at every
-        logged step."""
+        """``(template, group_of, n_groups, own)`` of one step's rows: the event template of
+        the tags of the rows written as their own scalar (indices ``own``: the run-level rows,
+        and every row with ``per_layer``) then ``mean, min, max`` of each (stat, dashboard
+        group) in order of first appearance; ``group_of[i]`` is row i's aggregate (-1: none, a
+        run-level row). Cached: the rows are the same at every logged step."""
+        key = (rows.labels, rows.stats, rows.label_ids.tobytes(), rows.stat_ids.tobytes())
         layout = self._layouts.get(key)
         if layout is None:
-            own = np.array([i for i, (layer, _, _) in enumerate(key)
+            cells = [(rows.labels[a], rows.stats[b])
+                     for a, b in zip(rows.label_ids.tolist(), rows.stat_ids.tolist(),
+                                     strict=True)]
+            own = np.array([i for i, ((layer, _), _) in enumerate(cells)
                             if self.per_layer or layer == GLOBAL], dtype=np.int64)
-            tags = [tb_tag(key[i][2], key[i][0]) for i in own]
+            tags = [tb_tag(cells[i][1], cells[i][0][0]) for i in own]
             groups: dict[tuple[str, str], int] = {}
-            group_of = np.full(len(key), -1, dtype=np.int64)
+            group_of = np.full(len(cells), -1, dtype=np.int64)
             if self.group_aggregates:
-                for i, (layer, role, stat) in enumerate(key):
+                for i, ((layer, role), stat) in enumerate(cells):
                     if layer != GLOBAL:
                         group_of[i] = groups.setdefault((stat, self._group(layer, role)),
                                                         len(groups))
@@ -356,6 +359,11 @@ class TensorBoardSink(Sink):
 
 
 _FILE_IDS = itertools.count()
+
+
+def _select(rows: StatRows, mask: np.ndarray) -> StatRows:
+    return StatRows(rows.steps[mask], rows.labels, rows.label_ids[mask], rows.stats,
+                    rows.stat_ids[mask], rows.values[mask])
 
 
 def _group_aggregates(values: np.ndarray, group_of: np.ndarray, n_groups: int
