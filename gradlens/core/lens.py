@@ -62,6 +62,7 @@ from gradlens.families import Statistic, StepContext, builtin_families, register
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL
 from gradlens.sink_api import Sink
+from gradlens.stats.summary_plan import SummaryPlans
 
 __all__ = ["GradLens"]
 
@@ -164,6 +165,7 @@ class GradLens(DeviceConstants):
         self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
         self.grad_dtype = torch.float32
         self._consts: dict[str, torch.Tensor] = {}
+        self.summary_plans = SummaryPlans()  # the every-step summary's batching and buffers
         self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
         self.families = builtin_families(self.config)
         for extra in statistics:

@@ -44,8 +44,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gradlens.stats.summary_plan import SummaryPlans
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -168,7 +172,7 @@ def _common_acc(grads: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.devic
 
 
 def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
-                   max_abs: bool = True) -> torch.Tensor:
+                   max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
     """Summaries of a list of gradients, stacked: an ``(L, 4)`` tensor.
 
     Columns follow :data:`SUMMARY_FIELDS`: ``[sq_norm, max_abs, nonfinite, numel]``; row ``k``
@@ -184,10 +188,12 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
             kernels per shape, not per tensor, on every device.
         max_abs: False skips the ``max_abs`` pass (NaN column): the lens reads it on logged
             steps only.
+        plans: with ``foreach=None``, plans and buffers kept between calls
+            (:class:`gradlens.stats.summary_plan.SummaryPlans`).
     """
     acc, device = _common_acc(grads)
     if foreach is None:
-        return grouped_summaries(grads, acc, max_abs)
+        return grouped_summaries(grads, acc, max_abs, plans)
     if not foreach or any(g.numel() == 0 for g in grads):
         return torch.stack([grad_summary(g, max_abs).to(acc) for g in grads])
     cleaned = [finite_copy(g).to(acc) for g in grads]
@@ -211,22 +217,25 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
 STACK_ENTRIES = 1 << 16
 
 
-def chunked(groups: Sequence[list[int]], numels: Sequence[int]) -> list[list[int]]:
-    """``groups`` split into runs of at most ``STACK_ENTRIES`` entries (one tensor at least)."""
+def chunked(groups: Sequence[list[int]], numels: Sequence[int],
+            limit: int | None = None) -> list[list[int]]:
+    """``groups`` split into runs of at most ``limit`` entries (default
+    :data:`STACK_ENTRIES`; one tensor at least)."""
+    limit = STACK_ENTRIES if limit is None else limit
     out = []
     for idx in groups:
-        n = max(1, STACK_ENTRIES // max(1, numels[idx[0]]))
+        n = max(1, limit // max(1, numels[idx[0]]))
         out += [idx[i:i + n] for i in range(0, len(idx), n)]
     return out
 
 
-def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance, each
-    group split into stacks of at most :data:`STACK_ENTRIES` entries."""
-    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+def shape_groups(grads: Sequence[torch.Tensor], limit: int | None = None) -> list[list[int]]:
+    """Indices of ``grads`` grouped by (shape, dtype), in order of first appearance, each
+    group split into stacks of at most ``limit`` entries (:func:`chunked`)."""
+    groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
     for k, g in enumerate(grads):
-        groups.setdefault((g.numel(), g.dtype), []).append(k)
-    return chunked(list(groups.values()), [g.numel() for g in grads])
+        groups.setdefault((tuple(g.shape), g.dtype), []).append(k)
+    return chunked(list(groups.values()), [g.numel() for g in grads], limit)
 
 
 def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
@@ -260,16 +269,16 @@ def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
 
 
 def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
-                      max_abs: bool = True) -> torch.Tensor:
-    """:func:`grad_summaries` batched per group of tensors of one numel and dtype
-    (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
-    any depth has about 10), not with the tensors; the rows return to the input order with
-    one gather."""
-    groups = shape_groups(grads)
-    if len(groups) == 1:
-        return group_summary(grads, acc, max_abs)
-    rows = torch.cat([group_summary([grads[k] for k in idx], acc, max_abs) for idx in groups])
-    return rows[order_index([k for idx in groups for k in idx], rows.device)]
+                      max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
+    """:func:`grad_summaries` batched per stack of tensors of one shape and dtype
+    (:class:`gradlens.stats.summary_plan.SummaryPlan`): the kernels launched grow with the
+    distinct shapes (a LLaMA of any depth has about 10), not with the tensors. ``plans``: a
+    caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`, which keeps each list
+    shape's plan and buffers from call to call (a collector's every-step summary)."""
+    from gradlens.stats.summary_plan import SummaryPlan
+
+    plan = plans.get(grads, acc) if plans is not None else SummaryPlan(grads, acc, reuse=False)
+    return plan(grads, max_abs)
 
 
 _ORDER: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
