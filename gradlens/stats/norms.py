@@ -191,9 +191,11 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
         plans: with ``foreach=None``, plans and buffers kept between calls
             (:class:`gradlens.stats.summary_plan.SummaryPlans`).
     """
+    if foreach is None and plans is not None:  # checked when the plan was made
+        return plans.get(grads)(grads, max_abs)
     acc, device = _common_acc(grads)
     if foreach is None:
-        return grouped_summaries(grads, acc, max_abs, plans)
+        return grouped_summaries(grads, acc, max_abs)
     if not foreach or any(g.numel() == 0 for g in grads):
         return torch.stack([grad_summary(g, max_abs).to(acc) for g in grads])
     cleaned = [finite_copy(g).to(acc) for g in grads]
@@ -277,7 +279,7 @@ def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
     shape's plan and buffers from call to call (a collector's every-step summary)."""
     from gradlens.stats.summary_plan import SummaryPlan
 
-    plan = plans.get(grads, acc) if plans is not None else SummaryPlan(grads, acc, reuse=False)
+    plan = plans.get(grads) if plans is not None else SummaryPlan(grads, acc, reuse=False)
     return plan(grads, max_abs)
 
 

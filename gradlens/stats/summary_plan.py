@@ -40,9 +40,9 @@ PLAN_STACK_ENTRIES = 1 << 18
 
 
 def signature(grads: Sequence[torch.Tensor]) -> tuple:
-    """What a plan depends on: each tensor's shape and dtype, and the device."""
+    """What a plan depends on: each tensor's shape, dtype and device."""
     return (tuple([g.shape for g in grads]), tuple([g.dtype for g in grads]),
-            grads[0].device)
+            tuple([g.device for g in grads]))
 
 
 class SummaryPlan:
@@ -135,10 +135,13 @@ class SummaryPlans:
         self.limit = limit
         self._plans: dict[tuple, SummaryPlan] = {}
 
-    def get(self, grads: Sequence[torch.Tensor], acc: torch.dtype) -> SummaryPlan:
-        key = (signature(grads), acc)
+    def get(self, grads: Sequence[torch.Tensor]) -> SummaryPlan:
+        """The plan of this list (made and kept on first sight: one device, the dtype rule
+        and the errors of :func:`gradlens.stats.grad_summaries`)."""
+        key = signature(grads) if grads else ()
         plan = self._plans.get(key)
         if plan is None:
+            acc, _ = N._common_acc(grads)
             if len(self._plans) >= self.limit:
                 self._plans.pop(next(iter(self._plans)))
             plan = self._plans[key] = SummaryPlan(grads, acc)

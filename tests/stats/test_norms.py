@@ -144,6 +144,10 @@ def test_grad_summaries_rejects_bad_input():
         S.grad_summaries([])
     with pytest.raises(ValueError, match="one device"):
         S.grad_summaries([torch.ones(2), torch.ones(2, device="meta")])
+    with pytest.raises(ValueError, match="at least one"):  # the same with kept plans
+        S.grad_summaries([], plans=S.SummaryPlans())
+    with pytest.raises(ValueError, match="one device"):
+        S.grad_summaries([torch.ones(2), torch.ones(2, device="meta")], plans=S.SummaryPlans())
 
 
 def test_finite_sum_skips_nonfinite():
