@@ -83,15 +83,21 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or scale")
 
 
-def tensor_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
-    """Bytes of the distinct tensors reachable from ``obj`` through dicts, lists, tuples and
-    the attributes of the lens's own objects."""
+def tensor_bytes(obj: object, seen: set | None = None, depth: int = 0) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through dicts, lists,
+    tuples and the attributes of the lens's own objects (views of one storage, such as the
+    rows of stacked temporal states, count once)."""
     seen = set() if seen is None else seen
     if depth > 6 or id(obj) in seen:
         return 0
     seen.add(id(obj))
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        key = ("storage", obj.device, storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen, depth + 1) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -104,8 +110,11 @@ def tensor_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> i
 
 def lens_bytes(lens: GradLens) -> int:
     """Bytes of every tensor the lens keeps between steps (family state, constants)."""
-    seen = {id(i.param) for i in lens.layers}  # the parameters are the model's
-    return tensor_bytes(lens._consts, seen) + sum(tensor_bytes(f, seen) for f in lens.families)
+    seen: set = {id(i.param) for i in lens.layers}  # the parameters are the model's
+    seen |= {("storage", i.param.device, i.param.untyped_storage().data_ptr())
+             for i in lens.layers}
+    return (tensor_bytes(lens._consts, seen) + tensor_bytes(lens.summary_plans, seen)
+            + sum(tensor_bytes(f, seen) for f in lens.families))
 
 
 class Arm:

@@ -276,10 +276,10 @@ def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
     (:class:`gradlens.stats.summary_plan.SummaryPlan`): the kernels launched grow with the
     distinct shapes (a LLaMA of any depth has about 10), not with the tensors. ``plans``: a
     caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`, which keeps each list
-    shape's plan and buffers from call to call (a collector's every-step summary)."""
+    shape's plan from call to call (a collector's every-step summary)."""
     from gradlens.stats.summary_plan import SummaryPlan
 
-    plan = plans.get(grads) if plans is not None else SummaryPlan(grads, acc, reuse=False)
+    plan = plans.get(grads) if plans is not None else SummaryPlan(grads, acc)
     return plan(grads, max_abs)
 
 

@@ -4,10 +4,10 @@
 runs at every optimizer step, so its host work is what an unlogged step costs. A
 :class:`SummaryPlan` holds what depends only on the shapes and dtypes of the list: the stacks
 (tensors of one shape and dtype, at most :data:`PLAN_STACK_ENTRIES` entries each), the
-gather that puts the rows back in input order, the constant columns, and two
-buffers of one stack's size that every step's stacks are written into (no allocation per
-step; a fresh allocation on the CPU costs page faults). :class:`SummaryPlans` keeps the plans
-of a collector, keyed by the list's shapes and dtypes.
+gather that puts the rows back in input order and the constant columns. Each call allocates
+ONE buffer of two stacks' size that every stack is written into in turn (nothing the size of
+the gradients is kept between steps). :class:`SummaryPlans` keeps the plans of a collector,
+keyed by the list's shapes, dtypes and devices.
 
 Per stack ``A`` (``n`` rows, one per tensor, in the accumulation dtype) and its twin ``B``:
 
@@ -32,10 +32,10 @@ from gradlens.stats import norms as N
 
 __all__ = ["PLAN_STACK_ENTRIES", "SummaryPlan", "SummaryPlans"]
 
-#: Entries of one stack of a kept plan (its two buffers, 1 MiB each in float32): larger than
-#: a one-off stack (:data:`gradlens.stats.norms.STACK_ENTRIES`), since the buffers are not
-#: allocated per call; fewer, larger stacks launch fewer kernels (measured at 291 tensors on
-#: the CPU: 2**16 entries 10.1, 2**18 8.8, 2**20 9.9 us per tensor per step).
+#: Entries of one stack (1 MiB in float32): fewer, larger stacks launch fewer kernels, while
+#: a stack and its twin still fit in a core's cache (measured at 291 tensors on the CPU,
+#: microseconds per tensor per step: 2**16 entries 10.1, 2**18 8.8, 2**20 9.9; buffers kept
+#: between calls instead of allocated per call saved 0.3-1.0 more, not worth their memory).
 PLAN_STACK_ENTRIES = 1 << 18
 
 
@@ -46,16 +46,13 @@ def signature(grads: Sequence[torch.Tensor]) -> tuple:
 
 
 class SummaryPlan:
-    """The batching of one list signature (see the module docstring). ``reuse=False``: no
-    buffers kept (each call allocates its stacks), for one-off calls."""
+    """The batching of one list signature (see the module docstring)."""
 
-    def __init__(self, grads: Sequence[torch.Tensor], acc: torch.dtype, reuse: bool = True
-                 ) -> None:
+    def __init__(self, grads: Sequence[torch.Tensor], acc: torch.dtype) -> None:
         self.acc = acc
         device = grads[0].device
         numels = [g.numel() for g in grads]
-        limit = PLAN_STACK_ENTRIES if reuse else N.STACK_ENTRIES
-        self.stacks = N.shape_groups(grads, limit)
+        self.stacks = N.shape_groups(grads, PLAN_STACK_ENTRIES)
         order = [k for idx in self.stacks for k in idx]
         inverse = [0] * len(order)
         for pos, k in enumerate(order):
@@ -64,28 +61,24 @@ class SummaryPlan:
                       else torch.tensor(inverse, device=device))
         self.numel = torch.tensor([float(numels[k]) for k in order], dtype=acc, device=device)
         self.nan = torch.full((len(grads),), math.nan, dtype=acc, device=device)
-        fits = [len(idx) * numels[idx[0]] for idx in self.stacks
-                if len(idx) * numels[idx[0]] <= limit]
-        size = max(fits, default=0) if reuse else 0
-        a = torch.empty(size, dtype=acc, device=device)
-        b = torch.empty(size, dtype=acc, device=device)
-        self._views = [self._buffers(a, b, [grads[k] for k in idx]) for idx in self.stacks]
-
-    @staticmethod
-    def _buffers(a: torch.Tensor, b: torch.Tensor, group: list[torch.Tensor]):
-        """A stack's views of the two buffers: ``(A as (n, *shape), A, B)`` with ``A`` and
-        ``B`` as ``(n, numel)``; None where the stack does not fit (or is empty)."""
-        n, numel = len(group), group[0].numel()
-        size = n * numel
-        if numel == 0 or size > a.numel():
-            return None
-        return (a[:size].view(n, *group[0].shape), a[:size].view(n, numel),
-                b[:size].view(n, numel))
+        # (n, shape, numel) of each stack that goes through the buffer (None: alone, or empty)
+        self._shapes = [(len(idx), grads[idx[0]].shape, numels[idx[0]])
+                        if 0 < len(idx) * numels[idx[0]] <= PLAN_STACK_ENTRIES else None
+                        for idx in self.stacks]
+        self._size = max((s[0] * s[2] for s in self._shapes if s is not None), default=0)
 
     def __call__(self, grads: Sequence[torch.Tensor], max_abs: bool = True) -> torch.Tensor:
         """``(L, 4)`` summaries of ``grads`` (of this plan's signature), in input order."""
+        buf = torch.empty(2 * self._size, dtype=self.acc, device=self.numel.device)
+        a, b = buf[:self._size], buf[self._size:]
         sq, mx, count = [], [], []
-        for idx, views in zip(self.stacks, self._views, strict=True):
+        for idx, shape in zip(self.stacks, self._shapes, strict=True):
+            views = None
+            if shape is not None:
+                n, dims, numel = shape
+                size = n * numel
+                views = (a[:size].view(n, *dims), a[:size].view(n, numel),
+                         b[:size].view(n, numel))
             s, m, c = self._stack([grads[k] for k in idx], views, max_abs)
             sq.append(s)
             mx.append(m)

@@ -106,8 +106,8 @@ def test_grouped_summaries_match_numpy_per_tensor(max_abs):
 
 @pytest.mark.parametrize("max_abs", [True, False])
 def test_kept_plans_equal_one_off_calls_bit_for_bit(monkeypatch, max_abs):
-    """A collector's plans (buffers reused from call to call) give the one-off path's numbers
-    bit for bit, call after call with other values (no result aliases a buffer), including
+    """A collector's kept plans give the one-off path's numbers bit for bit (and a
+    one-tensor group_summary's), call after call with other values, including
     tensors larger than a stack (float32 alone in its own temporary, bf16 converted) and
     non-finite entries; the rows match float64 numpy."""
     monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 300)
