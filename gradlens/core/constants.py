@@ -16,7 +16,7 @@ class DeviceConstants:
     device: torch.device | None
     dtype: torch.dtype
     numel: list[int]
-    _consts: dict[str, torch.Tensor]
+    _consts: dict[str | tuple, torch.Tensor]
 
     def const(self, key: str) -> torch.Tensor:
         """``zero``, ``nan`` (0-d), ``nan_vec`` and ``numel`` (one entry per layer)."""
@@ -34,9 +34,9 @@ class DeviceConstants:
         """A device bool vector, made once per pattern (keyed by the tuple: no string built
         per call, this runs at every step)."""
         key = ("mask", tuple(flags))
-        t = self._consts.get(key)  # type: ignore[call-overload]
+        t = self._consts.get(key)
         if t is None:
-            t = self._consts[key] = torch.tensor(list(flags), device=self.device)  # type: ignore[index]
+            t = self._consts[key] = torch.tensor(list(flags), device=self.device)
         return t
 
     def flags(self, flags: Sequence[bool]) -> torch.Tensor:

@@ -166,8 +166,8 @@ class GradLens(DeviceConstants):
         self.device: torch.device | None = None
         self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
         self.grad_dtype = torch.float32
-        self._consts: dict[str, torch.Tensor] = {}
-        self.summary_plans = SummaryPlans()  # the every-step summary's batching and buffers
+        self._consts: dict[str | tuple, torch.Tensor] = {}
+        self.summary_plans = SummaryPlans()  # how the every-step summary is batched
         self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
         self.families = builtin_families(self.config)
         for extra in statistics:

@@ -34,8 +34,9 @@ summed). Counting the NaNs of ``g * 0`` with ``count_nonzero`` in a second tempo
 faults there. ``torch.where(torch.isfinite(g), g, 0)`` with a boolean-sum count and
 ``torch._foreach_norm`` (a per-tensor loop on CPU) are slower still. At a real tensor count
 (291 tensors, as LLaMA-7B) the per-tensor launches dominate instead: :func:`grad_summaries`
-therefore stacks each group of tensors of one numel and dtype into ONE finite copy and runs
-the same kernels on the stack (about 10 groups for a LLaMA of any depth). The per-tensor loop
+therefore stacks each group of tensors of one shape and dtype into ONE copy and runs the same
+kernels on the stack (about 10 stacks for a LLaMA of any depth), from a plan a collector keeps
+per list shape (:mod:`gradlens.stats.summary_plan`). The per-tensor loop
 (``foreach=False``) and the ``torch._foreach_*`` path (``foreach=True``) stay as references;
 all three agree to float rounding (tested on CPU against float64 numpy).
 """
