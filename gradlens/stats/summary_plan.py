@@ -14,7 +14,7 @@ Per stack ``A`` (``n`` rows, one per tensor, in the accumulation dtype) and its 
     B = A * 0               0 where finite, NaN where not
     nonfinite = rowsum(nan_to_num(B, nan=1))
     A = nan_to_num(A, 0)    finite copy
-    sq_norm = rowwise A . A          max_abs = rowwise max(-min A, max A)
+    max_abs = rowwise max(-min A, max A)      sq_norm = rowsum(A^2)  (A squared in place)
 
 The stack is read from the gradients once, then from cache. A tensor larger than a stack is
 summarized alone, in a temporary of its own size. Results equal
@@ -113,11 +113,13 @@ class SummaryPlan:
 
     @staticmethod
     def _finite(a: torch.Tensor, max_abs: bool, count: torch.Tensor):
-        sq = torch.linalg.vecdot(a, a)
-        if not max_abs:
-            return sq, None, count
-        lo, hi = torch.aminmax(a, dim=1)
-        return sq, torch.maximum(-lo, hi), count
+        """Row-wise largest ``|a|`` and ``sum a^2`` of the finite copy ``a`` (squared in
+        place: ``vecdot(a, a)``'s products and sums, without its temporary)."""
+        largest = None
+        if max_abs:
+            lo, hi = torch.aminmax(a, dim=1)
+            largest = torch.maximum(-lo, hi)
+        return a.square_().sum(dim=1), largest, count
 
 
 class SummaryPlans:
