@@ -300,6 +300,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                       f"{row['q1']:6.3f}-{row['q3']:6.3f} {row['us_tensor']:9.1f} "
                       f"{row['us_tensor_cpu']:7.1f} "
                       + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
+    b = args.batch // 2  # examples per micro-batch
+    for m in args.pe_sample:
+        if 0 < m < b:
+            print(f"full:pe{m}: {m} of {b} examples of each micro-batch read, scaled by "
+                  f"{b / m:g}; unbiased, with the extra variance b^2 (1 - m/b) s^2 / m = "
+                  f"{b * b * (1 - m / b) / m:g} s^2 on each micro-batch's sum of squared "
+                  "per-example norms (s^2: their variance over the micro-batch's examples; "
+                  "docs/api.md)")
     return rows
 
 
