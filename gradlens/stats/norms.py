@@ -273,15 +273,19 @@ def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
 
 def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
                       max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
-    """:func:`grad_summaries` batched per stack of tensors of one shape and dtype
-    (:class:`gradlens.stats.summary_plan.SummaryPlan`): the kernels launched grow with the
-    distinct shapes (a LLaMA of any depth has about 10), not with the tensors. ``plans``: a
-    caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`, which keeps each list
-    shape's plan from call to call (a collector's every-step summary)."""
-    from gradlens.stats.summary_plan import SummaryPlan
-
-    plan = plans.get(grads) if plans is not None else SummaryPlan(grads, acc)
-    return plan(grads, max_abs)
+    """:func:`grad_summaries` batched per group of tensors of one shape and dtype
+    (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
+    any depth has about 10), not with the tensors; the rows return to the input order with
+    one gather. ``plans``: a caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`,
+    which keeps each list shape's batching from call to call (a collector's every-step
+    summary; the same rows bit for bit)."""
+    if plans is not None:
+        return plans.get(grads)(grads, max_abs)
+    groups = shape_groups(grads)
+    if len(groups) == 1:
+        return group_summary(grads, acc, max_abs)
+    rows = torch.cat([group_summary([grads[k] for k in idx], acc, max_abs) for idx in groups])
+    return rows[order_index([k for idx in groups for k in idx], rows.device)]
 
 
 _ORDER: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
