@@ -165,9 +165,10 @@ class Temporal(Statistic):
         out["temporal_var_normalized"] = torch.cat([*normed, nan1])[self._order]
 
     def state_dict(self) -> dict[str, Any]:
+        states = self._saved if self._saved is not None else self.buffers  # loaded, not yet used
         return {self.lens.layers[k].name: {kk: (vv.clone() if torch.is_tensor(vv) else vv)
                                            for kk, vv in st.items()}
-                for k, st in self.buffers.items()}
+                for k, st in states.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = {i.name: k for k, i in enumerate(self.lens.layers)}

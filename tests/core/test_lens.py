@@ -363,6 +363,10 @@ def test_state_dict_resumes_temporal_states(budget):
     l2.close()
     l3 = GradLens(m2, **opts)
     l3.load_state_dict(saved)
+    again = l3.state_dict()["families"]["temporal"]  # saved again before any step
+    assert again.keys() == saved["families"]["temporal"].keys()
+    for name, st in saved["families"]["temporal"].items():
+        torch.testing.assert_close(again[name]["mean"], st["mean"], rtol=0, atol=0)
     train(m2, l3, steps=6, data=data[6:])
     fam = l3.family("temporal")
     assert (budget is None) == all(st["sketch_dim"] is None for st in fam.buffers.values())
