@@ -123,8 +123,8 @@ class Observer:
             self.on_logged(self._size_hooks)
         plain = [k for k, info in enumerate(lens.layers) if not D.is_dtensor(info.param)]
         if self.count_micro:  # FSDP2 shards: see _install_unsharded
-            self.on_logged(lambda: [self._params[k].register_hook(self._micro_hook(k))
-                                    for k in plain])
+            micro = [(self._params[k], self._micro_hook(k)) for k in plain]  # made once
+            self.on_logged(lambda: [p.register_hook(fn) for p, fn in micro])
         self.arms.add(lambda: [self._params[k].register_post_accumulate_grad_hook(self._arm_param)
                                for k in plain])
         self.arms.set(True)
