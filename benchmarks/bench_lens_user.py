@@ -16,7 +16,7 @@ than the overheads measured. Wall time and CPU time (this process, every thread)
 shown, and the memory the lens keeps between steps, relative to the parameter bytes.
 
     python benchmarks/bench_lens_user.py [--threads 1] [--rounds 15] [--vocab 4096]
-        [--layers 4] [--presets minimal standard full] [--log-every 1 10]
+        [--layers 4] [--presets minimal standard full] [--log-every 1 10 never]
         [--optimizers adamw scale] [--io thread inline] [--narrow] [--quick]
 
 ``--narrow`` is the real-tensor-count model: hidden 64, 32 decoder layers (291 tensors, as
@@ -26,6 +26,10 @@ row also gives the lens's host time per tracked tensor per step: the median over
 
 ``--pe-sample 2`` adds ``full`` with ``per_example_sample=2`` (2 examples of each micro-batch
 read for the per-example estimators: unbiased, noisier), shown as ``full:pe2``.
+
+``--log-every never`` times unlogged steps alone (``log_every`` beyond the run: the block
+holds no logged step, and its last flush writes only the spike detectors' events), the row
+the target on unlogged steps' host time per tensor is read from.
 
 ``--io inline`` adds each preset with ``background_io=False`` (the sinks write on the
 training thread), shown as ``<preset>:inline``.
@@ -51,6 +55,23 @@ from gradlens.data import build_llama
 from gradlens.optim import SCALE, scale_param_groups
 
 PRESETS = ("minimal", "standard", "gns", "full")
+NEVER = 0  # --log-every never: no logged step in any block
+#: ``log_every`` given to the lens for ``never``: beyond any benchmark's run
+NEVER_EVERY = 10**9
+
+
+def every_arg(text: str) -> int:
+    """``--log-every`` value: a positive int, or ``never`` (:data:`NEVER`)."""
+    if text == "never":
+        return NEVER
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--log-every takes positive ints or 'never', got {text}")
+    return value
+
+
+def every_name(every: int) -> str:
+    return "never" if every == NEVER else str(every)
 
 
 def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -62,15 +83,21 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or scale")
 
 
-def tensor_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> int:
-    """Bytes of the distinct tensors reachable from ``obj`` through dicts, lists, tuples and
-    the attributes of the lens's own objects."""
+def tensor_bytes(obj: object, seen: set | None = None, depth: int = 0) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through dicts, lists,
+    tuples and the attributes of the lens's own objects (views of one storage, such as the
+    rows of stacked temporal states, count once)."""
     seen = set() if seen is None else seen
     if depth > 6 or id(obj) in seen:
         return 0
     seen.add(id(obj))
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
+        storage = obj.untyped_storage()
+        key = ("storage", obj.device, storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen, depth + 1) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -83,8 +110,11 @@ def tensor_bytes(obj: object, seen: set[int] | None = None, depth: int = 0) -> i
 
 def lens_bytes(lens: GradLens) -> int:
     """Bytes of every tensor the lens keeps between steps (family state, constants)."""
-    seen = {id(i.param) for i in lens.layers}  # the parameters are the model's
-    return tensor_bytes(lens._consts, seen) + sum(tensor_bytes(f, seen) for f in lens.families)
+    seen: set = {id(i.param) for i in lens.layers}  # the parameters are the model's
+    seen |= {("storage", i.param.device, i.param.untyped_storage().data_ptr())
+             for i in lens.layers}
+    return (tensor_bytes(lens._consts, seen) + tensor_bytes(lens.summary_plans, seen)
+            + sum(tensor_bytes(f, seen) for f in lens.families))
 
 
 class Arm:
@@ -140,7 +170,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="examples per step (2 micro-batches)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
-    p.add_argument("--log-every", nargs="+", type=int, default=[1, 10])
+    p.add_argument("--log-every", nargs="+", type=every_arg, default=[1, 10],
+                   help="log_every values; 'never': unlogged steps only")
     p.add_argument("--optimizers", nargs="+", choices=("adamw", "scale"),
                    default=["adamw", "scale"])
     p.add_argument("--io", nargs="+", choices=("thread", "inline"), default=["thread"],
@@ -158,7 +189,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds, args.block, args.warmup, args.log_every = 2, 2, 1, [1, 2]
     if args.narrow:
         args.hidden, args.layers = 64, 32
-    bad = [e for e in args.log_every if e < 1 or args.block % e]
+    bad = [e for e in args.log_every if e != NEVER and args.block % e]
     if bad:
         p.error(f"--block {args.block} must be a multiple of every --log-every (not {bad})")
     return args
@@ -184,10 +215,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     configs: list[tuple[str, str, str | None, int]] = []  # (name, optimizer, preset, every)
     for opt in args.optimizers:
         configs.append((f"{opt}/bare (again)", opt, None, 1))
-        configs += [(f"{opt}/{preset}{'' if io == 'thread' else ':' + io}/{every}", opt,
-                     preset, every) for io in args.io for preset in args.presets
-                    for every in args.log_every]
-        configs += [(f"{opt}/full:pe{m}/{every}", opt, "full", every)
+        configs += [(f"{opt}/{preset}{'' if io == 'thread' else ':' + io}/"
+                      f"{every_name(every)}", opt, preset, every)
+                     for io in args.io for preset in args.presets for every in args.log_every]
+        configs += [(f"{opt}/full:pe{m}/{every_name(every)}", opt, "full", every)
                     for m in args.pe_sample for every in args.log_every]
     arms = {opt: Arm(model, opt) for opt in args.optimizers}
     wall: dict[str, list[float]] = {c[0]: [] for c in configs}  # per-round ratios
@@ -210,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                     if with_lens and preset is not None:
                         lens = GradLens(arm.model, arm.opt, logdir=root / f"{r + args.warmup}-"
                                         f"{name.replace('/', '_')}", preset=preset,
-                                        log_every=every, background_io=":inline" not in name,
+                                        log_every=every or NEVER_EVERY,
+                                        background_io=":inline" not in name,
                                         per_example_sample=sample_of(name))
                         arm.steps(batches[:1], lens)  # untimed: the lens allocates its state
                     timed[with_lens] = arm.steps(batches[1:], lens)
@@ -237,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             q = statistics.quantiles(wall[name], n=4) if len(wall[name]) > 1 else [math.nan] * 3
             rows.append(dict(config=name, optimizer=opt,
                              preset=name.split("/")[1] if preset else "bare (again)",
-                             log_every=every if preset else "-",
+                             log_every=every_name(every) if preset else "-",
                              wall=statistics.median(wall[name]), cpu=statistics.median(cpu[name]),
                              q1=q[0], q3=q[2], ms=statistics.median(bare_ms[opt]),
                              us_tensor=statistics.median(per_tensor[name]),
@@ -268,6 +300,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                       f"{row['q1']:6.3f}-{row['q3']:6.3f} {row['us_tensor']:9.1f} "
                       f"{row['us_tensor_cpu']:7.1f} "
                       + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
+    b = args.batch // 2  # examples per micro-batch
+    for m in args.pe_sample:
+        if 0 < m < b:
+            print(f"full:pe{m}: {m} of {b} examples of each micro-batch read, scaled by "
+                  f"{b / m:g}; unbiased, with the extra variance b^2 (1 - m/b) s^2 / m = "
+                  f"{b * b * (1 - m / b) / m:g} s^2 on each micro-batch's sum of squared "
+                  "per-example norms (s^2: their variance over the micro-batch's examples; "
+                  "docs/api.md)")
     return rows
 
 

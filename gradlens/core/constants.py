@@ -16,7 +16,7 @@ class DeviceConstants:
     device: torch.device | None
     dtype: torch.dtype
     numel: list[int]
-    _consts: dict[str, torch.Tensor]
+    _consts: dict[str | tuple, torch.Tensor]
 
     def const(self, key: str) -> torch.Tensor:
         """``zero``, ``nan`` (0-d), ``nan_vec`` and ``numel`` (one entry per layer)."""
@@ -31,11 +31,13 @@ class DeviceConstants:
         return t
 
     def mask(self, flags: Sequence[bool]) -> torch.Tensor:
-        """A device bool vector, made once per pattern."""
-        key = "mask:" + "".join(["1" if f else "0" for f in flags])
-        if key not in self._consts:
-            self._consts[key] = torch.tensor(list(flags), device=self.device)
-        return self._consts[key]
+        """A device bool vector, made once per pattern (keyed by the tuple: no string built
+        per call, this runs at every step)."""
+        key = ("mask", tuple(flags))
+        t = self._consts.get(key)
+        if t is None:
+            t = self._consts[key] = torch.tensor(list(flags), device=self.device)
+        return t
 
     def flags(self, flags: Sequence[bool]) -> torch.Tensor:
         """A device 0/1 vector (accumulation dtype), made once per pattern."""

@@ -35,7 +35,8 @@ def step_summaries(lens: GradLens, grads: list[torch.Tensor], present: list[bool
             info.layout if lens.matrix[k] and present[k] else None
             for k, info in enumerate(lens.layers)])
     else:
-        summary, axis_sq = S.grad_summaries(grads, max_abs=logging), None
+        summary, axis_sq = S.grad_summaries(grads, max_abs=logging,
+                                            plans=lens.summary_plans), None
     return summary[:, 0], summary[:, 1], summary[:, 2], axis_sq
 
 

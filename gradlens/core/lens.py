@@ -62,6 +62,7 @@ from gradlens.families import Statistic, StepContext, builtin_families, register
 from gradlens.roles import LayerInfo, Role, discover_layers
 from gradlens.schema import GLOBAL
 from gradlens.sink_api import Sink
+from gradlens.stats.summary_plan import SummaryPlans
 
 __all__ = ["GradLens"]
 
@@ -145,6 +146,8 @@ class GradLens(DeviceConstants):
         self.layers: list[LayerInfo] = [i for i in select_layers(infos, include, exclude, roles)
                                         if i.numel > 0]  # a zero-element tensor has no stats
         self._index = {id(i.param): k for k, i in enumerate(self.layers)}
+        self._params = [i.param for i in self.layers]
+        self._layouts = [i.layout for i in self.layers]
         self.matrix = [i.layout != "vector" for i in self.layers]
         self.numel = [i.numel for i in self.layers]
         self._modules = dict(model.named_modules())
@@ -163,7 +166,8 @@ class GradLens(DeviceConstants):
         self.device: torch.device | None = None
         self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
         self.grad_dtype = torch.float32
-        self._consts: dict[str, torch.Tensor] = {}
+        self._consts: dict[str | tuple, torch.Tensor] = {}
+        self.summary_plans = SummaryPlans()  # how the every-step summary is batched
         self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
         self.families = builtin_families(self.config)
         for extra in statistics:
@@ -292,7 +296,7 @@ class GradLens(DeviceConstants):
     # ------------------------------------------------------------------ the step (on device)
 
     def _finalize(self, skipped: bool) -> None:
-        grads = [i.param.grad for i in self.layers]
+        grads = [p.grad for p in self._params]
         present = [g is not None for g in grads]
         self.step_count += 1
         if not any(present):
@@ -306,8 +310,10 @@ class GradLens(DeviceConstants):
         logging = self.step_count % self.config.log_every == 0
         obs = self.observer
         micro = max(obs.micro_seen)
-        g_list = [g.detach() if g is not None else self.const("zero") for g in grads]
-        g_list, shards = D.localize(g_list, [i.layout for i in self.layers], self.world)
+        zero = self.const("zero")
+        g_list = [zero if g is None else g.detach() if g.requires_grad else g for g in grads]
+        g_list, shards = (D.localize(g_list, self._layouts, self.world)
+                          if self.observer.sharded else (g_list, None))
         sq, max_abs, nonfinite, axis_sq = step_summaries(self, g_list, present, logging, shards)
         if shards is not None:  # this rank's share of the sums (core.distributed)
             contrib = self.mask([s.contributes for s in shards])

@@ -75,10 +75,10 @@ class Observer:
         self._armed = False
         self._module_of_layer = [lens.module_of(k) for k in range(L)]
         self._params = [info.param for info in lens.layers]
-        self._sharded = any(D.is_dtensor(p) for p in self._params)
+        self.sharded = any(D.is_dtensor(p) for p in self._params)  # FSDP2 (DTensor) layers
         # once per backward without a call per tensor (core.backward_arm): not under FSDP2
         # (its unsharded parameters are hooked per module) nor a compiled model
-        self.route = None if self._sharded or lens.compiled is not None else Route(self._arm)
+        self.route = None if self.sharded or lens.compiled is not None else Route(self._arm)
         self._route_handle: Any = None
         self._sentinel: Any = None
         self.fast = False  # the route verified: no per-parameter arms, logged-step hooks
@@ -87,7 +87,7 @@ class Observer:
         self._armed_by_param = False
         self.arms = HookGroup()  # a post-accumulate hook per parameter (until verified)
         self.logged = HookGroup()  # hooks that serve logged steps only
-        self._seen: list[tuple[Any, int] | None] = [None] * L  # touched-in-backward check
+        self._refs: list[Any] = [None] * L  # touched-in-backward check: which tensor
         self.reset()
 
     # ------------------------------------------------------------------ installation
@@ -123,8 +123,8 @@ class Observer:
             self.on_logged(self._size_hooks)
         plain = [k for k, info in enumerate(lens.layers) if not D.is_dtensor(info.param)]
         if self.count_micro:  # FSDP2 shards: see _install_unsharded
-            self.on_logged(lambda: [self._params[k].register_hook(self._micro_hook(k))
-                                    for k in plain])
+            micro = [(self._params[k], self._micro_hook(k)) for k in plain]  # made once
+            self.on_logged(lambda: [p.register_hook(fn) for p, fn in micro])
         self.arms.add(lambda: [self._params[k].register_post_accumulate_grad_hook(self._arm_param)
                                for k in plain])
         self.arms.set(True)
@@ -197,7 +197,7 @@ class Observer:
         if not self._closed and (self.arms.on or self.fast):
             self._review()
         L = len(self.lens.layers)
-        self._seen = [None] * L
+        self._refs = [None] * L
         self.micro_seen = [0] * L
         self.module_sizes: dict[int, list[int]] = {}
         self.model_sizes: list[int] = []
@@ -301,27 +301,35 @@ class Observer:
         identities and versions, and (while the loop edits) the raw squared norms."""
         self._armed = False
         grads = [p.grad for p in self._params]
-        self._accumulated = [None if g is None else (id(g), g._version) for g in grads]
+        record = [None if g is None else (id(g), g._version) for g in grads]
         if self.count_micro and not self.logged.on:  # no micro-batch hooks: from the grads
-            self._count_touched(grads)
+            self._count_touched(grads, record)
+        self._accumulated = record
         for fn in self._backward_end:
             fn()
         if self.measure_pre:
-            if self._sharded:
+            if self.sharded:
                 grads = [None if g is None else D.local_tensor(g) for g in grads]
             self.pre_sq = S.sq_norms(grads)
 
-    def _count_touched(self, grads: list[torch.Tensor | None]) -> None:
+    def _count_touched(self, grads: list[torch.Tensor | None],
+                       record: list[tuple[int, int] | None]) -> None:
         """Count a backward for every layer whose ``p.grad`` this backward created or added
-        to (a new tensor or a new version since the last backward of the step)."""
-        seen, micro = self._seen, self.micro_seen
-        for k, g in enumerate(grads):
-            if g is None:
+        to: a new tensor, or a new version since the last backward of the step (``record``
+        against the previous one; a weak reference tells a new tensor that took a freed
+        one's address and version from the same tensor left untouched)."""
+        refs, micro = self._refs, self.micro_seen
+        for k, (now, before) in enumerate(zip(record, self._accumulated, strict=True)):
+            if now is None:
                 continue
-            prev = seen[k]
-            if prev is None or prev[0]() is not g or prev[1] != g._version:
+            ref = refs[k]
+            if now != before:
                 micro[k] += 1
-                seen[k] = (weakref.ref(g), g._version)
+                if ref is None or ref() is not grads[k]:
+                    refs[k] = weakref.ref(grads[k])
+            elif ref is None or ref() is not grads[k]:
+                micro[k] += 1
+                refs[k] = weakref.ref(grads[k])
 
     # ------------------------------------------------------------------ readouts
 
@@ -349,12 +357,16 @@ class Observer:
         """Per layer whether ``p.grad`` changed after the last backward (DTensors: always, see
         the module docstring), and whether the squared norms at the end of that backward were
         measured. Decides whether the next steps measure: from the first edit on, for good."""
-        edited = []
-        for k, g in enumerate(grads):
-            seen = self._accumulated[k]
-            edited.append(g is not None and seen is not None
-                          and (seen[0] != id(g) or seen[1] != g._version
-                               or (self._sharded and D.is_dtensor(g))))
+        now = [None if g is None else (id(g), g._version) for g in grads]
+        if now == self._accumulated and not self.sharded:  # the common case: no edit
+            edited = [False] * len(grads)
+        else:
+            edited = []
+            for k, g in enumerate(grads):
+                seen = self._accumulated[k]
+                edited.append(g is not None and seen is not None
+                              and (seen[0] != id(g) or seen[1] != g._version
+                                   or (self.sharded and D.is_dtensor(g))))
         self._edits_seen = self._edits_seen or any(edited)
         measured = self.pre_sq is not None
         self.measure_pre = self._edits_seen

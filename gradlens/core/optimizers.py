@@ -137,8 +137,9 @@ class StepHooks:
                    "them): pass every optimizer, GradLens(model, [opt_a, opt_b]), or leave "
                    "them out with exclude=; the global rows are NaN")
             out.update(dict.fromkeys(self.unowned, why))
-        gone = [k for k, (p, m) in enumerate(zip(present, micro_seen, strict=True))
-                if not p and m > 0 and k not in out]
+        gone = [] if all(present) else [
+            k for k, (p, m) in enumerate(zip(present, micro_seen, strict=True))
+            if not p and m > 0 and k not in out]
         if gone:
             why = (f"{_names(names, gone)} had no gradient at the optimizer step although a "
                    "backward pass reached them (set to None before the lens read them: an "

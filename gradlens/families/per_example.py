@@ -114,13 +114,16 @@ class PerExample(Statistic):
                 continue
             self.tracked[k] = leaf
             by_module.setdefault(id(module), (module, rule, []))[2].append((k, leaf))
-        hooks: list[Callable[[], Any]] = [  # logged steps only (core.backward_arm)
-            lambda m=module, r=rule, i=items: m.register_forward_hook(
-                self._forward_hook(r, i, id(m)), with_kwargs=True)
-            for module, rule, items in by_module.values()]
+        # logged steps only (core.backward_arm); the hook functions made once (a
+        # torch.compiler.disable wrapper costs ~4 us to make), registered at each logged step
+        forward = [(module, self._forward_hook(rule, items, id(module)))
+                   for module, rule, items in by_module.values()]
+        hooks: list[Callable[[], Any]] = [
+            lambda m=m, f=f: m.register_forward_hook(f, with_kwargs=True) for m, f in forward]
         if self.check is not None:
-            hooks += [lambda p=lens.layers[k].param, k=k: p.register_hook(self._grad_hook(k))
-                      for k in self.tracked if not is_dtensor(lens.layers[k].param)]
+            grad = [(lens.layers[k].param, self._grad_hook(k)) for k in self.tracked
+                    if not is_dtensor(lens.layers[k].param)]
+            hooks += [lambda p=p, f=f: p.register_hook(f) for p, f in grad]
         # the inputs of every module enclosing a lookup (the model, a Lightning module's
         # inner model, an embeddings block): ids that share their storage are examples' ids
         lookups = {lens.layers[k].module_name for k in self.tracked

@@ -1,10 +1,9 @@
 """SPAM's element fraction ``mean(g_i^2 > theta v_i)`` against the optimizer's Adam second
 moment ``exp_avg_sq`` (logged steps; layers whose optimizer keeps no ``v`` are NaN). Under
-FSDP2 each rank counts its shards and the counts are summed in the flush's collective."""
+FSDP2 each rank counts its shards and the counts are summed in the flush's collective. In one
+process the layers of one shape are counted together (:func:`gradlens.stats.spam_fractions`)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -51,16 +50,21 @@ class Spam(Statistic):
         if ctx.shards is not None or self.lens.optimizer is None:
             return
         lens = self.lens
-        values, found = [], False
+        ks, vs = [], []
         for k in range(len(lens.layers)):
             v = self._v(ctx, k)
-            if v is None or v.shape != ctx.grads[k].shape:
-                values.append(torch.full((), math.nan, device=lens.device))
-                continue
-            found = True
-            values.append(S.spam_fraction(ctx.grads[k], v, lens.config.spikes.spam_theta))
-        if found:
-            out["spam_fraction"] = torch.stack(values)
+            if v is not None and v.shape == ctx.grads[k].shape:
+                ks.append(k)
+                vs.append(v)
+        if not ks:
+            return
+        fractions = S.spam_fractions([ctx.grads[k] for k in ks], vs,
+                                     lens.config.spikes.spam_theta).to(lens.dtype)
+        if len(ks) == len(lens.layers):
+            out["spam_fraction"] = fractions
+        else:  # NaN where the optimizer keeps no v
+            out["spam_fraction"] = lens.const("nan_vec").index_copy(
+                0, lens.const_index(tuple(ks)), fractions)
 
     def _any_state(self, ctx: StepContext) -> bool:
         return any(self._v(ctx, k) is not None for k in range(len(self.lens.layers)))

@@ -71,6 +71,7 @@ from gradlens.stats.spikes import (
     zscore_init,
     zscore_update,
 )
+from gradlens.stats.summary_plan import SummaryPlan, SummaryPlans
 from gradlens.stats.unit_noise import (
     FLOOR,
     noise_to_signal_summary,
@@ -99,6 +100,8 @@ __all__ = [
     "SPREAD_FIELDS",
     "SUMMARY_FIELDS",
     "SpikeConfig",
+    "SummaryPlan",
+    "SummaryPlans",
     "accumulation_dtype",
     "attribute_spike",
     "choose_per_example_method",

@@ -34,8 +34,9 @@ summed). Counting the NaNs of ``g * 0`` with ``count_nonzero`` in a second tempo
 faults there. ``torch.where(torch.isfinite(g), g, 0)`` with a boolean-sum count and
 ``torch._foreach_norm`` (a per-tensor loop on CPU) are slower still. At a real tensor count
 (291 tensors, as LLaMA-7B) the per-tensor launches dominate instead: :func:`grad_summaries`
-therefore stacks each group of tensors of one numel and dtype into ONE finite copy and runs
-the same kernels on the stack (about 10 groups for a LLaMA of any depth). The per-tensor loop
+therefore stacks each group of tensors of one shape and dtype into ONE copy and runs the same
+kernels on the stack (about 10 stacks for a LLaMA of any depth), from a plan a collector keeps
+per list shape (:mod:`gradlens.stats.summary_plan`). The per-tensor loop
 (``foreach=False``) and the ``torch._foreach_*`` path (``foreach=True``) stay as references;
 all three agree to float rounding (tested on CPU against float64 numpy).
 """
@@ -44,8 +45,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gradlens.stats.summary_plan import SummaryPlans
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -168,7 +173,7 @@ def _common_acc(grads: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.devic
 
 
 def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
-                   max_abs: bool = True) -> torch.Tensor:
+                   max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
     """Summaries of a list of gradients, stacked: an ``(L, 4)`` tensor.
 
     Columns follow :data:`SUMMARY_FIELDS`: ``[sq_norm, max_abs, nonfinite, numel]``; row ``k``
@@ -184,7 +189,11 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
             kernels per shape, not per tensor, on every device.
         max_abs: False skips the ``max_abs`` pass (NaN column): the lens reads it on logged
             steps only.
+        plans: with ``foreach=None``, plans and buffers kept between calls
+            (:class:`gradlens.stats.summary_plan.SummaryPlans`).
     """
+    if foreach is None and plans is not None:  # checked when the plan was made
+        return plans.get(grads)(grads, max_abs)
     acc, device = _common_acc(grads)
     if foreach is None:
         return grouped_summaries(grads, acc, max_abs)
@@ -211,22 +220,25 @@ def grad_summaries(grads: Sequence[torch.Tensor], foreach: bool | None = None,
 STACK_ENTRIES = 1 << 16
 
 
-def chunked(groups: Sequence[list[int]], numels: Sequence[int]) -> list[list[int]]:
-    """``groups`` split into runs of at most ``STACK_ENTRIES`` entries (one tensor at least)."""
+def chunked(groups: Sequence[list[int]], numels: Sequence[int],
+            limit: int | None = None) -> list[list[int]]:
+    """``groups`` split into runs of at most ``limit`` entries (default
+    :data:`STACK_ENTRIES`; one tensor at least)."""
+    limit = STACK_ENTRIES if limit is None else limit
     out = []
     for idx in groups:
-        n = max(1, STACK_ENTRIES // max(1, numels[idx[0]]))
+        n = max(1, limit // max(1, numels[idx[0]]))
         out += [idx[i:i + n] for i in range(0, len(idx), n)]
     return out
 
 
-def shape_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``grads`` grouped by (numel, dtype), in order of first appearance, each
-    group split into stacks of at most :data:`STACK_ENTRIES` entries."""
-    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+def shape_groups(grads: Sequence[torch.Tensor], limit: int | None = None) -> list[list[int]]:
+    """Indices of ``grads`` grouped by (shape, dtype), in order of first appearance, each
+    group split into stacks of at most ``limit`` entries (:func:`chunked`)."""
+    groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
     for k, g in enumerate(grads):
-        groups.setdefault((g.numel(), g.dtype), []).append(k)
-    return chunked(list(groups.values()), [g.numel() for g in grads])
+        groups.setdefault((tuple(g.shape), g.dtype), []).append(k)
+    return chunked(list(groups.values()), [g.numel() for g in grads], limit)
 
 
 def rowwise_max_abs(c: torch.Tensor) -> torch.Tensor:
@@ -269,11 +281,15 @@ def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
 
 
 def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
-                      max_abs: bool = True) -> torch.Tensor:
-    """:func:`grad_summaries` batched per group of tensors of one numel and dtype
+                      max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
+    """:func:`grad_summaries` batched per group of tensors of one shape and dtype
     (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
     any depth has about 10), not with the tensors; the rows return to the input order with
-    one gather."""
+    one gather. ``plans``: a caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`,
+    which keeps each list shape's batching from call to call (a collector's every-step
+    summary; the same rows bit for bit)."""
+    if plans is not None:
+        return plans.get(grads)(grads, max_abs)
     groups = shape_groups(grads)
     if len(groups) == 1:
         return group_summary(grads, acc, max_abs)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from gradlens import _args as A
-from gradlens.stats.norms import accumulation_dtype
+from gradlens.stats.norms import accumulation_dtype, chunked, order_index
 
 __all__ = [
     "SpikeConfig",
@@ -250,12 +250,33 @@ def spam_fraction(g: torch.Tensor, v: torch.Tensor, theta: float = 5000.0) -> to
 def spam_fractions(
     grads: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], theta: float = 5000.0
 ) -> torch.Tensor:
-    """:func:`spam_fraction` for each pair, stacked: ``(L,)``."""
+    """:func:`spam_fraction` for each pair, stacked: ``(L,)``. Pairs of one shape and dtypes
+    are stacked and counted together (the same float passes, row by row: a few kernels per
+    shape, not per tensor; the counts are sums of 0/1, exact in any order)."""
     if len(grads) != len(vs) or not grads:
         raise ValueError("spam_fractions needs two non-empty lists of equal length")
-    rows = [spam_fraction(g, v, theta) for g, v in zip(grads, vs, strict=True)]
-    acc = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
-    return torch.stack([r.to(acc) for r in rows])
+    if theta <= 0:
+        raise ValueError(f"theta must be positive, got {theta!r}")
+    acc = (torch.float64 if any(g.dtype == torch.float64 or v.dtype == torch.float64
+                                for g, v in zip(grads, vs, strict=True)) else torch.float32)
+    groups: dict[tuple, list[int]] = {}
+    for k, (g, v) in enumerate(zip(grads, vs, strict=True)):
+        if g.shape != v.shape:
+            raise ValueError(f"spam_fractions: gradient {k} has shape {tuple(g.shape)}, its "
+                             f"second moment {tuple(v.shape)}")
+        groups.setdefault((tuple(g.shape), g.dtype, v.dtype), []).append(k)
+    parts, order = [], []
+    for idx in chunked(list(groups.values()), [g.numel() for g in grads]):
+        n, numel = len(idx), grads[idx[0]].numel()
+        g = torch.stack([grads[k] for k in idx]).reshape(n, numel).to(acc)
+        x = torch.stack([vs[k] for k in idx]).reshape(n, numel).to(acc)
+        x.addcmul_(g, g, value=-1.0 / theta)  # v - g^2 / theta: negative at the hits
+        bad = torch.mul(x, 0, out=g).nan_to_num_(nan=1.0).sum(dim=1)
+        hits = -x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(max=0.0).sign_().sum(dim=1)
+        parts.append(hits / (numel - bad))
+        order += idx
+    rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return rows[order_index(order, rows.device)]
 
 
 def attribute_spike(

@@ -346,6 +346,40 @@ def test_state_dict_resumes_detectors():
     l3.close()
 
 
+@pytest.mark.parametrize("budget", [None, 40_000])
+def test_state_dict_resumes_temporal_states(budget):
+    """The temporal EMAs (stacked per shape; with a small budget some layers sketched) saved
+    mid-run and loaded into a new lens continue as in an uninterrupted run."""
+    data = batches(4, seed=5)
+    data = [data[i % 4] for i in range(12)]
+    opts = dict(preset="minimal", temporal=True, temporal_budget_bytes=budget)
+    m1 = build_llama("tiny", seed=5)
+    l1 = GradLens(m1, **opts)
+    train(m1, l1, steps=12, data=data)
+    m2 = build_llama("tiny", seed=5)
+    l2 = GradLens(m2, **opts)
+    train(m2, l2, steps=6, data=data[:6])
+    saved = l2.state_dict()
+    l2.close()
+    l3 = GradLens(m2, **opts)
+    l3.load_state_dict(saved)
+    again = l3.state_dict()["families"]["temporal"]  # saved again before any step
+    assert again.keys() == saved["families"]["temporal"].keys()
+    for name, st in saved["families"]["temporal"].items():
+        torch.testing.assert_close(again[name]["mean"], st["mean"], rtol=0, atol=0)
+    train(m2, l3, steps=6, data=data[6:])
+    fam = l3.family("temporal")
+    assert (budget is None) == all(st["sketch_dim"] is None for st in fam.buffers.values())
+    a, b = frame(l1), frame(l3)
+    for stat in ("temporal_var", "temporal_var_normalized"):
+        va = a[(a.stat == stat) & (a.step > 6)].sort_values(["step", "layer"])
+        vb = b[b.stat == stat].sort_values(["step", "layer"])
+        assert list(va.layer) == list(vb.layer) and len(va) > 0
+        np.testing.assert_allclose(va.value.to_numpy(), vb.value.to_numpy(), rtol=1e-5)
+    l1.close()
+    l3.close()
+
+
 def test_close_removes_hooks_and_is_idempotent():
     model = build_llama("tiny", seed=10)
     before = sum(len(p._backward_hooks or {}) for p in model.parameters())

@@ -80,9 +80,9 @@ def test_foreach_and_loop_paths_agree_float64():
 
 @pytest.mark.parametrize("max_abs", [True, False])
 def test_grouped_summaries_match_numpy_per_tensor(max_abs):
-    """The default path batches per group of one numel and dtype: rows in the input order,
+    """The default path batches per group of one shape and dtype: rows in the input order,
     each equal to float64 numpy on its own tensor (non-finite entries, transposed shapes of
-    one numel sharing a group, bf16 and float16 beside float32, an empty and a 0-d tensor)."""
+    one numel in two groups, bf16 and float16 beside float32, an empty and a 0-d tensor)."""
     specs = [((16, 8), 0, torch.float32), ((8, 16), 3, torch.float32), ((32,), 2, torch.float32),
              ((16, 8), 1, torch.float32), ((16, 8), 0, torch.bfloat16), ((5, 3), 4, torch.float16),
              ((0, 4), 0, torch.float32), ((), 0, torch.float32), ((16, 8), 7, torch.float32)]
@@ -94,7 +94,7 @@ def test_grouped_summaries_match_numpy_per_tensor(max_abs):
         ref = np.asarray(summary(np64(g))) if g.numel() else np.zeros(4)
         cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]
         np.testing.assert_allclose(np64(out[k])[cols], ref[cols], rtol=1e-5)
-    assert S.shape_groups(grads) == [[0, 1, 3, 8], [2], [4], [5], [6], [7]]
+    assert S.shape_groups(grads) == [[0, 3, 8], [1], [2], [4], [5], [6], [7]]
     # stacks stay under STACK_ENTRIES entries (one tensor at least): 2 of 2**15 per stack
     big = [torch.ones(1 << 15)] * 3 + [torch.ones((1 << 16) + 1)] * 2
     assert S.shape_groups(big) == [[0, 1], [2], [3], [4]]
@@ -104,11 +104,53 @@ def test_grouped_summaries_match_numpy_per_tensor(max_abs):
             assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(before.reshape(g.shape)))
 
 
+@pytest.mark.parametrize("max_abs", [True, False])
+def test_kept_plans_equal_one_off_calls_bit_for_bit(monkeypatch, max_abs):
+    """A collector's kept plans give the one-off path's numbers bit for bit (and a
+    one-tensor group_summary's), call after call with other values, including
+    tensors larger than a stack (float32 alone in its own temporary, bf16 converted) and
+    non-finite entries; the rows match float64 numpy."""
+    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 300)
+    monkeypatch.setattr("gradlens.stats.summary_plan.PLAN_STACK_ENTRIES", 300)
+    specs = [((16, 8), 2, torch.float32), ((16, 8), 0, torch.float32), ((40, 10), 5,
+             torch.float32), ((30, 12), 1, torch.bfloat16), ((7,), 1, torch.float32),
+             ((16, 8), 1, torch.float32), ((0, 3), 0, torch.float32), ((8, 16), 0,
+             torch.bfloat16)]
+    plans = S.SummaryPlans()
+    kept = []
+    for call in range(3):
+        grads = [poisoned(s, k, seed=40 + 10 * call + i, dtype=d)
+                 for i, (s, k, d) in enumerate(specs)]
+        got = S.grad_summaries(grads, max_abs=max_abs, plans=plans)
+        kept.append((got, S.grad_summaries(grads, max_abs=max_abs)))
+        for k, g in enumerate(grads):
+            ref = np.asarray(summary(np64(g))) if g.numel() else np.zeros(4)
+            cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]
+            np.testing.assert_allclose(np64(got[k])[cols], ref[cols], rtol=1e-5)
+            if g.numel():  # the stacked rows equal a one-tensor group_summary's
+                acc = torch.float32
+                one = S.norms.group_summary([g], acc, max_abs)[0]
+                torch.testing.assert_close(got[k][cols], one[cols], rtol=0, atol=0,
+                                           equal_nan=True)
+    assert len(plans._plans) == 1  # one signature, one plan
+    cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]  # without max_abs: a NaN column
+    for got, one_off in kept:  # earlier results unchanged by later calls
+        torch.testing.assert_close(got[:, cols], one_off[:, cols], rtol=0, atol=0,
+                                   equal_nan=True)
+    # a different list (a layer without gradient: a 0-d stand-in) gets its own plan
+    S.grad_summaries([torch.zeros(()), *grads[1:]], plans=plans)
+    assert len(plans._plans) == 2
+
+
 def test_grad_summaries_rejects_bad_input():
     with pytest.raises(ValueError, match="at least one"):
         S.grad_summaries([])
     with pytest.raises(ValueError, match="one device"):
         S.grad_summaries([torch.ones(2), torch.ones(2, device="meta")])
+    with pytest.raises(ValueError, match="at least one"):  # the same with kept plans
+        S.grad_summaries([], plans=S.SummaryPlans())
+    with pytest.raises(ValueError, match="one device"):
+        S.grad_summaries([torch.ones(2), torch.ones(2, device="meta")], plans=S.SummaryPlans())
 
 
 def test_finite_sum_skips_nonfinite():

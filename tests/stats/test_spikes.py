@@ -114,6 +114,23 @@ def test_spam_fraction():
     assert float(S.spam_fraction(torch.tensor([1.0, 0.0]), torch.zeros(2))) == 0.5
 
 
+def test_spam_fractions_stacked_per_shape_equal_one_by_one():
+    """Pairs stacked per shape (three of one shape with non-finite entries, a bf16 one, a
+    vector, an empty one) give spam_fraction's value for each, in input order."""
+    rng = np.random.default_rng(2)
+    shapes = [(6, 5), (4,), (6, 5), (6, 5), (0, 3), (6, 5)]
+    gs = [torch.from_numpy(rng.normal(size=s)).float() for s in shapes]
+    vs = [torch.from_numpy(rng.uniform(1e-5, 1e-3, size=s)).float() for s in shapes]
+    gs[2][1, 1], vs[3][0, 4], gs[3][2, 2] = math.nan, math.inf, -math.inf
+    gs[5] = gs[5].bfloat16()
+    both = S.spam_fractions(gs, vs)
+    one = torch.stack([S.spam_fraction(g, v) for g, v in zip(gs, vs, strict=True)])
+    torch.testing.assert_close(both, one, rtol=0, atol=0, equal_nan=True)
+    assert math.isnan(float(both[4])) and 0 < float(both[0]) < 1
+    with pytest.raises(ValueError, match="shape"):
+        S.spam_fractions([torch.ones(2, 3)], [torch.ones(3, 2)])
+
+
 def test_attribute_spike_static_shapes():
     scores = torch.tensor([0.5, math.nan, 9.0, 3.0, -1.0])
     idx, val, active = S.attribute_spike(torch.tensor(True), scores, k=3)
