@@ -146,10 +146,9 @@ class GradLens(DeviceConstants):
         self.layers: list[LayerInfo] = [i for i in select_layers(infos, include, exclude, roles)
                                         if i.numel > 0]  # a zero-element tensor has no stats
         self._index = {id(i.param): k for k, i in enumerate(self.layers)}
-        self._params = [i.param for i in self.layers]
+        self._params, self.numel = [i.param for i in self.layers], [i.numel for i in self.layers]
         self._layouts = [i.layout for i in self.layers]
-        self.matrix = [i.layout != "vector" for i in self.layers]
-        self.numel = [i.numel for i in self.layers]
+        self.matrix = [layout != "vector" for layout in self._layouts]
         self._modules = dict(model.named_modules())
         self.logdir = Path(logdir) if logdir is not None else None
         self.sinks, self.memory = R.default_sinks(self.logdir, list(sinks or []), table_format,
@@ -162,10 +161,9 @@ class GradLens(DeviceConstants):
         self._deferred: list[StepContext] = []
         self._loss: torch.Tensor | None = None
         self._validity_seen: set[tuple[str, str]] = set()
-        self._untracked_warned = False
+        self._untracked: tuple[int, list] | None = (0, [])  # (walks, listed); None: warned
         self.device: torch.device | None = None
-        self.dtype = torch.float32  # accumulation dtype: float64 for a float64 model
-        self.grad_dtype = torch.float32
+        self.dtype = self.grad_dtype = torch.float32  # accumulation: float64 for a float64 model
         self._consts: dict[str | tuple, torch.Tensor] = {}
         self.summary_plans = SummaryPlans()  # how the every-step summary is batched
         self.hooks = O.StepHooks(self, optimizers) if optimizers and step_hook else None
@@ -310,8 +308,8 @@ class GradLens(DeviceConstants):
         logging = self.step_count % self.config.log_every == 0
         obs = self.observer
         micro = max(obs.micro_seen)
-        zero = self.const("zero")
-        g_list = [zero if g is None else g.detach() if g.requires_grad else g for g in grads]
+        g_list = [self.const("zero") if g is None else g.detach() if g.requires_grad else g
+                  for g in grads]
         g_list, shards = (D.localize(g_list, self._layouts, self.world)
                           if self.observer.sharded else (g_list, None))
         sq, max_abs, nonfinite, axis_sq = step_summaries(self, g_list, present, logging, shards)

@@ -159,16 +159,28 @@ def scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
     return any(getattr(stage, "name", "") in ("UNSCALED", "STEPPED") for stage in stages)
 
 
+WALK_EVERY = 32  # logged steps between walks of the whole model for untracked parameters
+
+
 def warn_untracked(lens: GradLens) -> None:
-    """One warning when a parameter with a gradient is not tracked (unfrozen later, say)."""
-    if lens._untracked_warned:
+    """One warning when a parameter with a gradient is not tracked (unfrozen later, say).
+
+    The parameters the lens does not track are listed by a walk of the model at the first
+    logged step and every :data:`WALK_EVERY` logged steps after (a parameter added later);
+    the logged steps between look at the listed ones only (usually none): no walk of every
+    parameter per logged step."""
+    if lens._untracked is None:
         return
-    extra = [n for n, p in lens.model.named_parameters()
-             if p.grad is not None and p.numel() > 0 and id(p) not in lens._index]
-    if extra:
-        lens._untracked_warned = True
-        warnings.warn(f"gradlens: {len(extra)} parameter(s) with a gradient are not tracked "
-                      f"(e.g. {extra[0]}): the global rows cover tracked layers only; create "
+    walks, listed = lens._untracked
+    if walks % WALK_EVERY == 0:
+        listed = [p for p in lens.model.parameters() if id(p) not in lens._index]
+    lens._untracked = (walks + 1, listed)
+    if any(p.grad is not None and p.numel() > 0 for p in listed):
+        lens._untracked = None
+        ids = {id(p) for p in listed if p.grad is not None and p.numel() > 0}
+        names = [n for n, p in lens.model.named_parameters() if id(p) in ids]
+        warnings.warn(f"gradlens: {len(names)} parameter(s) with a gradient are not tracked "
+                      f"(e.g. {names[0]}): the global rows cover tracked layers only; create "
                       "the lens after unfreezing them to track them", RuntimeWarning,
                       stacklevel=5)
 
