@@ -69,9 +69,10 @@ def test_gpu_suite_on_cpu() -> None:
         assert f"{preset}: 5 steps without a sync" in out
     assert "scale vs adamw tiny" in out
     rows = [line for line in out.splitlines() if line.startswith("us/tensor/step tiny (21")]
-    assert len(rows) == 7  # the noise floor and 3 presets at log_every 1 and 2
+    assert len(rows) == 10  # the noise floor and 3 presets at log_every 1, 2 and never
     for preset in ("minimal", "standard", "full"):
-        assert sum(f"{preset} log_every=" in line for line in rows) == 2
+        assert sum(f"{preset} log_every=" in line for line in rows) == 3
+        assert sum(f"{preset} log_every=never" in line for line in rows) == 1
     assert all(" us, " in line and "x; no sync" in line for line in rows)
 
 
