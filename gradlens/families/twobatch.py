@@ -229,12 +229,12 @@ class TwoBatch(Statistic):
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
         units_big = ctx.shared.units()
+        units_red = red.get("unit", {})  # reduced per-unit sums (torch.distributed)
         meds, means, order = [], [], []
         for U, ks in self.unit_rows.items():  # layers of equal width: batched, one sort
             idx = lens.const_index(ks)
             blank = nan.expand(U)
             if has is not None:
-                units_red = red.get("unit", {})
                 u_a = torch.stack([units_red.get(k, blank) for k in ks])
                 u_a = torch.where(has[idx].unsqueeze(1), u_a, nan)
             else:  # a layer without an entry for every micro-batch: NaN
