@@ -59,3 +59,4 @@ def complete_steps(lens: GradLens) -> None:
         if ctx.skipped:
             lens._pending.append((ctx.step, "event", SpikeEvent(ctx.step, GLOBAL,
                                                                 "skipped_step", 1.0, 1.0)))
+        ctx.shared = None  # it refers back to ctx: dropped here, the step is freed at once
