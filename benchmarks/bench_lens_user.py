@@ -6,8 +6,10 @@ micro-batches of 8 x 128 random tokens (``loss / 2`` each). Every round visits e
 configuration (a preset and ``log_every``) in a random order and times a pair of adjacent
 blocks of ``--block`` steps on that optimizer's model, in a random order: one bare, one with a
 new lens attached (the default sinks, ``stats.csv`` and a TensorBoard event file, in a
-temporary run directory; one untimed step first, then the block, its last flush's writing
-included; then the lens is closed, leaving no hook). The block is a multiple of every
+temporary run directory; untimed steps first, up to the lens's first logged step and its
+flush (``log_every`` steps, one for ``never``: what a run pays once, such as its plans, the
+sinks' files and the first walk of the model, stays out of the block), then the block, its
+last flush's writing included; then the lens is closed, leaving no hook). The block is a multiple of every
 ``log_every``, so flushes are counted at their real rate. The figure is the median over rounds
 of the pair's time ratio, with its quartiles; ``bare (again)`` (two bare blocks) is the noise
 floor. Why pairs of adjacent blocks on one model copy: two copies of the same model differed
@@ -244,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                                         log_every=every or NEVER_EVERY,
                                         background_io=":inline" not in name,
                                         per_example_sample=sample_of(name))
-                        arm.steps(batches[:1], lens)  # untimed: the lens allocates its state
+                        # untimed, up to its first logged step: the lens's once-per-run work
+                        arm.steps(batches[:1] * (every or 1), lens)
                     timed[with_lens] = arm.steps(batches[1:], lens)
                     if lens is not None:
                         mem[name] = lens_bytes(lens)
