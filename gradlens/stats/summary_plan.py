@@ -115,10 +115,7 @@ class SummaryPlan:
     def _finite(a: torch.Tensor, max_abs: bool, count: torch.Tensor):
         """Row-wise largest ``|a|`` and ``sum a^2`` of the finite copy ``a`` (squared in
         place: ``vecdot(a, a)``'s products and sums, without its temporary)."""
-        largest = None
-        if max_abs:
-            lo, hi = torch.aminmax(a, dim=1)
-            largest = torch.maximum(-lo, hi)
+        largest = N.rowwise_max_abs(a) if max_abs else None
         return a.square_().sum(dim=1), largest, count
 
 
