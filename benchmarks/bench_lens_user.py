@@ -24,7 +24,10 @@ shown, and the memory the lens keeps between steps, relative to the parameter by
 ``--narrow`` is the real-tensor-count model: hidden 64, 32 decoder layers (291 tensors, as
 LLaMA-7B), where the step's compute is small and the lens's per-tensor host work shows. Each
 row also gives the lens's host time per tracked tensor per step: the median over rounds of
-(lens block - adjacent bare block) / (steps x tracked tensors), in microseconds.
+(lens block - adjacent bare block) / (steps x tracked tensors), in microseconds: of wall
+time, of the process's CPU time (every thread, the sinks' writer thread included) and of the
+training thread's CPU time (``time.thread_time``: the host work the step itself waits for;
+the writer thread runs beside it, on another core where the machine has one).
 
 ``--pe-sample 2`` adds ``full`` with ``per_example_sample=2`` (2 examples of each micro-batch
 read for the per-example estimators: unbiased, noisier), shown as ``full:pe2``.
@@ -130,10 +133,11 @@ class Arm:
         self.opt = make_optimizer(optimizer, self.model)
 
     def steps(self, batches: Sequence[torch.Tensor], lens: GradLens | None = None
-              ) -> tuple[float, float]:
-        """Wall and CPU seconds of one optimizer step per batch (2 micro-batches each), and
-        with a lens, of writing its last flush (``flush(wait=True)``)."""
-        t0, c0 = time.perf_counter(), time.process_time()
+              ) -> tuple[float, float, float]:
+        """Wall, CPU (every thread) and training-thread CPU seconds of one optimizer step per
+        batch (2 micro-batches each), and with a lens, of writing its last flush
+        (``flush(wait=True)``)."""
+        t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
         for ids in batches:
             for micro in ids.chunk(2):
                 loss = self.model(input_ids=micro, labels=micro).loss / 2
@@ -144,7 +148,7 @@ class Arm:
             self.opt.zero_grad(set_to_none=True)
         if lens is not None:
             lens.flush(wait=True)
-        return time.perf_counter() - t0, time.process_time() - c0
+        return time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - h0
 
     def hooked(self) -> bool:
         """Whether any module or parameter hook is still installed (a closed lens leaves none)."""
@@ -227,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
     per_tensor: dict[str, list[float]] = {c[0]: [] for c in configs}  # us per tensor per step
     per_tensor_cpu: dict[str, list[float]] = {c[0]: [] for c in configs}
+    per_tensor_thread: dict[str, list[float]] = {c[0]: [] for c in configs}
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     bare_ms: dict[str, list[float]] = {opt: [] for opt in args.optimizers}
     mem: dict[str, int] = {}
@@ -237,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
             batches = [data[(start + i) % n_batches] for i in range(args.block + 1)]
             for name, opt, preset, every in rng.sample(configs, len(configs)):
                 arm = arms[opt]
-                timed: dict[bool, tuple[float, float]] = {}
+                timed: dict[bool, tuple[float, float, float]] = {}
                 for with_lens in rng.sample([False, True], 2):  # the pair, in a random order
                     lens = None
                     if with_lens and preset is not None:
@@ -263,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                                             / (args.block * tensors))
                     per_tensor_cpu[name].append(1e6 * (timed[True][1] - timed[False][1])
                                                 / (args.block * tensors))
+                    per_tensor_thread[name].append(1e6 * (timed[True][2] - timed[False][2])
+                                                   / (args.block * tensors))
             if not args.quick:
                 print(f"{'warm-up' if r < 0 else 'round'} {r + 1 if r >= 0 else r + 1 + args.warmup}"
                       f"/{args.rounds if r >= 0 else args.warmup} done "
@@ -277,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
                              q1=q[0], q3=q[2], ms=statistics.median(bare_ms[opt]),
                              us_tensor=statistics.median(per_tensor[name]),
                              us_tensor_cpu=statistics.median(per_tensor_cpu[name]),
+                             us_tensor_thread=statistics.median(per_tensor_thread[name]),
                              mem=100 * mem.get(name, 0) / param_bytes))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -289,19 +297,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
           "median over rounds of (block time / the adjacent bare block's time, same model "
           "copy); IQR: quartiles of those ratios. 'bare (again)': the noise floor. "
           "us/tensor: median of (lens block - bare block) per step per tracked tensor, in "
-          "wall and in CPU time (this process, every thread).")
+          "wall, in CPU time (this process, every thread: the sinks' writer included) and in "
+          "the training thread's CPU time (what the step waits for: the writer thread runs "
+          "beside it).")
     print(f"{'optimizer':9s} {'preset':15s} {'log_every':>9s} {'wall':>7s} {'CPU':>7s} "
-          f"{'wall IQR':>13s} {'us/tensor':>9s} {'(CPU)':>7s} {'lens memory':>11s}")
+          f"{'wall IQR':>13s} {'us/tensor':>9s} {'(CPU)':>7s} {'(thread)':>8s} "
+          f"{'lens memory':>11s}")
     for opt in args.optimizers:
         print(f"{opt:9s} {'bare':15s} {'-':>9s} {'1':>7s} {'1':>7s} {'':13s} {'-':>9s} {'-':>7s} "
-              f"{'-':>11s}   "
+              f"{'-':>8s} {'-':>11s}   "
               f"({statistics.median(bare_ms[opt]):.1f} ms/step)")
         for row in rows:
             if row["optimizer"] == opt:
                 print(f"{opt:9s} {row['preset']:15s} {row['log_every']!s:>9s} "
                       f"{row['wall']:7.3f} {row['cpu']:7.3f} "
                       f"{row['q1']:6.3f}-{row['q3']:6.3f} {row['us_tensor']:9.1f} "
-                      f"{row['us_tensor_cpu']:7.1f} "
+                      f"{row['us_tensor_cpu']:7.1f} {row['us_tensor_thread']:8.1f} "
                       + (f"{row['mem']:10.2f}%" if row["mem"] else f"{'-':>11s}"))
     b = args.batch // 2  # examples per micro-batch
     for m in args.pe_sample:

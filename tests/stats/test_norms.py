@@ -105,11 +105,12 @@ def test_grouped_summaries_match_numpy_per_tensor(max_abs):
 
 
 @pytest.mark.parametrize("max_abs", [True, False])
-def test_kept_plans_equal_one_off_calls_bit_for_bit(monkeypatch, max_abs):
-    """A collector's kept plans give the one-off path's numbers bit for bit (and a
-    one-tensor group_summary's), call after call with other values, including
-    tensors larger than a stack (float32 alone in its own temporary, bf16 converted) and
-    non-finite entries; the rows match float64 numpy."""
+def test_kept_plans_equal_one_off_calls(monkeypatch, max_abs):
+    """A collector's kept plans give a one-tensor group_summary's numbers bit for bit, call
+    after call with other values (earlier results untouched by the buffer's reuse),
+    non-finite entries included; tensors larger than a stack (float32 and bf16, summed in
+    chunks of a stack, the last one partial) within float32 rounding of the sum; every row
+    matches float64 numpy."""
     monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 300)
     monkeypatch.setattr("gradlens.stats.summary_plan.PLAN_STACK_ENTRIES", 300)
     specs = [((16, 8), 2, torch.float32), ((16, 8), 0, torch.float32), ((40, 10), 5,
@@ -122,7 +123,7 @@ def test_kept_plans_equal_one_off_calls_bit_for_bit(monkeypatch, max_abs):
         grads = [poisoned(s, k, seed=40 + 10 * call + i, dtype=d)
                  for i, (s, k, d) in enumerate(specs)]
         got = S.grad_summaries(grads, max_abs=max_abs, plans=plans)
-        kept.append((got, S.grad_summaries(grads, max_abs=max_abs)))
+        kept.append((got, got.clone()))
         for k, g in enumerate(grads):
             ref = np.asarray(summary(np64(g))) if g.numel() else np.zeros(4)
             cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]
@@ -130,13 +131,18 @@ def test_kept_plans_equal_one_off_calls_bit_for_bit(monkeypatch, max_abs):
             if g.numel():  # the stacked rows equal a one-tensor group_summary's
                 acc = torch.float32
                 one = S.norms.group_summary([g], acc, max_abs)[0]
-                torch.testing.assert_close(got[k][cols], one[cols], rtol=0, atol=0,
+                # a tensor larger than a stack is summed in chunks: another order of float32
+                # sums of <= 400 non-negative terms (pairwise: a few eps apart); max and
+                # count are exact
+                chunked = g.numel() > 300
+                torch.testing.assert_close(got[k][cols[:1]], one[cols[:1]],
+                                           rtol=1e-6 if chunked else 0, atol=0)
+                torch.testing.assert_close(got[k][cols[1:]], one[cols[1:]], rtol=0, atol=0,
                                            equal_nan=True)
     assert len(plans._plans) == 1  # one signature, one plan
     cols = [0, 1, 2, 3] if max_abs else [0, 2, 3]  # without max_abs: a NaN column
-    for got, one_off in kept:  # earlier results unchanged by later calls
-        torch.testing.assert_close(got[:, cols], one_off[:, cols], rtol=0, atol=0,
-                                   equal_nan=True)
+    for got, at_return in kept:  # earlier results unchanged by later calls (buffer reuse)
+        torch.testing.assert_close(got, at_return, rtol=0, atol=0, equal_nan=True)
     # a different list (a layer without gradient: a 0-d stand-in) gets its own plan
     S.grad_summaries([torch.zeros(()), *grads[1:]], plans=plans)
     assert len(plans._plans) == 2
