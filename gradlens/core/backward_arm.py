@@ -97,27 +97,28 @@ class Route:
 
 class HookGroup:
     """Hooks installed together and removed together: ``installers`` are called with no
-    argument and return the handles they registered."""
+    argument and return the handles they registered. ``key``: the mode the installers
+    made their hooks for (a new key installs them again)."""
 
     def __init__(self) -> None:
         self._installers: list[Callable[[], Iterable[Any]]] = []
         self._handles: list[Any] = []
         self.on = False
+        self.key: Any = None
 
     def add(self, installer: Callable[[], Iterable[Any]]) -> None:
         self._installers.append(installer)
         if self.on:
             self._handles += list(installer())
 
-    def set(self, on: bool) -> None:
-        if on == self.on:
+    def set(self, on: bool, key: Any = None) -> None:
+        if on == self.on and (not on or key == self.key):
             return
-        self.on = on
+        self.remove()
         if on:
+            self.on, self.key = True, key
             for installer in self._installers:
                 self._handles += list(installer())
-        else:
-            self.remove()
 
     def remove(self) -> None:
         for h in self._handles:
