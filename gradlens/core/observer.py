@@ -29,8 +29,15 @@
 - **torch.compile**: the forward hooks do nothing while dynamo traces them (reading or
   growing their lists would add guards, and a recompile per micro-batch count); the sizes
   then come from the ``torch.compile(model)`` wrapper's own pre-hook, which runs eagerly.
-  The backward hooks run eagerly (``torch.compiler.disable``, ~1.5 us per call): in a compiled
+  The backward hooks run eagerly (``torch.compiler.disable``, ~1 us per call): in a compiled
   training step dynamo would otherwise compile them as frames guarded on the lens's state.
+- **Plain logged-step hooks**: once the route is verified (an eager model, no traced forward)
+  the micro-batch and batch-size hooks exist on logged steps only, so they check neither the
+  step nor (micro-batch hooks) compilation: plain functions without the wrapper, the lone
+  subscriber called directly with both micro-batch gradients, the batch read inline (two
+  micro-batches: 5 Python calls per tensor and logged step, 12 with the checked ones).
+  Where the route is dropped the checked versions come back from the next step on;
+  assigning ``lens.step_count`` re-decides the hooks at once.
 - **FSDP2**: a hook on a sharded parameter never fires (forward and backward use an unsharded
   ``nn.Parameter`` that FSDP2 creates once and reuses): a forward pre-hook of the owning
   module hooks that parameter once.
@@ -48,7 +55,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
-from gradlens.core.backward_arm import HookGroup, Route
+from gradlens.core.backward_arm import HookGroup, Route, never_traced
 from gradlens.families.base import in_backward
 
 if TYPE_CHECKING:
@@ -284,7 +291,7 @@ class Observer:
                 if b is not None:
                     self.module_sizes.setdefault(key, []).append(b)
 
-        return fast_hook if fast else hook
+        return fast_hook if fast and never_traced(fast_hook) else hook
 
     def _micro_hook(self, k: int, fast: bool) -> Callable[[torch.Tensor], None]:
         """Layer k's gradient hook: counts the backward pass and hands the gradient to the
@@ -320,7 +327,7 @@ class Observer:
                     first = param.grad.detach()
             self._dispatch(k, grad.detach(), first)
 
-        return fast_hook if fast else hook
+        return fast_hook if fast and never_traced(fast_hook) else hook
 
     def _dispatch(self, k: int, g: torch.Tensor, first: torch.Tensor | None) -> None:
         for fn in self._subscribers:

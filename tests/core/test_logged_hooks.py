@@ -7,6 +7,7 @@ disagreement."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -228,3 +229,63 @@ def test_a_module_with_another_batch_size_is_noted_on_verified_steps():
         assert sizes == {model.a: [4, 4], model.mid: [2, 2], model.b: [4, 4]}
         assert best == [4, 4] and "([4, 4] in most, [2, 2] in some)" in note
     assert notes == [1]
+
+
+def _compiled_after_eager(static: bool) -> tuple[int, int, dict]:
+    """Three eager steps (the route verified unless ``static``), then three steps of one
+    compiled training step: (graphs dynamo made, recompile-limit warnings, rows)."""
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    hits = []
+
+    class Limits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            hits.append("recompile_limit" in record.getMessage())
+
+    torch._dynamo.reset()
+    counters.clear()
+    handler = Limits()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        model = build_llama("tiny", seed=3)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        lens = GradLens(model, opt, preset="standard", batch_size=2)
+        if static:
+            lens.observer.drop_route()
+
+        def train_step(ids):
+            for micro in ids.chunk(2):
+                (model(input_ids=micro, labels=micro).loss / 2).backward()
+            opt.step()
+            opt.zero_grad()
+
+        compiled = torch.compile(train_step, backend="eager")
+        for step in range(1, 7):
+            assert lens.observer.fast == (not static and 1 < step <= 4)
+            (train_step if step <= 3 else compiled)(_ids(step))
+        lens.close()
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        graphs = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+        gc.collect()  # dynamo's cyclic state goes now, not in a later test's garbage check
+    return graphs, sum(hits), {(s, la, st): v for s, la, _r, st, v in lens.memory.rows}
+
+
+def test_plain_hooks_run_eagerly_in_a_step_compiled_after_verified_eager_steps():
+    """The plain hooks are installed for step 4, which runs compiled: dynamo does not trace
+    them (nor the two-batch family they call), so it makes the graphs of a run whose hooks
+    were the checked ones all along and one more (the forward again at step 5, when the
+    checked hooks replace the plain ones), with no recompile-limit warning, and the same
+    rows."""
+    graphs, limits, rows = _compiled_after_eager(static=False)
+    ref_graphs, ref_limits, ref = _compiled_after_eager(static=True)
+    assert limits == ref_limits == 0
+    assert graphs == ref_graphs + 1
+    assert rows.keys() == ref.keys()
+    for key, x in rows.items():
+        y = ref[key]
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-6), key
+    assert math.isfinite(rows[(4, "model.layers.0.mlp.up_proj.weight", "twobatch_trace")])
