@@ -289,3 +289,38 @@ def test_plain_hooks_run_eagerly_in_a_step_compiled_after_verified_eager_steps()
         y = ref[key]
         assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-6), key
     assert math.isfinite(rows[(4, "model.layers.0.mlp.up_proj.weight", "twobatch_trace")])
+
+
+def _accumulated_rows(static: bool, micro: int) -> tuple[dict, list[bool]]:
+    torch.manual_seed(0)
+    model = build_llama("tiny", seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    lens = GradLens(model, opt, preset="standard", noise_ema=0.0)
+    if static:
+        lens.observer.drop_route()
+    modes = []
+    for step in range(1, 5):
+        modes.append(lens.observer.fast)
+        for ids in _ids(step, 2 * micro).chunk(micro):
+            (model(input_ids=ids, labels=ids).loss / micro).backward()
+        opt.step()
+        opt.zero_grad()
+    rows = {(s, layer, stat): v for s, layer, _r, stat, v in lens.memory.rows}
+    lens.close()
+    return rows, modes
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_one_or_three_micro_batches_on_verified_steps_give_the_checked_hooks_rows(micro):
+    """One micro-batch (the hook only counts) and three (the third handed alone): the rows of
+    a run whose route was dropped from the start (checked hooks, same kernels)."""
+    rows, modes = _accumulated_rows(False, micro)
+    ref, ref_modes = _accumulated_rows(True, micro)
+    assert modes == [False, True, True, True] and not any(ref_modes)
+    assert rows.keys() == ref.keys()
+    for key, x in rows.items():
+        y = ref[key]
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-6), key
+    assert rows[(4, "global", "microbatches")] == micro
+    trace = rows.get((4, "model.layers.0.mlp.up_proj.weight", "twobatch_trace"))
+    assert (trace is None) if micro == 1 else math.isfinite(trace)
