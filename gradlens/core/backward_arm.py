@@ -23,8 +23,10 @@ the step's version check reads it as an edit, so nothing built on it is written 
 **Logged-step hooks** (:class:`HookGroup`): hooks whose work serves logged steps only (the
 micro-batch gradient hooks, the batch-size pre-hooks, the per-example forward hooks) are
 installed when the next step is logged and removed after it, so unlogged steps make no call
-into them. Never under torch.compile (hooks added after a trace are not traced in: the route
-is then off and every group stays installed).
+into them; those hooks may then skip the checks that the step is logged and not compiled
+(plain functions, made once per mode: a group's ``key``). Never under torch.compile (hooks
+added after a trace are not traced in: the route is then off and every group stays
+installed, with its checked hooks).
 """
 
 from __future__ import annotations
@@ -35,12 +37,37 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # dynamo's per-code-object switch (torch.compiler.disable flips it per call instead)
+    from torch._C._dynamo.eval_frame import (
+        _FrameAction,
+        _FrameExecStrategy,
+        set_code_exec_strategy,
+    )
+except (ImportError, AttributeError):  # pragma: no cover - a torch without it
+    set_code_exec_strategy = None
+
 _MAX_OUTPUTS = 8  # output tensors hooked per forward (a loss, logits, a few hidden states)
 
 
 def graph_task() -> int:
     """Autograd's id of the backward pass running now (-1 outside one)."""
     return torch._C._current_graph_task_id()
+
+
+def never_traced(fn: Callable) -> bool:
+    """Tell dynamo never to trace ``fn``'s frames nor the frames they call, once for its code
+    object (every closure made from it): what ``torch.compiler.disable`` does, without its
+    wrapper (~1 us per call). A hook that exists while the model runs eagerly can still be
+    called inside a compiled training step (one compiled after eager steps): it then runs
+    eagerly. False where this torch has no such switch."""
+    if set_code_exec_strategy is None:
+        return False
+    try:
+        set_code_exec_strategy(fn.__code__, _FrameExecStrategy(_FrameAction.SKIP,
+                                                               _FrameAction.SKIP))
+    except (TypeError, RuntimeError, AttributeError):  # pragma: no cover - another signature
+        return False
+    return True
 
 
 def output_tensors(output: Any, limit: int = _MAX_OUTPUTS) -> list[torch.Tensor]:
@@ -97,27 +124,28 @@ class Route:
 
 class HookGroup:
     """Hooks installed together and removed together: ``installers`` are called with no
-    argument and return the handles they registered."""
+    argument and return the handles they registered. ``key``: the mode the installers
+    made their hooks for (a new key installs them again)."""
 
     def __init__(self) -> None:
         self._installers: list[Callable[[], Iterable[Any]]] = []
         self._handles: list[Any] = []
         self.on = False
+        self.key: Any = None
 
     def add(self, installer: Callable[[], Iterable[Any]]) -> None:
         self._installers.append(installer)
         if self.on:
             self._handles += list(installer())
 
-    def set(self, on: bool) -> None:
-        if on == self.on:
+    def set(self, on: bool, key: Any = None) -> None:
+        if on == self.on and (not on or key == self.key):
             return
-        self.on = on
+        self.remove()
         if on:
+            self.on, self.key = True, key
             for installer in self._installers:
                 self._handles += list(installer())
-        else:
-            self.remove()
 
     def remove(self) -> None:
         for h in self._handles:

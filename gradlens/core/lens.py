@@ -276,6 +276,8 @@ class GradLens(DeviceConstants):
     def step_count(self, value: int) -> None:
         self._step_count = value
         self._logging_next = (value + 1) % self.config.log_every == 0
+        if getattr(self, "observer", None) is not None:  # a resumed count: its hooks follow
+            self.observer.sync_logged()
 
     def logging_step(self) -> bool:
         """Whether the step in progress is logged. A stored bool, not arithmetic on the step:

@@ -29,8 +29,15 @@
 - **torch.compile**: the forward hooks do nothing while dynamo traces them (reading or
   growing their lists would add guards, and a recompile per micro-batch count); the sizes
   then come from the ``torch.compile(model)`` wrapper's own pre-hook, which runs eagerly.
-  The backward hooks run eagerly (``torch.compiler.disable``, ~1.5 us per call): in a compiled
+  The backward hooks run eagerly (``torch.compiler.disable``, ~1 us per call): in a compiled
   training step dynamo would otherwise compile them as frames guarded on the lens's state.
+- **Plain logged-step hooks**: once the route is verified (an eager model, no traced forward)
+  the micro-batch and batch-size hooks exist on logged steps only, so they check neither the
+  step nor (micro-batch hooks) compilation: plain functions without the wrapper, the lone
+  subscriber called directly with both micro-batch gradients, the batch read inline (two
+  micro-batches: 5 Python calls per tensor and logged step, 12 with the checked ones).
+  Where the route is dropped the checked versions come back from the next step on;
+  assigning ``lens.step_count`` re-decides the hooks at once.
 - **FSDP2**: a hook on a sharded parameter never fires (forward and backward use an unsharded
   ``nn.Parameter`` that FSDP2 creates once and reuses): a forward pre-hook of the owning
   module hooks that parameter once.
@@ -48,7 +55,7 @@ from torch import nn
 
 from gradlens import stats as S
 from gradlens.core import distributed as D
-from gradlens.core.backward_arm import HookGroup, Route
+from gradlens.core.backward_arm import HookGroup, Route, never_traced
 from gradlens.families.base import in_backward
 
 if TYPE_CHECKING:
@@ -87,6 +94,7 @@ class Observer:
         self._armed_by_param = False
         self.arms = HookGroup()  # a post-accumulate hook per parameter (until verified)
         self.logged = HookGroup()  # hooks that serve logged steps only
+        self._made: dict[tuple[str, bool], list[tuple[int, Callable]]] = {}
         self._refs: list[Any] = [None] * L  # touched-in-backward check: which tensor
         self.reset()
 
@@ -95,11 +103,13 @@ class Observer:
     def add(self, handle: Any) -> None:
         self.handles.append(handle)
 
-    def on_microbatch(self, fn: Callable[[int, torch.Tensor, bool], None]) -> None:
-        """``fn(k, g, first)`` for each micro-batch gradient of layer k on logged steps;
-        ``first``: ``g`` is ``p.grad`` (the first micro-batch's, one process), about to be
-        added to in place, so it must be read during the call."""
+    def on_microbatch(self, fn: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> None:
+        """``fn(k, g, first)`` for each micro-batch gradient ``g`` of layer k on logged steps;
+        ``first`` (one process, at the second backward pass): ``p.grad`` holding the first
+        micro-batch, about to be added to in place, so it must be read during the call (the
+        first pass hands nothing: ``p.grad`` holds it at the second); else None."""
         self._subscribers.append(fn)
+        self._made.clear()  # hooks that call the subscribers directly are made again
 
     def on_backward_end(self, fn: Callable[[], None]) -> None:
         """``fn()`` at the end of each backward pass (after the data-parallel reduction)."""
@@ -123,23 +133,28 @@ class Observer:
             self.on_logged(self._size_hooks)
         plain = [k for k, info in enumerate(lens.layers) if not D.is_dtensor(info.param)]
         if self.count_micro:  # FSDP2 shards: see _install_unsharded
-            micro = [(self._params[k], self._micro_hook(k)) for k in plain]  # made once
-            self.on_logged(lambda: [p.register_hook(fn) for p, fn in micro])
+            self.on_logged(lambda: [self._params[k].register_hook(fn)
+                                    for k, fn in self._hooks_made("micro", plain)])
         self.arms.add(lambda: [self._params[k].register_post_accumulate_grad_hook(self._arm_param)
                                for k in plain])
         self.arms.set(True)
-        self.logged.set(True)
+        self.logged.set(True, self.fast)
         self._install_unsharded()
 
+    def _hooks_made(self, kind: str, keys: list[int]) -> list[tuple[int, Callable]]:
+        """The hooks of ``kind`` (``micro``: per layer, ``size``: per module) for the current
+        mode, made once per mode (and again after a new subscriber): plain functions in a
+        verified route's logged steps, checked ones otherwise (see :meth:`_micro_hook`)."""
+        made = self._made.get((kind, self.fast))
+        if made is None:
+            make = {"micro": self._micro_hook, "size": self._size_hook}[kind]
+            made = self._made[(kind, self.fast)] = [(k, make(k, self.fast)) for k in keys]
+        return made
+
     def _size_hooks(self) -> list[Any]:
-        seen: set[int] = set()
-        handles = []
-        for module in self._module_of_layer:
-            if module is not None and id(module) not in seen:
-                seen.add(id(module))
-                handles.append(module.register_forward_pre_hook(self._size_hook(id(module)),
-                                                                with_kwargs=True))
-        return handles
+        modules = {id(m): m for m in self._module_of_layer if m is not None}
+        return [modules[key].register_forward_pre_hook(fn, with_kwargs=True)
+                for key, fn in self._hooks_made("size", list(modules))]
 
     def _install_unsharded(self) -> None:
         lens = self.lens
@@ -164,7 +179,7 @@ class Observer:
                         continue
                     self._unsharded[id(p)] = weakref.ref(p)
                     if self.count_micro:
-                        self.add(p.register_hook(self._micro_hook(k)))
+                        self.add(p.register_hook(self._micro_hook(k, False)))
                     self.add(p.register_hook(self._arm_unsharded))
 
             self.add(module.register_forward_pre_hook(pre_hook))
@@ -220,7 +235,13 @@ class Observer:
         if self.route is not None:
             self.route.missed = False
         self.arms.set(not self.fast)
-        self.logged.set(not self.fast or self.lens.logging_step())
+        self.sync_logged()
+
+    def sync_logged(self) -> None:
+        """The logged-step hooks exist for the step in progress if it is logged (all the time
+        until the route is verified): their fast versions do not check the step."""
+        if not self._closed:
+            self.logged.set(not self.fast or self.lens.logging_step(), self.fast)
 
     def step_open(self) -> bool:
         return any(self.micro_seen)
@@ -241,7 +262,27 @@ class Observer:
             if b is not None:
                 self.model_sizes.append(b)
 
-    def _size_hook(self, key: int):
+    def _size_hook(self, key: int, fast: bool) -> Callable[[nn.Module, tuple, dict], None]:
+        """A module's batch size on logged steps (not in a checkpoint's recomputation). In a
+        verified route's logged step the hook exists for that step only: it does not check
+        the step. Both return at once while dynamo traces them (a compiled block inside an
+        eager model traces its modules' hooks)."""
+        config = self.lens.config
+        task = torch._C._current_graph_task_id
+
+        def fast_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if torch.compiler.is_compiling():
+                return
+            if torch.is_grad_enabled() and task() == -1:
+                dim = config.batch_dim
+                for value in args:  # inline: a call less per module and forward
+                    if isinstance(value, torch.Tensor) and value.ndim > dim:
+                        self.module_sizes.setdefault(key, []).append(value.shape[dim])
+                        return
+                b = self._batch_of((), kwargs)
+                if b is not None:
+                    self.module_sizes.setdefault(key, []).append(b)
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if torch.compiler.is_compiling():
                 return
@@ -250,26 +291,45 @@ class Observer:
                 if b is not None:
                     self.module_sizes.setdefault(key, []).append(b)
 
-        return hook
+        return fast_hook if fast and never_traced(fast_hook) else hook
 
-    def _micro_hook(self, k: int):
-        param = self.lens.layers[k].param
+    def _micro_hook(self, k: int, fast: bool) -> Callable[[torch.Tensor], None]:
+        """Layer k's gradient hook: counts the backward pass and hands the gradient to the
+        subscribers (one process: none at the first pass, the first and the second together at
+        the second, see :meth:`on_microbatch`). ``fast``: a verified route's logged step, the
+        hook installed for that step only, so the model is eager and the step logged: a plain
+        function calling a lone subscriber directly. Otherwise eager under torch.compile
+        too (``torch.compiler.disable``: a hook dynamo traced would guard on the lens's
+        state) and checking the step."""
+        param, one = self.lens.layers[k].param, self.lens.world == 1
+        subs = self._subscribers
+        sub = None if not subs else subs[0] if len(subs) == 1 else self._dispatch
+
+        def fast_hook(grad: torch.Tensor) -> None:
+            seen = self.micro_seen
+            n = seen[k] = seen[k] + 1
+            if sub is None or (one and n == 1):
+                return
+            first = param.grad if one and n == 2 else None
+            sub(k, grad.detach() if grad.requires_grad else grad,
+                None if first is None else first.detach() if first.requires_grad else first)
 
         @torch.compiler.disable  # eager: a hook dynamo traced would guard on the lens's state
         def hook(grad: torch.Tensor) -> None:
             self.micro_seen[k] += 1
             if not (self._subscribers and self.lens.logging_step()):
                 return
+            first = None
             if self.lens.world == 1:
                 if self.micro_seen[k] == 1:
                     return
                 if self.micro_seen[k] == 2 and param.grad is not None:
-                    self._dispatch(k, param.grad.detach(), True)
-            self._dispatch(k, grad.detach(), False)
+                    first = param.grad.detach()
+            self._dispatch(k, grad.detach(), first)
 
-        return hook
+        return fast_hook if fast and never_traced(fast_hook) else hook
 
-    def _dispatch(self, k: int, g: torch.Tensor, first: bool) -> None:
+    def _dispatch(self, k: int, g: torch.Tensor, first: torch.Tensor | None) -> None:
         for fn in self._subscribers:
             fn(k, g, first)
 

@@ -78,18 +78,18 @@ class TwoBatch(Statistic):
         self._stash_task = -1
         self._sums_of: tuple | None = None
 
-    def _on_grad(self, k: int, g: torch.Tensor, first: bool) -> None:
+    def _on_grad(self, k: int, g: torch.Tensor, first: torch.Tensor | None) -> None:
         """One micro-batch's gradient of layer k (on logged steps); a non-finite entry makes
         the layer's estimates NaN at that step (the step's ``nonfinite`` event says why).
 
-        ``first``: ``g`` is ``p.grad`` holding the first micro-batch (one process), about to
-        be accumulated into: read now, for every layer at once at the first such call of the
-        backward pass (no tracked ``p.grad`` has been added to yet), each layer's entry
+        ``first``: ``p.grad`` holding the first micro-batch (one process, with the second),
+        about to be accumulated into: read now, for every layer at once at the first such call
+        of the backward pass (no tracked ``p.grad`` has been added to yet), each layer's entry
         counted when its own call confirms it (a layer whose hook comes in another pass is
         read alone). Other gradients are kept by reference and reduced in batches: at the
         end of the backward pass, or once :data:`BUFFER_BYTES` are held."""
         count = self.norms.count  # the layer's gradients in arrival order: m = count[k]
-        if first:
+        if first is not None:
             task = torch._C._current_graph_task_id()
             if task != self._stash_task:
                 self._stash_task = task
@@ -102,10 +102,9 @@ class TwoBatch(Statistic):
             m = count[k]
             count[k] = m + 1
             if pos is None:
-                self._add([k], [m], [g])
+                self._add([k], [m], [first])
             else:
                 self._stash_ms[pos] = m
-            return
         m = count[k]
         count[k] = m + 1
         if self.lens.world > 1:  # DDP's reducer reads the same tensors: nothing held
