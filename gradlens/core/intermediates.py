@@ -33,7 +33,7 @@ def step_summaries(lens: GradLens, grads: list[torch.Tensor], present: list[bool
     if logging and "fan_sq_norms" in lens.intermediates and shards is None:
         summary, axis_sq = S.grad_summaries_with_axes(grads, [
             info.layout if lens.matrix[k] and present[k] else None
-            for k, info in enumerate(lens.layers)])
+            for k, info in enumerate(lens.layers)], plans=lens.summary_plans)
     else:
         summary, axis_sq = S.grad_summaries(grads, max_abs=logging,
                                             plans=lens.summary_plans), None

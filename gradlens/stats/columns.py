@@ -31,16 +31,9 @@ from collections.abc import Sequence
 
 import torch
 
-from gradlens.roles import _LAYOUT_UNIT_DIM, output_units_view
-from gradlens.stats.norms import (
-    _common_acc,
-    accumulation_dtype,
-    chunked,
-    finite_copy,
-    group_summary,
-    order_index,
-    rowwise_max_abs,
-)
+from gradlens.roles import output_units_view
+from gradlens.stats.norms import _common_acc, accumulation_dtype, finite_copy
+from gradlens.stats.summary_plan import SummaryPlan, SummaryPlans
 
 __all__ = [
     "HISTOGRAM_MOMENT_FIELDS",
@@ -48,7 +41,6 @@ __all__ = [
     "fan_rms",
     "fan_sq_norms",
     "grad_summaries_with_axes",
-    "group_summary_and_axes",
     "histogram_moments",
     "histograms_moments",
     "log_histogram",
@@ -134,67 +126,21 @@ def summary_and_axis_sq_norms(g: torch.Tensor, layout: str
     return summary, unit, fan
 
 
-def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[str | None],
+                             plans: SummaryPlans | None = None
                              ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
     """:func:`gradlens.stats.grad_summaries` (``(L, 4)``, same dtype rule) with, for every
     ``k`` whose ``layouts[k]`` is a matrix layout, its per-unit and per-fan squared norms from
-    the same pass: ``{k: (units, fans)}``. Batched per group of tensors of one shape, dtype
-    and layout (:func:`group_summary_and_axes`; vectors by numel, as ``grad_summaries``): the
-    kernels launched grow with the distinct shapes, not with the tensors."""
-    acc, _ = _common_acc(grads)
-    groups: dict[tuple, list[int]] = {}
-    for k, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
-        key = ((g.numel(),) if layout is None or g.numel() == 0 else tuple(g.shape),
-               g.dtype, layout)
-        groups.setdefault(key, []).append(k)
-    parts, order, axes = [], [], {}
-    numels = [g.numel() for g in grads]
-    runs = [(key[2], run) for key, idx in groups.items() for run in chunked([idx], numels)]
-    for layout, idx in runs:
-        group = [grads[k] for k in idx]
-        if layout is None:
-            parts.append(group_summary(group, acc))
-        elif group[0].numel() == 0:
-            for k, g in zip(idx, group, strict=True):
-                row, units, fans = summary_and_axis_sq_norms(g, layout)
-                parts.append(row.to(acc).reshape(1, -1))
-                axes[k] = (units, fans)
-        else:
-            rows, units, fans = group_summary_and_axes(group, layout, acc)
-            parts.append(rows)
-            for j, k in enumerate(idx):
-                axes[k] = (units[j], fans[j])
-        order += idx
-    rows = torch.cat(parts)
-    return rows[order_index(order, rows.device)], axes
-
-
-def group_summary_and_axes(group: Sequence[torch.Tensor], layout: str, acc: torch.dtype
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`summary_and_axis_sq_norms` of ``n`` non-empty matrices of one shape, dtype and
-    layout, stacked: ``(n, 4)`` summaries, ``(n, units)`` and ``(n, fan)`` squared norms, from
-    ONE stacked finite copy (squared in place; the count in the same buffer after)."""
-    _units(group[0], layout)  # validates the layout
-    n = len(group)
-    c = torch.stack(list(group))
-    if c.dtype != acc:
-        c = c.to(acc)
-    c.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    largest = rowwise_max_abs(c.reshape(n, -1))
-    u = c.reshape(n, c.shape[1], -1) if c.ndim > 3 else c
-    if _LAYOUT_UNIT_DIM[layout] == 1:  # conv1d, embedding: units are columns
-        u = u.transpose(1, 2)
-    sq = u.square_()
-    unit, fan = sq.sum(dim=2), sq.sum(dim=1)
-    if group[0].dtype == acc:
-        torch.stack(list(group), out=c)  # the originals again, into the same buffer
-        zeroed = c.mul_(0)
-    else:
-        zeroed = torch.stack(list(group)).mul_(0).to(acc)
-    count = zeroed.nan_to_num_(nan=1.0).reshape(n, -1).sum(dim=1)
-    numel = torch.full((n,), float(group[0].numel()), dtype=acc, device=c.device)
-    return torch.stack([unit.sum(dim=1), largest, count, numel], dim=1), \
-        unit, fan
+    the same pass: ``{k: (units, fans)}``. Batched per stack of tensors of one shape, dtype
+    and layout axis through one buffer (:class:`gradlens.stats.summary_plan.SummaryPlan`,
+    made with the layouts): per stack ``A`` (finite copy, squared in place, viewed
+    ``(n, units, fan)``) ``units = sum_j A_ij``, ``fans = sum_i A_ij``, ``sq_norm =
+    sum units``; the kernels launched grow with the distinct shapes, not with the tensors.
+    ``plans``: a collector's kept plans (the plan is made once per list and layouts)."""
+    if plans is None:
+        acc, _ = _common_acc(grads)
+        return SummaryPlan(grads, acc, list(layouts)).with_axes(grads)
+    return plans.get(grads, list(layouts)).with_axes(grads)
 
 
 def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:

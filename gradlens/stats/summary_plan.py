@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gradlens.roles import _LAYOUT_UNIT_DIM, output_units_view
 from gradlens.stats import norms as N
 
 __all__ = ["PLAN_STACK_ENTRIES", "SummaryPlan", "SummaryPlans"]
@@ -48,11 +49,16 @@ def signature(grads: Sequence[torch.Tensor]) -> tuple:
 class SummaryPlan:
     """The batching of one list signature (see the module docstring)."""
 
-    def __init__(self, grads: Sequence[torch.Tensor], acc: torch.dtype) -> None:
+    def __init__(self, grads: Sequence[torch.Tensor], acc: torch.dtype,
+                 layouts: Sequence[str | None] | None = None) -> None:
         self.acc = acc
         device = grads[0].device
         numels = [g.numel() for g in grads]
-        self.stacks = N.shape_groups(grads, PLAN_STACK_ENTRIES)
+        if layouts is None:
+            self.stacks = N.shape_groups(grads, PLAN_STACK_ENTRIES)
+            self._axes: list[tuple[int, int, int] | None] = [None] * len(self.stacks)
+        else:
+            self.stacks, self._axes = _axis_stacks(grads, layouts)
         order = [k for idx in self.stacks for k in idx]
         inverse = [0] * len(order)
         for pos, k in enumerate(order):
@@ -69,27 +75,38 @@ class SummaryPlan:
 
     def __call__(self, grads: Sequence[torch.Tensor], max_abs: bool = True) -> torch.Tensor:
         """``(L, 4)`` summaries of ``grads`` (of this plan's signature), in input order."""
+        return self.with_axes(grads, max_abs)[0]
+
+    def with_axes(self, grads: Sequence[torch.Tensor], max_abs: bool = True
+                  ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The summaries and, for a plan made with layouts, ``{k: (units, fans)}``: the
+        per-unit and per-fan squared norms of each matrix (row views of the stacks)."""
         buf = torch.empty(2 * self._size, dtype=self.acc, device=self.numel.device)
         a, b = buf[:self._size], buf[self._size:]
         sq, mx, count = [], [], []
-        for idx, shape in zip(self.stacks, self._shapes, strict=True):
+        axes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for idx, shape, ax in zip(self.stacks, self._shapes, self._axes, strict=True):
             views = None
             if shape is not None:
                 n, dims, numel = shape
                 size = n * numel
                 views = (a[:size].view(n, *dims), a[:size].view(n, numel),
                          b[:size].view(n, numel))
-            s, m, c = self._stack([grads[k] for k in idx], views, max_abs)
+            s, m, c, unit_fan = self._stack([grads[k] for k in idx], views, max_abs, ax)
             sq.append(s)
             mx.append(m)
             count.append(c)
+            if unit_fan is not None:
+                axes.update(zip(idx, zip(*(x.unbind(0) for x in unit_fan), strict=True),
+                                strict=True))
         cols = [torch.cat(sq) if len(sq) > 1 else sq[0],
                 (torch.cat(mx) if len(mx) > 1 else mx[0]) if max_abs else self.nan,
                 torch.cat(count) if len(count) > 1 else count[0], self.numel]
         rows = torch.stack(cols, dim=1)
-        return rows if self.index is None else rows[self.index]
+        return (rows if self.index is None else rows[self.index]), axes
 
-    def _stack(self, group: list[torch.Tensor], views, max_abs: bool):
+    def _stack(self, group: list[torch.Tensor], views, max_abs: bool,
+               ax: tuple[int, int, int] | None):
         acc, n, numel = self.acc, len(group), group[0].numel()
         if views is not None:
             shaped, a, b = views
@@ -97,26 +114,64 @@ class SummaryPlan:
             torch.mul(a, 0, out=b)
         elif numel == 0:
             zero = torch.zeros(n, dtype=acc, device=group[0].device)
-            return zero, zero, zero
+            unit_fan = None if ax is None else (
+                torch.zeros(n, ax[1], dtype=acc, device=zero.device),
+                torch.zeros(n, ax[2], dtype=acc, device=zero.device))
+            return zero, zero, zero, unit_fan
         elif n == 1 and group[0].dtype == acc:  # alone: one temporary, the input read twice
             g = group[0].reshape(1, numel)
             b = torch.mul(g, 0)
             count = b.nan_to_num_(nan=1.0).sum(dim=1)
             a = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=b)
-            return self._finite(a, max_abs, count)
+            return self._finite(a, max_abs, count, ax)
         else:
             a = torch.stack(group).reshape(n, numel).to(acc)
             b = torch.mul(a, 0)
         count = b.nan_to_num_(nan=1.0).sum(dim=1)
         a.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return self._finite(a, max_abs, count)
+        return self._finite(a, max_abs, count, ax)
 
     @staticmethod
-    def _finite(a: torch.Tensor, max_abs: bool, count: torch.Tensor):
+    def _finite(a: torch.Tensor, max_abs: bool, count: torch.Tensor,
+                ax: tuple[int, int, int] | None):
         """Row-wise largest ``|a|`` and ``sum a^2`` of the finite copy ``a`` (squared in
-        place: ``vecdot(a, a)``'s products and sums, without its temporary)."""
+        place: ``vecdot(a, a)``'s products and sums, without its temporary); with axes the
+        squares viewed ``(n, units, fan)`` summed on each axis, ``sum a^2`` from the units."""
         largest = N.rowwise_max_abs(a) if max_abs else None
-        return a.square_().sum(dim=1), largest, count
+        sq = a.square_()
+        if ax is None:
+            return sq.sum(dim=1), largest, count, None
+        mat = sq.view(a.shape[0], ax[1], ax[2]) if ax[0] == 0 else \
+            sq.view(a.shape[0], ax[2], ax[1]).transpose(1, 2)
+        unit, fan = mat.sum(dim=2), mat.sum(dim=1)
+        return unit.sum(dim=1), largest, count, (unit, fan)
+
+
+def _axis_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+                 ) -> tuple[list[list[int]], list[tuple[int, int, int] | None]]:
+    """Stacks of tensors of one shape, dtype and layout axis (vectors: ``layouts[k]`` None),
+    with each stack's ``(unit_dim, units, fan)`` (None for vectors)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
+        if layout is not None:
+            if layout not in _LAYOUT_UNIT_DIM:
+                raise ValueError(f"unknown layout {layout!r}; use 'linear', 'conv1d', "
+                                 "'embedding' or 'other' (1-D 'vector' parameters have no "
+                                 "units, their layout is None here)")
+            output_units_view(g, layout)  # a matrix
+        key = (tuple(g.shape), g.dtype, None if layout is None else _LAYOUT_UNIT_DIM[layout])
+        groups.setdefault(key, []).append(k)
+    stacks, axes = [], []
+    numels = [g.numel() for g in grads]
+    for key, idx in groups.items():
+        for run in N.chunked([idx], numels, PLAN_STACK_ENTRIES):
+            stacks.append(run)
+            if key[2] is None:
+                axes.append(None)
+            else:
+                units, fan = output_units_view(grads[run[0]], layouts[run[0]]).shape
+                axes.append((key[2], units, fan))
+    return stacks, axes
 
 
 class SummaryPlans:
@@ -127,14 +182,19 @@ class SummaryPlans:
         self.limit = limit
         self._plans: dict[tuple, SummaryPlan] = {}
 
-    def get(self, grads: Sequence[torch.Tensor]) -> SummaryPlan:
+    def get(self, grads: Sequence[torch.Tensor],
+            layouts: Sequence[str | None] | None = None) -> SummaryPlan:
         """The plan of this list (made and kept on first sight: one device, the dtype rule
-        and the errors of :func:`gradlens.stats.grad_summaries`)."""
+        and the errors of :func:`gradlens.stats.grad_summaries`); with ``layouts`` (a matrix
+        layout per tensor, None for vectors), one that also gives each matrix's per-unit and
+        per-fan squared norms (:meth:`SummaryPlan.with_axes`)."""
         key = signature(grads) if grads else ()
+        if layouts is not None:
+            key = (key, tuple(layouts))
         plan = self._plans.get(key)
         if plan is None:
             acc, _ = N._common_acc(grads)
             if len(self._plans) >= self.limit:
                 self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[key] = SummaryPlan(grads, acc)
+            plan = self._plans[key] = SummaryPlan(grads, acc, layouts)
         return plan

@@ -271,3 +271,49 @@ def test_grad_summaries_with_axes_batched_per_shape_match_numpy():
             u = units(fin, lay)
             np.testing.assert_allclose(np64(axes[k][0]), (u**2).sum(1), rtol=1e-5)
             np.testing.assert_allclose(np64(axes[k][1]), (u**2).sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_grad_summaries_with_axes_planned_stacks_match_numpy(monkeypatch, kept):
+    """Through a plan's buffer (kept between calls or one-off), stacks split at a small
+    size, a tensor larger than a stack alone (float32 in its own temporary, bf16 converted):
+    per-unit / per-fan squared norms and the sum of squares equal float64 numpy to float32
+    summation rounding (a few hundred terms: rtol 1e-5); the largest magnitude and the
+    non-finite count are exact; calls with new values do not change earlier results."""
+    monkeypatch.setattr("gradlens.stats.summary_plan.PLAN_STACK_ENTRIES", 200)
+    specs = [((12, 7), "linear", 2, torch.float32), ((12, 7), "linear", 0, torch.float32),
+             ((12, 7), "embedding", 1, torch.float32), ((30, 10), "embedding", 3,
+             torch.float32), ((30, 10), "linear", 0, torch.bfloat16), ((6, 2, 3), "other",
+             1, torch.float32), ((7, 12), "conv1d", 0, torch.float32), ((9,), None, 1,
+             torch.float32), ((12, 7), "linear", 1, torch.float32), ((0, 4), "linear", 0,
+             torch.float32)]
+    layouts = [lay for _, lay, _, _ in specs]
+    plans = S.SummaryPlans() if kept else None
+    kept_results = []
+    for call in range(3):
+        grads = [heavy(s, seed=60 + 10 * call + i, n_bad=b, dtype=d)
+                 for i, (s, _, b, d) in enumerate(specs)]
+        summary, axes = S.grad_summaries_with_axes(grads, layouts, plans=plans)
+        kept_results.append((grads, summary, axes))
+    for grads, summary, axes in kept_results:
+        assert sorted(axes) == [k for k, lay in enumerate(layouts) if lay is not None]
+        for k, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
+            m = np64(g)
+            fin = np.where(np.isfinite(m), m, 0.0)
+            got = np64(summary[k])
+            np.testing.assert_allclose(got[0], (fin**2).sum(), rtol=1e-5)
+            assert got[1] == (np.abs(fin).max() if m.size else 0.0)  # exact
+            assert got[2] == (~np.isfinite(m)).sum() and got[3] == m.size
+            if lay is not None:
+                u = units(fin, lay)
+                np.testing.assert_allclose(np64(axes[k][0]), (u**2).sum(1), rtol=1e-5)
+                np.testing.assert_allclose(np64(axes[k][1]), (u**2).sum(0), rtol=1e-5)
+    if kept:
+        assert len(plans._plans) == 1
+
+
+def test_grad_summaries_with_axes_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="unknown layout 'rows'"):
+        S.grad_summaries_with_axes([torch.ones(3, 2)], ["rows"])
+    with pytest.raises(ValueError, match="needs a matrix"):
+        S.grad_summaries_with_axes([torch.ones(3)], ["linear"])
