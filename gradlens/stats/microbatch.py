@@ -33,34 +33,45 @@ __all__ = ["MicroNorms", "micro_sq_norm_stacks", "micro_sq_norms"]
 Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
 
 
+#: Entries of one stack at most (1 MiB in float32): at 291 tensors (hidden 64) 2**16 made 31
+#: stacks per list and 2**18 made 9, and the stacking and reductions cost about the same per
+#: entry (:data:`gradlens.stats.summary_plan.PLAN_STACK_ENTRIES` measured the same size).
+MICRO_STACK_ENTRIES = 1 << 18
+
+
 def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
                          ) -> list[Stack]:
     """The squared norms of ``grads`` as computed, one :data:`Stack` per stack: ``units`` the
     per-unit squared norms of matrices (``layouts[i]`` their layout; a vector has
     ``layouts[i] is None`` and no units), ``sq`` the squared norms, in the accumulation
-    dtype. Every input index appears in exactly one stack."""
-    vectors: dict[torch.dtype, list[int]] = {}
+    dtype. Every input index appears in exactly one stack.
+
+    Per stack ``X`` (``n`` tensors of one shape and dtype, viewed ``(n, rows, rest)``):
+    units along rows ``u = ||X_i.||^2`` (one contiguous ``vector_norm``, squared), along
+    columns ``sum_i X_ij^2`` (squared in the stack's own copy, summed down the rows), and
+    ``sq = sum u``; vectors ``sq = ||x||^2`` row-wise on ``(n, numel)``."""
     groups: dict[tuple, list[int]] = {}
     for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
-        if layout is None or g.ndim < 2:
-            vectors.setdefault(g.dtype, []).append(i)
-        else:
-            groups.setdefault((tuple(g.shape), g.dtype, _LAYOUT_UNIT_DIM[layout]), []).append(i)
+        unit_dim = None if layout is None or g.ndim < 2 else _LAYOUT_UNIT_DIM[layout]
+        groups.setdefault((g.shape, g.dtype, unit_dim), []).append(i)
     out: list[Stack] = []
-    for dtype, idx in vectors.items():
-        norms = torch._foreach_norm([grads[i] for i in idx], 2,
-                                    dtype=accumulation_dtype(dtype))
-        out.append((idx, None, torch.stack(norms).square()))
     numels = [g.numel() for g in grads]
-    for (_shape, dtype, unit_dim), idx in groups.items():
+    for (shape, dtype, unit_dim), idx in groups.items():
         acc = accumulation_dtype(dtype)
-        for chunk in chunked([idx], numels):
-            x = torch.stack([grads[i] for i in chunk])
-            if x.ndim > 3:
-                x = x.reshape(x.shape[0], x.shape[1], -1)
+        numel = numels[idx[0]]
+        for chunk in chunked([idx], numels, MICRO_STACK_ENTRIES):
+            x = torch.stack([grads[i] for i in chunk]) if len(chunk) > 1 \
+                else grads[chunk[0]].unsqueeze(0)
+            n = len(chunk)
+            if unit_dim is None:
+                sq = torch.linalg.vector_norm(x.reshape(n, numel), dim=1, dtype=acc).square()
+                out.append((chunk, None, sq))
+                continue
+            x = x.reshape(n, shape[0], math.prod(shape[1:]))
             if unit_dim == 1:  # units are columns: a sum of squares down the rows
+                own = n > 1 or dtype != acc  # a stack or a conversion: our own copy
                 x = x.to(acc)
-                units = (x * x).sum(dim=1)
+                units = (x.square_() if own else x * x).sum(dim=1)
             else:
                 units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
             out.append((chunk, units, units.sum(dim=1)))

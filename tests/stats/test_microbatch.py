@@ -20,7 +20,7 @@ def _reference(g: torch.Tensor, layout: str | None):
 
 
 def test_micro_sq_norms_matches_float64_per_tensor(monkeypatch):
-    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 40)  # stacks split in chunks
+    monkeypatch.setattr("gradlens.stats.microbatch.MICRO_STACK_ENTRIES", 40)  # split stacks
     g = torch.Generator().manual_seed(0)
     shapes = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((6, 5), "embedding"),
               ((3, 2, 4), "other"), ((6, 5), "conv1d"), ((6, 5), "linear"), ((7,), None),
@@ -30,7 +30,15 @@ def test_micro_sq_norms_matches_float64_per_tensor(monkeypatch):
     layouts = [lay for _, lay in shapes] + ["linear"]
     grads.append(torch.randn(5, 3, generator=g).to(torch.bfloat16))
     layouts.append("linear")
+    # alone in its stack (the input itself, not a copy), bf16 columns, empty tensors
+    extra = [(torch.randn(9, 2, generator=g), "conv1d"), (torch.randn(4, 6, generator=g).to(
+        torch.bfloat16), "embedding"), (torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "embedding"), (torch.empty(0, 3), "linear"), (torch.empty(0), None)]
+    grads += [t for t, _ in extra]
+    layouts += [lay for _, lay in extra]
+    before = [t.clone() for t in grads]
     out = micro_sq_norms(grads, layouts)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before, strict=True))  # untouched
     for (unit, sq), gr, lay in zip(out, grads, layouts, strict=True):
         ref_u, ref_sq = _reference(gr, lay)
         # float32 sums of <= 30 squares: relative rounding ~ 30 * 6e-8
@@ -60,7 +68,7 @@ def test_micro_norms_sums_match_a_float64_per_layer_loop_on_ragged_layers(monkey
     float64: layers of different unit counts and layouts, 1-D parameters, a layer absent from
     one micro-batch (NaN), a layer never seen (0), a NaN entry (its unit and total), an entry
     never confirmed (left out), entries arriving out of micro-batch order, stacks split."""
-    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 40)
+    monkeypatch.setattr("gradlens.stats.microbatch.MICRO_STACK_ENTRIES", 40)
     g = torch.Generator().manual_seed(1)
     layers = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((4, 3, 2), "other"),
               ((5,), None), ((6, 4), "embedding"), ((3, 6), "conv1d"), ((6, 5), "linear")]
