@@ -136,11 +136,19 @@ def grad_summaries_with_axes(grads: Sequence[torch.Tensor], layouts: Sequence[st
     made with the layouts): per stack ``A`` (finite copy, squared in place, viewed
     ``(n, units, fan)``) ``units = sum_j A_ij``, ``fans = sum_i A_ij``, ``sq_norm =
     sum units``; the kernels launched grow with the distinct shapes, not with the tensors.
-    ``plans``: a collector's kept plans (the plan is made once per list and layouts)."""
+    ``plans``: a collector's kept plans (the plan is made once per list and layouts;
+    :meth:`~gradlens.stats.summary_plan.SummaryPlan.with_axes` keeps the stacks whole)."""
     if plans is None:
         acc, _ = _common_acc(grads)
-        return SummaryPlan(grads, acc, list(layouts)).with_axes(grads)
-    return plans.get(grads, list(layouts)).with_axes(grads)
+        plan = SummaryPlan(grads, acc, list(layouts))
+    else:
+        plan = plans.get(grads, list(layouts))
+    summary, stacks = plan.with_axes(grads)
+    axes: dict[int, tuple[torch.Tensor, ...]] = {}
+    for members, units, fans in stacks:
+        axes.update(zip(members, zip(units.unbind(0), fans.unbind(0), strict=True),
+                        strict=True))
+    return summary, axes
 
 
 def _finite_counts(g: torch.Tensor, layout: str, dim: int) -> torch.Tensor:

@@ -31,13 +31,17 @@ import torch
 from gradlens.roles import _LAYOUT_UNIT_DIM, output_units_view
 from gradlens.stats import norms as N
 
-__all__ = ["PLAN_STACK_ENTRIES", "SummaryPlan", "SummaryPlans"]
+__all__ = ["PLAN_STACK_ENTRIES", "AxisStack", "SummaryPlan", "SummaryPlans"]
 
 #: Entries of one stack (1 MiB in float32): fewer, larger stacks launch fewer kernels, while
 #: a stack and its twin still fit in a core's cache (measured at 291 tensors on the CPU,
 #: microseconds per tensor per step: 2**16 entries 10.1, 2**18 8.8, 2**20 9.9; buffers kept
 #: between calls instead of allocated per call saved 0.3-1.0 more, not worth their memory).
 PLAN_STACK_ENTRIES = 1 << 18
+
+#: ``(members, units, fans)``: the per-unit ``(n, units)`` and per-fan ``(n, fan)`` squared
+#: norms of the matrices ``members`` (input indices), stacked.
+AxisStack = tuple[list[int], torch.Tensor, torch.Tensor]
 
 
 def signature(grads: Sequence[torch.Tensor]) -> tuple:
@@ -78,13 +82,13 @@ class SummaryPlan:
         return self.with_axes(grads, max_abs)[0]
 
     def with_axes(self, grads: Sequence[torch.Tensor], max_abs: bool = True
-                  ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """The summaries and, for a plan made with layouts, ``{k: (units, fans)}``: the
-        per-unit and per-fan squared norms of each matrix (row views of the stacks)."""
+                  ) -> tuple[torch.Tensor, list[AxisStack]]:
+        """The summaries and, for a plan made with layouts, the per-unit and per-fan squared
+        norms of the matrices, one :data:`AxisStack` per stack (matrices of one shape)."""
         buf = torch.empty(2 * self._size, dtype=self.acc, device=self.numel.device)
         a, b = buf[:self._size], buf[self._size:]
         sq, mx, count = [], [], []
-        axes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        axes: list[AxisStack] = []
         for idx, shape, ax in zip(self.stacks, self._shapes, self._axes, strict=True):
             views = None
             if shape is not None:
@@ -97,8 +101,7 @@ class SummaryPlan:
             mx.append(m)
             count.append(c)
             if unit_fan is not None:
-                axes.update(zip(idx, zip(*(x.unbind(0) for x in unit_fan), strict=True),
-                                strict=True))
+                axes.append((idx, *unit_fan))
         cols = [torch.cat(sq) if len(sq) > 1 else sq[0],
                 (torch.cat(mx) if len(mx) > 1 else mx[0]) if max_abs else self.nan,
                 torch.cat(count) if len(count) > 1 else count[0], self.numel]
