@@ -62,6 +62,7 @@ class TwoBatch(Statistic):
         super().bind(lens)
         self.state: dict[str, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._sum_plans: dict = {}  # MicroNorms.sums' scatter layouts, per pattern
         self._unit_rows: dict[int, tuple[int, ...]] | None = None
         self.reset()
 
@@ -148,7 +149,7 @@ class TwoBatch(Statistic):
             lens = self.lens
             self._drain()
             self._sums_of = (w, self.norms.sums(w, self.unit_rows, lens.dtype,
-                                                self._index, lens.device))
+                                                self._index, lens.device, self._sum_plans))
         return self._sums_of[1]
 
     def _index(self, positions: tuple[int, ...]) -> torch.Tensor:

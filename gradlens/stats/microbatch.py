@@ -28,6 +28,9 @@ from gradlens.stats.norms import accumulation_dtype, chunked
 
 __all__ = ["MicroNorms", "micro_sq_norm_stacks", "micro_sq_norms"]
 
+#: Scatter layouts :meth:`MicroNorms.sums` keeps in a caller's dict at most.
+PLANS = 16
+
 #: ``(members, units, sq)``: the norms of ``grads[members]``, stacked: ``units`` ``(n, U)``
 #: (None for vectors), ``sq`` ``(n,)``.
 Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
@@ -109,23 +112,62 @@ class MicroNorms:
         self.records.append((ks, ms, stacks))
 
     def sums(self, w: Sequence[float], rows: dict[int, tuple[int, ...]], dtype: torch.dtype,
-             index: Callable[[tuple[int, ...]], torch.Tensor], device: torch.device | None
+             index: Callable[[tuple[int, ...]], torch.Tensor], device: torch.device | None,
+             plans: dict | None = None
              ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor], list[int]]:
         """``(a, counts, units, unit_counts)``: ``a`` ``(L,)`` the weighted sums of the squared
         norms; ``units[U]`` ``(len(rows[U]), U)`` those of the per-unit norms of the layers
         ``rows[U]`` (layers of ``U`` units); ``counts`` / ``unit_counts`` the entries per
         layer (0: sum 0; neither 0 nor ``len(w)``: NaN). ``index`` makes a device index
-        from a tuple (cached: the same pattern every step)."""
-        M, L = len(w), len(self.count)
+        from a tuple (cached: the same pattern every step). ``plans``: a caller's dict that
+        keeps the scatter's layout (:meth:`_plan`) per pattern of records (the same every
+        step unless the graph changes; at most :data:`PLANS` are kept)."""
+        M = len(w)
+        key = (M, tuple((tuple(ks), tuple(ms), tuple((tuple(members), units is None)
+                                                     for members, units, _ in stacks))
+                        for ks, ms, stacks in self.records))
+        kept = None if plans is None else plans.get(key)
+        if kept is None or kept[0] is not rows:
+            kept = (rows, self._plan(M, rows, index))
+            if plans is not None:
+                if len(plans) >= PLANS:
+                    plans.clear()
+                plans[key] = kept
+        sq_parts, pos, unit_plans, ucount = kept[1]
+        a = self._sum(pos, self._take(sq_parts, 2), len(self.count), w, dtype, device)
+        a = self._nan_where(a, [c not in (0, M) for c in self.count], index)
+        units_out = {}
+        for U, ks in rows.items():
+            u_parts, u_pos, bad = unit_plans[U]
+            u = self._sum(u_pos, self._take(u_parts, 1), len(ks), w, dtype, device, U)
+            units_out[U] = u if bad is None else u.index_fill(0, bad, math.nan)
+        return a, list(self.count), units_out, list(ucount)
+
+    def _take(self, parts: list[tuple[int, int, torch.Tensor | None]], field: int
+              ) -> list[torch.Tensor]:
+        """Field ``field`` (1: units, 2: squared norms) of stack ``s`` of record ``r`` for each
+        ``(r, s, rows)`` of a plan, its kept rows only where ``rows`` is an index."""
+        out = []
+        for r, s, keep in parts:
+            x = self.records[r][2][s][field]
+            out.append(x if keep is None else x.index_select(0, keep))
+        return out
+
+    def _plan(self, M: int, rows: dict[int, tuple[int, ...]],
+              index: Callable[[tuple[int, ...]], torch.Tensor]):
+        """Where each entry goes: ``(sq_parts, pos, {U: (unit_parts, unit_pos, nan_rows)},
+        unit_counts)``; parts are ``(record, stack, kept rows or None)``, ``pos`` the device
+        index of their rows ``k * M + m`` in the dense buffer (None: no entry), ``nan_rows``
+        the rows of ``units[U]`` with neither 0 nor ``M`` entries (None: none)."""
         slot: dict[int, tuple[int, int]] = {k: (U, r) for U, ks in rows.items()
                                            for r, k in enumerate(ks)}
-        ucount = [0] * L
+        ucount = [0] * len(self.count)
         pos: list[int] = []
-        parts: list[torch.Tensor] = []
+        parts: list[tuple[int, int, torch.Tensor | None]] = []
         upos: dict[int, list[int]] = {U: [] for U in rows}
-        uparts: dict[int, list[torch.Tensor]] = {U: [] for U in rows}
-        for ks, ms, stacks in self.records:
-            for members, units, sq in stacks:
+        uparts: dict[int, list[tuple[int, int, torch.Tensor | None]]] = {U: [] for U in rows}
+        for r, (ks, ms, stacks) in enumerate(self.records):
+            for s, (members, units, _) in enumerate(stacks):
                 keep, p, ukeep, up = [], [], [], []
                 for j, i in enumerate(members):
                     k, m = ks[i], ms[i]
@@ -139,33 +181,30 @@ class MicroNorms:
                         up.append(slot[k][1] * M + m)
                 if keep:
                     pos += p
-                    parts.append(sq if len(keep) == len(members)
-                                 else sq.index_select(0, index(tuple(keep))))
+                    parts.append((r, s, None if len(keep) == len(members)
+                                  else index(tuple(keep))))
                 if up:
                     U = slot[ks[members[ukeep[0]]]][0]
                     upos[U] += up
-                    uparts[U].append(units if len(ukeep) == len(members)  # type: ignore[arg-type]
-                                     else units.index_select(0, index(tuple(ukeep))))
-        a = self._sum(pos, parts, (L,), w, dtype, index, device)
-        a = self._nan_where(a, [c not in (0, M) for c in self.count], index)
-        units_out = {}
+                    uparts[U].append((r, s, None if len(ukeep) == len(members)
+                                      else index(tuple(ukeep))))
+        unit_plans = {}
         for U, ks in rows.items():
-            u = self._sum(upos[U], uparts[U], (len(ks), U), w, dtype, index, device)
-            units_out[U] = self._nan_where(u, [ucount[k] not in (0, M) for k in ks], index)
-        return a, list(self.count), units_out, ucount
+            bad = tuple(j for j, k in enumerate(ks) if ucount[k] not in (0, M))
+            unit_plans[U] = (uparts[U], index(tuple(upos[U])) if upos[U] else None,
+                             index(bad) if bad else None)
+        return parts, index(tuple(pos)) if pos else None, unit_plans, ucount
 
     @staticmethod
-    def _sum(pos: list[int], parts: list[torch.Tensor], shape: tuple[int, ...],
-             w: Sequence[float], dtype: torch.dtype,
-             index: Callable[[tuple[int, ...]], torch.Tensor], device) -> torch.Tensor:
+    def _sum(pos: torch.Tensor | None, parts: list[torch.Tensor], n: int, w: Sequence[float],
+             dtype: torch.dtype, device, *shape: int) -> torch.Tensor:
         """``sum_m w_m x[.., m]`` of the entries ``parts`` scattered to rows ``pos`` of a
-        dense ``(rows * M, ...)`` buffer, in micro-batch order."""
+        dense ``(n * M, *shape)`` buffer, in micro-batch order."""
         M = len(w)
-        dense = torch.zeros((shape[0] * M, *shape[1:]), dtype=dtype,
-                            device=device)
+        dense = torch.zeros((n * M, *shape), dtype=dtype, device=device)
         if parts:
-            dense.index_copy_(0, index(tuple(pos)), torch.cat(parts).to(dtype))
-        dense = dense.view(shape[0], M, *shape[1:])
+            dense.index_copy_(0, pos, torch.cat(parts).to(dtype))
+        dense = dense.view(n, M, *shape)
         total = dense[:, 0] * w[0]
         for m in range(1, M):
             total = total + dense[:, m] * w[m]

@@ -136,3 +136,40 @@ def test_micro_norms_without_entries_sum_to_zero_everywhere():
     assert counts == ucounts == [0, 0, 0]
     assert torch.equal(a, torch.zeros(3, dtype=torch.float64))
     assert torch.equal(units[4], torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_kept_scatter_plans_give_each_step_its_own_sums():
+    """A layout kept per pattern of records (the same every step) gives the sums of the
+    step's own values, equal to a one-off layout's bit for bit and to a float64 loop; a new
+    pattern (an entry not confirmed) gets its own layout."""
+    layers = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((6, 4), "embedding")]
+    rows = {6: (0, 2), 4: (3,)}
+    w = [0.5, 2.0]
+    plans: dict = {}
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 + step)
+        grads = {(k, m): torch.randn(layers[k][0], generator=g)
+                 for k in range(len(layers)) for m in range(2)}
+        norms = MicroNorms(len(layers))
+        for m in range(2):
+            ks = list(range(len(layers)))[::-1] if m else list(range(len(layers)))
+            ms = [m] * len(ks)
+            if step == 2 and m == 1:
+                ms[0] = -1  # layer 3's second entry never confirmed: another pattern
+            norms.add(ks, ms, micro_sq_norm_stacks([grads[(k, m)] for k in ks],
+                                                   [layers[k][1] for k in ks]))
+            for k, mm in zip(ks, ms, strict=True):
+                norms.count[k] += mm >= 0
+        got = norms.sums(w, rows, torch.float32, _index, None, plans)
+        one_off = norms.sums(w, rows, torch.float32, _index, None)
+        torch.testing.assert_close(got[0], one_off[0], rtol=0, atol=0, equal_nan=True)
+        assert got[1::2] == one_off[1::2]  # the entry counts
+        for U in rows:
+            torch.testing.assert_close(got[2][U], one_off[2][U], rtol=0, atol=0, equal_nan=True)
+        for k in range(len(layers)):
+            ref = sum(wm * grads[(k, m)].double().square().sum() for m, wm in enumerate(w))
+            if step == 2 and k == 3:
+                assert math.isnan(float(got[0][k])) and torch.isnan(got[2][4][0]).all()
+            else:  # float32 sums of <= 30 squares, 2 terms
+                assert float(got[0][k]) == pytest.approx(float(ref), rel=1e-5)
+        assert len(plans) == (1 if step < 2 else 2)
