@@ -42,6 +42,33 @@ Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
 MICRO_STACK_ENTRIES = 1 << 18
 
 
+#: ``(members, shape, dtype, unit_dim)`` of each stack, per list signature (a few: the
+#: same lists come every step); at most :data:`LAYOUTS` are kept.
+_STACKING: dict[tuple, list[tuple[list[int], torch.Size, torch.dtype, int | None]]] = {}
+LAYOUTS = 16
+
+
+def _stacking(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+              ) -> list[tuple[list[int], torch.Size, torch.dtype, int | None]]:
+    """The stacks of a list: tensors of one shape, dtype and unit axis (None: a vector), in
+    order of first appearance, split at :data:`MICRO_STACK_ENTRIES` entries."""
+    key = (tuple([g.shape for g in grads]), tuple([g.dtype for g in grads]), tuple(layouts),
+           MICRO_STACK_ENTRIES)
+    plan = _STACKING.get(key)
+    if plan is None:
+        groups: dict[tuple, list[int]] = {}
+        for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
+            unit_dim = None if layout is None or g.ndim < 2 else _LAYOUT_UNIT_DIM[layout]
+            groups.setdefault((g.shape, g.dtype, unit_dim), []).append(i)
+        numels = [g.numel() for g in grads]
+        plan = [(chunk, *group) for group, idx in groups.items()
+                for chunk in chunked([idx], numels, MICRO_STACK_ENTRIES)]
+        if len(_STACKING) >= LAYOUTS:
+            _STACKING.clear()
+        _STACKING[key] = plan
+    return plan
+
+
 def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
                          ) -> list[Stack]:
     """The squared norms of ``grads`` as computed, one :data:`Stack` per stack: ``units`` the
@@ -53,31 +80,25 @@ def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | 
     units along rows ``u = ||X_i.||^2`` (one contiguous ``vector_norm``, squared), along
     columns ``sum_i X_ij^2`` (squared in the stack's own copy, summed down the rows), and
     ``sq = sum u``; vectors ``sq = ||x||^2`` row-wise on ``(n, numel)``."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
-        unit_dim = None if layout is None or g.ndim < 2 else _LAYOUT_UNIT_DIM[layout]
-        groups.setdefault((g.shape, g.dtype, unit_dim), []).append(i)
     out: list[Stack] = []
-    numels = [g.numel() for g in grads]
-    for (shape, dtype, unit_dim), idx in groups.items():
+    for chunk, shape, dtype, unit_dim in _stacking(grads, layouts):
         acc = accumulation_dtype(dtype)
-        numel = numels[idx[0]]
-        for chunk in chunked([idx], numels, MICRO_STACK_ENTRIES):
-            x = torch.stack([grads[i] for i in chunk]) if len(chunk) > 1 \
-                else grads[chunk[0]].unsqueeze(0)
-            n = len(chunk)
-            if unit_dim is None:
-                sq = torch.linalg.vector_norm(x.reshape(n, numel), dim=1, dtype=acc).square()
-                out.append((chunk, None, sq))
-                continue
-            x = x.reshape(n, shape[0], math.prod(shape[1:]))
-            if unit_dim == 1:  # units are columns: a sum of squares down the rows
-                own = n > 1 or dtype != acc  # a stack or a conversion: our own copy
-                x = x.to(acc)
-                units = (x.square_() if own else x * x).sum(dim=1)
-            else:
-                units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
-            out.append((chunk, units, units.sum(dim=1)))
+        numel = math.prod(shape)
+        x = torch.stack([grads[i] for i in chunk]) if len(chunk) > 1 \
+            else grads[chunk[0]].unsqueeze(0)
+        n = len(chunk)
+        if unit_dim is None:
+            sq = torch.linalg.vector_norm(x.reshape(n, numel), dim=1, dtype=acc).square()
+            out.append((chunk, None, sq))
+            continue
+        x = x.reshape(n, shape[0], math.prod(shape[1:]))
+        if unit_dim == 1:  # units are columns: a sum of squares down the rows
+            own = n > 1 or dtype != acc  # a stack or a conversion: our own copy
+            x = x.to(acc)
+            units = (x.square_() if own else x * x).sum(dim=1)
+        else:
+            units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
+        out.append((chunk, units, units.sum(dim=1)))
     return out
 
 
