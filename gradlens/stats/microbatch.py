@@ -63,6 +63,8 @@ def _stacking(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
         numels = [g.numel() for g in grads]
         plan = [(chunk, *group) for group, idx in groups.items()
                 for chunk in chunked([idx], numels, MICRO_STACK_ENTRIES)]
+        if torch.compiler.is_compiling():  # traced: its shapes may be symbolic, not kept
+            return plan
         if len(_STACKING) >= LAYOUTS:
             _STACKING.clear()
         _STACKING[key] = plan
@@ -150,7 +152,7 @@ class MicroNorms:
         kept = None if plans is None else plans.get(key)
         if kept is None or kept[0] is not rows:
             kept = (rows, self._plan(M, rows, index))
-            if plans is not None:
+            if plans is not None and not torch.compiler.is_compiling():  # traced: not kept
                 if len(plans) >= PLANS:
                     plans.clear()
                 plans[key] = kept
