@@ -3,9 +3,11 @@
 - ``raw``: the squared norms of the gradient before any edit between backward and step
   (:mod:`gradlens.families.raw`, computed every step for the detectors).
 - ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (from the
-  step's summary pass, :func:`gradlens.stats.summary_and_axis_sq_norms`, where the columns
-  family runs); FSDP2 shards are placed into their global vectors and summed in the
-  flush's collective (the partials ``catalog.INTERMEDIATE_PARTIALS`` declares).
+  step's summary pass where the columns family runs: a kept plan's stacks, one per shape,
+  :meth:`gradlens.stats.summary_plan.SummaryPlan.with_axes`, read whole by the column
+  spreads and gathered per width by the two-batch family); FSDP2 shards are placed into
+  their global vectors and summed in the flush's collective (the partials
+  ``catalog.INTERMEDIATE_PARTIALS`` declares).
 """
 
 from __future__ import annotations

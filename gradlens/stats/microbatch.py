@@ -7,13 +7,14 @@ and ``||h||^2 = sum_i u_i``; vectors give ``||h||^2``. Like
 :func:`gradlens.stats.columns.unit_sq_norms_propagating`, nothing is masked: a non-finite
 entry makes its unit and its total non-finite (the estimator reads that as NaN).
 
-Batched: matrices of one shape, dtype and layout are stacked (at most
-:data:`gradlens.stats.norms.STACK_ENTRIES` entries per stack) and reduced with one kernel per
-stack; vectors go through one multi-tensor norm (``torch._foreach_norm``) per dtype. The
-kernels launched grow with the distinct shapes, not with the tensors. :class:`MicroNorms`
-keeps the results in those stacks and forms ``sum_m w_m x_{k,m}`` for every layer ``k`` with
-a few kernels per step (one scatter into a dense ``(layer, micro-batch)`` buffer, then the
-sum over ``m`` in micro-batch order: the same rounding as a per-layer loop).
+Batched: tensors of one shape, dtype and unit axis are stacked (at most
+:data:`MICRO_STACK_ENTRIES` entries per stack; the stacking kept per list signature) and
+reduced with one kernel per stack, vectors too (on CPU ``torch._foreach_norm`` is a loop over
+the tensors). The kernels launched grow with the distinct shapes, not with the tensors.
+:class:`MicroNorms` keeps the results in those stacks and forms ``sum_m w_m x_{k,m}`` for
+every layer ``k`` with a few kernels per step (one scatter into a dense ``(layer,
+micro-batch)`` buffer, then the sum over ``m`` in micro-batch order: the same rounding as a
+per-layer loop); where the stack rows go is kept per pattern of records in a caller's dict.
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ Per stack ``A`` (``n`` rows, one per tensor, in the accumulation dtype) and its 
 The stack is read from the gradients once, then from cache. A tensor larger than a stack is
 summarized alone, in a temporary of its own size. Results equal
 :func:`gradlens.stats.norms.group_summary`'s bit for bit (same copies, same reductions).
+
+A plan made with layouts (a logged step of the columns family) stacks matrices of one shape,
+dtype and unit axis, and views each squared stack ``(n, units, fan)``:
+
+    units = sum over fan of A^2     fans = sum over units of A^2     sq_norm = sum units
+
+(:meth:`SummaryPlan.with_axes`; :func:`gradlens.stats.grad_summaries_with_axes`).
 """
 
 from __future__ import annotations
