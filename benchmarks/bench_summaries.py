@@ -3,7 +3,8 @@
 The gradients of a narrow LLaMA (hidden 64, 32 decoder layers, vocabulary 4096: 291
 tensors, as LLaMA-7B; random values), 1 thread. Each round times, in turn, the per-tensor
 reference (``grad_summaries(foreach=False)``; ``summary_and_axis_sq_norms`` per matrix) and
-the batched default (``grad_summaries``; ``grad_summaries_with_axes``), for the unlogged step
+the batched default (``grad_summaries``; ``grad_summaries_with_axes``, one-off and with a
+collector's kept plans), for the unlogged step
 (norms and non-finite counts) and the logged one (with the column and fan norms). Printed:
 microseconds per tensor per call, median over rounds with quartiles and minimum. The
 interleaving keeps the machine's drift out of the comparison.
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     vocab_rows = max(1, 4096 // args.rows)
     lay = [None if g.ndim == 1 else ("embedding" if g.shape[0] == vocab_rows else "linear")
            for g in gs]
+    plans = S.SummaryPlans()  # a collector's, kept between calls
     fns = {
         "unlogged, per tensor": lambda: S.grad_summaries(gs, foreach=False, max_abs=False),
         "unlogged, batched": lambda: S.grad_summaries(gs, max_abs=False),
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             S.summary_and_axis_sq_norms(g, k) if k else S.grad_summary(g)
             for g, k in zip(gs, lay, strict=True)],
         "logged with axes, batched": lambda: S.grad_summaries_with_axes(gs, lay),
+        "logged with axes, kept plan": lambda: S.grad_summaries_with_axes(gs, lay,
+                                                                          plans=plans),
     }
     res: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():

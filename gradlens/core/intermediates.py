@@ -3,9 +3,11 @@
 - ``raw``: the squared norms of the gradient before any edit between backward and step
   (:mod:`gradlens.families.raw`, computed every step for the detectors).
 - ``units`` / ``fans``: per-unit and per-fan squared norms of the step gradient (from the
-  step's summary pass, :func:`gradlens.stats.summary_and_axis_sq_norms`, where the columns
-  family runs); FSDP2 shards are placed into their global vectors and summed in the
-  flush's collective (the partials ``catalog.INTERMEDIATE_PARTIALS`` declares).
+  step's summary pass where the columns family runs: a kept plan's stacks, one per shape,
+  :meth:`gradlens.stats.summary_plan.SummaryPlan.with_axes`, read whole by the column
+  spreads and gathered per width by the two-batch family); FSDP2 shards are placed into
+  their global vectors and summed in the flush's collective (the partials
+  ``catalog.INTERMEDIATE_PARTIALS`` declares).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ def step_summaries(lens: GradLens, grads: list[torch.Tensor], present: list[bool
     """``(sq, max_abs, nonfinite, axis_sq)`` of the step's gradients: finite squared norms,
     largest finite ``|g|`` (logged steps only), non-finite counts, each ``(L,)``; on logged
     steps of a family that reads fan norms (one process), the per-unit and per-fan squared
-    norms from the same finite copy (``{k: (units, fans)}``), else None."""
+    norms from the same finite copy, stacked per shape (``[(layers, units, fans)]``,
+    :meth:`gradlens.stats.summary_plan.SummaryPlan.with_axes`), else None."""
     if logging and "fan_sq_norms" in lens.intermediates and shards is None:
-        summary, axis_sq = S.grad_summaries_with_axes(grads, [
+        plan = lens.summary_plans.get(grads, [
             info.layout if lens.matrix[k] and present[k] else None
             for k, info in enumerate(lens.layers)])
+        summary, axis_sq = plan.with_axes(grads)
     else:
         summary, axis_sq = S.grad_summaries(grads, max_abs=logging,
                                             plans=lens.summary_plans), None
@@ -50,6 +54,7 @@ class Intermediates:
         self.need_units = self.need_fans or "unit_sq_norms" in declared
         self._units: list[torch.Tensor | None] | None = None
         self._fans: dict[int, torch.Tensor] = {}
+        self._widths: dict[int, tuple[torch.Tensor, dict[int, int]]] | None = None
         # the reduced partials, ``{"unit" | "fan" | "fan_count": {k: vector}}`` (core.emit)
         self.reduced: Mapping[str, dict[int, torch.Tensor]] = {}
 
@@ -81,13 +86,17 @@ class Intermediates:
             lens, ctx = self.lens, self.ctx
             units: list[torch.Tensor | None] = [None] * len(lens.layers)
             missing: list[int] = []
+            stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for members, u, f in self._stacks():
+                stacked.update(zip(members, zip(u.unbind(0), f.unbind(0), strict=True),
+                                   strict=True))
             for k in range(len(lens.layers)):
                 if not (lens.matrix[k] and ctx.present[k]):
                     continue
                 if k in self.reduced.get("unit", ()):
                     units[k] = self.reduced["unit"][k]
-                elif k in (ctx.data.get("axis_sq") or {}):  # from the step's summary pass
-                    units[k], fans = ctx.data["axis_sq"][k]
+                elif k in stacked:  # from the step's summary pass
+                    units[k], fans = stacked[k]
                     if self.need_fans:
                         self._fans[k] = fans
                 else:
@@ -116,12 +125,56 @@ class Intermediates:
         u = self.units()[k]
         return (u / (self.lens.numel[k] // u.numel())).sqrt()
 
+    def _stacks(self) -> list:
+        """The step summary's per-shape stacks of unit and fan squared norms (one process;
+        none where partials were reduced)."""
+        if self.reduced:
+            return []
+        return self.ctx.data.get("axis_sq") or []
+
+    def _covered(self) -> bool:
+        """Every matrix layer with a gradient is in the summary's stacks."""
+        stacks, lens, present = self._stacks(), self.lens, self.ctx.present
+        if not stacks:
+            return False
+        n = sum(len(members) for members, _, _ in stacks)
+        return n == sum(1 for k in range(len(lens.layers)) if lens.matrix[k] and present[k])
+
+    def units_of(self, ks: tuple[int, ...], width: int) -> torch.Tensor:
+        """``(len(ks), width)``: the per-unit squared norms of layers ``ks`` (of ``width``
+        units each), a NaN row for a layer without. From the summary's stacks of that width
+        with one gather where they hold every ``k``, else row by row."""
+        if self._widths is None:
+            self._widths = {}
+            by: dict[int, tuple[list[torch.Tensor], dict[int, int]]] = {}
+            for members, u, _ in self._stacks():
+                parts, pos = by.setdefault(u.shape[1], ([], {}))
+                start = sum(len(p) for p in parts)
+                pos.update((k, start + j) for j, k in enumerate(members))
+                parts.append(u)
+            for U, (parts, pos) in by.items():
+                self._widths[U] = (torch.cat(parts) if len(parts) > 1 else parts[0], pos)
+        got = self._widths.get(width)
+        if got is not None and all(k in got[1] for k in ks):
+            return got[0].index_select(0, self.lens.const_index(tuple(got[1][k] for k in ks)))
+        units, blank = self.units(), self.lens.const("nan").expand(width)
+        return torch.stack([blank if units[k] is None else units[k] for k in ks])
+
     def rms_rows(self, fan: bool = False) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """:meth:`unit_rms` (``fan``: :meth:`fan_rms`) of every matrix layer with a gradient,
-        stacked per length: ``[(layers, (n, length))]``. Squared norms of one length are
-        divided by their counts and rooted at once (``sqrt(x / n)``, elementwise as per
-        layer); a sharded layer's fan RMS (finite counts per entry) is placed in its row."""
-        lens, units = self.lens, self.units()
+        stacked: ``[(layers, (n, length))]``. Squared norms of one stack are divided by their
+        counts and rooted at once (``sqrt(x / n)``, elementwise as per layer): the summary's
+        stacks (one shape each) as they are where they hold every layer, else grouped per
+        length; a sharded layer's fan RMS (finite counts per entry) is placed in its row."""
+        lens = self.lens
+        if self._covered():
+            out = []
+            for members, u, f in self._stacks():
+                x = f if fan else u
+                count = lens.numel[members[0]] // max(1, x.shape[1])
+                out.append((tuple(members), (x / count).sqrt()))
+            return out
+        units = self.units()
         groups: dict[int, tuple[list[int], list[torch.Tensor], list[int], list[int]]] = {}
         for k, u in enumerate(units):
             if u is None:

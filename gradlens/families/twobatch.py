@@ -62,6 +62,7 @@ class TwoBatch(Statistic):
         super().bind(lens)
         self.state: dict[str, torch.Tensor] = {}
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self._sum_plans: dict = {}  # MicroNorms.sums' scatter layouts, per pattern
         self._unit_rows: dict[int, tuple[int, ...]] | None = None
         self.reset()
 
@@ -147,7 +148,7 @@ class TwoBatch(Statistic):
             lens = self.lens
             self._drain()
             self._sums_of = (w, self.norms.sums(w, self.unit_rows, lens.dtype,
-                                                self._index, lens.device))
+                                                self._index, lens.device, self._sum_plans))
         return self._sums_of[1]
 
     def _index(self, positions: tuple[int, ...]) -> torch.Tensor:
@@ -227,7 +228,6 @@ class TwoBatch(Statistic):
             st["count"], lens.config.noise_ema)
         out.update({"twobatch_trace": trace, "twobatch_signal": signal,
                     "noise_scale": noise_scale, "var_per_element": trace / lens.const("numel")})
-        units_big = ctx.shared.units()
         units_red = red.get("unit", {})  # reduced per-unit sums (torch.distributed)
         meds, means, order = [], [], []
         for U, ks in self.unit_rows.items():  # layers of equal width: batched, one sort
@@ -239,7 +239,7 @@ class TwoBatch(Statistic):
             else:  # a layer without an entry for every micro-batch: NaN
                 u_a = torch.where(lens.mask([unit_counts[k] == ctx.micro for k in ks])
                                   .unsqueeze(1), local_units[U], nan)
-            u_y = torch.stack([blank if units_big[k] is None else units_big[k] for k in ks])
+            u_y = ctx.shared.units_of(ks, U)  # NaN rows for a layer without a gradient
             if unit_factor is not None:
                 u_y = u_y * (unit_factor[idx].unsqueeze(1) if torch.is_tensor(unit_factor)
                              and unit_factor.ndim else unit_factor)

@@ -7,13 +7,14 @@ and ``||h||^2 = sum_i u_i``; vectors give ``||h||^2``. Like
 :func:`gradlens.stats.columns.unit_sq_norms_propagating`, nothing is masked: a non-finite
 entry makes its unit and its total non-finite (the estimator reads that as NaN).
 
-Batched: matrices of one shape, dtype and layout are stacked (at most
-:data:`gradlens.stats.norms.STACK_ENTRIES` entries per stack) and reduced with one kernel per
-stack; vectors go through one multi-tensor norm (``torch._foreach_norm``) per dtype. The
-kernels launched grow with the distinct shapes, not with the tensors. :class:`MicroNorms`
-keeps the results in those stacks and forms ``sum_m w_m x_{k,m}`` for every layer ``k`` with
-a few kernels per step (one scatter into a dense ``(layer, micro-batch)`` buffer, then the
-sum over ``m`` in micro-batch order: the same rounding as a per-layer loop).
+Batched: tensors of one shape, dtype and unit axis are stacked (at most
+:data:`MICRO_STACK_ENTRIES` entries per stack; the stacking kept per list signature) and
+reduced with one kernel per stack, vectors too (on CPU ``torch._foreach_norm`` is a loop over
+the tensors). The kernels launched grow with the distinct shapes, not with the tensors.
+:class:`MicroNorms` keeps the results in those stacks and forms ``sum_m w_m x_{k,m}`` for
+every layer ``k`` with a few kernels per step (one scatter into a dense ``(layer,
+micro-batch)`` buffer, then the sum over ``m`` in micro-batch order: the same rounding as a
+per-layer loop); where the stack rows go is kept per pattern of records in a caller's dict.
 """
 
 from __future__ import annotations
@@ -28,9 +29,47 @@ from gradlens.stats.norms import accumulation_dtype, chunked
 
 __all__ = ["MicroNorms", "micro_sq_norm_stacks", "micro_sq_norms"]
 
+#: Scatter layouts :meth:`MicroNorms.sums` keeps in a caller's dict at most.
+PLANS = 16
+
 #: ``(members, units, sq)``: the norms of ``grads[members]``, stacked: ``units`` ``(n, U)``
 #: (None for vectors), ``sq`` ``(n,)``.
 Stack = tuple[list[int], "torch.Tensor | None", torch.Tensor]
+
+
+#: Entries of one stack at most (1 MiB in float32): at 291 tensors (hidden 64) 2**16 made 31
+#: stacks per list and 2**18 made 9, and the stacking and reductions cost about the same per
+#: entry (:data:`gradlens.stats.summary_plan.PLAN_STACK_ENTRIES` measured the same size).
+MICRO_STACK_ENTRIES = 1 << 18
+
+
+#: ``(members, shape, dtype, unit_dim)`` of each stack, per list signature (a few: the
+#: same lists come every step); at most :data:`LAYOUTS` are kept.
+_STACKING: dict[tuple, list[tuple[list[int], torch.Size, torch.dtype, int | None]]] = {}
+LAYOUTS = 16
+
+
+def _stacking(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
+              ) -> list[tuple[list[int], torch.Size, torch.dtype, int | None]]:
+    """The stacks of a list: tensors of one shape, dtype and unit axis (None: a vector), in
+    order of first appearance, split at :data:`MICRO_STACK_ENTRIES` entries."""
+    key = (tuple([g.shape for g in grads]), tuple([g.dtype for g in grads]), tuple(layouts),
+           MICRO_STACK_ENTRIES)
+    plan = _STACKING.get(key)
+    if plan is None:
+        groups: dict[tuple, list[int]] = {}
+        for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
+            unit_dim = None if layout is None or g.ndim < 2 else _LAYOUT_UNIT_DIM[layout]
+            groups.setdefault((g.shape, g.dtype, unit_dim), []).append(i)
+        numels = [g.numel() for g in grads]
+        plan = [(chunk, *group) for group, idx in groups.items()
+                for chunk in chunked([idx], numels, MICRO_STACK_ENTRIES)]
+        if torch.compiler.is_compiling():  # traced: its shapes may be symbolic, not kept
+            return plan
+        if len(_STACKING) >= LAYOUTS:
+            _STACKING.clear()
+        _STACKING[key] = plan
+    return plan
 
 
 def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | None]
@@ -38,32 +77,31 @@ def micro_sq_norm_stacks(grads: Sequence[torch.Tensor], layouts: Sequence[str | 
     """The squared norms of ``grads`` as computed, one :data:`Stack` per stack: ``units`` the
     per-unit squared norms of matrices (``layouts[i]`` their layout; a vector has
     ``layouts[i] is None`` and no units), ``sq`` the squared norms, in the accumulation
-    dtype. Every input index appears in exactly one stack."""
-    vectors: dict[torch.dtype, list[int]] = {}
-    groups: dict[tuple, list[int]] = {}
-    for i, (g, layout) in enumerate(zip(grads, layouts, strict=True)):
-        if layout is None or g.ndim < 2:
-            vectors.setdefault(g.dtype, []).append(i)
-        else:
-            groups.setdefault((tuple(g.shape), g.dtype, _LAYOUT_UNIT_DIM[layout]), []).append(i)
+    dtype. Every input index appears in exactly one stack.
+
+    Per stack ``X`` (``n`` tensors of one shape and dtype, viewed ``(n, rows, rest)``):
+    units along rows ``u = ||X_i.||^2`` (one contiguous ``vector_norm``, squared), along
+    columns ``sum_i X_ij^2`` (squared in the stack's own copy, summed down the rows), and
+    ``sq = sum u``; vectors ``sq = ||x||^2`` row-wise on ``(n, numel)``."""
     out: list[Stack] = []
-    for dtype, idx in vectors.items():
-        norms = torch._foreach_norm([grads[i] for i in idx], 2,
-                                    dtype=accumulation_dtype(dtype))
-        out.append((idx, None, torch.stack(norms).square()))
-    numels = [g.numel() for g in grads]
-    for (_shape, dtype, unit_dim), idx in groups.items():
+    for chunk, shape, dtype, unit_dim in _stacking(grads, layouts):
         acc = accumulation_dtype(dtype)
-        for chunk in chunked([idx], numels):
-            x = torch.stack([grads[i] for i in chunk])
-            if x.ndim > 3:
-                x = x.reshape(x.shape[0], x.shape[1], -1)
-            if unit_dim == 1:  # units are columns: a sum of squares down the rows
-                x = x.to(acc)
-                units = (x * x).sum(dim=1)
-            else:
-                units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
-            out.append((chunk, units, units.sum(dim=1)))
+        numel = math.prod(shape)
+        x = torch.stack([grads[i] for i in chunk]) if len(chunk) > 1 \
+            else grads[chunk[0]].unsqueeze(0)
+        n = len(chunk)
+        if unit_dim is None:
+            sq = torch.linalg.vector_norm(x.reshape(n, numel), dim=1, dtype=acc).square()
+            out.append((chunk, None, sq))
+            continue
+        x = x.reshape(n, shape[0], math.prod(shape[1:]))
+        if unit_dim == 1:  # units are columns: a sum of squares down the rows
+            own = n > 1 or dtype != acc  # a stack or a conversion: our own copy
+            x = x.to(acc)
+            units = (x.square_() if own else x * x).sum(dim=1)
+        else:
+            units = torch.linalg.vector_norm(x, dim=2, dtype=acc).square()
+        out.append((chunk, units, units.sum(dim=1)))
     return out
 
 
@@ -98,23 +136,62 @@ class MicroNorms:
         self.records.append((ks, ms, stacks))
 
     def sums(self, w: Sequence[float], rows: dict[int, tuple[int, ...]], dtype: torch.dtype,
-             index: Callable[[tuple[int, ...]], torch.Tensor], device: torch.device | None
+             index: Callable[[tuple[int, ...]], torch.Tensor], device: torch.device | None,
+             plans: dict | None = None
              ) -> tuple[torch.Tensor, list[int], dict[int, torch.Tensor], list[int]]:
         """``(a, counts, units, unit_counts)``: ``a`` ``(L,)`` the weighted sums of the squared
         norms; ``units[U]`` ``(len(rows[U]), U)`` those of the per-unit norms of the layers
         ``rows[U]`` (layers of ``U`` units); ``counts`` / ``unit_counts`` the entries per
         layer (0: sum 0; neither 0 nor ``len(w)``: NaN). ``index`` makes a device index
-        from a tuple (cached: the same pattern every step)."""
-        M, L = len(w), len(self.count)
+        from a tuple (cached: the same pattern every step). ``plans``: a caller's dict that
+        keeps the scatter's layout (:meth:`_plan`) per pattern of records (the same every
+        step unless the graph changes; at most :data:`PLANS` are kept)."""
+        M = len(w)
+        key = (M, tuple((tuple(ks), tuple(ms), tuple((tuple(members), units is None)
+                                                     for members, units, _ in stacks))
+                        for ks, ms, stacks in self.records))
+        kept = None if plans is None else plans.get(key)
+        if kept is None or kept[0] is not rows:
+            kept = (rows, self._plan(M, rows, index))
+            if plans is not None and not torch.compiler.is_compiling():  # traced: not kept
+                if len(plans) >= PLANS:
+                    plans.clear()
+                plans[key] = kept
+        sq_parts, pos, unit_plans, ucount = kept[1]
+        a = self._sum(pos, self._take(sq_parts, 2), len(self.count), w, dtype, device)
+        a = self._nan_where(a, [c not in (0, M) for c in self.count], index)
+        units_out = {}
+        for U, ks in rows.items():
+            u_parts, u_pos, bad = unit_plans[U]
+            u = self._sum(u_pos, self._take(u_parts, 1), len(ks), w, dtype, device, U)
+            units_out[U] = u if bad is None else u.index_fill(0, bad, math.nan)
+        return a, list(self.count), units_out, list(ucount)
+
+    def _take(self, parts: list[tuple[int, int, torch.Tensor | None]], field: int
+              ) -> list[torch.Tensor]:
+        """Field ``field`` (1: units, 2: squared norms) of stack ``s`` of record ``r`` for each
+        ``(r, s, rows)`` of a plan, its kept rows only where ``rows`` is an index."""
+        out = []
+        for r, s, keep in parts:
+            x = self.records[r][2][s][field]
+            out.append(x if keep is None else x.index_select(0, keep))
+        return out
+
+    def _plan(self, M: int, rows: dict[int, tuple[int, ...]],
+              index: Callable[[tuple[int, ...]], torch.Tensor]):
+        """Where each entry goes: ``(sq_parts, pos, {U: (unit_parts, unit_pos, nan_rows)},
+        unit_counts)``; parts are ``(record, stack, kept rows or None)``, ``pos`` the device
+        index of their rows ``k * M + m`` in the dense buffer (None: no entry), ``nan_rows``
+        the rows of ``units[U]`` with neither 0 nor ``M`` entries (None: none)."""
         slot: dict[int, tuple[int, int]] = {k: (U, r) for U, ks in rows.items()
                                            for r, k in enumerate(ks)}
-        ucount = [0] * L
+        ucount = [0] * len(self.count)
         pos: list[int] = []
-        parts: list[torch.Tensor] = []
+        parts: list[tuple[int, int, torch.Tensor | None]] = []
         upos: dict[int, list[int]] = {U: [] for U in rows}
-        uparts: dict[int, list[torch.Tensor]] = {U: [] for U in rows}
-        for ks, ms, stacks in self.records:
-            for members, units, sq in stacks:
+        uparts: dict[int, list[tuple[int, int, torch.Tensor | None]]] = {U: [] for U in rows}
+        for r, (ks, ms, stacks) in enumerate(self.records):
+            for s, (members, units, _) in enumerate(stacks):
                 keep, p, ukeep, up = [], [], [], []
                 for j, i in enumerate(members):
                     k, m = ks[i], ms[i]
@@ -128,33 +205,30 @@ class MicroNorms:
                         up.append(slot[k][1] * M + m)
                 if keep:
                     pos += p
-                    parts.append(sq if len(keep) == len(members)
-                                 else sq.index_select(0, index(tuple(keep))))
+                    parts.append((r, s, None if len(keep) == len(members)
+                                  else index(tuple(keep))))
                 if up:
                     U = slot[ks[members[ukeep[0]]]][0]
                     upos[U] += up
-                    uparts[U].append(units if len(ukeep) == len(members)  # type: ignore[arg-type]
-                                     else units.index_select(0, index(tuple(ukeep))))
-        a = self._sum(pos, parts, (L,), w, dtype, index, device)
-        a = self._nan_where(a, [c not in (0, M) for c in self.count], index)
-        units_out = {}
+                    uparts[U].append((r, s, None if len(ukeep) == len(members)
+                                      else index(tuple(ukeep))))
+        unit_plans = {}
         for U, ks in rows.items():
-            u = self._sum(upos[U], uparts[U], (len(ks), U), w, dtype, index, device)
-            units_out[U] = self._nan_where(u, [ucount[k] not in (0, M) for k in ks], index)
-        return a, list(self.count), units_out, ucount
+            bad = tuple(j for j, k in enumerate(ks) if ucount[k] not in (0, M))
+            unit_plans[U] = (uparts[U], index(tuple(upos[U])) if upos[U] else None,
+                             index(bad) if bad else None)
+        return parts, index(tuple(pos)) if pos else None, unit_plans, ucount
 
     @staticmethod
-    def _sum(pos: list[int], parts: list[torch.Tensor], shape: tuple[int, ...],
-             w: Sequence[float], dtype: torch.dtype,
-             index: Callable[[tuple[int, ...]], torch.Tensor], device) -> torch.Tensor:
+    def _sum(pos: torch.Tensor | None, parts: list[torch.Tensor], n: int, w: Sequence[float],
+             dtype: torch.dtype, device, *shape: int) -> torch.Tensor:
         """``sum_m w_m x[.., m]`` of the entries ``parts`` scattered to rows ``pos`` of a
-        dense ``(rows * M, ...)`` buffer, in micro-batch order."""
+        dense ``(n * M, *shape)`` buffer, in micro-batch order."""
         M = len(w)
-        dense = torch.zeros((shape[0] * M, *shape[1:]), dtype=dtype,
-                            device=device)
+        dense = torch.zeros((n * M, *shape), dtype=dtype, device=device)
         if parts:
-            dense.index_copy_(0, index(tuple(pos)), torch.cat(parts).to(dtype))
-        dense = dense.view(shape[0], M, *shape[1:])
+            dense.index_copy_(0, pos, torch.cat(parts).to(dtype))
+        dense = dense.view(n, M, *shape)
         total = dense[:, 0] * w[0]
         for m in range(1, M):
             total = total + dense[:, m] * w[m]

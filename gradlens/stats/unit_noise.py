@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from gradlens.stats.columns import sorted_quantile
+from gradlens.stats.columns import sort_rows, sorted_quantile
 from gradlens.stats.variance import two_batch_estimates
 
 __all__ = ["FLOOR", "noise_to_signal_summary", "signal_floor", "two_batch_unit_estimates",
@@ -121,7 +121,7 @@ def noise_to_signal_summary(trace: torch.Tensor, signal: torch.Tensor,
     r = torch.where(ok, r, torch.full_like(r, math.nan))
     ok = torch.isfinite(r)
     n = ok.sum(dim=-1).to(r.dtype)
-    xs, _ = torch.sort(torch.where(ok, r, torch.full_like(r, math.inf)), dim=-1)
+    xs = sort_rows(torch.where(ok, r, torch.full_like(r, math.inf)))
     median = sorted_quantile(xs, n, 0.5)
     mean = torch.where(ok, r, torch.zeros_like(r)).sum(dim=-1) / n
     return median, mean

@@ -48,14 +48,18 @@ def _spread(r: np.ndarray) -> list[float]:
             ratio(float(np.quantile(x, 0.99)), float(np.quantile(x, 0.5))), gini]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["columns", "no-columns"])
+@pytest.fixture(scope="module", params=[(True, False), (False, False), (True, True)],
+                ids=["columns", "no-columns", "columns-extra-unused"])
 def run(request):
     """A run's last logged step; without the columns family no summary pass reads the
-    per-unit norms and the two-batch family's come from the batched fallback."""
+    per-unit norms and the two-batch family's come from the batched fallback; with ``extra``
+    unused by every micro-batch, its width's per-unit norms come row by row (no gradient:
+    NaN row) beside the summary's stacks."""
+    columns, unused = request.param
     torch.manual_seed(0)
     model = Ragged().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lens = GradLens(model, opt, preset="standard", log_every=1, columns=request.param)
+    lens = GradLens(model, opt, preset="standard", log_every=1, columns=columns)
     seen: dict[str, list[torch.Tensor]] = {i.name: [] for i in lens.layers}
     hooks = [i.param.register_hook(lambda g, n=i.name: seen[n].append(g.detach().clone()))
              for i in lens.layers]
@@ -67,10 +71,11 @@ def run(request):
         for k, b in enumerate(sizes):
             ids = torch.randint(0, 11, (b, 9))
             target = torch.randint(0, 5, (b, 7))
-            out = model(ids, use_extra=k != 1)
+            out = model(ids, use_extra=k != 1 and not unused)
             loss = nn.functional.cross_entropy(out.reshape(-1, 5), target.reshape(-1)) / K
             loss.backward()
-        step_grads = {i.name: i.param.grad.detach().clone() for i in lens.layers}
+        step_grads = {i.name: i.param.grad.detach().clone() for i in lens.layers
+                      if i.param.grad is not None}
         opt.step()
         opt.zero_grad(set_to_none=True)
     for h in hooks:
@@ -88,6 +93,9 @@ def test_two_batch_per_layer_and_per_unit_match_float64(run):
     values, seen, _, layouts, sizes = run
     checked = 0
     for name, hs in seen.items():
+        if not hs:  # no gradient at all: no rows
+            assert (name, "twobatch_trace") not in values and name.startswith("extra.")
+            continue
         trace = values[(name, "twobatch_trace")]
         if name.startswith("extra."):  # 2 entries for 3 micro-batches
             assert math.isnan(trace)
@@ -120,4 +128,6 @@ def test_column_spreads_match_float64_per_layer(run):
                                                                 "gini")]
             assert got == pytest.approx(want, rel=1e-9), (name, side)
             checked += 1
-    assert checked == 10
+    assert checked == (10 if "extra.weight" in grads else 8)  # 5 matrices (4 if unused)
+    if "extra.weight" not in grads:
+        assert math.isnan(values.get(("extra.weight", "unit_rms_cv"), math.nan))

@@ -271,3 +271,74 @@ def test_grad_summaries_with_axes_batched_per_shape_match_numpy():
             u = units(fin, lay)
             np.testing.assert_allclose(np64(axes[k][0]), (u**2).sum(1), rtol=1e-5)
             np.testing.assert_allclose(np64(axes[k][1]), (u**2).sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_grad_summaries_with_axes_planned_stacks_match_numpy(monkeypatch, kept):
+    """Through a plan's buffer (kept between calls or one-off), stacks split at a small
+    size, a tensor larger than a stack in chunks of whole memory rows (float32 and bf16, units
+    along the rows and across them, a row longer than a stack):
+    per-unit / per-fan squared norms and the sum of squares equal float64 numpy to float32
+    summation rounding (a few hundred terms: rtol 1e-5); the largest magnitude and the
+    non-finite count are exact; calls with new values do not change earlier results."""
+    monkeypatch.setattr("gradlens.stats.summary_plan.PLAN_STACK_ENTRIES", 200)
+    specs = [((12, 7), "linear", 2, torch.float32), ((12, 7), "linear", 0, torch.float32),
+             ((12, 7), "embedding", 1, torch.float32), ((30, 10), "embedding", 3,
+             torch.float32), ((30, 10), "linear", 0, torch.bfloat16), ((6, 2, 3), "other",
+             1, torch.float32), ((7, 12), "conv1d", 0, torch.float32), ((9,), None, 1,
+             torch.float32), ((12, 7), "linear", 1, torch.float32), ((0, 4), "linear", 0,
+             torch.float32), ((3, 250), "linear", 1, torch.float32), ((3, 250), "embedding",
+             2, torch.float32)]  # the last two: a memory row longer than a stack
+    layouts = [lay for _, lay, _, _ in specs]
+    plans = S.SummaryPlans() if kept else None
+    kept_results = []
+    for call in range(3):
+        grads = [heavy(s, seed=60 + 10 * call + i, n_bad=b, dtype=d)
+                 for i, (s, _, b, d) in enumerate(specs)]
+        summary, axes = S.grad_summaries_with_axes(grads, layouts, plans=plans)
+        kept_results.append((grads, summary, axes))
+    for grads, summary, axes in kept_results:
+        assert sorted(axes) == [k for k, lay in enumerate(layouts) if lay is not None]
+        for k, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
+            m = np64(g)
+            fin = np.where(np.isfinite(m), m, 0.0)
+            got = np64(summary[k])
+            np.testing.assert_allclose(got[0], (fin**2).sum(), rtol=1e-5)
+            assert got[1] == (np.abs(fin).max() if m.size else 0.0)  # exact
+            assert got[2] == (~np.isfinite(m)).sum() and got[3] == m.size
+            if lay is not None:
+                u = units(fin, lay)
+                np.testing.assert_allclose(np64(axes[k][0]), (u**2).sum(1), rtol=1e-5)
+                np.testing.assert_allclose(np64(axes[k][1]), (u**2).sum(0), rtol=1e-5)
+    if kept:
+        assert len(plans._plans) == 1
+
+
+def test_grad_summaries_with_axes_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="unknown layout 'rows'"):
+        S.grad_summaries_with_axes([torch.ones(3, 2)], ["rows"])
+    with pytest.raises(ValueError, match="needs a matrix"):
+        S.grad_summaries_with_axes([torch.ones(3)], ["linear"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sort_rows_equals_numpy_sort_exactly(dtype):
+    """The integer-key sort gives numpy's sorted values exactly: negative and positive
+    values, both zeros, both infinities, subnormals, ties, rows of several lengths."""
+    g = torch.Generator().manual_seed(3)
+    tiny = torch.finfo(dtype).tiny
+    for n_rows, n in ((1, 1), (5, 64), (3, 173), (2, 4096)):
+        x = (torch.randn(n_rows, n, generator=g, dtype=torch.float64)
+             * torch.exp(4 * torch.randn(n_rows, 1, generator=g, dtype=torch.float64)))
+        x = x.to(dtype)
+        flat = x.view(-1)
+        specials = [0.0, -0.0, math.inf, -math.inf, tiny / 4, -tiny / 8, 1.5, 1.5]
+        for j, v in enumerate(specials[: flat.numel()]):
+            flat[(j * 37) % flat.numel()] = v
+        got = S.sort_rows(x)
+        assert got.dtype == dtype and got.shape == x.shape
+        ref = np.sort(x.double().numpy(), axis=-1)
+        np.testing.assert_array_equal(got.double().numpy(), ref)
+        # where the zeros' signs land is the only freedom: the same bits elsewhere
+        nonzero = got != 0
+        assert torch.equal(got[nonzero], torch.sort(x, dim=-1).values[nonzero])

@@ -20,7 +20,7 @@ def _reference(g: torch.Tensor, layout: str | None):
 
 
 def test_micro_sq_norms_matches_float64_per_tensor(monkeypatch):
-    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 40)  # stacks split in chunks
+    monkeypatch.setattr("gradlens.stats.microbatch.MICRO_STACK_ENTRIES", 40)  # split stacks
     g = torch.Generator().manual_seed(0)
     shapes = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((6, 5), "embedding"),
               ((3, 2, 4), "other"), ((6, 5), "conv1d"), ((6, 5), "linear"), ((7,), None),
@@ -30,7 +30,15 @@ def test_micro_sq_norms_matches_float64_per_tensor(monkeypatch):
     layouts = [lay for _, lay in shapes] + ["linear"]
     grads.append(torch.randn(5, 3, generator=g).to(torch.bfloat16))
     layouts.append("linear")
+    # alone in its stack (the input itself, not a copy), bf16 columns, empty tensors
+    extra = [(torch.randn(9, 2, generator=g), "conv1d"), (torch.randn(4, 6, generator=g).to(
+        torch.bfloat16), "embedding"), (torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "embedding"), (torch.empty(0, 3), "linear"), (torch.empty(0), None)]
+    grads += [t for t, _ in extra]
+    layouts += [lay for _, lay in extra]
+    before = [t.clone() for t in grads]
     out = micro_sq_norms(grads, layouts)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before, strict=True))  # untouched
     for (unit, sq), gr, lay in zip(out, grads, layouts, strict=True):
         ref_u, ref_sq = _reference(gr, lay)
         # float32 sums of <= 30 squares: relative rounding ~ 30 * 6e-8
@@ -60,7 +68,7 @@ def test_micro_norms_sums_match_a_float64_per_layer_loop_on_ragged_layers(monkey
     float64: layers of different unit counts and layouts, 1-D parameters, a layer absent from
     one micro-batch (NaN), a layer never seen (0), a NaN entry (its unit and total), an entry
     never confirmed (left out), entries arriving out of micro-batch order, stacks split."""
-    monkeypatch.setattr("gradlens.stats.norms.STACK_ENTRIES", 40)
+    monkeypatch.setattr("gradlens.stats.microbatch.MICRO_STACK_ENTRIES", 40)
     g = torch.Generator().manual_seed(1)
     layers = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((4, 3, 2), "other"),
               ((5,), None), ((6, 4), "embedding"), ((3, 6), "conv1d"), ((6, 5), "linear")]
@@ -128,3 +136,40 @@ def test_micro_norms_without_entries_sum_to_zero_everywhere():
     assert counts == ucounts == [0, 0, 0]
     assert torch.equal(a, torch.zeros(3, dtype=torch.float64))
     assert torch.equal(units[4], torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_kept_scatter_plans_give_each_step_its_own_sums():
+    """A layout kept per pattern of records (the same every step) gives the sums of the
+    step's own values, equal to a one-off layout's bit for bit and to a float64 loop; a new
+    pattern (an entry not confirmed) gets its own layout."""
+    layers = [((6, 5), "linear"), ((7,), None), ((6, 5), "linear"), ((6, 4), "embedding")]
+    rows = {6: (0, 2), 4: (3,)}
+    w = [0.5, 2.0]
+    plans: dict = {}
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 + step)
+        grads = {(k, m): torch.randn(layers[k][0], generator=g)
+                 for k in range(len(layers)) for m in range(2)}
+        norms = MicroNorms(len(layers))
+        for m in range(2):
+            ks = list(range(len(layers)))[::-1] if m else list(range(len(layers)))
+            ms = [m] * len(ks)
+            if step == 2 and m == 1:
+                ms[0] = -1  # layer 3's second entry never confirmed: another pattern
+            norms.add(ks, ms, micro_sq_norm_stacks([grads[(k, m)] for k in ks],
+                                                   [layers[k][1] for k in ks]))
+            for k, mm in zip(ks, ms, strict=True):
+                norms.count[k] += mm >= 0
+        got = norms.sums(w, rows, torch.float32, _index, None, plans)
+        one_off = norms.sums(w, rows, torch.float32, _index, None)
+        torch.testing.assert_close(got[0], one_off[0], rtol=0, atol=0, equal_nan=True)
+        assert got[1::2] == one_off[1::2]  # the entry counts
+        for U in rows:
+            torch.testing.assert_close(got[2][U], one_off[2][U], rtol=0, atol=0, equal_nan=True)
+        for k in range(len(layers)):
+            ref = sum(wm * grads[(k, m)].double().square().sum() for m, wm in enumerate(w))
+            if step == 2 and k == 3:
+                assert math.isnan(float(got[0][k])) and torch.isnan(got[2][4][0]).all()
+            else:  # float32 sums of <= 30 squares, 2 terms
+                assert float(got[0][k]) == pytest.approx(float(ref), rel=1e-5)
+        assert len(plans) == (1 if step < 2 else 2)

@@ -51,6 +51,7 @@ CASES: dict[str, Callable[[Make], object]] = {
     "unit_rms": lambda mk: S.unit_rms(mk(5, 4), "embedding"),
     "fan_rms": lambda mk: S.fan_rms(mk(5, 2, 2), "other"),
     "spread": lambda mk: S.spread(mk(9)),
+    "sort_rows": lambda mk: S.sort_rows(mk(3, 9)),
     "spread_batched": lambda mk: S.spread_batched([mk(9), mk(3), mk(1)]),
     "log_histogram": lambda mk: S.log_histogram(mk(9), bins=4),
     "histogram_moments": lambda mk: S.histogram_moments(mk(9)),
