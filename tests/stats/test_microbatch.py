@@ -33,7 +33,12 @@ def test_micro_sq_norms_matches_float64_per_tensor(monkeypatch):
     # alone in its stack (the input itself, not a copy), bf16 columns, empty tensors
     extra = [(torch.randn(9, 2, generator=g), "conv1d"), (torch.randn(4, 6, generator=g).to(
         torch.bfloat16), "embedding"), (torch.randn(4, 6, generator=g).to(torch.bfloat16),
-        "embedding"), (torch.empty(0, 3), "linear"), (torch.empty(0), None)]
+        "embedding"), (torch.empty(0, 3), "linear"), (torch.empty(0), None),
+        # columns of a matrix larger than a stack, in chunks of whole rows (10 + 3 rows; bf16;
+        # a row longer than a stack)
+        (torch.randn(13, 4, generator=g), "embedding"),
+        (torch.randn(11, 5, generator=g).to(torch.bfloat16), "conv1d"),
+        (torch.randn(2, 50, generator=g), "embedding")]
     grads += [t for t, _ in extra]
     layouts += [lay for _, lay in extra]
     before = [t.clone() for t in grads]
@@ -57,6 +62,17 @@ def test_a_non_finite_entry_propagates_to_its_unit_and_total_only():
     (ua, sa), (ub, sb) = micro_sq_norms([a, b], ["linear", "linear"])
     assert math.isnan(float(sa)) and math.isnan(float(ua[1]))
     assert ua[0] == 4 and ua[2] == 4 and float(sb) == 12 and torch.equal(ub, torch.full((3,), 4.0))
+
+
+def test_a_non_finite_entry_of_a_chunked_matrix_stays_in_its_unit(monkeypatch):
+    """Columns of a matrix larger than a stack are summed in chunks of rows: a NaN in the
+    second chunk makes its column (unit) and the total NaN, nothing else."""
+    monkeypatch.setattr("gradlens.stats.microbatch.MICRO_STACK_ENTRIES", 40)
+    a = torch.ones(13, 4)
+    a[11, 2] = math.nan
+    ((unit, sq),) = micro_sq_norms([a], ["embedding"])
+    assert math.isnan(float(sq)) and math.isnan(float(unit[2]))
+    assert unit[[0, 1, 3]].tolist() == [13.0, 13.0, 13.0]
 
 
 def _index(t: tuple[int, ...]) -> torch.Tensor:
