@@ -92,7 +92,7 @@ def test_bench_summaries_quick() -> None:
     out = _run("benchmarks/bench_summaries.py", "--rounds", "2", "--rows", "8")
     figures = [float(line[30:].split()[0]) for line in out.splitlines()
                if line.startswith(("unlogged,", "logged with axes,"))]
-    assert len(figures) == 4 and all(math.isfinite(f) and f > 0 for f in figures)
+    assert len(figures) == 5 and all(math.isfinite(f) and f > 0 for f in figures)
 
 
 def test_bench_pe_check_quick() -> None:
