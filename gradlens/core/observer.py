@@ -383,12 +383,10 @@ class Observer:
             if now is None:
                 continue
             ref = refs[k]
-            if now != before:
+            new_tensor = ref is None or ref() is not grads[k]
+            if now != before or new_tensor:
                 micro[k] += 1
-                if ref is None or ref() is not grads[k]:
-                    refs[k] = weakref.ref(grads[k])
-            elif ref is None or ref() is not grads[k]:
-                micro[k] += 1
+            if new_tensor:
                 refs[k] = weakref.ref(grads[k])
 
     # ------------------------------------------------------------------ readouts

@@ -281,15 +281,12 @@ def group_summary(group: Sequence[torch.Tensor], acc: torch.dtype,
 
 
 def grouped_summaries(grads: Sequence[torch.Tensor], acc: torch.dtype,
-                      max_abs: bool = True, plans: SummaryPlans | None = None) -> torch.Tensor:
+                      max_abs: bool = True) -> torch.Tensor:
     """:func:`grad_summaries` batched per group of tensors of one shape and dtype
     (:func:`group_summary`): the kernels launched grow with the distinct shapes (a LLaMA of
     any depth has about 10), not with the tensors; the rows return to the input order with
-    one gather. ``plans``: a caller's :class:`~gradlens.stats.summary_plan.SummaryPlans`,
-    which keeps each list shape's batching from call to call (a collector's every-step
-    summary; the same rows bit for bit)."""
-    if plans is not None:
-        return plans.get(grads)(grads, max_abs)
+    one gather. A collector keeps plans instead (:mod:`gradlens.stats.summary_plan`: the
+    same stacked rows bit for bit, tensors larger than a stack summed in chunks)."""
     groups = shape_groups(grads)
     if len(groups) == 1:
         return group_summary(grads, acc, max_abs)
